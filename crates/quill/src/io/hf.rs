@@ -1,0 +1,146 @@
+//! Hugging Face model folders: `config.json` + `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`), under HF's weight names.
+
+use super::safetensors::{write_f32, SafetensorsFile};
+use crate::model::{Gpt2, Gpt2Config};
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The weight files of a folder, and which file holds each tensor.
+pub struct Weights {
+    files: Vec<SafetensorsFile>,
+    index: HashMap<String, usize>,
+}
+
+impl Weights {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index_path, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index_path, "no weight_map object"))?;
+            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            shards.sort();
+            shards.dedup();
+            shards.iter().map(|s| dir.join(s)).collect()
+        } else if dir.join("pytorch_model.bin").exists() {
+            return Err(Error::Input(format!(
+                "{}: only safetensors weights are supported (found pytorch_model.bin)",
+                dir.display()
+            )));
+        } else {
+            return Err(Error::Input(format!("{}: no model.safetensors in this folder", dir.display())));
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for p in paths {
+            let f = SafetensorsFile::open(&p)?;
+            for name in f.names()? {
+                index.insert(name, files.len());
+            }
+            files.push(f);
+        }
+        Ok(Weights { files, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn read_into(&self, name: &str, shape: &[usize], dst: &mut [f32]) -> Result<()> {
+        let f = &self.files[self.index[name]];
+        f.read_into(name, shape, dst)
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].shape(name),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The stored names most like `name`, for "missing tensor" messages.
+fn nearest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
+    let score = |s: &str| {
+        let common = name.bytes().zip(s.bytes()).take_while(|(a, b)| a == b).count();
+        common as i64 * 4 - (s.len() as i64 - name.len() as i64).abs()
+    };
+    let mut v: Vec<&String> = names.collect();
+    v.sort_by_key(|s| -score(s));
+    v.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Loads a GPT-2 folder. Accepts both `transformer.`-prefixed names (GPT2LMHeadModel) and
+/// bare names (GPT2Model, as in OpenAI's original upload); a stored `lm_head.weight` of a tied
+/// model is ignored (it equals the embedding).
+pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
+    if !dir.is_dir() {
+        return Err(Error::Input(format!("{}: no such model folder", dir.display())));
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::Input(format!("{}: no config.json in this folder", dir.display())));
+    }
+    let config = Gpt2Config::load(&config_path)?;
+    let weights = Weights::open(dir)?;
+    let mut model = Gpt2::new(config)?;
+    let specs = model.layout.tensors.clone();
+    for spec in &specs {
+        let bare = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
+        let stored = [spec.name.as_str(), bare].into_iter().find(|n| weights.contains(n));
+        let Some(stored) = stored else {
+            return Err(Error::Input(format!(
+                "{}: missing tensor {} (nearest present: {})",
+                dir.display(),
+                spec.name,
+                nearest(&spec.name, weights.names())
+            )));
+        };
+        if let Some(shape) = weights.shape(stored)? {
+            if shape != spec.shape {
+                return Err(Error::Input(format!(
+                    "{}: tensor {} has shape {:?} but config.json implies {:?} (vocab_size={}, n_positions={}, n_embd={}, n_inner={})",
+                    dir.display(),
+                    stored,
+                    shape,
+                    spec.shape,
+                    model.config.vocab_size,
+                    model.config.n_positions,
+                    model.config.n_embd,
+                    model.config.mlp_dim()
+                )));
+            }
+        }
+        weights.read_into(stored, &spec.shape, spec.view.of_mut(&mut model.params))?;
+    }
+    Ok(model)
+}
+
+/// Writes `config.json` and `model.safetensors` (each atomically) into `dir`.
+pub fn save_gpt2(dir: &Path, model: &Gpt2, extra_metadata: &BTreeMap<String, String>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut meta = extra_metadata.clone();
+    meta.insert("format".into(), "pt".into());
+    let tensors: Vec<(&str, &[usize], &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.view.of(&model.params)))
+        .collect();
+    write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
+    let config = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
+    super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
+}

@@ -1,0 +1,236 @@
+//! Causal multi-head self-attention: each position attends to itself and the positions
+//! before it. scores = q·kᵀ · scale, masked above the diagonal, softmax over each row,
+//! then the probabilities weight the values.
+//!
+//! Tasks run in parallel over (batch, head); inside a task the products run on one thread.
+
+use super::matmul::matmul_strided_serial as mm;
+use super::SendPtr;
+use rayon::prelude::*;
+
+/// qkv [B,T,3C] with blocks q | k | v (head h in columns h·D .. h·D+D of each block)
+/// -> out [B,T,C] (heads side by side), att [B,H,T,T] (softmax probabilities, kept for backward).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    scale: f32,
+) {
+    let d = c / h;
+    assert!(out.len() == b * t * c && qkv.len() == b * t * 3 * c && att.len() >= b * h * t * t);
+    let out_p = SendPtr(out.as_mut_ptr());
+    att[..b * h * t * t]
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(task, p)| {
+            let (bi, hi) = (task / h, task % h);
+            let q = qkv[bi * t * 3 * c + hi * d..].as_ptr();
+            let rs = 3 * c as isize;
+            // Safety: strides stay inside qkv and inside this task's rows/columns of out.
+            unsafe {
+                let k = q.add(c);
+                let v = q.add(2 * c);
+                mm(t, d, t, p.as_mut_ptr(), t as isize, q, rs, 1, k, 1, rs, false);
+                for i in 0..t {
+                    softmax_causal_row(&mut p[i * t..(i + 1) * t], i, scale);
+                }
+                let o = out_p.get().add(bi * t * c + hi * d);
+                mm(t, t, d, o, c as isize, p.as_ptr(), t as isize, 1, v, rs, 1, false);
+            }
+        });
+}
+
+/// row[..=last] <- softmax(row[..=last] · scale); row[last+1..] <- 0.
+fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
+    let (live, masked) = row.split_at_mut(last + 1);
+    let mx = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+    let mut sum = 0.0;
+    for v in live.iter_mut() {
+        *v = (*v * scale - mx).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in live.iter_mut() {
+        *v *= inv;
+    }
+    masked.fill(0.0);
+}
+
+/// Gradients of [`forward`]: dout [B,T,C] -> dqkv [B,T,3C] (overwritten).
+/// `datt` [B,H,T,T] is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    scale: f32,
+) {
+    let d = c / h;
+    assert!(dqkv.len() == b * t * 3 * c && dout.len() == b * t * c);
+    let dqkv_p = SendPtr(dqkv.as_mut_ptr());
+    datt[..b * h * t * t]
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(task, dp)| {
+            let (bi, hi) = (task / h, task % h);
+            let p = &att[task * t * t..(task + 1) * t * t];
+            let rs = 3 * c as isize;
+            let off = bi * t * 3 * c + hi * d;
+            // Safety: every view stays inside its buffer; this task alone writes its head's
+            // columns of dqkv.
+            unsafe {
+                let q = qkv.as_ptr().add(off);
+                let k = q.add(c);
+                let v = q.add(2 * c);
+                let dy = dout.as_ptr().add(bi * t * c + hi * d);
+                // dP = dY · Vᵀ
+                mm(t, d, t, dp.as_mut_ptr(), t as isize, dy, c as isize, 1, v, 1, rs, false);
+                // dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale
+                for i in 0..t {
+                    let pr = &p[i * t..i * t + i + 1];
+                    let dr = &mut dp[i * t..(i + 1) * t];
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                let dq = dqkv_p.get().add(off);
+                let dk = dq.add(c);
+                let dv = dq.add(2 * c);
+                // dQ = dS · K ; dK = dSᵀ · Q ; dV = Pᵀ · dY
+                mm(t, t, d, dq, rs, dp.as_ptr(), t as isize, 1, k, rs, 1, false);
+                mm(t, t, d, dk, rs, dp.as_ptr(), 1, t as isize, q, rs, 1, false);
+                mm(t, t, d, dv, rs, p.as_ptr(), 1, t as isize, dy, c as isize, 1, false);
+            }
+        });
+}
+
+/// Attention for `n` new positions pos..pos+n against a cache holding keys and values of
+/// positions 0..pos+n. q [n, H·D] (row stride `q_rs`); k_cache/v_cache rows of n_kv·D
+/// (grouped-query: query head h reads kv head h / (H / n_kv)); out [n, H·D].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_cached(
+    out: &mut [f32],
+    q: &[f32],
+    q_rs: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    n: usize,
+    pos: usize,
+    h: usize,
+    n_kv: usize,
+    d: usize,
+    scale: f32,
+) {
+    let kv_rs = n_kv * d;
+    let total = pos + n;
+    assert!(k_cache.len() >= total * kv_rs && out.len() >= n * h * d);
+    let out_p = SendPtr(out.as_mut_ptr());
+    let group = h / n_kv;
+    (0..h * n).into_par_iter().for_each_init(
+        || vec![0.0f32; total],
+        |scores, task| {
+            let (hi, i) = (task / n, task % n);
+            let kvh = hi / group;
+            let qrow = &q[i * q_rs + hi * d..i * q_rs + hi * d + d];
+            let len = pos + i + 1;
+            let mut mx = f32::NEG_INFINITY;
+            for (j, s) in scores[..len].iter_mut().enumerate() {
+                let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+                *s = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                mx = mx.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in scores[..len].iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
+            let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
+            o.fill(0.0);
+            for (j, &s) in scores[..len].iter().enumerate() {
+                let w = s * inv;
+                let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+                for (o, &v) in o.iter_mut().zip(vrow) {
+                    *o += w * v;
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{reference, testutil::*};
+    use crate::rng::Rng;
+
+    fn loss64(qkv: &[f64], r: &[f64], b: usize, t: usize, c: usize, h: usize, s: f64) -> f64 {
+        let y = reference::attention_forward(qkv, b, t, c, h, s);
+        y.iter().zip(r).map(|(a, b)| a * b).sum()
+    }
+
+    #[test]
+    fn forward_and_backward_match_reference_and_finite_differences() {
+        let mut rng = Rng::new(5);
+        for &(b, t, c, h) in &[(1, 1, 4, 1), (2, 5, 12, 3), (1, 9, 10, 2), (3, 17, 16, 4)] {
+            let scale = 1.0 / ((c / h) as f32).sqrt();
+            let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
+            let r = randn(&mut rng, b * t * c, 1.0);
+            let mut y = vec![0.0; b * t * c];
+            let mut att = vec![0.0; b * h * t * t];
+            forward(&mut y, &mut att, &qkv, b, t, c, h, scale);
+            let want = reference::attention_forward(&to_f64(&qkv), b, t, c, h, scale as f64);
+            assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "forward {b},{t},{c},{h}");
+
+            let mut dqkv = vec![7.0; qkv.len()];
+            let mut datt = vec![0.0; att.len()];
+            backward(&mut dqkv, &mut datt, &r, &qkv, &att, b, t, c, h, scale);
+            let (q64, r64) = (to_f64(&qkv), to_f64(&r));
+            let fd = finite_diff(&q64, |x| loss64(x, &r64, b, t, c, h, scale as f64));
+            assert!(max_rel_err(&dqkv, &fd, 1.0) < 1e-4, "backward {b},{t},{c},{h}");
+        }
+    }
+
+    #[test]
+    fn cached_attention_matches_full_attention() {
+        let mut rng = Rng::new(6);
+        let (t, c, h) = (11, 12, 3);
+        let d = c / h;
+        let scale = 1.0 / (d as f32).sqrt();
+        let qkv = randn(&mut rng, t * 3 * c, 1.0);
+        let mut full = vec![0.0; t * c];
+        let mut att = vec![0.0; h * t * t];
+        forward(&mut full, &mut att, &qkv, 1, t, c, h, scale);
+        let mut kc = vec![0.0; t * c];
+        let mut vc = vec![0.0; t * c];
+        for i in 0..t {
+            kc[i * c..(i + 1) * c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+            vc[i * c..(i + 1) * c].copy_from_slice(&qkv[i * 3 * c + 2 * c..i * 3 * c + 3 * c]);
+        }
+        // a prefill of 4 positions, then one position at a time
+        let mut got = vec![0.0; t * c];
+        forward_cached(&mut got[..4 * c], &qkv, 3 * c, &kc, &vc, 4, 0, h, h, d, scale);
+        for p in 4..t {
+            let mut o = vec![0.0; c];
+            forward_cached(&mut o, &qkv[p * 3 * c..], 3 * c, &kc, &vc, 1, p, h, h, d, scale);
+            got[p * c..(p + 1) * c].copy_from_slice(&o);
+        }
+        for (a, b) in got.iter().zip(&full) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Kernels: one operation per file, each a forward/backward pair over flat f32 buffers,
+//! with the shapes written at the top of each function. A kernel knows nothing of models.
+//!
+//! `reference` holds plain float64 twins of every kernel; the tests check the fast f32
+//! kernels against them, and the twins against finite differences.
+
+pub mod attention;
+pub mod crossentropy;
+pub mod embedding;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+pub mod reference;
+pub mod reduce;
+
+/// A raw pointer that may be shared between threads that write disjoint regions.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole Send wrapper).
+    #[inline]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Rows per parallel task for row-wise kernels: enough tasks to balance, few enough to be cheap.
+pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let min_rows = (4096 / cols.max(1)).max(1);
+    rows.div_ceil(threads * 4).max(min_rows).max(1)
+}
+
+/// x += y, elementwise (the residual connection).
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    use rayon::prelude::*;
+    assert_eq!(x.len(), y.len());
+    const CHUNK: usize = 1 << 14;
+    x.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::rng::Rng;
+
+    pub fn randn(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+    }
+
+    pub fn to_f64(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+
+    /// Largest |a - b| relative to the largest |b| (at least `floor`).
+    pub fn max_rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(floor, |m, &v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y).abs())
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    /// Central finite difference of a scalar function along every coordinate of `x`.
+    pub fn finite_diff(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+        let h = 1e-6;
+        let mut xp = x.to_vec();
+        (0..x.len())
+            .map(|i| {
+                let orig = xp[i];
+                xp[i] = orig + h;
+                let fp = f(&xp);
+                xp[i] = orig - h;
+                let fm = f(&xp);
+                xp[i] = orig;
+                (fp - fm) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    pub fn assert_close64(a: &[f64], b: &[f64], tol: f64, what: &str) {
+        let scale = b.iter().fold(1e-3, |m: f64, &v| m.max(v.abs()));
+        for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * scale,
+                "{what}[{i}]: {x} vs {y} (tol {tol} x {scale})"
+            );
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! GPT-2 configuration with Hugging Face `GPT2Config` field names, read from and written to
+//! `config.json`.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Activation names that mean GELU with the tanh approximation in `transformers`.
+const TANH_GELUS: [&str; 3] = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f32,
+    /// MLP width; `null` means 4 · n_embd.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "yes")]
+    pub scale_attn_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+impl Gpt2Config {
+    /// A fresh configuration for training.
+    pub fn new(vocab_size: usize, n_positions: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
+        Gpt2Config {
+            vocab_size,
+            n_positions,
+            n_embd,
+            n_layer,
+            n_head,
+            layer_norm_epsilon: 1e-5,
+            n_inner: None,
+            activation_function: default_activation(),
+            tie_word_embeddings: true,
+            scale_attn_weights: true,
+            scale_attn_by_inverse_layer_idx: false,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    pub fn mlp_dim(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
+    /// Checks what the math relies on; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("n_positions", self.n_positions),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_inner", self.mlp_dim()),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Config(format!("config field {name} must be positive")));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(Error::Config(format!(
+                "n_embd ({}) must be divisible by n_head ({})",
+                self.n_embd, self.n_head
+            )));
+        }
+        if !TANH_GELUS.contains(&self.activation_function.as_str()) {
+            return Err(Error::Config(format!(
+                "activation_function {:?} is not supported (supported: {})",
+                self.activation_function,
+                TANH_GELUS.join(", ")
+            )));
+        }
+        if !(self.layer_norm_epsilon > 0.0) {
+            return Err(Error::Config("layer_norm_epsilon must be positive".into()));
+        }
+        if self.vocab_size > u32::MAX as usize / 2 {
+            return Err(Error::Config("vocab_size is too large".into()));
+        }
+        Ok(())
+    }
+
+    /// Reads `config.json`, requiring a GPT-2 model type.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if model_type != "gpt2" {
+            return Err(Error::format(
+                path,
+                format!("model_type {model_type:?} is not supported (supported: \"gpt2\")"),
+            ));
+        }
+        let cfg: Gpt2Config =
+            serde_json::from_value(value).map_err(|e| Error::format(path, format!("bad config: {e}")))?;
+        cfg.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The full HF `config.json` object: loadable by `transformers.AutoConfig`.
+    /// Dropout probabilities are 0: quill trains without dropout.
+    pub fn to_hf_json(&self) -> Value {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        put("architectures", serde_json::json!(["GPT2LMHeadModel"]));
+        put("model_type", "gpt2".into());
+        put("vocab_size", self.vocab_size.into());
+        put("n_positions", self.n_positions.into());
+        put("n_ctx", self.n_positions.into());
+        put("n_embd", self.n_embd.into());
+        put("n_layer", self.n_layer.into());
+        put("n_head", self.n_head.into());
+        put("n_inner", self.n_inner.map(Value::from).unwrap_or(Value::Null));
+        put("activation_function", self.activation_function.clone().into());
+        put("layer_norm_epsilon", (self.layer_norm_epsilon as f64).into());
+        put("tie_word_embeddings", self.tie_word_embeddings.into());
+        put("scale_attn_weights", self.scale_attn_weights.into());
+        put("scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx.into());
+        put("reorder_and_upcast_attn", false.into());
+        for k in ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"] {
+            put(k, 0.0.into());
+        }
+        put("initializer_range", 0.02.into());
+        put("bos_token_id", self.bos_token_id.map(Value::from).unwrap_or(Value::Null));
+        put("eos_token_id", self.eos_token_id.map(Value::from).unwrap_or(Value::Null));
+        put("use_cache", true.into());
+        put("torch_dtype", "float32".into());
+        put("dtype", "float32".into());
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_reference_config_and_round_trips() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny/config.json");
+        let cfg = Gpt2Config::load(&p).unwrap();
+        assert_eq!((cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_positions), (2, 64, 4, 256, 64));
+        assert_eq!(cfg.eos_token_id, Some(255));
+        let back: Gpt2Config = serde_json::from_value(cfg.to_hf_json()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let mut c = Gpt2Config::new(10, 8, 12, 1, 5);
+        assert!(c.validate().unwrap_err().to_string().contains("divisible"));
+        c.n_head = 4;
+        c.activation_function = "relu".into();
+        assert!(c.validate().unwrap_err().to_string().contains("relu"));
+    }
+}

@@ -1,0 +1,10 @@
+//! Models: the configuration (mirrors HF `config.json`), the flat parameter store with
+//! named views under the HF weight names, and the architectures.
+
+pub mod config;
+pub mod gpt2;
+pub mod params;
+
+pub use config::Gpt2Config;
+pub use gpt2::{Activations, Gpt2, KvCache};
+pub use params::{ParamLayout, TensorSpec, View};

@@ -1,0 +1,59 @@
+//! Generation: run the prompt once through the model (filling the KV cache), then sample one
+//! token at a time, each costing one position of compute.
+
+use super::Sampler;
+use crate::model::Gpt2;
+use crate::{Error, Result};
+
+pub enum GenerateEvent {
+    /// The prompt was longer than the context: only its last `kept` tokens are used.
+    PromptTruncated { dropped: usize, kept: usize },
+    /// The context filled up: the cache was rebuilt from the last `kept` tokens.
+    ContextShifted { kept: usize },
+}
+
+/// Generates up to `max_new` tokens after `prompt`, calling `on_token` with each new id as it
+/// is drawn (return false to stop). Stops early at `eos`. Returns the new ids.
+pub fn generate(
+    model: &Gpt2,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    eos: Option<u32>,
+    mut on_event: impl FnMut(GenerateEvent),
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty (no tokens)".into()));
+    }
+    let ctx = model.config.n_positions;
+    let mut cache = model.new_cache();
+    let mut tokens: Vec<u32> = prompt.to_vec();
+    if tokens.len() > ctx {
+        let dropped = tokens.len() - ctx;
+        tokens.drain(..dropped);
+        on_event(GenerateEvent::PromptTruncated { dropped, kept: ctx });
+    }
+    let mut logits = Vec::new();
+    model.forward_cached(&mut cache, &tokens, &mut logits, false)?;
+    let mut out = Vec::new();
+    while out.len() < max_new {
+        let next = sampler.sample(&logits);
+        out.push(next);
+        tokens.push(next);
+        if !on_token(next)? || Some(next) == eos || out.len() == max_new {
+            break;
+        }
+        if cache.len == ctx {
+            // learned positions end here: keep the most recent half and recompute its cache
+            let kept = (ctx / 2).max(1);
+            tokens.drain(..tokens.len() - kept);
+            cache.clear();
+            model.forward_cached(&mut cache, &tokens, &mut logits, false)?;
+            on_event(GenerateEvent::ContextShifted { kept });
+        } else {
+            model.forward_cached(&mut cache, &[next], &mut logits, false)?;
+        }
+    }
+    Ok(out)
+}

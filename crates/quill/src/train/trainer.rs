@@ -1,0 +1,469 @@
+//! The training loop: sample a batch, forward, cross-entropy, backward, clip, AdamW; every
+//! `eval_interval` steps measure the whole validation split, write a metrics line, a sample
+//! and a checkpoint.
+
+use super::checkpoint;
+use super::optimizer::{clip_grad_norm, AdamW};
+use super::plot::loss_svg;
+use super::schedule::Schedule;
+use crate::data::{eval_batch, eval_windows, sample_batch, Split};
+use crate::io::atomic::write_text;
+use crate::io::hf::save_gpt2;
+use crate::kernels::crossentropy::IGNORE;
+use crate::model::{Activations, Gpt2};
+use crate::rng::Rng;
+use crate::sample::{generate, Sampler, SamplingParams};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Everything that decides the numbers of a run (saved with each checkpoint).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub grad_clip: f32,
+    pub eval_interval: usize,
+    pub seed: u64,
+    /// Characters (tokens) of sample text written at each evaluation (0: none).
+    pub sample_tokens: usize,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("steps", self.steps),
+            ("batch size", self.batch_size),
+            ("context", self.seq_len),
+            ("gradient accumulation", self.grad_accum),
+            ("eval interval", self.eval_interval),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Input(format!("{name} must be positive")));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0) {
+            return Err(Error::Input("learning rates must be positive numbers".into()));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(Error::Input("AdamW betas must be in [0, 1)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Options of this invocation that do not change the numbers.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop (and save) once this many seconds have been spent in this invocation.
+    pub time_limit: Option<f64>,
+    /// Stop (and save) after this many steps in this invocation.
+    pub stop_after: Option<usize>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub step: usize,
+    pub tokens: u64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_bpb: f64,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens_per_sec: f64,
+    pub elapsed_s: f64,
+}
+
+/// The trainer's resumable state (beyond parameters and moments).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    tokens: u64,
+    rng: [u64; 4],
+    interval_loss_sum: f64,
+    interval_steps: usize,
+    elapsed_s: f64,
+    data_fingerprint: String,
+    config: TrainConfig,
+}
+
+pub enum Event<'a> {
+    Step {
+        step: usize,
+        steps: usize,
+        loss: f64,
+        lr: f32,
+        tokens_per_sec: f64,
+    },
+    EvalStart {
+        step: usize,
+    },
+    Eval(&'a Metrics),
+    Sample {
+        step: usize,
+        text: &'a str,
+    },
+    Saved {
+        step: usize,
+    },
+    Stopped {
+        step: usize,
+        reason: &'a str,
+    },
+}
+
+/// What the trainer needs of a tokenizer.
+pub struct TokenizerInfo<'a> {
+    pub json: String,
+    pub token_bytes: Vec<u32>,
+    pub decode: &'a dyn Fn(&[u32]) -> String,
+    /// Where samples start (a newline for text).
+    pub sample_prompt: Vec<u32>,
+}
+
+pub struct Trainer<'a> {
+    pub model: Gpt2,
+    pub opt: AdamW,
+    pub config: TrainConfig,
+    state: State,
+    grads: Vec<f32>,
+    acts: Activations,
+    ids: Vec<u32>,
+    targets: Vec<u32>,
+    data: &'a Split,
+    out: PathBuf,
+    tok: TokenizerInfo<'a>,
+}
+
+fn fingerprint(data: &Split) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in data.train.iter().chain(&data.val) {
+        h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{}+{}:{h:016x}", data.train.len(), data.val.len())
+}
+
+impl<'a> Trainer<'a> {
+    /// A new run: `model` holds the initial parameters (fresh or from `--init`).
+    pub fn new(model: Gpt2, config: TrainConfig, data: &'a Split, out: &Path, tok: TokenizerInfo<'a>) -> Result<Self> {
+        config.validate()?;
+        let state = State {
+            step: 0,
+            tokens: 0,
+            rng: Rng::new(config.seed).state(),
+            interval_loss_sum: 0.0,
+            interval_steps: 0,
+            elapsed_s: 0.0,
+            data_fingerprint: fingerprint(data),
+            config: config.clone(),
+        };
+        Self::build(model, config, state, None, data, out, tok)
+    }
+
+    /// Continues the run saved in `out`; `model` gives the architecture (its parameters are
+    /// replaced by the saved ones).
+    pub fn resume(model: Gpt2, data: &'a Split, out: &Path, tok: TokenizerInfo<'a>) -> Result<Self> {
+        let saved = checkpoint::load(out, model.num_params())?;
+        let state: State = serde_json::from_str(&saved.state_json)
+            .map_err(|e| Error::format(out.join(checkpoint::TRAINING_STATE_FILE), format!("bad trainer state: {e}")))?;
+        if state.data_fingerprint != fingerprint(data) {
+            return Err(Error::Input(
+                "the training data differ from the data this run started with; resume with the same corpus".into(),
+            ));
+        }
+        let mut model = model;
+        model.params = saved.params;
+        let config = state.config.clone();
+        let opt_state = (saved.exp_avg, saved.exp_avg_sq);
+        Self::build(model, config, state, Some(opt_state), data, out, tok)
+    }
+
+    fn build(
+        model: Gpt2,
+        config: TrainConfig,
+        state: State,
+        moments: Option<(Vec<f32>, Vec<f32>)>,
+        data: &'a Split,
+        out: &Path,
+        tok: TokenizerInfo<'a>,
+    ) -> Result<Self> {
+        if config.seq_len > model.config.n_positions {
+            return Err(Error::Input(format!(
+                "context {} is longer than the model's {} positions",
+                config.seq_len, model.config.n_positions
+            )));
+        }
+        if data.train.len() <= config.seq_len {
+            return Err(Error::Input(format!(
+                "the training split ({} tokens) is shorter than the context ({})",
+                data.train.len(),
+                config.seq_len
+            )));
+        }
+        let mut opt = AdamW::new(model.num_params(), config.beta1, config.beta2, 1e-8, config.weight_decay);
+        if let Some((m, v)) = moments {
+            opt.m = m;
+            opt.v = v;
+            opt.t = state.step as u64;
+        }
+        let n = config.batch_size * config.seq_len;
+        Ok(Trainer {
+            grads: vec![0.0; model.num_params()],
+            acts: Activations::new(&model.config, config.batch_size, config.seq_len),
+            ids: vec![0; n],
+            targets: vec![0; n],
+            model,
+            opt,
+            config,
+            state,
+            data,
+            out: out.to_path_buf(),
+            tok,
+        })
+    }
+
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            max_lr: self.config.lr,
+            min_lr: self.config.min_lr,
+            warmup: self.config.warmup_steps,
+            total: self.config.steps,
+        }
+    }
+
+    /// Mean loss (nats per token) and bits per byte over the whole validation split.
+    pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let (b, t) = (self.config.batch_size, self.config.seq_len);
+        let windows = eval_windows(&self.data.val, t);
+        if windows == 0 {
+            return Ok((f64::NAN, f64::NAN));
+        }
+        let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
+        let mut first = 0;
+        while first < windows {
+            eval_batch(&self.data.val, t, first, b, &mut self.ids, &mut self.targets);
+            self.model.forward(&mut self.acts, &self.ids)?;
+            let (s, c) = self.model.loss(&mut self.acts, &self.targets);
+            sum += s;
+            count += c;
+            bytes += self
+                .targets
+                .iter()
+                .filter(|&&x| x != IGNORE)
+                .map(|&x| *self.tok.token_bytes.get(x as usize).unwrap_or(&1) as u64)
+                .sum::<u64>();
+            first += b;
+        }
+        let loss = sum / count.max(1) as f64;
+        Ok((loss, sum / std::f64::consts::LN_2 / bytes.max(1) as f64))
+    }
+
+    fn metrics_path(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+
+    /// Keeps the metrics lines of steps up to the current one (a resumed run rewrites the rest).
+    fn trim_metrics(&self) -> Result<Vec<Metrics>> {
+        let path = self.metrics_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let kept: Vec<Metrics> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+            .filter(|m| m.step <= self.state.step)
+            .collect();
+        let body: String = kept.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
+        write_text(&path, &body)?;
+        Ok(kept)
+    }
+
+    fn append_metrics(&self, m: &Metrics) -> Result<()> {
+        let path = self.metrics_path();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let line = serde_json::to_string(m).expect("serializes") + "\n";
+        f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Writes the model folder and the training state.
+    pub fn save(&mut self, elapsed_s: f64) -> Result<()> {
+        self.state.elapsed_s = elapsed_s;
+        let out = &self.out;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        write_text(&out.join("tokenizer.json"), &self.tok.json)?;
+        write_text(
+            &out.join("tokenizer_config.json"),
+            "{\n  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n  \"clean_up_tokenization_spaces\": false\n}\n",
+        )?;
+        let mut meta = BTreeMap::new();
+        meta.insert("quill_step".to_string(), self.state.step.to_string());
+        save_gpt2(out, &self.model, &meta)?;
+        let json = serde_json::to_string(&self.state).expect("state serializes");
+        checkpoint::save(out, &self.model.params, &self.opt.m, &self.opt.v, &json)
+    }
+
+    fn write_plot(&self) -> Result<()> {
+        let text = std::fs::read_to_string(self.metrics_path()).unwrap_or_default();
+        let ms: Vec<Metrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let train: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.train_loss)).collect();
+        let val: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.val_loss)).collect();
+        let c = &self.model.config;
+        let title = format!(
+            "quill: GPT-2 {} layers, {} heads, width {}, {:.2}M parameters",
+            c.n_layer,
+            c.n_head,
+            c.n_embd,
+            self.model.num_params() as f64 / 1e6
+        );
+        write_text(&self.out.join("loss.svg"), &loss_svg(&train, &val, &title))
+    }
+
+    /// Sample text from the current model (seeded by the step, so runs reproduce).
+    pub fn sample_text(&self, n: usize, temperature: f32) -> Result<String> {
+        let params = SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed: self.config.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9),
+        };
+        let mut sampler = Sampler::new(params)?;
+        let ids = generate(&self.model, &self.tok.sample_prompt, n, &mut sampler, None, |_| {}, |_| Ok(true))?;
+        Ok((self.tok.decode)(&ids))
+    }
+
+    /// Trains until the configured number of steps, a stop request, the time limit or
+    /// `stop_after`; saves at every evaluation and when it stops.
+    pub fn run(&mut self, opts: &RunOptions, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        let start = Instant::now();
+        let elapsed_base = self.state.elapsed_s;
+        let elapsed = |s: &Instant| elapsed_base + s.elapsed().as_secs_f64();
+        if self.state.step == 0 {
+            let _ = std::fs::remove_file(self.metrics_path());
+        }
+        self.trim_metrics()?;
+        if self.state.step == 0 {
+            self.save(0.0)?;
+        }
+        let schedule = self.schedule();
+        let cfg = self.config.clone();
+        let (b, t, accum) = (cfg.batch_size, cfg.seq_len, cfg.grad_accum);
+        let mut rng = Rng::from_state(self.state.rng);
+        let mut interval_time = 0.0f64;
+        let mut interval_tokens = 0u64;
+        let mut steps_this_run = 0;
+        let mut last_norm = 0.0;
+        while self.state.step < cfg.steps {
+            let reason = if stop.load(Ordering::Relaxed) {
+                Some("interrupted")
+            } else if opts.time_limit.is_some_and(|l| start.elapsed().as_secs_f64() >= l) {
+                Some("time limit reached")
+            } else if opts.stop_after.is_some_and(|n| steps_this_run >= n) {
+                Some("--stop-after reached")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.state.rng = rng.state();
+                self.save(elapsed(&start))?;
+                on_event(Event::Stopped {
+                    step: self.state.step,
+                    reason,
+                });
+                return Ok(());
+            }
+            let t0 = Instant::now();
+            let lr = schedule.lr(self.state.step);
+            self.grads.fill(0.0);
+            let mut step_loss = 0.0;
+            for _ in 0..accum {
+                sample_batch(&mut rng, &self.data.train, b, t, &mut self.ids, &mut self.targets);
+                self.model.forward(&mut self.acts, &self.ids)?;
+                let (sum, count) = self.model.backward(
+                    &mut self.acts,
+                    &mut self.grads,
+                    &self.ids,
+                    &self.targets,
+                    1.0 / accum as f32,
+                );
+                step_loss += sum / count as f64 / accum as f64;
+            }
+            last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
+            self.opt.step(&self.model.layout, &mut self.model.params, &self.grads, lr);
+            self.state.step += 1;
+            steps_this_run += 1;
+            self.state.tokens += (b * t * accum) as u64;
+            self.state.interval_loss_sum += step_loss;
+            self.state.interval_steps += 1;
+            interval_time += t0.elapsed().as_secs_f64();
+            interval_tokens += (b * t * accum) as u64;
+            let tps = interval_tokens as f64 / interval_time.max(1e-9);
+            on_event(Event::Step {
+                step: self.state.step,
+                steps: cfg.steps,
+                loss: step_loss,
+                lr,
+                tokens_per_sec: tps,
+            });
+            if self.state.step % cfg.eval_interval == 0 || self.state.step == cfg.steps {
+                on_event(Event::EvalStart { step: self.state.step });
+                let (val_loss, val_bpb) = self.evaluate()?;
+                let m = Metrics {
+                    step: self.state.step,
+                    tokens: self.state.tokens,
+                    train_loss: self.state.interval_loss_sum / self.state.interval_steps.max(1) as f64,
+                    val_loss,
+                    val_bpb,
+                    lr,
+                    grad_norm: last_norm,
+                    tokens_per_sec: tps,
+                    elapsed_s: elapsed(&start),
+                };
+                self.state.interval_loss_sum = 0.0;
+                self.state.interval_steps = 0;
+                interval_time = 0.0;
+                interval_tokens = 0;
+                self.append_metrics(&m)?;
+                on_event(Event::Eval(&m));
+                if cfg.sample_tokens > 0 {
+                    let text = self.sample_text(cfg.sample_tokens, 0.8)?;
+                    on_event(Event::Sample {
+                        step: self.state.step,
+                        text: &text,
+                    });
+                }
+                self.state.rng = rng.state();
+                self.save(elapsed(&start))?;
+                self.write_plot()?;
+                on_event(Event::Saved { step: self.state.step });
+            }
+        }
+        self.state.rng = rng.state();
+        let _ = last_norm;
+        Ok(())
+    }
+}

@@ -1,0 +1,108 @@
+//! The whole model against PyTorch + `transformers` (tests/fixtures/gpt2-tiny, made by
+//! ../shared/bench/pytorch/make_reference.py): logits, loss, the gradient of every parameter,
+//! and greedy generation through the KV cache.
+//!
+//! Tolerances (the fixture's README measures float32-vs-float64 differences of 3.5e-6 for
+//! logits and 2.7e-7 for gradients): logits 1e-4 abs, loss 1e-5 abs, each gradient 1e-4
+//! relative to its tensor's largest |value| (and 1e-5 abs), greedy ids exact.
+
+use quill::io::hf::load_gpt2;
+use quill::io::safetensors::SafetensorsFile;
+use quill::kernels::crossentropy::IGNORE;
+use quill::model::Activations;
+use quill::sample::{generate, Sampler, SamplingParams};
+use std::path::PathBuf;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny")
+}
+
+fn read(f: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let st = f.tensors().unwrap();
+    let v = st.tensor(name).unwrap();
+    let shape = v.shape().to_vec();
+    let data: Vec<f32> = match v.dtype() {
+        safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::I64 => v
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    };
+    (shape, data)
+}
+
+#[test]
+fn logits_loss_and_every_gradient_match_transformers() {
+    let model = load_gpt2(&fixture()).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (shape, ids) = read(&expected, "input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    // HF convention: labels = input_ids, shifted inside the model; the last position has no target.
+    let targets: Vec<u32> = (0..b * t)
+        .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
+        .collect();
+
+    let mut acts = Activations::new(&model.config, b, t);
+    model.forward(&mut acts, &ids).unwrap();
+    let (_, want_logits) = read(&expected, "logits");
+    let max_diff = acts.logits.iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(max_diff < 1e-4, "logits differ by {max_diff}");
+
+    let (sum, count) = model.loss(&mut acts, &targets);
+    let (_, want_loss) = read(&expected, "loss");
+    let loss = sum / count as f64;
+    assert!((loss - want_loss[0] as f64).abs() < 1e-5, "loss {loss} vs {}", want_loss[0]);
+
+    let mut grads = vec![0.0; model.num_params()];
+    let (sum2, _) = model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+    assert!((sum2 - sum).abs() < 1e-9);
+    let mut checked = 0;
+    for spec in &model.layout.tensors {
+        let (gshape, want) = read(&expected, &format!("grad.{}", spec.name));
+        assert_eq!(gshape, spec.shape, "{}", spec.name);
+        let got = spec.view.of(&grads);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3) || diff < 1e-5,
+            "gradient of {} differs by {diff} (tensor max {scale})",
+            spec.name
+        );
+        checked += 1;
+    }
+    // every tensor of model.safetensors has its reference gradient
+    assert_eq!(checked, expected.names().unwrap().iter().filter(|n| n.starts_with("grad.")).count());
+}
+
+#[test]
+fn greedy_generation_with_kv_cache_matches_transformers() {
+    let model = load_gpt2(&fixture()).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (_, greedy) = read(&expected, "greedy_ids");
+    let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();
+    let (_, want_logits) = read(&expected, "greedy_logits");
+    let n_new = want_logits.len() / model.config.vocab_size;
+    let prompt = &greedy[..greedy.len() - n_new];
+    let params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(params).unwrap();
+    let out = generate(&model, prompt, n_new, &mut sampler, None, |_| {}, |_| Ok(true)).unwrap();
+    assert_eq!(out, greedy[prompt.len()..]);
+
+    // the cached logits at every step match transformers' too
+    let v = model.config.vocab_size;
+    let mut cache = model.new_cache();
+    let mut logits = Vec::new();
+    model.forward_cached(&mut cache, prompt, &mut logits, false).unwrap();
+    for i in 0..n_new {
+        let want = &want_logits[i * v..(i + 1) * v];
+        let diff = logits.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(diff < 1e-4, "step {i}: cached logits differ by {diff}");
+        model.forward_cached(&mut cache, &[out[i]], &mut logits, false).unwrap();
+    }
+}
