@@ -1,1 +1,292 @@
-fn main() {}
+//! The `quill` command line: argument parsing, progress bars and printing. No numerics here.
+
+mod train_cmd;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use quill::io::hf::load_gpt2;
+use quill::model::{Activations, Gpt2};
+use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
+use quill::tokenizer::CharTokenizer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "quill",
+    version,
+    about = "Train and run transformer language models on the CPU",
+    long_about = "Train and run transformer language models on the CPU.\n\n\
+        `quill train` with no arguments trains a character-level GPT-2 on Tiny Shakespeare \
+        (embedded in the binary) and writes a Hugging Face model folder to ./out."
+)]
+struct Cli {
+    /// Worker threads for the numerics (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a GPT-2 on a text file (default: Tiny Shakespeare), character level.
+    Train(train_cmd::TrainArgs),
+    /// Write text with a model, sampling one token at a time (streams to stdout).
+    Generate(GenerateArgs),
+    /// Print the logits of every position for the given token ids, as JSON.
+    Logits(LogitsArgs),
+    /// Print each token's log-probability under a model, the mean loss and bits per byte.
+    Score(ScoreArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to continue. Longer than the context: only its end is kept (with a warning).
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// Most tokens to generate (fewer if the model writes its end-of-text token).
+    #[arg(long, default_value_t = 500)]
+    max_new_tokens: usize,
+    /// Softmax temperature: below 1 sharper, above 1 flatter; 0 is greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    temperature: f32,
+    /// Sample only from the K most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: only from the most likely tokens whose probabilities add up to P, in (0, 1].
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    top_p: f32,
+    /// Random seed: the same seed, model and settings give the same text.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+#[derive(clap::Args)]
+struct LogitsArgs {
+    /// Model folder (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    ids: String,
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to score.
+    #[arg(long)]
+    text: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error (a bug in quill, please report it): {msg}{at}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::{DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion};
+            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+                e.exit();
+            }
+            // one line: clap's first line names the problem; the usage that follows is in --help
+            let text = e.render().to_string();
+            eprintln!("{} (see --help)", text.lines().next().unwrap_or("error: bad arguments"));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    match cli.command {
+        Command::Train(a) => train_cmd::run(a),
+        Command::Generate(a) => run_generate(a),
+        Command::Logits(a) => run_logits(a),
+        Command::Score(a) => run_score(a),
+    }
+}
+
+fn load_model(dir: &Path) -> Result<Gpt2> {
+    Ok(load_gpt2(dir)?)
+}
+
+fn load_tokenizer(dir: &Path) -> Result<CharTokenizer> {
+    let p = dir.join("tokenizer.json");
+    if !p.is_file() {
+        bail!("{}: no tokenizer.json in this folder", dir.display());
+    }
+    Ok(CharTokenizer::load(&p)?)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut sampler = Sampler::new(params)?;
+    let model = load_model(&a.model)?;
+    let tok = load_tokenizer(&a.model)?;
+    let prompt = tok.encode(&a.prompt).context("the prompt cannot be encoded")?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if tok.vocab_size() > model.config.vocab_size {
+        bail!(
+            "tokenizer has {} tokens but the model only {}",
+            tok.vocab_size(),
+            model.config.vocab_size
+        );
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let shown_prompt = if prompt.len() > model.config.n_positions {
+        tok.decode(&prompt[prompt.len() - model.config.n_positions..])
+    } else {
+        a.prompt.clone()
+    };
+    write!(out, "{shown_prompt}")?;
+    out.flush()?;
+    generate(
+        &model,
+        &prompt,
+        a.max_new_tokens,
+        &mut sampler,
+        model.config.eos_token_id,
+        |ev| match ev {
+            GenerateEvent::PromptTruncated { dropped, kept } => eprintln!(
+                "warning: the prompt has {} tokens, more than the context; using its last {kept}",
+                dropped + kept
+            ),
+            GenerateEvent::ContextShifted { .. } => {}
+        },
+        |id| {
+            if Some(id) != model.config.eos_token_id {
+                // a closed stdout (e.g. piped into `head`) ends generation quietly
+                let written = write!(out, "{}", tok.decode(&[id])).and_then(|_| out.flush());
+                return Ok(written.is_ok());
+            }
+            Ok(true)
+        },
+    )?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids: Result<Vec<u32>> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().with_context(|| format!("--ids: {x:?} is not a token id")))
+        .collect();
+    let ids = ids?;
+    if ids.is_empty() {
+        bail!("--ids is empty");
+    }
+    Ok(ids)
+}
+
+/// Logits [T, V] of one sequence.
+fn forward_all(model: &Gpt2, ids: &[u32]) -> Result<Activations> {
+    if ids.len() > model.config.n_positions {
+        bail!(
+            "{} tokens are more than the model's context of {} positions",
+            ids.len(),
+            model.config.n_positions
+        );
+    }
+    let mut acts = Activations::new(&model.config, 1, ids.len());
+    model.forward(&mut acts, ids)?;
+    Ok(acts)
+}
+
+fn run_logits(a: LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let model = load_model(&a.model)?;
+    let acts = forward_all(&model, &ids)?;
+    let v = model.config.vocab_size;
+    let rows: Vec<&[f32]> = acts.logits.chunks(v).collect();
+    let json = serde_json::json!({ "logits": rows });
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    serde_json::to_writer(&mut out, &json)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run_score(a: ScoreArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = load_tokenizer(&a.model)?;
+    let ids = tok.encode(&a.text)?;
+    if ids.len() < 2 {
+        bail!("the text needs at least two tokens to score (the first has nothing before it)");
+    }
+    let acts = forward_all(&model, &ids)?;
+    let v = model.config.vocab_size;
+    let bytes = tok.token_bytes();
+    let mut rows = Vec::new();
+    let (mut total, mut total_bytes) = (0.0f64, 0u64);
+    for i in 1..ids.len() {
+        let logits = &acts.logits[(i - 1) * v..i * v];
+        let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let lse = logits.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+        let logprob = logits[ids[i] as usize] as f64 - lse;
+        total -= logprob;
+        total_bytes += bytes[ids[i] as usize] as u64;
+        rows.push((tok.decode(&ids[i..i + 1]), ids[i], logprob));
+    }
+    let n = rows.len() as f64;
+    let mean = total / n;
+    let bpb = total / std::f64::consts::LN_2 / total_bytes as f64;
+    if a.json {
+        let tokens: Vec<_> = rows
+            .iter()
+            .map(|(t, id, lp)| serde_json::json!({"token": t, "id": id, "logprob": lp}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"tokens": tokens, "mean_loss": mean, "bits_per_byte": bpb, "scored_tokens": rows.len()})
+        );
+    } else {
+        println!("{:>6}  {:>8}  {:>10}  token", "pos", "id", "logprob");
+        for (i, (t, id, lp)) in rows.iter().enumerate() {
+            println!("{:>6}  {:>8}  {:>10.4}  {:?}", i + 1, id, lp, t);
+        }
+        println!("scored tokens: {}  (the first token has no prediction)", rows.len());
+        println!("mean loss: {mean:.4} nats/token");
+        println!("bits per byte: {bpb:.4}");
+    }
+    Ok(())
+}

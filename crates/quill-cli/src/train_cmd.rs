@@ -1,0 +1,376 @@
+//! `quill train`: flags, corpus loading, progress bar, final samples.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use quill::data::split;
+use quill::io::hf::load_gpt2;
+use quill::model::{Gpt2, Gpt2Config};
+use quill::tokenizer::CharTokenizer;
+use quill::train::trainer::TokenizerInfo;
+use quill::train::{Event, RunOptions, TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Tiny Shakespeare (public domain text; see data/LICENSES.md), the default corpus.
+const TINY_SHAKESPEARE: &str = include_str!("../../../data/tinyshakespeare.txt");
+const EMBEDDED: &str = "embedded:tinyshakespeare";
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Text file to train on (UTF-8). Default: Tiny Shakespeare, embedded in the binary.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder: a Hugging Face model folder plus training state, metrics.jsonl and loss.svg.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Continue the run saved in --out, exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a run already saved in --out instead of refusing.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Start from the weights and tokenizer of an existing model folder (fine-tuning).
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
+    /// Transformer blocks [default: 4].
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Attention heads per block [default: 4].
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Embedding width (n_embd) [default: 256].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Context length in tokens [default: 128; with --init, the model's].
+    #[arg(long)]
+    context: Option<usize>,
+    /// Optimizer steps [default: 1800].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Sequences per micro-batch [default: 16].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per optimizer step (gradient accumulation) [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 2e-3].
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Final learning rate of the cosine decay [default: lr / 10].
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// Linear warm-up steps [default: 100].
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// AdamW weight decay, on matrices only [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Clip the gradient's global norm to this (0: no clipping) [default: 1.0].
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    /// Evaluate on the whole validation split, print a sample and save every N steps [default: 300].
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    /// Fraction of the corpus (its end) held out for validation [default: 0.1].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Random seed for initialisation and batch sampling [default: 1337].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Characters of sample text printed at each evaluation [default: 200].
+    #[arg(long)]
+    sample_tokens: Option<usize>,
+    /// Stop (saving a checkpoint) after this many seconds; resume later with --resume.
+    #[arg(long)]
+    time_limit: Option<f64>,
+    /// Stop (saving a checkpoint) after this many steps of this invocation; the schedule still
+    /// plans for --steps, so --resume continues exactly.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// No progress bar (log lines only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Where the corpus came from, so --resume can find it again.
+#[derive(Serialize, Deserialize)]
+struct RunInfo {
+    data: String,
+    val_fraction: f64,
+}
+
+fn read_corpus(source: &str) -> Result<String> {
+    if source == EMBEDDED {
+        return Ok(TINY_SHAKESPEARE.to_string());
+    }
+    let path = Path::new(source);
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
+    if bytes.is_empty() {
+        bail!("corpus {} is empty", path.display());
+    }
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => bail!(
+            "corpus {} is not valid UTF-8 (at byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    }
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    let probe = dir.join(".quill-write-probe");
+    std::fs::write(&probe, b"ok").with_context(|| format!("cannot write to output folder {}", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let out = a.out.clone();
+    let run_info_path = out.join("run.json");
+    let (source, val_fraction) = if a.resume {
+        let text = std::fs::read_to_string(&run_info_path)
+            .with_context(|| format!("nothing to resume in {} (no run.json)", out.display()))?;
+        let info: RunInfo = serde_json::from_str(&text).with_context(|| format!("{} is damaged", run_info_path.display()))?;
+        let source = a.data.as_ref().map(|p| p.display().to_string()).unwrap_or(info.data);
+        (source, info.val_fraction)
+    } else {
+        let source = a.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| EMBEDDED.to_string());
+        (source, a.val_fraction.unwrap_or(0.1))
+    };
+    let text = read_corpus(&source)?;
+
+    if a.resume {
+        return resume(a, &out, &text, val_fraction);
+    }
+    if out.join(quill::train::checkpoint::TRAINING_STATE_FILE).exists() && !a.overwrite {
+        bail!(
+            "{} already holds a training run: pass --resume to continue it, --overwrite to replace it, or another --out",
+            out.display()
+        );
+    }
+    check_writable(&out)?;
+
+    let (model, tok) = match &a.init {
+        Some(dir) => {
+            let model = load_gpt2(dir)?;
+            let tok = CharTokenizer::load(&dir.join("tokenizer.json"))
+                .with_context(|| format!("--init {}: its tokenizer", dir.display()))?;
+            for flag in [("--layers", a.layers), ("--heads", a.heads), ("--width", a.width)] {
+                if flag.1.is_some() {
+                    eprintln!("warning: {} is ignored with --init (the model's shape is kept)", flag.0);
+                }
+            }
+            (model, tok)
+        }
+        None => {
+            let tok = CharTokenizer::from_text(&text)?;
+            let cfg = Gpt2Config::new(
+                tok.vocab_size(),
+                a.context.unwrap_or(128),
+                a.width.unwrap_or(256),
+                a.layers.unwrap_or(4),
+                a.heads.unwrap_or(4),
+            );
+            let mut model = Gpt2::new(cfg)?;
+            model.init(a.seed.unwrap_or(1337));
+            (model, tok)
+        }
+    };
+    let ids = tok.encode(&text).context("the corpus has characters outside the model's vocabulary")?;
+    let context = a.context.unwrap_or(model.config.n_positions.min(1024));
+    let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 2e-3 });
+    let config = TrainConfig {
+        steps: a.steps.unwrap_or(1800),
+        batch_size: a.batch.unwrap_or(16),
+        seq_len: context,
+        grad_accum: a.grad_accum.unwrap_or(1),
+        lr,
+        min_lr: a.min_lr.unwrap_or(lr / 10.0),
+        warmup_steps: a.warmup.unwrap_or(100),
+        weight_decay: a.weight_decay.unwrap_or(0.1),
+        beta1: 0.9,
+        beta2: 0.99,
+        grad_clip: a.grad_clip.unwrap_or(1.0),
+        eval_interval: a.eval_interval.unwrap_or(300),
+        seed: a.seed.unwrap_or(1337),
+        sample_tokens: a.sample_tokens.unwrap_or(200),
+    };
+    let data = split(ids, val_fraction, context)?;
+    let info = RunInfo {
+        data: if source == EMBEDDED {
+            source.clone()
+        } else {
+            std::fs::canonicalize(&source).map(|p| p.display().to_string()).unwrap_or(source.clone())
+        },
+        val_fraction,
+    };
+    quill::io::atomic::write_text(&run_info_path, &serde_json::to_string_pretty(&info)?)?;
+    let decode = |ids: &[u32]| tok.decode(ids);
+    let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode))?;
+    drive(trainer, &a, &out, &source, &data)
+}
+
+fn tok_info<'a>(tok: &CharTokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> TokenizerInfo<'a> {
+    TokenizerInfo {
+        json: tok.to_json(),
+        token_bytes: tok.token_bytes(),
+        decode,
+        sample_prompt: vec![tok.id_of('\n').unwrap_or(0)],
+    }
+}
+
+fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()> {
+    let given = [
+        a.layers.is_some(),
+        a.heads.is_some(),
+        a.width.is_some(),
+        a.context.is_some(),
+        a.steps.is_some(),
+        a.batch.is_some(),
+        a.grad_accum.is_some(),
+        a.lr.is_some(),
+        a.min_lr.is_some(),
+        a.warmup.is_some(),
+        a.weight_decay.is_some(),
+        a.grad_clip.is_some(),
+        a.eval_interval.is_some(),
+        a.seed.is_some(),
+        a.val_fraction.is_some(),
+    ];
+    if given.iter().any(|&g| g) {
+        eprintln!("warning: --resume continues with the saved run's settings; the model and schedule flags given are ignored");
+    }
+    let model = load_gpt2(out)?;
+    let tok = CharTokenizer::load(&out.join("tokenizer.json"))?;
+    let ids = tok.encode(text).context("the corpus has characters outside the run's vocabulary")?;
+    // the trainer checks the split against the saved context
+    let data = split(ids, val_fraction, 1)?;
+    let decode = |ids: &[u32]| tok.decode(ids);
+    let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode))?;
+    eprintln!("resuming {} at step {}", out.display(), trainer.step());
+    drive(trainer, &a, out, "", &data)
+}
+
+fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &quill::data::Split) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let cfg = trainer.config.clone();
+    let mc = trainer.model.config.clone();
+    if !source.is_empty() {
+        eprintln!(
+            "corpus: {} ({} train / {} validation tokens, vocabulary {})",
+            if source == EMBEDDED { "Tiny Shakespeare (embedded)" } else { source },
+            data.train.len(),
+            data.val.len(),
+            mc.vocab_size
+        );
+    }
+    eprintln!(
+        "model: GPT-2, {} layers, {} heads, width {}, context {}, {:.2}M parameters; {} threads",
+        mc.n_layer,
+        mc.n_head,
+        mc.n_embd,
+        cfg.seq_len,
+        trainer.model.num_params() as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+    eprintln!(
+        "training: {} steps of {} x {} x {} tokens, lr {} (warm-up {}, cosine to {}), AdamW wd {}",
+        cfg.steps, cfg.grad_accum, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.warmup_steps, cfg.min_lr, cfg.weight_decay
+    );
+    let pb = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.steps as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_position(trainer.step() as u64);
+    pb.reset_eta();
+    let opts = RunOptions {
+        time_limit: a.time_limit,
+        stop_after: a.stop_after,
+    };
+    let started = Instant::now();
+    let mut smoothed: Option<f64> = None;
+    let mut final_val = None;
+    let quiet = a.quiet;
+    trainer.run(&opts, &stop, &mut |ev| match ev {
+        Event::Step {
+            step,
+            loss,
+            tokens_per_sec,
+            lr,
+            ..
+        } => {
+            let s = smoothed.map_or(loss, |s| 0.9 * s + 0.1 * loss);
+            smoothed = Some(s);
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {s:.3}  {:.1}k tok/s  lr {lr:.2e}", tokens_per_sec / 1e3));
+        }
+        Event::EvalStart { .. } => pb.set_message("evaluating on the validation split..."),
+        Event::Eval(m) => {
+            final_val = Some(m.val_loss);
+            let line = format!(
+                "step {:>5}: train {:.4}  val {:.4} ({:.3} bits/byte)  {:.1}k tok/s  {:.0}s",
+                m.step,
+                m.train_loss,
+                m.val_loss,
+                m.val_bpb,
+                m.tokens_per_sec / 1e3,
+                m.elapsed_s
+            );
+            if quiet {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
+        }
+        Event::Sample { text, .. } => {
+            let indented: String = text.lines().take(6).map(|l| format!("    | {l}\n")).collect();
+            if quiet {
+                eprint!("{indented}");
+            } else {
+                pb.println(indented.trim_end());
+            }
+        }
+        Event::Saved { .. } => {}
+        Event::Stopped { step, reason } => {
+            pb.println(format!("stopped at step {step}: {reason}; continue with --resume --out {}", out.display()));
+        }
+    })?;
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if trainer.step() >= cfg.steps {
+        println!(
+            "\ntrained {} steps in {:.0}s{}",
+            cfg.steps,
+            secs,
+            final_val.map(|v| format!("; validation loss {v:.4} nats/token")).unwrap_or_default()
+        );
+        println!("--- sample (temperature 0.8) ---");
+        println!("{}", trainer.sample_text(600, 0.8)?);
+        println!("--------------------------------");
+    }
+    println!(
+        "model saved to {} (Hugging Face folder; metrics.jsonl, loss.svg)\ntry: quill generate --model {} --prompt \"ROMEO:\"",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
