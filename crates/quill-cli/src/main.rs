@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a GPT-2 on a text file (default: Tiny Shakespeare), character level.
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Write text with a model, sampling one token at a time (streams to stdout).
     Generate(GenerateArgs),
     /// Print the logits of every position for the given token ids, as JSON.
@@ -96,19 +96,30 @@ fn main() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal error (a bug in quill, please report it): {msg}{at}");
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            use clap::error::ErrorKind::{DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion};
-            if matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand) {
+            use clap::error::ErrorKind::{
+                DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion,
+            };
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 e.exit();
             }
             // one line: clap's first line names the problem; the usage that follows is in --help
             let text = e.render().to_string();
-            eprintln!("{} (see --help)", text.lines().next().unwrap_or("error: bad arguments"));
+            eprintln!(
+                "{} (see --help)",
+                text.lines().next().unwrap_or("error: bad arguments")
+            );
             std::process::exit(2);
         }
     };
@@ -129,7 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             .context("setting up the thread pool")?;
     }
     match cli.command {
-        Command::Train(a) => train_cmd::run(a),
+        Command::Train(a) => train_cmd::run(*a),
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
@@ -158,7 +169,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let mut sampler = Sampler::new(params)?;
     let model = load_model(&a.model)?;
     let tok = load_tokenizer(&a.model)?;
-    let prompt = tok.encode(&a.prompt).context("the prompt cannot be encoded")?;
+    let prompt = tok
+        .encode(&a.prompt)
+        .context("the prompt cannot be encoded")?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -209,7 +222,10 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("--ids: {x:?} is not a token id")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("--ids: {x:?} is not a token id"))
+        })
         .collect();
     let ids = ids?;
     if ids.is_empty() {
@@ -261,7 +277,12 @@ fn run_score(a: ScoreArgs) -> Result<()> {
     for i in 1..ids.len() {
         let logits = &acts.logits[(i - 1) * v..i * v];
         let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let lse = logits.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+        let lse = logits
+            .iter()
+            .map(|&x| (x as f64 - mx).exp())
+            .sum::<f64>()
+            .ln()
+            + mx;
         let logprob = logits[ids[i] as usize] as f64 - lse;
         total -= logprob;
         total_bytes += bytes[ids[i] as usize] as u64;
@@ -284,7 +305,10 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         for (i, (t, id, lp)) in rows.iter().enumerate() {
             println!("{:>6}  {:>8}  {:>10.4}  {:?}", i + 1, id, lp, t);
         }
-        println!("scored tokens: {}  (the first token has no prediction)", rows.len());
+        println!(
+            "scored tokens: {}  (the first token has no prediction)",
+            rows.len()
+        );
         println!("mean loss: {mean:.4} nats/token");
         println!("bits per byte: {bpb:.4}");
     }

@@ -107,7 +107,8 @@ fn read_corpus(source: &str) -> Result<String> {
         return Ok(TINY_SHAKESPEARE.to_string());
     }
     let path = Path::new(source);
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
     if bytes.is_empty() {
         bail!("corpus {} is empty", path.display());
     }
@@ -122,9 +123,11 @@ fn read_corpus(source: &str) -> Result<String> {
 }
 
 fn check_writable(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     let probe = dir.join(".quill-write-probe");
-    std::fs::write(&probe, b"ok").with_context(|| format!("cannot write to output folder {}", dir.display()))?;
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("cannot write to output folder {}", dir.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -135,11 +138,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (source, val_fraction) = if a.resume {
         let text = std::fs::read_to_string(&run_info_path)
             .with_context(|| format!("nothing to resume in {} (no run.json)", out.display()))?;
-        let info: RunInfo = serde_json::from_str(&text).with_context(|| format!("{} is damaged", run_info_path.display()))?;
-        let source = a.data.as_ref().map(|p| p.display().to_string()).unwrap_or(info.data);
+        let info: RunInfo = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged", run_info_path.display()))?;
+        let source = a
+            .data
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or(info.data);
         (source, info.val_fraction)
     } else {
-        let source = a.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| EMBEDDED.to_string());
+        let source = a
+            .data
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| EMBEDDED.to_string());
         (source, a.val_fraction.unwrap_or(0.1))
     };
     let text = read_corpus(&source)?;
@@ -147,7 +159,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.resume {
         return resume(a, &out, &text, val_fraction);
     }
-    if out.join(quill::train::checkpoint::TRAINING_STATE_FILE).exists() && !a.overwrite {
+    if out
+        .join(quill::train::checkpoint::TRAINING_STATE_FILE)
+        .exists()
+        && !a.overwrite
+    {
         bail!(
             "{} already holds a training run: pass --resume to continue it, --overwrite to replace it, or another --out",
             out.display()
@@ -160,9 +176,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let model = load_gpt2(dir)?;
             let tok = CharTokenizer::load(&dir.join("tokenizer.json"))
                 .with_context(|| format!("--init {}: its tokenizer", dir.display()))?;
-            for flag in [("--layers", a.layers), ("--heads", a.heads), ("--width", a.width)] {
+            for flag in [
+                ("--layers", a.layers),
+                ("--heads", a.heads),
+                ("--width", a.width),
+            ] {
                 if flag.1.is_some() {
-                    eprintln!("warning: {} is ignored with --init (the model's shape is kept)", flag.0);
+                    eprintln!(
+                        "warning: {} is ignored with --init (the model's shape is kept)",
+                        flag.0
+                    );
                 }
             }
             (model, tok)
@@ -181,7 +204,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (model, tok)
         }
     };
-    let ids = tok.encode(&text).context("the corpus has characters outside the model's vocabulary")?;
+    let ids = tok
+        .encode(&text)
+        .context("the corpus has characters outside the model's vocabulary")?;
     let context = a.context.unwrap_or(model.config.n_positions.min(1024));
     let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 2e-3 });
     let config = TrainConfig {
@@ -205,7 +230,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         data: if source == EMBEDDED {
             source.clone()
         } else {
-            std::fs::canonicalize(&source).map(|p| p.display().to_string()).unwrap_or(source.clone())
+            std::fs::canonicalize(&source)
+                .map(|p| p.display().to_string())
+                .unwrap_or(source.clone())
         },
         val_fraction,
     };
@@ -247,7 +274,9 @@ fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()>
     }
     let model = load_gpt2(out)?;
     let tok = CharTokenizer::load(&out.join("tokenizer.json"))?;
-    let ids = tok.encode(text).context("the corpus has characters outside the run's vocabulary")?;
+    let ids = tok
+        .encode(text)
+        .context("the corpus has characters outside the run's vocabulary")?;
     // the trainer checks the split against the saved context
     let data = split(ids, val_fraction, 1)?;
     let decode = |ids: &[u32]| tok.decode(ids);
@@ -256,7 +285,13 @@ fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()>
     drive(trainer, &a, out, "", &data)
 }
 
-fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &quill::data::Split) -> Result<()> {
+fn drive(
+    mut trainer: Trainer,
+    a: &TrainArgs,
+    out: &Path,
+    source: &str,
+    data: &quill::data::Split,
+) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -271,7 +306,11 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
     if !source.is_empty() {
         eprintln!(
             "corpus: {} ({} train / {} validation tokens, vocabulary {})",
-            if source == EMBEDDED { "Tiny Shakespeare (embedded)" } else { source },
+            if source == EMBEDDED {
+                "Tiny Shakespeare (embedded)"
+            } else {
+                source
+            },
             data.train.len(),
             data.val.len(),
             mc.vocab_size
@@ -288,7 +327,14 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
     );
     eprintln!(
         "training: {} steps of {} x {} x {} tokens, lr {} (warm-up {}, cosine to {}), AdamW wd {}",
-        cfg.steps, cfg.grad_accum, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.warmup_steps, cfg.min_lr, cfg.weight_decay
+        cfg.steps,
+        cfg.grad_accum,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.lr,
+        cfg.warmup_steps,
+        cfg.min_lr,
+        cfg.weight_decay
     );
     let pb = if a.quiet {
         ProgressBar::hidden()
@@ -296,9 +342,11 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
         ProgressBar::new(cfg.steps as u64)
     };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     pb.set_position(trainer.step() as u64);
     pb.reset_eta();
@@ -321,7 +369,10 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
             let s = smoothed.map_or(loss, |s| 0.9 * s + 0.1 * loss);
             smoothed = Some(s);
             pb.set_position(step as u64);
-            pb.set_message(format!("loss {s:.3}  {:.1}k tok/s  lr {lr:.2e}", tokens_per_sec / 1e3));
+            pb.set_message(format!(
+                "loss {s:.3}  {:.1}k tok/s  lr {lr:.2e}",
+                tokens_per_sec / 1e3
+            ));
         }
         Event::EvalStart { .. } => pb.set_message("evaluating on the validation split..."),
         Event::Eval(m) => {
@@ -342,7 +393,11 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
             }
         }
         Event::Sample { text, .. } => {
-            let indented: String = text.lines().take(6).map(|l| format!("    | {l}\n")).collect();
+            let indented: String = text
+                .lines()
+                .take(6)
+                .map(|l| format!("    | {l}\n"))
+                .collect();
             if quiet {
                 eprint!("{indented}");
             } else {
@@ -351,7 +406,10 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
         }
         Event::Saved { .. } => {}
         Event::Stopped { step, reason } => {
-            pb.println(format!("stopped at step {step}: {reason}; continue with --resume --out {}", out.display()));
+            pb.println(format!(
+                "stopped at step {step}: {reason}; continue with --resume --out {}",
+                out.display()
+            ));
         }
     })?;
     pb.finish_and_clear();
@@ -361,7 +419,9 @@ fn drive(mut trainer: Trainer, a: &TrainArgs, out: &Path, source: &str, data: &q
             "\ntrained {} steps in {:.0}s{}",
             cfg.steps,
             secs,
-            final_val.map(|v| format!("; validation loss {v:.4} nats/token")).unwrap_or_default()
+            final_val
+                .map(|v| format!("; validation loss {v:.4} nats/token"))
+                .unwrap_or_default()
         );
         println!("--- sample (temperature 0.8) ---");
         println!("{}", trainer.sample_text(600, 0.8)?);

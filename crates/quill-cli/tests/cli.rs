@@ -46,8 +46,23 @@ fn small_corpus(dir: &Path) -> PathBuf {
 }
 
 const TINY_MODEL: &[&str] = &[
-    "--layers", "2", "--heads", "2", "--width", "32", "--context", "32", "--batch", "4", "--warmup", "5",
-    "--quiet", "--sample-tokens", "20", "--threads", "2",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--width",
+    "32",
+    "--context",
+    "32",
+    "--batch",
+    "4",
+    "--warmup",
+    "5",
+    "--quiet",
+    "--sample-tokens",
+    "20",
+    "--threads",
+    "2",
 ];
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -65,8 +80,16 @@ fn run_ok(cmd: &mut Command) -> Output {
 fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("internal error")
+            && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
@@ -112,14 +135,28 @@ fn resume_is_exact_and_the_output_folder_is_complete() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("model saved to"), "{stdout}");
 
-    train_tiny(&corpus, &split, &[&common[..], &["--stop-after", "20"]].concat());
+    train_tiny(
+        &corpus,
+        &split,
+        &[&common[..], &["--stop-after", "20"]].concat(),
+    );
     assert_eq!(losses(&split.join("metrics.jsonl")).len(), 2);
-    run_ok(quill().args(["train", "--resume", "--quiet", "--out"]).arg(&split));
+    run_ok(
+        quill()
+            .args(["train", "--resume", "--quiet", "--out"])
+            .arg(&split),
+    );
 
     let a = losses(&whole.join("metrics.jsonl"));
     let b = losses(&split.join("metrics.jsonl"));
-    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), vec![10, 20, 30, 40]);
-    assert_eq!(a, b, "a resumed run must reproduce the uninterrupted losses exactly");
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![10, 20, 30, 40]
+    );
+    assert_eq!(
+        a, b,
+        "a resumed run must reproduce the uninterrupted losses exactly"
+    );
     // training learned something: validation loss fell well below uniform (ln 60 ≈ 4.1)
     let last: f64 = a[3].2.parse().unwrap();
     assert!(last < 3.3, "val loss {last}");
@@ -137,11 +174,26 @@ fn resume_is_exact_and_the_output_folder_is_complete() {
     }
     let line = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
     let m: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
-    for key in ["step", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "tokens_per_sec", "elapsed_s"] {
-        assert!(m.get(key).is_some_and(|v| v.is_number()), "metrics.jsonl lacks {key}");
+    for key in [
+        "step",
+        "tokens",
+        "train_loss",
+        "val_loss",
+        "val_bpb",
+        "lr",
+        "tokens_per_sec",
+        "elapsed_s",
+    ] {
+        assert!(
+            m.get(key).is_some_and(|v| v.is_number()),
+            "metrics.jsonl lacks {key}"
+        );
     }
     // char-level ASCII text: one byte per token, so bits per byte = nats / ln 2
-    let (v, bpb) = (m["val_loss"].as_f64().unwrap(), m["val_bpb"].as_f64().unwrap());
+    let (v, bpb) = (
+        m["val_loss"].as_f64().unwrap(),
+        m["val_bpb"].as_f64().unwrap(),
+    );
     assert!((bpb - v / std::f64::consts::LN_2).abs() < 1e-9);
     let svg = std::fs::read_to_string(whole.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
@@ -152,7 +204,15 @@ fn resume_is_exact_and_the_output_folder_is_complete() {
     assert_eq!(losses(&again.join("metrics.jsonl")), a);
 
     // a second `train` into a used folder refuses instead of overwriting
-    let e = run_err(quill().arg("train").arg("--data").arg(&corpus).arg("--out").arg(&whole).args(TINY_MODEL));
+    let e = run_err(
+        quill()
+            .arg("train")
+            .arg("--data")
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&whole)
+            .args(TINY_MODEL),
+    );
     assert!(e.contains("--resume"), "{e}");
 }
 
@@ -162,31 +222,63 @@ fn checkpoints_survive_sigkill() {
     let corpus = small_corpus(tmp.path());
     let out = tmp.path().join("run");
     for (i, delay_ms) in [1500u64, 2100, 2700].into_iter().enumerate() {
-        let mut args: Vec<String> = vec!["train".into(), "--data".into(), corpus.display().to_string()];
+        let mut args: Vec<String> = vec![
+            "train".into(),
+            "--data".into(),
+            corpus.display().to_string(),
+        ];
         args.extend(["--out".into(), out.display().to_string()]);
         args.extend(TINY_MODEL.iter().map(|s| s.to_string()));
-        args.extend(["--steps", "100000", "--eval-interval", "3"].iter().map(|s| s.to_string()));
-        args.push(if i == 0 { "--seed".into() } else { "--resume".into() });
+        args.extend(
+            ["--steps", "100000", "--eval-interval", "3"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.push(if i == 0 {
+            "--seed".into()
+        } else {
+            "--resume".into()
+        });
         if i == 0 {
             args.push("3".into());
         }
-        let mut child = quill().args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = quill()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // whatever moment it died at, the folder loads and its logits are finite
-        let o = run_ok(quill().args(["logits", "--ids", "1,2,3", "--model"]).arg(&out));
+        let o = run_ok(
+            quill()
+                .args(["logits", "--ids", "1,2,3", "--model"])
+                .arg(&out),
+        );
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["logits"].as_array().unwrap().len(), 3);
-        assert!(v["logits"][2].as_array().unwrap().iter().all(|x| x.as_f64().unwrap().is_finite()));
+        assert!(v["logits"][2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x.as_f64().unwrap().is_finite()));
         // no temporary file is left looking like a checkpoint
         for e in std::fs::read_dir(&out).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
-            assert!(!name.ends_with(".safetensors") || !name.starts_with('.'), "{name}");
+            assert!(
+                !name.ends_with(".safetensors") || !name.starts_with('.'),
+                "{name}"
+            );
         }
     }
     // and the killed run resumes
-    run_ok(quill().args(["train", "--resume", "--quiet", "--stop-after", "2", "--out"]).arg(&out));
+    run_ok(
+        quill()
+            .args(["train", "--resume", "--quiet", "--stop-after", "2", "--out"])
+            .arg(&out),
+    );
 }
 
 #[test]
@@ -194,13 +286,25 @@ fn logits_command_matches_transformers_reference() {
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&expected).unwrap();
     let ids_t = st.tensor("input_ids").unwrap();
-    let ids: Vec<i64> = ids_t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids: Vec<i64> = ids_t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let t = ids_t.shape()[1];
     let row: Vec<String> = ids[..t].iter().map(|x| x.to_string()).collect();
-    let out = run_ok(quill().args(["logits", "--ids", &row.join(","), "--model"]).arg(fixture()));
+    let out = run_ok(
+        quill()
+            .args(["logits", "--ids", &row.join(","), "--model"])
+            .arg(fixture()),
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let logits = st.tensor("logits").unwrap();
-    let want: Vec<f32> = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let want: Vec<f32> = logits
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let v = logits.shape()[2];
     let rows = got["logits"].as_array().unwrap();
     assert_eq!(rows.len(), t);
@@ -226,24 +330,72 @@ fn generate_is_reproducible_and_score_is_consistent_with_transformers_logits() {
     }
     // ids 0..255 <-> characters U+0100..U+01FF (all printable, one token each)
     let vocab: serde_json::Map<String, serde_json::Value> = (0..256u32)
-        .map(|i| (char::from_u32(0x100 + i).unwrap().to_string(), serde_json::Value::from(i)))
+        .map(|i| {
+            (
+                char::from_u32(0x100 + i).unwrap().to_string(),
+                serde_json::Value::from(i),
+            )
+        })
         .collect();
     let tok = serde_json::json!({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "decoder": {"type": "Fuse"}});
     std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    let to_text = |ids: &[i64]| -> String { ids.iter().map(|&i| char::from_u32(0x100 + i as u32).unwrap()).collect() };
+    let to_text = |ids: &[i64]| -> String {
+        ids.iter()
+            .map(|&i| char::from_u32(0x100 + i as u32).unwrap())
+            .collect()
+    };
 
     let expected = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&expected).unwrap();
-    let greedy: Vec<i64> = st.tensor("greedy_ids").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let greedy: Vec<i64> = st
+        .tensor("greedy_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
 
     // greedy generation through the CLI reproduces transformers' greedy ids
     let prompt = to_text(&greedy[..4]);
-    let o = run_ok(quill().args(["generate", "--temperature", "0", "--max-new-tokens", "20", "--prompt", &prompt, "--model"]).arg(&model));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end(), to_text(&greedy));
+    let o = run_ok(
+        quill()
+            .args([
+                "generate",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "20",
+                "--prompt",
+                &prompt,
+                "--model",
+            ])
+            .arg(&model),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        to_text(&greedy)
+    );
 
     // sampling: same seed same text, other seed other text
     let gen = |seed: &str| {
-        let o = run_ok(quill().args(["generate", "--max-new-tokens", "40", "--top-k", "50", "--top-p", "0.95", "--seed", seed, "--prompt", &prompt, "--model"]).arg(&model));
+        let o = run_ok(
+            quill()
+                .args([
+                    "generate",
+                    "--max-new-tokens",
+                    "40",
+                    "--top-k",
+                    "50",
+                    "--top-p",
+                    "0.95",
+                    "--seed",
+                    seed,
+                    "--prompt",
+                    &prompt,
+                    "--model",
+                ])
+                .arg(&model),
+        );
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     assert_eq!(gen("1"), gen("1"));
@@ -252,9 +404,17 @@ fn generate_is_reproducible_and_score_is_consistent_with_transformers_logits() {
     // score: log-probabilities from transformers' logits of the first reference row
     let ids_t = st.tensor("input_ids").unwrap();
     let t = ids_t.shape()[1];
-    let ids: Vec<i64> = ids_t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids: Vec<i64> = ids_t
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let logits = st.tensor("logits").unwrap();
-    let lf: Vec<f32> = logits.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let lf: Vec<f32> = logits
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let v = logits.shape()[2];
     let mut want = Vec::new();
     for i in 1..t {
@@ -263,7 +423,11 @@ fn generate_is_reproducible_and_score_is_consistent_with_transformers_logits() {
         let lse = row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
         want.push(row[ids[i] as usize] as f64 - lse);
     }
-    let o = run_ok(quill().args(["score", "--json", "--text", &to_text(&ids[..t]), "--model"]).arg(&model));
+    let o = run_ok(
+        quill()
+            .args(["score", "--json", "--text", &to_text(&ids[..t]), "--model"])
+            .arg(&model),
+    );
     let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let toks = got["tokens"].as_array().unwrap();
     assert_eq!(toks.len(), t - 1);
@@ -278,7 +442,18 @@ fn generate_is_reproducible_and_score_is_consistent_with_transformers_logits() {
 
     // a prompt longer than the context is cut from the left, with a warning
     let long = to_text(&vec![5i64; 100]);
-    let o = run_ok(quill().args(["generate", "--max-new-tokens", "3", "--prompt", &long, "--model"]).arg(&model));
+    let o = run_ok(
+        quill()
+            .args([
+                "generate",
+                "--max-new-tokens",
+                "3",
+                "--prompt",
+                &long,
+                "--model",
+            ])
+            .arg(&model),
+    );
     assert!(String::from_utf8_lossy(&o.stderr).contains("warning: the prompt has 100 tokens"));
 }
 
@@ -289,22 +464,57 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     let corpus = small_corpus(d);
 
     // corpus problems
-    let e = run_err(quill().args(["train", "--data"]).arg(d.join("nope.txt")).arg("--out").arg(d.join("o1")));
+    let e = run_err(
+        quill()
+            .args(["train", "--data"])
+            .arg(d.join("nope.txt"))
+            .arg("--out")
+            .arg(d.join("o1")),
+    );
     assert!(e.contains("nope.txt"), "{e}");
     std::fs::write(d.join("empty.txt"), "").unwrap();
-    let e = run_err(quill().args(["train", "--data"]).arg(d.join("empty.txt")).arg("--out").arg(d.join("o1")));
+    let e = run_err(
+        quill()
+            .args(["train", "--data"])
+            .arg(d.join("empty.txt"))
+            .arg("--out")
+            .arg(d.join("o1")),
+    );
     assert!(e.contains("empty"), "{e}");
     std::fs::write(d.join("bin.txt"), b"abc\xff\xfedef").unwrap();
-    let e = run_err(quill().args(["train", "--data"]).arg(d.join("bin.txt")).arg("--out").arg(d.join("o1")));
+    let e = run_err(
+        quill()
+            .args(["train", "--data"])
+            .arg(d.join("bin.txt"))
+            .arg("--out")
+            .arg(d.join("o1")),
+    );
     assert!(e.contains("UTF-8") && e.contains("byte 3"), "{e}");
     // an output folder that cannot be written (a path below a regular file)
-    let e = run_err(quill().args(["train", "--data"]).arg(&corpus).arg("--out").arg(corpus.join("sub")).args(TINY_MODEL));
+    let e = run_err(
+        quill()
+            .args(["train", "--data"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(corpus.join("sub"))
+            .args(TINY_MODEL),
+    );
     assert!(e.contains("output folder"), "{e}");
     // bad model shape
-    let e = run_err(quill().args(["train", "--data"]).arg(&corpus).args(["--heads", "3", "--width", "32", "--out"]).arg(d.join("o2")));
+    let e = run_err(
+        quill()
+            .args(["train", "--data"])
+            .arg(&corpus)
+            .args(["--heads", "3", "--width", "32", "--out"])
+            .arg(d.join("o2")),
+    );
     assert!(e.contains("divisible"), "{e}");
     // resume with nothing to resume
-    let e = run_err(quill().args(["train", "--resume", "--out"]).arg(d.join("o3")));
+    let e = run_err(
+        quill()
+            .args(["train", "--resume", "--out"])
+            .arg(d.join("o3")),
+    );
     assert!(e.contains("nothing to resume"), "{e}");
 
     // a small trained model for the generation checks
@@ -317,16 +527,39 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     };
     let e = run_err(&mut gen(&["--prompt", "hello ☃"]));
     assert!(e.contains("'☃'"), "{e}");
-    for (flag, val) in [("--top-p", "0"), ("--top-p", "1.5"), ("--temperature", "-1")] {
+    for (flag, val) in [
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--temperature", "-1"),
+    ] {
         let e = run_err(&mut gen(&[flag, val]));
-        assert!(e.contains(if flag == "--top-p" { "top-p" } else { "temperature" }), "{e}");
+        assert!(
+            e.contains(if flag == "--top-p" {
+                "top-p"
+            } else {
+                "temperature"
+            }),
+            "{e}"
+        );
     }
-    let e = run_err(quill().args(["logits", "--ids", "1,x", "--model"]).arg(&model));
+    let e = run_err(
+        quill()
+            .args(["logits", "--ids", "1,x", "--model"])
+            .arg(&model),
+    );
     assert!(e.contains("\"x\""), "{e}");
-    let e = run_err(quill().args(["logits", "--ids", "1,99999", "--model"]).arg(&model));
+    let e = run_err(
+        quill()
+            .args(["logits", "--ids", "1,99999", "--model"])
+            .arg(&model),
+    );
     assert!(e.contains("99999"), "{e}");
     let too_long: Vec<String> = (0..40).map(|_| "1".to_string()).collect();
-    let e = run_err(quill().args(["logits", "--ids", &too_long.join(","), "--model"]).arg(&model));
+    let e = run_err(
+        quill()
+            .args(["logits", "--ids", &too_long.join(","), "--model"])
+            .arg(&model),
+    );
     assert!(e.contains("context"), "{e}");
 
     // broken model folders: each a clear error
@@ -337,36 +570,52 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             std::fs::copy(model.join(f), m.join(f)).unwrap();
         }
         edit(&m);
-        run_err(quill().args(["generate", "--max-new-tokens", "2", "--model"]).arg(&m))
+        run_err(
+            quill()
+                .args(["generate", "--max-new-tokens", "2", "--model"])
+                .arg(&m),
+        )
     };
-    let e = broken("no-weights", &|m| std::fs::remove_file(m.join("model.safetensors")).unwrap());
+    let e = broken("no-weights", &|m| {
+        std::fs::remove_file(m.join("model.safetensors")).unwrap()
+    });
     assert!(e.contains("no model.safetensors"), "{e}");
-    let e = broken("no-config", &|m| std::fs::remove_file(m.join("config.json")).unwrap());
+    let e = broken("no-config", &|m| {
+        std::fs::remove_file(m.join("config.json")).unwrap()
+    });
     assert!(e.contains("no config.json"), "{e}");
-    let e = broken("no-tokenizer", &|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap());
+    let e = broken("no-tokenizer", &|m| {
+        std::fs::remove_file(m.join("tokenizer.json")).unwrap()
+    });
     assert!(e.contains("tokenizer.json"), "{e}");
     let e = broken("missing-field", &|m| {
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
         c.as_object_mut().unwrap().remove("n_embd");
         std::fs::write(m.join("config.json"), c.to_string()).unwrap();
     });
     assert!(e.contains("n_embd"), "{e}");
     let e = broken("wrong-field", &|m| {
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
         c["n_layer"] = serde_json::json!("two");
         std::fs::write(m.join("config.json"), c.to_string()).unwrap();
     });
     assert!(e.contains("n_layer") || e.contains("invalid type"), "{e}");
-    let e = broken("bad-json", &|m| std::fs::write(m.join("config.json"), "{").unwrap());
+    let e = broken("bad-json", &|m| {
+        std::fs::write(m.join("config.json"), "{").unwrap()
+    });
     assert!(e.contains("JSON"), "{e}");
     let e = broken("other-arch", &|m| {
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
         c["model_type"] = serde_json::json!("bert");
         std::fs::write(m.join("config.json"), c.to_string()).unwrap();
     });
     assert!(e.contains("bert") && e.contains("gpt2"), "{e}");
     let e = broken("wrong-shape", &|m| {
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
         c["n_embd"] = serde_json::json!(16);
         c["n_head"] = serde_json::json!(2);
         std::fs::write(m.join("config.json"), c.to_string()).unwrap();
@@ -381,13 +630,17 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
         // rewrite one tensor's dtype as I32 (same byte size as F32)
         let b = std::fs::read(m.join("model.safetensors")).unwrap();
         let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-        let header = String::from_utf8(b[8..8 + n].to_vec()).unwrap().replacen("\"F32\"", "\"I32\"", 1);
+        let header = String::from_utf8(b[8..8 + n].to_vec())
+            .unwrap()
+            .replacen("\"F32\"", "\"I32\"", 1);
         let mut nb = b[..8].to_vec();
         nb.extend_from_slice(header.as_bytes());
         nb.extend_from_slice(&b[8 + n..]);
         std::fs::write(m.join("model.safetensors"), nb).unwrap();
     });
     assert!(e.contains("dtype") && e.contains("I32"), "{e}");
-    let e = broken("not-a-tokenizer", &|m| std::fs::write(m.join("tokenizer.json"), "[1, 2]").unwrap());
+    let e = broken("not-a-tokenizer", &|m| {
+        std::fs::write(m.join("tokenizer.json"), "[1, 2]").unwrap()
+    });
     assert!(e.contains("tokenizer"), "{e}");
 }

@@ -22,7 +22,11 @@ fn read(f: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<f32>) {
     let v = st.tensor(name).unwrap();
     let shape = v.shape().to_vec();
     let data: Vec<f32> = match v.dtype() {
-        safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::F32 => v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
         safetensors::Dtype::I64 => v
             .data()
             .chunks_exact(8)
@@ -48,13 +52,22 @@ fn logits_loss_and_every_gradient_match_transformers() {
     let mut acts = Activations::new(&model.config, b, t);
     model.forward(&mut acts, &ids).unwrap();
     let (_, want_logits) = read(&expected, "logits");
-    let max_diff = acts.logits.iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let max_diff = acts
+        .logits
+        .iter()
+        .zip(&want_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(max_diff < 1e-4, "logits differ by {max_diff}");
 
     let (sum, count) = model.loss(&mut acts, &targets);
     let (_, want_loss) = read(&expected, "loss");
     let loss = sum / count as f64;
-    assert!((loss - want_loss[0] as f64).abs() < 1e-5, "loss {loss} vs {}", want_loss[0]);
+    assert!(
+        (loss - want_loss[0] as f64).abs() < 1e-5,
+        "loss {loss} vs {}",
+        want_loss[0]
+    );
 
     let mut grads = vec![0.0; model.num_params()];
     let (sum2, _) = model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
@@ -65,7 +78,11 @@ fn logits_loss_and_every_gradient_match_transformers() {
         assert_eq!(gshape, spec.shape, "{}", spec.name);
         let got = spec.view.of(&grads);
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(
             diff <= 1e-4 * scale.max(1e-3) || diff < 1e-5,
             "gradient of {} differs by {diff} (tensor max {scale})",
@@ -74,7 +91,15 @@ fn logits_loss_and_every_gradient_match_transformers() {
         checked += 1;
     }
     // every tensor of model.safetensors has its reference gradient
-    assert_eq!(checked, expected.names().unwrap().iter().filter(|n| n.starts_with("grad.")).count());
+    assert_eq!(
+        checked,
+        expected
+            .names()
+            .unwrap()
+            .iter()
+            .filter(|n| n.starts_with("grad."))
+            .count()
+    );
 }
 
 #[test]
@@ -91,18 +116,35 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
         ..Default::default()
     };
     let mut sampler = Sampler::new(params).unwrap();
-    let out = generate(&model, prompt, n_new, &mut sampler, None, |_| {}, |_| Ok(true)).unwrap();
+    let out = generate(
+        &model,
+        prompt,
+        n_new,
+        &mut sampler,
+        None,
+        |_| {},
+        |_| Ok(true),
+    )
+    .unwrap();
     assert_eq!(out, greedy[prompt.len()..]);
 
     // the cached logits at every step match transformers' too
     let v = model.config.vocab_size;
     let mut cache = model.new_cache();
     let mut logits = Vec::new();
-    model.forward_cached(&mut cache, prompt, &mut logits, false).unwrap();
+    model
+        .forward_cached(&mut cache, prompt, &mut logits, false)
+        .unwrap();
     for i in 0..n_new {
         let want = &want_logits[i * v..(i + 1) * v];
-        let diff = logits.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = logits
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff < 1e-4, "step {i}: cached logits differ by {diff}");
-        model.forward_cached(&mut cache, &[out[i]], &mut logits, false).unwrap();
+        model
+            .forward_cached(&mut cache, &[out[i]], &mut logits, false)
+            .unwrap();
     }
 }

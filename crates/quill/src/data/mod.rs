@@ -14,7 +14,9 @@ pub struct Split {
 /// The first (1 - val_fraction) of the tokens train, the rest validate.
 pub fn split(tokens: Vec<u32>, val_fraction: f64, context: usize) -> Result<Split> {
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(Error::Input(format!("validation fraction {val_fraction} must be in [0, 1)")));
+        return Err(Error::Input(format!(
+            "validation fraction {val_fraction} must be in [0, 1)"
+        )));
     }
     let n_val = (tokens.len() as f64 * val_fraction) as usize;
     let n_train = tokens.len() - n_val;
@@ -30,7 +32,14 @@ pub fn split(tokens: Vec<u32>, val_fraction: f64, context: usize) -> Result<Spli
 }
 
 /// ids/targets [B, T] from random windows of `data`: targets are the ids shifted by one.
-pub fn sample_batch(rng: &mut Rng, data: &[u32], b: usize, t: usize, ids: &mut [u32], targets: &mut [u32]) {
+pub fn sample_batch(
+    rng: &mut Rng,
+    data: &[u32],
+    b: usize,
+    t: usize,
+    ids: &mut [u32],
+    targets: &mut [u32],
+) {
     for bi in 0..b {
         let start = rng.below(data.len() - t);
         ids[bi * t..(bi + 1) * t].copy_from_slice(&data[start..start + t]);
@@ -45,7 +54,14 @@ pub fn eval_windows(data: &[u32], t: usize) -> usize {
 
 /// Fills ids/targets [B, T] with windows first..first+B; positions past the end are padding
 /// with IGNORE targets (causal attention keeps them from affecting the real positions).
-pub fn eval_batch(data: &[u32], t: usize, first: usize, b: usize, ids: &mut [u32], targets: &mut [u32]) {
+pub fn eval_batch(
+    data: &[u32],
+    t: usize,
+    first: usize,
+    b: usize,
+    ids: &mut [u32],
+    targets: &mut [u32],
+) {
     let last = data.len().saturating_sub(1);
     for bi in 0..b {
         for ti in 0..t {

@@ -20,14 +20,18 @@ impl Weights {
         let paths: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::format(&index_path, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index_path, "no weight_map object"))?;
-            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             shards.iter().map(|s| dir.join(s)).collect()
@@ -37,7 +41,10 @@ impl Weights {
                 dir.display()
             )));
         } else {
-            return Err(Error::Input(format!("{}: no model.safetensors in this folder", dir.display())));
+            return Err(Error::Input(format!(
+                "{}: no model.safetensors in this folder",
+                dir.display()
+            )));
         };
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -75,12 +82,20 @@ impl Weights {
 /// The stored names most like `name`, for "missing tensor" messages.
 fn nearest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
     let score = |s: &str| {
-        let common = name.bytes().zip(s.bytes()).take_while(|(a, b)| a == b).count();
+        let common = name
+            .bytes()
+            .zip(s.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
         common as i64 * 4 - (s.len() as i64 - name.len() as i64).abs()
     };
     let mut v: Vec<&String> = names.collect();
     v.sort_by_key(|s| -score(s));
-    v.iter().take(3).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .take(3)
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Loads a GPT-2 folder. Accepts both `transformer.`-prefixed names (GPT2LMHeadModel) and
@@ -88,11 +103,17 @@ fn nearest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
 /// model is ignored (it equals the embedding).
 pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
     if !dir.is_dir() {
-        return Err(Error::Input(format!("{}: no such model folder", dir.display())));
+        return Err(Error::Input(format!(
+            "{}: no such model folder",
+            dir.display()
+        )));
     }
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
-        return Err(Error::Input(format!("{}: no config.json in this folder", dir.display())));
+        return Err(Error::Input(format!(
+            "{}: no config.json in this folder",
+            dir.display()
+        )));
     }
     let config = Gpt2Config::load(&config_path)?;
     let weights = Weights::open(dir)?;
@@ -100,7 +121,9 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
     let specs = model.layout.tensors.clone();
     for spec in &specs {
         let bare = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
-        let stored = [spec.name.as_str(), bare].into_iter().find(|n| weights.contains(n));
+        let stored = [spec.name.as_str(), bare]
+            .into_iter()
+            .find(|n| weights.contains(n));
         let Some(stored) = stored else {
             return Err(Error::Input(format!(
                 "{}: missing tensor {} (nearest present: {})",
@@ -130,7 +153,11 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
 }
 
 /// Writes `config.json` and `model.safetensors` (each atomically) into `dir`.
-pub fn save_gpt2(dir: &Path, model: &Gpt2, extra_metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn save_gpt2(
+    dir: &Path,
+    model: &Gpt2,
+    extra_metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut meta = extra_metadata.clone();
     meta.insert("format".into(), "pt".into());
@@ -138,9 +165,16 @@ pub fn save_gpt2(dir: &Path, model: &Gpt2, extra_metadata: &BTreeMap<String, Str
         .layout
         .tensors
         .iter()
-        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.view.of(&model.params)))
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.shape.as_slice(),
+                t.view.of(&model.params),
+            )
+        })
         .collect();
     write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
     super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
 }

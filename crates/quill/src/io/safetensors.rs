@@ -20,7 +20,10 @@ impl SafetensorsFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
-            return Err(Error::format(path, "not a safetensors file (shorter than its 8-byte header length)"));
+            return Err(Error::format(
+                path,
+                "not a safetensors file (shorter than its 8-byte header length)",
+            ));
         }
         // Safety: the file is opened read-only; quill never writes a file in place (atomic
         // renames), so the mapping's contents do not change under us.
@@ -36,7 +39,10 @@ impl SafetensorsFile {
     /// The parsed file (cheap: parses the JSON header only).
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.mmap).map_err(|e| {
-            Error::format(&self.path, format!("not a valid safetensors file (truncated or damaged?): {e}"))
+            Error::format(
+                &self.path,
+                format!("not a valid safetensors file (truncated or damaged?): {e}"),
+            )
         })
     }
 
@@ -48,7 +54,12 @@ impl SafetensorsFile {
     }
 
     pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self.tensors()?.names().into_iter().map(|s| s.to_string()).collect())
+        Ok(self
+            .tensors()?
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect())
     }
 
     /// Copies tensor `name` into `dst`, converting to f32, after checking its shape.
@@ -60,7 +71,11 @@ impl SafetensorsFile {
         if view.shape() != shape {
             return Err(Error::format(
                 &self.path,
-                format!("tensor {name} has shape {:?}, expected {:?}", view.shape(), shape),
+                format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    view.shape(),
+                    shape
+                ),
             ));
         }
         to_f32(&view, dst).map_err(|m| Error::format(&self.path, format!("tensor {name}: {m}")))
@@ -68,7 +83,11 @@ impl SafetensorsFile {
 
     /// The shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
-        Ok(self.tensors()?.tensor(name).ok().map(|v| v.shape().to_vec()))
+        Ok(self
+            .tensors()?
+            .tensor(name)
+            .ok()
+            .map(|v| v.shape().to_vec()))
     }
 }
 
@@ -91,7 +110,11 @@ fn to_f32(view: &TensorView<'_>, dst: &mut [f32]) -> std::result::Result<(), Str
                 *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
             }
         }
-        other => return Err(format!("dtype {other:?} is not supported (supported: F32, F16, BF16)")),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not supported (supported: F32, F16, BF16)"
+            ))
+        }
     }
     if data.len() / view.dtype().bitsize().div_ceil(8).max(1) != n {
         return Err("data size does not match its shape".into());
@@ -100,14 +123,25 @@ fn to_f32(view: &TensorView<'_>, dst: &mut [f32]) -> std::result::Result<(), Str
 }
 
 /// Writes f32 tensors (name, shape, data) as a safetensors file, atomically.
-pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_f32(
+    path: &Path,
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialize"));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings serialize"),
+        );
     }
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape of {name}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape of {name}"
+        );
         let bytes = data.len() * 4;
         header.insert(
             name.to_string(),
@@ -116,7 +150,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])], metadata: &B
         offset += bytes;
     }
     let mut json = serde_json::to_string(&header).expect("header serializes");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     crate::io::write_atomic(path, |w| {
@@ -157,7 +191,11 @@ mod tests {
         assert_eq!(out, a);
         let e = f.read_into("a", &[3, 2], &mut out).unwrap_err().to_string();
         assert!(e.contains("shape [2, 3], expected [3, 2]"), "{e}");
-        assert!(f.read_into("c", &[1], &mut out[..1]).unwrap_err().to_string().contains("no tensor named c"));
+        assert!(f
+            .read_into("c", &[1], &mut out[..1])
+            .unwrap_err()
+            .to_string()
+            .contains("no tensor named c"));
         // truncated data is refused at open
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();

@@ -35,16 +35,43 @@ pub fn forward(
             unsafe {
                 let k = q.add(c);
                 let v = q.add(2 * c);
-                mm(t, d, t, p.as_mut_ptr(), t as isize, q, rs, 1, k, 1, rs, false);
+                mm(
+                    t,
+                    d,
+                    t,
+                    p.as_mut_ptr(),
+                    t as isize,
+                    q,
+                    rs,
+                    1,
+                    k,
+                    1,
+                    rs,
+                    false,
+                );
                 for i in 0..t {
                     softmax_causal_row(&mut p[i * t..(i + 1) * t], i, scale);
                 }
                 let o = out_p.get().add(bi * t * c + hi * d);
-                mm(t, t, d, o, c as isize, p.as_ptr(), t as isize, 1, v, rs, 1, false);
+                mm(
+                    t,
+                    t,
+                    d,
+                    o,
+                    c as isize,
+                    p.as_ptr(),
+                    t as isize,
+                    1,
+                    v,
+                    rs,
+                    1,
+                    false,
+                );
             }
         });
 }
 
+super::simd::multiversion! {
 /// row[..=last] <- softmax(row[..=last] · scale); row[last+1..] <- 0.
 fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(last + 1);
@@ -59,6 +86,7 @@ fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
         *v *= inv;
     }
     masked.fill(0.0);
+}
 }
 
 /// Gradients of [`forward`]: dout [B,T,C] -> dqkv [B,T,3C] (overwritten).
@@ -95,26 +123,58 @@ pub fn backward(
                 let v = q.add(2 * c);
                 let dy = dout.as_ptr().add(bi * t * c + hi * d);
                 // dP = dY · Vᵀ
-                mm(t, d, t, dp.as_mut_ptr(), t as isize, dy, c as isize, 1, v, 1, rs, false);
-                // dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale
-                for i in 0..t {
-                    let pr = &p[i * t..i * t + i + 1];
-                    let dr = &mut dp[i * t..(i + 1) * t];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for j in 0..=i {
-                        dr[j] = pr[j] * (dr[j] - dot) * scale;
-                    }
-                    dr[i + 1..].fill(0.0);
-                }
+                mm(
+                    t,
+                    d,
+                    t,
+                    dp.as_mut_ptr(),
+                    t as isize,
+                    dy,
+                    c as isize,
+                    1,
+                    v,
+                    1,
+                    rs,
+                    false,
+                );
+                softmax_backward_rows(dp, p, t, scale);
                 let dq = dqkv_p.get().add(off);
                 let dk = dq.add(c);
                 let dv = dq.add(2 * c);
                 // dQ = dS · K ; dK = dSᵀ · Q ; dV = Pᵀ · dY
                 mm(t, t, d, dq, rs, dp.as_ptr(), t as isize, 1, k, rs, 1, false);
                 mm(t, t, d, dk, rs, dp.as_ptr(), 1, t as isize, q, rs, 1, false);
-                mm(t, t, d, dv, rs, p.as_ptr(), 1, t as isize, dy, c as isize, 1, false);
+                mm(
+                    t,
+                    t,
+                    d,
+                    dv,
+                    rs,
+                    p.as_ptr(),
+                    1,
+                    t as isize,
+                    dy,
+                    c as isize,
+                    1,
+                    false,
+                );
             }
         });
+}
+
+super::simd::multiversion! {
+    /// dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale, in place over dP [T, T] (causal rows).
+    fn softmax_backward_rows(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
+        for i in 0..t {
+            let pr = &p[i * t..i * t + i + 1];
+            let dr = &mut dp[i * t..(i + 1) * t];
+            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            for j in 0..=i {
+                dr[j] = pr[j] * (dr[j] - dot) * scale;
+            }
+            dr[i + 1..].fill(0.0);
+        }
+    }
 }
 
 /// Attention for `n` new positions pos..pos+n against a cache holding keys and values of
@@ -159,7 +219,8 @@ pub fn forward_cached(
             }
             let inv = 1.0 / sum;
             // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
-            let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
             o.fill(0.0);
             for (j, &s) in scores[..len].iter().enumerate() {
                 let w = s * inv;
@@ -194,14 +255,20 @@ mod tests {
             let mut att = vec![0.0; b * h * t * t];
             forward(&mut y, &mut att, &qkv, b, t, c, h, scale);
             let want = reference::attention_forward(&to_f64(&qkv), b, t, c, h, scale as f64);
-            assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "forward {b},{t},{c},{h}");
+            assert!(
+                max_rel_err(&y, &want, 1.0) < 1e-5,
+                "forward {b},{t},{c},{h}"
+            );
 
             let mut dqkv = vec![7.0; qkv.len()];
             let mut datt = vec![0.0; att.len()];
             backward(&mut dqkv, &mut datt, &r, &qkv, &att, b, t, c, h, scale);
             let (q64, r64) = (to_f64(&qkv), to_f64(&r));
             let fd = finite_diff(&q64, |x| loss64(x, &r64, b, t, c, h, scale as f64));
-            assert!(max_rel_err(&dqkv, &fd, 1.0) < 1e-4, "backward {b},{t},{c},{h}");
+            assert!(
+                max_rel_err(&dqkv, &fd, 1.0) < 1e-4,
+                "backward {b},{t},{c},{h}"
+            );
         }
     }
 
@@ -223,10 +290,34 @@ mod tests {
         }
         // a prefill of 4 positions, then one position at a time
         let mut got = vec![0.0; t * c];
-        forward_cached(&mut got[..4 * c], &qkv, 3 * c, &kc, &vc, 4, 0, h, h, d, scale);
+        forward_cached(
+            &mut got[..4 * c],
+            &qkv,
+            3 * c,
+            &kc,
+            &vc,
+            4,
+            0,
+            h,
+            h,
+            d,
+            scale,
+        );
         for p in 4..t {
             let mut o = vec![0.0; c];
-            forward_cached(&mut o, &qkv[p * 3 * c..], 3 * c, &kc, &vc, 1, p, h, h, d, scale);
+            forward_cached(
+                &mut o,
+                &qkv[p * 3 * c..],
+                3 * c,
+                &kc,
+                &vc,
+                1,
+                p,
+                h,
+                h,
+                d,
+                scale,
+            );
             got[p * c..(p + 1) * c].copy_from_slice(&o);
         }
         for (a, b) in got.iter().zip(&full) {

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 /// A target that takes no part in the loss (HF's -100).
 pub const IGNORE: u32 = u32::MAX;
 
+#[inline(always)]
 fn logsumexp(row: &[f32]) -> f32 {
     let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let sum: f32 = row.iter().map(|&v| super::math::exp(v - mx)).sum();
@@ -20,13 +21,17 @@ pub fn forward(losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
     losses[..n]
         .par_iter_mut()
         .zip(logits.par_chunks(v).zip(targets.par_iter()))
-        .for_each(|(l, (row, &tg))| {
-            *l = if tg == IGNORE {
-                0.0
-            } else {
-                logsumexp(row) - row[tg as usize]
-            };
-        });
+        .for_each(|(l, (row, &tg))| *l = row_loss(row, tg));
+}
+
+super::simd::multiversion! {
+    fn row_loss(row: &[f32], tg: u32) -> f32 {
+        if tg == IGNORE {
+            0.0
+        } else {
+            logsumexp(row) - row[tg as usize]
+        }
+    }
 }
 
 /// Fills losses [N] and overwrites logits [N,V] with grad_scale · d loss_row / d logits
@@ -44,7 +49,11 @@ pub fn forward_backward_inplace(
     logits[..n * v]
         .par_chunks_mut(rpt * v)
         .zip(losses[..n].par_chunks_mut(rpt).zip(targets.par_chunks(rpt)))
-        .for_each(|(lg, (ls, tg))| {
+        .for_each(|(lg, (ls, tg))| rows_backward(lg, ls, tg, v, grad_scale));
+}
+
+super::simd::multiversion! {
+    fn rows_backward(lg: &mut [f32], ls: &mut [f32], tg: &[u32], v: usize, grad_scale: f32) {
             for (r, (&t, l)) in tg.iter().zip(ls.iter_mut()).enumerate() {
                 let row = &mut lg[r * v..(r + 1) * v];
                 if t == IGNORE {
@@ -59,7 +68,7 @@ pub fn forward_backward_inplace(
                 }
                 row[t as usize] -= grad_scale;
             }
-        });
+    }
 }
 
 #[cfg(test)]
@@ -73,7 +82,9 @@ mod tests {
         let mut rng = Rng::new(8);
         let (n, v) = (7, 13);
         let logits = randn(&mut rng, n * v, 3.0);
-        let targets: Vec<u32> = (0..n as u32).map(|i| if i == 3 { IGNORE } else { (i * 5) % v as u32 }).collect();
+        let targets: Vec<u32> = (0..n as u32)
+            .map(|i| if i == 3 { IGNORE } else { (i * 5) % v as u32 })
+            .collect();
         let counted = 6.0;
         let mut losses = vec![0.0; n];
         forward(&mut losses, &logits, &targets, v);
@@ -85,7 +96,9 @@ mod tests {
         let mut l2 = vec![0.0; n];
         forward_backward_inplace(&mut g, &mut l2, &targets, v, 1.0 / counted);
         assert_eq!(losses, l2);
-        let fd = finite_diff(&to_f64(&logits), |x| reference::cross_entropy(x, &targets, v));
+        let fd = finite_diff(&to_f64(&logits), |x| {
+            reference::cross_entropy(x, &targets, v)
+        });
         assert!(max_rel_err(&g, &fd, 1e-2) < 1e-5);
     }
 }

@@ -50,14 +50,20 @@ mod tests {
         // <forward(wte, wpe), r> is linear in (wte, wpe); its gradient is backward(r).
         let (v, t, c) = (5, 3, 4);
         let ids = [1u32, 4, 1, 0, 1, 2];
-        let r: Vec<f32> = (0..ids.len() * c).map(|i| (i as f32 * 0.37).sin()).collect();
+        let r: Vec<f32> = (0..ids.len() * c)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let (mut dwte, mut dwpe) = (vec![0.0; v * c], vec![0.0; t * c]);
         backward(&mut dwte, &mut dwpe, &r, &ids, t, c);
         for which in 0..2 {
             for idx in 0..if which == 0 { v * c } else { t * c } {
                 let mut wte = vec![0.0; v * c];
                 let mut wpe = vec![0.0; t * c];
-                if which == 0 { wte[idx] = 1.0 } else { wpe[idx] = 1.0 }
+                if which == 0 {
+                    wte[idx] = 1.0
+                } else {
+                    wpe[idx] = 1.0
+                }
                 let mut out = vec![0.0; ids.len() * c];
                 forward(&mut out, &ids, &wte, &wpe, t, c);
                 let dot: f32 = out.iter().zip(&r).map(|(a, b)| a * b).sum();

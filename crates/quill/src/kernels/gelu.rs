@@ -1,22 +1,39 @@
 //! GELU, tanh approximation (GPT-2's "gelu_new"):
 //! gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
+use super::simd::multiversion;
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const CHUNK: usize = 1 << 13;
 
-#[inline]
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
     0.5 * x * (1.0 + super::math::tanh(u))
 }
 
-#[inline]
+#[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
     let t = super::math::tanh(u);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+}
+
+multiversion! {
+    fn forward_chunk(o: &mut [f32], x: &[f32]) {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = gelu(x);
+        }
+    }
+}
+
+multiversion! {
+    fn backward_chunk(d: &mut [f32], x: &[f32]) {
+        for (d, &x) in d.iter_mut().zip(x) {
+            *d *= gelu_grad(x);
+        }
+    }
 }
 
 /// out[i] = gelu(inp[i]).
@@ -24,11 +41,7 @@ pub fn forward(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
     out.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = gelu(x);
-            }
-        });
+        .for_each(|(o, x)| forward_chunk(o, x));
 }
 
 /// d[i] = d[i] * gelu'(inp[i]): turns d loss/d gelu(inp) into d loss/d inp, in place.
@@ -36,11 +49,7 @@ pub fn backward_inplace(d: &mut [f32], inp: &[f32]) {
     assert_eq!(d.len(), inp.len());
     d.par_chunks_mut(CHUNK)
         .zip(inp.par_chunks(CHUNK))
-        .for_each(|(d, x)| {
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d *= gelu_grad(x);
-            }
-        });
+        .for_each(|(d, x)| backward_chunk(d, x));
 }
 
 #[cfg(test)]

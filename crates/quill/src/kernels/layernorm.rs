@@ -1,5 +1,6 @@
 //! LayerNorm over the last dimension, with the biased variance (as PyTorch and GPT-2).
 
+use super::simd::multiversion;
 use super::{reduce::for_column_blocks, rows_per_task};
 use rayon::prelude::*;
 
@@ -19,22 +20,30 @@ pub fn forward(
     assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n);
     let rpt = rows_per_task(n, c);
     out.par_chunks_mut(rpt * c)
-        .zip(mean[..n].par_chunks_mut(rpt).zip(rstd[..n].par_chunks_mut(rpt)))
+        .zip(
+            mean[..n]
+                .par_chunks_mut(rpt)
+                .zip(rstd[..n].par_chunks_mut(rpt)),
+        )
         .zip(inp.par_chunks(rpt * c))
-        .for_each(|((o, (mu, rs)), x)| {
-            for r in 0..mu.len() {
-                let row = &x[r * c..(r + 1) * c];
-                let m = row.iter().sum::<f32>() / c as f32;
-                let var = row.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
-                let s = 1.0 / (var + eps).sqrt();
-                let orow = &mut o[r * c..(r + 1) * c];
-                for i in 0..c {
-                    orow[i] = (row[i] - m) * s * weight[i] + bias[i];
-                }
-                mu[r] = m;
-                rs[r] = s;
+        .for_each(|((o, (mu, rs)), x)| forward_rows(o, mu, rs, x, weight, bias, c, eps));
+}
+
+multiversion! {
+    fn forward_rows(o: &mut [f32], mu: &mut [f32], rs: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], c: usize, eps: f32) {
+        for r in 0..mu.len() {
+            let row = &x[r * c..(r + 1) * c];
+            let m = row.iter().sum::<f32>() / c as f32;
+            let var = row.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+            let s = 1.0 / (var + eps).sqrt();
+            let orow = &mut o[r * c..(r + 1) * c];
+            for i in 0..c {
+                orow[i] = (row[i] - m) * s * weight[i] + bias[i];
             }
-        });
+            mu[r] = m;
+            rs[r] = s;
+        }
+    }
 }
 
 /// Accumulates gradients: dinp += d/dinp, dweight += d/dweight, dbias += d/dbias, given
@@ -57,7 +66,28 @@ pub fn backward(
     dinp.par_chunks_mut(rpt * c)
         .zip(dout.par_chunks(rpt * c).zip(inp.par_chunks(rpt * c)))
         .zip(mean[..n].par_chunks(rpt).zip(rstd[..n].par_chunks(rpt)))
-        .for_each(|((dx, (dy, x)), (mu, rs))| {
+        .for_each(|((dx, (dy, x)), (mu, rs))| backward_rows(dx, dy, x, mu, rs, weight, c));
+    for_column_blocks(dweight, |c0, c1, acc| {
+        dweight_block(acc, c0, c1, dout, inp, mean, rstd, n, c)
+    });
+    super::reduce::col_sum_acc(dbias, dout, n);
+}
+
+multiversion! {
+    fn dweight_block(acc: &mut [f32], c0: usize, c1: usize, dout: &[f32], inp: &[f32], mean: &[f32], rstd: &[f32], n: usize, c: usize) {
+        for r in 0..n {
+            let (m, s) = (mean[r], rstd[r]);
+            let dy = &dout[r * c + c0..r * c + c1];
+            let x = &inp[r * c + c0..r * c + c1];
+            for j in 0..acc.len() {
+                acc[j] += dy[j] * (x[j] - m) * s;
+            }
+        }
+    }
+}
+
+multiversion! {
+    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], c: usize) {
             for r in 0..mu.len() {
                 let (m, s) = (mu[r], rs[r]);
                 let xr = &x[r * c..(r + 1) * c];
@@ -78,16 +108,7 @@ pub fn backward(
                     dxr[i] += (dyr[i] * weight[i] - mean_dn - norm * mean_dn_n) * s;
                 }
             }
-        });
-    for_column_blocks(dweight, |c0, c1, acc| {
-        for r in 0..n {
-            let (m, s) = (mean[r], rstd[r]);
-            for (j, a) in (c0..c1).zip(acc.iter_mut()) {
-                *a += dout[r * c + j] * (inp[r * c + j] - m) * s;
-            }
-        }
-    });
-    super::reduce::col_sum_acc(dbias, dout, n);
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +149,8 @@ mod tests {
             assert!(max_rel_err(&y, &want, 1.0) < 1e-5);
             let (mut dx, mut dw, mut db) = (vec![0.5; n * c], vec![0.25; c], vec![-0.5; c]);
             backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mu, &rs, c);
-            let (rdx, rdw, rdb) = reference::layernorm_backward(&to_f64(&dy), &to_f64(&x), &to_f64(&w), c, 1e-5);
+            let (rdx, rdw, rdb) =
+                reference::layernorm_backward(&to_f64(&dy), &to_f64(&x), &to_f64(&w), c, 1e-5);
             let add = |v: Vec<f64>, k: f64| v.into_iter().map(|x| x + k).collect::<Vec<_>>();
             // c = 1 makes every normalised value 0, so dx is pure rounding there.
             if c > 1 {

@@ -11,8 +11,9 @@ pub mod gelu;
 pub mod layernorm;
 pub mod math;
 pub mod matmul;
-pub mod reference;
 pub mod reduce;
+pub mod reference;
+pub mod simd;
 
 /// A raw pointer that may be shared between threads that write disjoint regions.
 #[derive(Clone, Copy)]
@@ -42,7 +43,15 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     const CHUNK: usize = 1 << 14;
     x.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        .for_each(|(a, b)| add_chunk(a, b));
+}
+
+simd::multiversion! {
+    fn add_chunk(a: &mut [f32], b: &[f32]) {
+        for (a, b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -28,14 +28,18 @@ pub(crate) fn for_column_blocks(out: &mut [f32], f: impl Fn(usize, usize, &mut [
 pub fn col_sum_acc(out: &mut [f32], x: &[f32], rows: usize) {
     let cols = out.len();
     assert!(x.len() >= rows * cols);
-    for_column_blocks(out, |c0, c1, acc| {
+    for_column_blocks(out, |c0, c1, acc| col_sum_block(acc, x, rows, cols, c0, c1));
+}
+
+super::simd::multiversion! {
+    fn col_sum_block(acc: &mut [f32], x: &[f32], rows: usize, cols: usize, c0: usize, c1: usize) {
         for r in 0..rows {
             let row = &x[r * cols + c0..r * cols + c1];
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a += v;
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

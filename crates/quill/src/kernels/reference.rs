@@ -3,7 +3,16 @@
 #![allow(clippy::too_many_arguments)]
 
 /// c[m,n] += op(a) · op(b) (see [`super::matmul::matmul`] for the layouts).
-pub fn matmul(c: &mut [f64], a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) {
+pub fn matmul(
+    c: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+) {
     for i in 0..m {
         for j in 0..n {
             let mut s = 0.0;
@@ -32,7 +41,13 @@ pub fn layernorm_forward(x: &[f64], w: &[f64], b: &[f64], c: usize, eps: f64) ->
 }
 
 /// Gradients of LayerNorm: (dx, dw, db).
-pub fn layernorm_backward(dout: &[f64], x: &[f64], w: &[f64], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn layernorm_backward(
+    dout: &[f64],
+    x: &[f64],
+    w: &[f64],
+    c: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; c];
     let mut db = vec![0.0; c];
@@ -66,12 +81,21 @@ pub fn gelu_grad(x: f64) -> f64 {
 }
 
 /// Causal attention. qkv [B,T,3C] with q|k|v blocks, H heads of D = C/H; returns y [B,T,C].
-pub fn attention_forward(qkv: &[f64], b: usize, t: usize, c: usize, h: usize, scale: f64) -> Vec<f64> {
+pub fn attention_forward(
+    qkv: &[f64],
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    scale: f64,
+) -> Vec<f64> {
     let d = c / h;
     let mut y = vec![0.0; b * t * c];
     for bi in 0..b {
         for hi in 0..h {
-            let at = |ti: usize, part: usize, di: usize| qkv[(bi * t + ti) * 3 * c + part * c + hi * d + di];
+            let at = |ti: usize, part: usize, di: usize| {
+                qkv[(bi * t + ti) * 3 * c + part * c + hi * d + di]
+            };
             for i in 0..t {
                 let scores: Vec<f64> = (0..=i)
                     .map(|j| (0..d).map(|x| at(i, 0, x) * at(j, 1, x)).sum::<f64>() * scale)
@@ -80,7 +104,8 @@ pub fn attention_forward(qkv: &[f64], b: usize, t: usize, c: usize, h: usize, sc
                 let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for x in 0..d {
-                    y[(bi * t + i) * c + hi * d + x] = (0..=i).map(|j| e[j] / z * at(j, 2, x)).sum();
+                    y[(bi * t + i) * c + hi * d + x] =
+                        (0..=i).map(|j| e[j] / z * at(j, 2, x)).sum();
                 }
             }
         }

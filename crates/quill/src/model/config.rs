@@ -47,7 +47,13 @@ pub struct Gpt2Config {
 
 impl Gpt2Config {
     /// A fresh configuration for training.
-    pub fn new(vocab_size: usize, n_positions: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
+    pub fn new(
+        vocab_size: usize,
+        n_positions: usize,
+        n_embd: usize,
+        n_layer: usize,
+        n_head: usize,
+    ) -> Self {
         Gpt2Config {
             vocab_size,
             n_positions,
@@ -85,10 +91,12 @@ impl Gpt2Config {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(Error::Config(format!("config field {name} must be positive")));
+                return Err(Error::Config(format!(
+                    "config field {name} must be positive"
+                )));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(Error::Config(format!(
                 "n_embd ({}) must be divisible by n_head ({})",
                 self.n_embd, self.n_head
@@ -101,7 +109,7 @@ impl Gpt2Config {
                 TANH_GELUS.join(", ")
             )));
         }
-        if !(self.layer_norm_epsilon > 0.0) {
+        if self.layer_norm_epsilon.is_nan() || self.layer_norm_epsilon <= 0.0 {
             return Err(Error::Config("layer_norm_epsilon must be positive".into()));
         }
         if self.vocab_size > u32::MAX as usize / 2 {
@@ -113,18 +121,22 @@ impl Gpt2Config {
     /// Reads `config.json`, requiring a GPT-2 model type.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if model_type != "gpt2" {
             return Err(Error::format(
                 path,
                 format!("model_type {model_type:?} is not supported (supported: \"gpt2\")"),
             ));
         }
-        let cfg: Gpt2Config =
-            serde_json::from_value(value).map_err(|e| Error::format(path, format!("bad config: {e}")))?;
-        cfg.validate().map_err(|e| Error::format(path, e.to_string()))?;
+        let cfg: Gpt2Config = serde_json::from_value(value)
+            .map_err(|e| Error::format(path, format!("bad config: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::format(path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -143,19 +155,42 @@ impl Gpt2Config {
         put("n_embd", self.n_embd.into());
         put("n_layer", self.n_layer.into());
         put("n_head", self.n_head.into());
-        put("n_inner", self.n_inner.map(Value::from).unwrap_or(Value::Null));
-        put("activation_function", self.activation_function.clone().into());
-        put("layer_norm_epsilon", (self.layer_norm_epsilon as f64).into());
+        put(
+            "n_inner",
+            self.n_inner.map(Value::from).unwrap_or(Value::Null),
+        );
+        put(
+            "activation_function",
+            self.activation_function.clone().into(),
+        );
+        put(
+            "layer_norm_epsilon",
+            (self.layer_norm_epsilon as f64).into(),
+        );
         put("tie_word_embeddings", self.tie_word_embeddings.into());
         put("scale_attn_weights", self.scale_attn_weights.into());
-        put("scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx.into());
+        put(
+            "scale_attn_by_inverse_layer_idx",
+            self.scale_attn_by_inverse_layer_idx.into(),
+        );
         put("reorder_and_upcast_attn", false.into());
-        for k in ["attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"] {
+        for k in [
+            "attn_pdrop",
+            "embd_pdrop",
+            "resid_pdrop",
+            "summary_first_dropout",
+        ] {
             put(k, 0.0.into());
         }
         put("initializer_range", 0.02.into());
-        put("bos_token_id", self.bos_token_id.map(Value::from).unwrap_or(Value::Null));
-        put("eos_token_id", self.eos_token_id.map(Value::from).unwrap_or(Value::Null));
+        put(
+            "bos_token_id",
+            self.bos_token_id.map(Value::from).unwrap_or(Value::Null),
+        );
+        put(
+            "eos_token_id",
+            self.eos_token_id.map(Value::from).unwrap_or(Value::Null),
+        );
         put("use_cache", true.into());
         put("torch_dtype", "float32".into());
         put("dtype", "float32".into());
@@ -169,9 +204,19 @@ mod tests {
 
     #[test]
     fn reads_the_reference_config_and_round_trips() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny/config.json");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/gpt2-tiny/config.json");
         let cfg = Gpt2Config::load(&p).unwrap();
-        assert_eq!((cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_positions), (2, 64, 4, 256, 64));
+        assert_eq!(
+            (
+                cfg.n_layer,
+                cfg.n_embd,
+                cfg.n_head,
+                cfg.vocab_size,
+                cfg.n_positions
+            ),
+            (2, 64, 4, 256, 64)
+        );
         assert_eq!(cfg.eos_token_id, Some(255));
         let back: Gpt2Config = serde_json::from_value(cfg.to_hf_json()).unwrap();
         assert_eq!(back, cfg);

@@ -10,7 +10,9 @@
 
 use super::config::Gpt2Config;
 use super::params::{ParamLayout, View};
-use crate::kernels::{add_inplace, attention, crossentropy, embedding, gelu, layernorm, matmul::matmul, reduce};
+use crate::kernels::{
+    add_inplace, attention, crossentropy, embedding, gelu, layernorm, matmul::matmul, reduce,
+};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -102,7 +104,11 @@ impl Gpt2 {
             } else if name.ends_with(".bias") {
                 buf.fill(0.0);
             } else {
-                let std = if name.ends_with("c_proj.weight") { proj_std } else { 0.02 };
+                let std = if name.ends_with("c_proj.weight") {
+                    proj_std
+                } else {
+                    0.02
+                };
                 for x in buf.iter_mut() {
                     *x = (rng.normal() * std) as f32;
                 }
@@ -144,7 +150,11 @@ impl Gpt2 {
     pub fn forward(&self, acts: &mut Activations, ids: &[u32]) -> Result<()> {
         let (b, t) = (acts.b, acts.t);
         if ids.len() != b * t {
-            return Err(Error::Input(format!("expected {} ids, got {}", b * t, ids.len())));
+            return Err(Error::Input(format!(
+                "expected {} ids, got {}",
+                b * t,
+                ids.len()
+            )));
         }
         if t > self.config.n_positions {
             return Err(Error::Input(format!(
@@ -161,9 +171,16 @@ impl Gpt2 {
         let a = acts;
         embedding::forward(&mut a.encoded, ids, self.wte.of(p), self.wpe.of(p), t, c);
         for (l, w) in self.blocks.iter().enumerate() {
-            let inp: &[f32] = if l == 0 { &a.encoded } else { &a.res3[(l - 1) * n * c..l * n * c] };
+            let inp: &[f32] = if l == 0 {
+                &a.encoded
+            } else {
+                &a.res3[(l - 1) * n * c..l * n * c]
+            };
             let ln1 = &mut a.ln1[l * n * c..(l + 1) * n * c];
-            let (m1, r1) = (&mut a.ln1_mean[l * n..(l + 1) * n], &mut a.ln1_rstd[l * n..(l + 1) * n]);
+            let (m1, r1) = (
+                &mut a.ln1_mean[l * n..(l + 1) * n],
+                &mut a.ln1_rstd[l * n..(l + 1) * n],
+            );
             layernorm::forward(ln1, m1, r1, inp, w.ln_1_w.of(p), w.ln_1_b.of(p), c, eps);
             let qkv = &mut a.qkv[l * n * 3 * c..(l + 1) * n * 3 * c];
             linear(qkv, ln1, w.c_attn_w.of(p), w.c_attn_b.of(p), n, c, 3 * c);
@@ -171,17 +188,36 @@ impl Gpt2 {
             let atty = &mut a.atty[l * n * c..(l + 1) * n * c];
             attention::forward(atty, att, qkv, b, t, c, h, self.attn_scale(l));
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
-            linear(res2, atty, w.attn_proj_w.of(p), w.attn_proj_b.of(p), n, c, c);
+            linear(
+                res2,
+                atty,
+                w.attn_proj_w.of(p),
+                w.attn_proj_b.of(p),
+                n,
+                c,
+                c,
+            );
             add_inplace(res2, inp);
             let ln2 = &mut a.ln2[l * n * c..(l + 1) * n * c];
-            let (m2, r2) = (&mut a.ln2_mean[l * n..(l + 1) * n], &mut a.ln2_rstd[l * n..(l + 1) * n]);
+            let (m2, r2) = (
+                &mut a.ln2_mean[l * n..(l + 1) * n],
+                &mut a.ln2_rstd[l * n..(l + 1) * n],
+            );
             layernorm::forward(ln2, m2, r2, res2, w.ln_2_w.of(p), w.ln_2_b.of(p), c, eps);
             let fch = &mut a.fch[l * n * f..(l + 1) * n * f];
             linear(fch, ln2, w.c_fc_w.of(p), w.c_fc_b.of(p), n, c, f);
             let fch_gelu = &mut a.fch_gelu[l * n * f..(l + 1) * n * f];
             gelu::forward(fch_gelu, fch);
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
-            linear(res3, fch_gelu, w.mlp_proj_w.of(p), w.mlp_proj_b.of(p), n, f, c);
+            linear(
+                res3,
+                fch_gelu,
+                w.mlp_proj_w.of(p),
+                w.mlp_proj_b.of(p),
+                n,
+                f,
+                c,
+            );
             add_inplace(res3, res2);
         }
         let last = &a.res3[(cfg.n_layer - 1) * n * c..];
@@ -196,7 +232,17 @@ impl Gpt2 {
             eps,
         );
         // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
-        matmul(&mut a.logits, &a.lnf, self.head().of(p), n, c, v, false, true, false);
+        matmul(
+            &mut a.logits,
+            &a.lnf,
+            self.head().of(p),
+            n,
+            c,
+            v,
+            false,
+            true,
+            false,
+        );
         Ok(())
     }
 
@@ -226,23 +272,60 @@ impl Gpt2 {
         let n = b * t;
         let p = &self.params;
         let a = acts;
-        let counted = targets.iter().filter(|&&x| x != crossentropy::IGNORE).count();
+        let counted = targets
+            .iter()
+            .filter(|&&x| x != crossentropy::IGNORE)
+            .count();
         let scale = grad_scale / counted.max(1) as f32;
         crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
         let result = sum_counted(&a.losses, targets);
         let d_logits = &a.logits;
 
         // logits = lnf · headᵀ
-        matmul(&mut a.d_lnf, d_logits, self.head().of(p), n, v, c, false, false, false);
-        matmul(self.head().of_mut(grads), d_logits, &a.lnf, v, n, c, true, false, true);
+        matmul(
+            &mut a.d_lnf,
+            d_logits,
+            self.head().of(p),
+            n,
+            v,
+            c,
+            false,
+            false,
+            false,
+        );
+        matmul(
+            self.head().of_mut(grads),
+            d_logits,
+            &a.lnf,
+            v,
+            n,
+            c,
+            true,
+            false,
+            true,
+        );
 
         a.d_res.fill(0.0);
         let last = &a.res3[(cfg.n_layer - 1) * n * c..];
         let (gw, gb) = View::pair_mut(self.ln_f_w, self.ln_f_b, grads);
-        layernorm::backward(&mut a.d_res, gw, gb, &a.d_lnf, last, self.ln_f_w.of(p), &a.lnf_mean, &a.lnf_rstd, c);
+        layernorm::backward(
+            &mut a.d_res,
+            gw,
+            gb,
+            &a.d_lnf,
+            last,
+            self.ln_f_w.of(p),
+            &a.lnf_mean,
+            &a.lnf_rstd,
+            c,
+        );
 
         for (l, w) in self.blocks.iter().enumerate().rev() {
-            let inp: &[f32] = if l == 0 { &a.encoded } else { &a.res3[(l - 1) * n * c..l * n * c] };
+            let inp: &[f32] = if l == 0 {
+                &a.encoded
+            } else {
+                &a.res3[(l - 1) * n * c..l * n * c]
+            };
             let ln1 = &a.ln1[l * n * c..(l + 1) * n * c];
             let qkv = &a.qkv[l * n * 3 * c..(l + 1) * n * 3 * c];
             let att = &a.att[l * b * h * t * t..(l + 1) * b * h * t * t];
@@ -254,21 +337,102 @@ impl Gpt2 {
 
             // MLP: res3 = res2 + gelu(ln2 · Wfc + bfc) · Wproj + bproj
             let d_fch = &mut a.d_fch[..n * f];
-            linear_backward(d_fch, grads, w.mlp_proj_w, w.mlp_proj_b, &a.d_res, fch_gelu, p, n, f, c);
+            linear_backward(
+                d_fch,
+                grads,
+                w.mlp_proj_w,
+                w.mlp_proj_b,
+                &a.d_res,
+                fch_gelu,
+                p,
+                n,
+                f,
+                c,
+            );
             gelu::backward_inplace(d_fch, fch);
-            linear_backward(&mut a.d_ln, grads, w.c_fc_w, w.c_fc_b, d_fch, ln2, p, n, c, f);
+            linear_backward(
+                &mut a.d_ln,
+                grads,
+                w.c_fc_w,
+                w.c_fc_b,
+                d_fch,
+                ln2,
+                p,
+                n,
+                c,
+                f,
+            );
             let (gw, gb) = View::pair_mut(w.ln_2_w, w.ln_2_b, grads);
-            let (m2, r2) = (&a.ln2_mean[l * n..(l + 1) * n], &a.ln2_rstd[l * n..(l + 1) * n]);
-            layernorm::backward(&mut a.d_res, gw, gb, &a.d_ln, res2, w.ln_2_w.of(p), m2, r2, c);
+            let (m2, r2) = (
+                &a.ln2_mean[l * n..(l + 1) * n],
+                &a.ln2_rstd[l * n..(l + 1) * n],
+            );
+            layernorm::backward(
+                &mut a.d_res,
+                gw,
+                gb,
+                &a.d_ln,
+                res2,
+                w.ln_2_w.of(p),
+                m2,
+                r2,
+                c,
+            );
 
             // Attention: res2 = inp + attention(ln1 · Wqkv + bqkv) · Wo + bo
-            linear_backward(&mut a.d_atty, grads, w.attn_proj_w, w.attn_proj_b, &a.d_res, atty, p, n, c, c);
+            linear_backward(
+                &mut a.d_atty,
+                grads,
+                w.attn_proj_w,
+                w.attn_proj_b,
+                &a.d_res,
+                atty,
+                p,
+                n,
+                c,
+                c,
+            );
             let scale = self.attn_scale(l);
-            attention::backward(&mut a.d_qkv, &mut a.d_att, &a.d_atty, qkv, att, b, t, c, h, scale);
-            linear_backward(&mut a.d_ln, grads, w.c_attn_w, w.c_attn_b, &a.d_qkv, ln1, p, n, c, 3 * c);
+            attention::backward(
+                &mut a.d_qkv,
+                &mut a.d_att,
+                &a.d_atty,
+                qkv,
+                att,
+                b,
+                t,
+                c,
+                h,
+                scale,
+            );
+            linear_backward(
+                &mut a.d_ln,
+                grads,
+                w.c_attn_w,
+                w.c_attn_b,
+                &a.d_qkv,
+                ln1,
+                p,
+                n,
+                c,
+                3 * c,
+            );
             let (gw, gb) = View::pair_mut(w.ln_1_w, w.ln_1_b, grads);
-            let (m1, r1) = (&a.ln1_mean[l * n..(l + 1) * n], &a.ln1_rstd[l * n..(l + 1) * n]);
-            layernorm::backward(&mut a.d_res, gw, gb, &a.d_ln, inp, w.ln_1_w.of(p), m1, r1, c);
+            let (m1, r1) = (
+                &a.ln1_mean[l * n..(l + 1) * n],
+                &a.ln1_rstd[l * n..(l + 1) * n],
+            );
+            layernorm::backward(
+                &mut a.d_res,
+                gw,
+                gb,
+                &a.d_ln,
+                inp,
+                w.ln_1_w.of(p),
+                m1,
+                r1,
+                c,
+            );
         }
         let (gte, gpe) = View::pair_mut(self.wte, self.wpe, grads);
         embedding::backward(gte, gpe, &a.d_res, ids, t, c);
@@ -315,8 +479,25 @@ impl Gpt2 {
         }
         let kv_len = cache.capacity * c;
         for (l, w) in self.blocks.iter().enumerate() {
-            layernorm::forward(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, w.ln_1_w.of(p), w.ln_1_b.of(p), c, eps);
-            linear(&mut s.qkv, &s.ln, w.c_attn_w.of(p), w.c_attn_b.of(p), n, c, 3 * c);
+            layernorm::forward(
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                w.ln_1_w.of(p),
+                w.ln_1_b.of(p),
+                c,
+                eps,
+            );
+            linear(
+                &mut s.qkv,
+                &s.ln,
+                w.c_attn_w.of(p),
+                w.c_attn_b.of(p),
+                n,
+                c,
+                3 * c,
+            );
             let kc = &mut cache.k[l * kv_len..(l + 1) * kv_len];
             let vc = &mut cache.v[l * kv_len..(l + 1) * kv_len];
             for i in 0..n {
@@ -325,13 +506,50 @@ impl Gpt2 {
                 vc[(pos + i) * c..(pos + i + 1) * c].copy_from_slice(&row[2 * c..]);
             }
             let d = cfg.head_dim();
-            attention::forward_cached(&mut s.atty, &s.qkv, 3 * c, kc, vc, n, pos, h, h, d, self.attn_scale(l));
-            linear(&mut s.tmp, &s.atty, w.attn_proj_w.of(p), w.attn_proj_b.of(p), n, c, c);
+            attention::forward_cached(
+                &mut s.atty,
+                &s.qkv,
+                3 * c,
+                kc,
+                vc,
+                n,
+                pos,
+                h,
+                h,
+                d,
+                self.attn_scale(l),
+            );
+            linear(
+                &mut s.tmp,
+                &s.atty,
+                w.attn_proj_w.of(p),
+                w.attn_proj_b.of(p),
+                n,
+                c,
+                c,
+            );
             add_inplace(&mut s.x, &s.tmp);
-            layernorm::forward(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, w.ln_2_w.of(p), w.ln_2_b.of(p), c, eps);
+            layernorm::forward(
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                w.ln_2_w.of(p),
+                w.ln_2_b.of(p),
+                c,
+                eps,
+            );
             linear(&mut s.fch, &s.ln, w.c_fc_w.of(p), w.c_fc_b.of(p), n, c, f);
             gelu::forward(&mut s.fch_gelu, &s.fch);
-            linear(&mut s.tmp, &s.fch_gelu, w.mlp_proj_w.of(p), w.mlp_proj_b.of(p), n, f, c);
+            linear(
+                &mut s.tmp,
+                &s.fch_gelu,
+                w.mlp_proj_w.of(p),
+                w.mlp_proj_b.of(p),
+                n,
+                f,
+                c,
+            );
             add_inplace(&mut s.x, &s.tmp);
         }
         cache.len += n;
@@ -349,7 +567,17 @@ impl Gpt2 {
             eps,
         );
         logits.resize(rows * v, 0.0);
-        matmul(logits, &s.ln[..rows * c], self.head().of(p), rows, c, v, false, true, false);
+        matmul(
+            logits,
+            &s.ln[..rows * c],
+            self.head().of(p),
+            rows,
+            c,
+            v,
+            false,
+            true,
+            false,
+        );
         Ok(())
     }
 
@@ -434,7 +662,13 @@ pub struct Activations {
 
 impl Activations {
     pub fn new(cfg: &Gpt2Config, b: usize, t: usize) -> Self {
-        let (c, h, v, f, l) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.mlp_dim(), cfg.n_layer);
+        let (c, h, v, f, l) = (
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.vocab_size,
+            cfg.mlp_dim(),
+            cfg.n_layer,
+        );
         let n = b * t;
         let z = |len: usize| vec![0.0f32; len];
         Activations {

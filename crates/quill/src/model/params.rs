@@ -19,8 +19,11 @@ impl View {
         &mut buf[self.offset..self.offset + self.len]
     }
     /// Two disjoint views of one buffer, both mutable.
-    pub fn pair_mut<'a>(a: View, b: View, buf: &'a mut [f32]) -> (&'a mut [f32], &'a mut [f32]) {
-        assert!(a.offset + a.len <= b.offset || b.offset + b.len <= a.offset, "views overlap");
+    pub fn pair_mut(a: View, b: View, buf: &mut [f32]) -> (&mut [f32], &mut [f32]) {
+        assert!(
+            a.offset + a.len <= b.offset || b.offset + b.len <= a.offset,
+            "views overlap"
+        );
         if a.offset < b.offset {
             let (lo, hi) = buf.split_at_mut(b.offset);
             (&mut lo[a.offset..a.offset + a.len], &mut hi[..b.len])

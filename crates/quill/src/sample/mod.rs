@@ -32,14 +32,17 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(Error::Input(format!(
                 "temperature must be a finite number >= 0 (got {})",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Input(format!("top-p must be in (0, 1] (got {})", self.top_p)));
+            return Err(Error::Input(format!(
+                "top-p must be in (0, 1] (got {})",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -98,7 +101,10 @@ impl Sampler {
         }
         self.cut(logits);
         let total: f32 = self.order.iter().map(|&i| self.probs[i as usize]).sum();
-        self.order.iter().map(|&i| (i, self.probs[i as usize] / total)).collect()
+        self.order
+            .iter()
+            .map(|&i| (i, self.probs[i as usize] / total))
+            .collect()
     }
 
     /// Fills `order` with the kept token ids, most likely first.
@@ -108,7 +114,11 @@ impl Sampler {
         let probs = &self.probs;
         self.order.clear();
         self.order.extend(0..logits.len() as u32);
-        let by_prob = |a: &u32, b: &u32| probs[*b as usize].total_cmp(&probs[*a as usize]).then(a.cmp(b));
+        let by_prob = |a: &u32, b: &u32| {
+            probs[*b as usize]
+                .total_cmp(&probs[*a as usize])
+                .then(a.cmp(b))
+        };
         if p.top_k > 0 && p.top_k < self.order.len() {
             self.order.select_nth_unstable_by(p.top_k - 1, by_prob);
             self.order.truncate(p.top_k);
@@ -222,10 +232,16 @@ mod tests {
             counts[s.sample(&logits) as usize] += 1;
         }
         for i in 0..3 {
-            assert!((counts[i] as f32 / n as f32 - probs[i]).abs() < 0.01, "{counts:?}");
+            assert!(
+                (counts[i] as f32 / n as f32 - probs[i]).abs() < 0.01,
+                "{counts:?}"
+            );
         }
         let mut again = Sampler::new(params(1.0, 0, 1.0)).unwrap();
-        assert_eq!(first, (0..20).map(|_| again.sample(&logits)).collect::<Vec<_>>());
+        assert_eq!(
+            first,
+            (0..20).map(|_| again.sample(&logits)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

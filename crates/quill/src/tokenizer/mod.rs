@@ -16,16 +16,26 @@ pub struct CharTokenizer {
 impl CharTokenizer {
     /// The sorted set of characters in `text`.
     pub fn from_text(text: &str) -> Result<Self> {
-        let mut chars: Vec<char> = text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let mut chars: Vec<char> = text
+            .chars()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if chars.is_empty() {
-            return Err(Error::Input("cannot build a vocabulary from empty text".into()));
+            return Err(Error::Input(
+                "cannot build a vocabulary from empty text".into(),
+            ));
         }
         chars.sort();
         Ok(Self::from_chars(chars))
     }
 
     fn from_chars(chars: Vec<char>) -> Self {
-        let index = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        let index = chars
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| (c, i as u32))
+            .collect();
         CharTokenizer { chars, index }
     }
 
@@ -98,12 +108,16 @@ impl CharTokenizer {
     /// Reads a character-level `tokenizer.json` (as written by [`CharTokenizer::to_json`]).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("not a tokenizer file (invalid JSON: {e})")))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| {
+            Error::format(path, format!("not a tokenizer file (invalid JSON: {e})"))
+        })?;
         let model = v
             .get("model")
             .ok_or_else(|| Error::format(path, "not a tokenizer file (no \"model\" entry)"))?;
-        let merges_empty = model.get("merges").and_then(Value::as_array).is_some_and(|m| m.is_empty());
+        let merges_empty = model
+            .get("merges")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.is_empty());
         let vocab = model.get("vocab").and_then(Value::as_object);
         let (Some(vocab), true) = (vocab, merges_empty) else {
             return Err(Error::format(
@@ -115,7 +129,10 @@ impl CharTokenizer {
         for (k, id) in vocab {
             let mut it = k.chars();
             let (Some(c), None) = (it.next(), it.next()) else {
-                return Err(Error::format(path, format!("token {k:?} is not a single character")));
+                return Err(Error::format(
+                    path,
+                    format!("token {k:?} is not a single character"),
+                ));
             };
             let id = id.as_u64().map(|i| i as usize).filter(|&i| i < chars.len());
             let Some(id) = id else {

@@ -20,13 +20,23 @@ pub struct TrainingState {
     pub state_json: String,
 }
 
-pub fn save(dir: &Path, params: &[f32], exp_avg: &[f32], exp_avg_sq: &[f32], state_json: &str) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    params: &[f32],
+    exp_avg: &[f32],
+    exp_avg_sq: &[f32],
+    state_json: &str,
+) -> Result<()> {
     let n = [params.len()];
     let mut meta = BTreeMap::new();
     meta.insert(STATE_KEY.to_string(), state_json.to_string());
     write_f32(
         &dir.join(TRAINING_STATE_FILE),
-        &[("params", &n, params), ("exp_avg", &n, exp_avg), ("exp_avg_sq", &n, exp_avg_sq)],
+        &[
+            ("params", &n, params),
+            ("exp_avg", &n, exp_avg),
+            ("exp_avg_sq", &n, exp_avg_sq),
+        ],
         &meta,
     )
 }

@@ -39,12 +39,20 @@ impl AdamW {
         let step_size = (lr as f64 / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         for spec in &layout.tensors {
-            let decay = if spec.is_matrix() { 1.0 - lr * self.weight_decay } else { 1.0 };
+            let decay = if spec.is_matrix() {
+                1.0 - lr * self.weight_decay
+            } else {
+                1.0
+            };
             let r = spec.view.offset..spec.view.offset + spec.view.len;
             params[r.clone()]
                 .par_chunks_mut(CHUNK)
                 .zip(grads[r.clone()].par_chunks(CHUNK))
-                .zip(self.m[r.clone()].par_chunks_mut(CHUNK).zip(self.v[r].par_chunks_mut(CHUNK)))
+                .zip(
+                    self.m[r.clone()]
+                        .par_chunks_mut(CHUNK)
+                        .zip(self.v[r].par_chunks_mut(CHUNK)),
+                )
                 .for_each(|((p, g), (m, v))| {
                     for i in 0..p.len() {
                         m[i] = b1 * m[i] + (1.0 - b1) * g[i];
@@ -105,11 +113,17 @@ mod tests {
             opt.step(&layout, &mut params, &grads, 0.01);
             for i in 0..7 {
                 let wd = if i < 4 { 0.1 } else { 0.0 };
-                want[i] = reference_step(want[i], grads[i] as f64, &mut m[i], &mut v[i], t as i32, 0.01, wd);
+                want[i] =
+                    reference_step(want[i], grads[i] as f64, &mut m[i], &mut v[i], t, 0.01, wd);
             }
         }
         for i in 0..7 {
-            assert!((params[i] as f64 - want[i]).abs() < 1e-6, "{i}: {} vs {}", params[i], want[i]);
+            assert!(
+                (params[i] as f64 - want[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                params[i],
+                want[i]
+            );
         }
     }
 

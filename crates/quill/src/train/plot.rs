@@ -65,7 +65,10 @@ pub fn loss_svg(train: &[(f64, f64)], val: &[(f64, f64)], title: &str) -> String
         h / 2.0,
         h / 2.0
     );
-    for (pts, color, name, ly) in [(train, "#1f77b4", "train", 0.0), (val, "#d62728", "validation", 18.0)] {
+    for (pts, color, name, ly) in [
+        (train, "#1f77b4", "train", 0.0),
+        (val, "#d62728", "validation", 18.0),
+    ] {
         if pts.is_empty() {
             continue;
         }
@@ -80,7 +83,12 @@ pub fn loss_svg(train: &[(f64, f64)], val: &[(f64, f64)], title: &str) -> String
             path.join(" ")
         );
         for &(x, y) in pts.iter().filter(|p| p.1.is_finite()) {
-            let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#, px(x), py(y));
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#,
+                px(x),
+                py(y)
+            );
         }
         let lx = w - right - 120.0;
         let _ = writeln!(
@@ -108,7 +116,9 @@ fn human(x: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -122,7 +132,15 @@ mod tests {
         assert_eq!(s.matches("<polyline").count(), 2);
         assert!(s.contains("a &lt;run&gt;"));
         // higher loss is drawn higher on the page (smaller y)
-        let pts: Vec<&str> = s.split("points=\"").nth(1).unwrap().split('"').next().unwrap().split(' ').collect();
+        let pts: Vec<&str> = s
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .collect();
         let y = |p: &str| p.split(',').nth(1).unwrap().parse::<f64>().unwrap();
         assert!(y(pts[0]) < y(pts[1]));
     }

@@ -56,8 +56,10 @@ impl TrainConfig {
                 return Err(Error::Input(format!("{name} must be positive")));
             }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0) {
-            return Err(Error::Input("learning rates must be positive numbers".into()));
+        if !self.lr.is_finite() || self.lr <= 0.0 || !self.min_lr.is_finite() || self.min_lr < 0.0 {
+            return Err(Error::Input(
+                "learning rates must be positive numbers".into(),
+            ));
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err(Error::Input("AdamW betas must be in [0, 1)".into()));
@@ -160,7 +162,13 @@ fn fingerprint(data: &Split) -> String {
 
 impl<'a> Trainer<'a> {
     /// A new run: `model` holds the initial parameters (fresh or from `--init`).
-    pub fn new(model: Gpt2, config: TrainConfig, data: &'a Split, out: &Path, tok: TokenizerInfo<'a>) -> Result<Self> {
+    pub fn new(
+        model: Gpt2,
+        config: TrainConfig,
+        data: &'a Split,
+        out: &Path,
+        tok: TokenizerInfo<'a>,
+    ) -> Result<Self> {
         config.validate()?;
         let state = State {
             step: 0,
@@ -177,10 +185,19 @@ impl<'a> Trainer<'a> {
 
     /// Continues the run saved in `out`; `model` gives the architecture (its parameters are
     /// replaced by the saved ones).
-    pub fn resume(model: Gpt2, data: &'a Split, out: &Path, tok: TokenizerInfo<'a>) -> Result<Self> {
+    pub fn resume(
+        model: Gpt2,
+        data: &'a Split,
+        out: &Path,
+        tok: TokenizerInfo<'a>,
+    ) -> Result<Self> {
         let saved = checkpoint::load(out, model.num_params())?;
-        let state: State = serde_json::from_str(&saved.state_json)
-            .map_err(|e| Error::format(out.join(checkpoint::TRAINING_STATE_FILE), format!("bad trainer state: {e}")))?;
+        let state: State = serde_json::from_str(&saved.state_json).map_err(|e| {
+            Error::format(
+                out.join(checkpoint::TRAINING_STATE_FILE),
+                format!("bad trainer state: {e}"),
+            )
+        })?;
         if state.data_fingerprint != fingerprint(data) {
             return Err(Error::Input(
                 "the training data differ from the data this run started with; resume with the same corpus".into(),
@@ -215,7 +232,13 @@ impl<'a> Trainer<'a> {
                 config.seq_len
             )));
         }
-        let mut opt = AdamW::new(model.num_params(), config.beta1, config.beta2, 1e-8, config.weight_decay);
+        let mut opt = AdamW::new(
+            model.num_params(),
+            config.beta1,
+            config.beta2,
+            1e-8,
+            config.weight_decay,
+        );
         if let Some((m, v)) = moments {
             opt.m = m;
             opt.v = v;
@@ -260,7 +283,14 @@ impl<'a> Trainer<'a> {
         let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
         let mut first = 0;
         while first < windows {
-            eval_batch(&self.data.val, t, first, b, &mut self.ids, &mut self.targets);
+            eval_batch(
+                &self.data.val,
+                t,
+                first,
+                b,
+                &mut self.ids,
+                &mut self.targets,
+            );
             self.model.forward(&mut self.acts, &self.ids)?;
             let (s, c) = self.model.loss(&mut self.acts, &self.targets);
             sum += s;
@@ -294,7 +324,10 @@ impl<'a> Trainer<'a> {
             .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
             .filter(|m| m.step <= self.state.step)
             .collect();
-        let body: String = kept.iter().map(|m| serde_json::to_string(m).expect("serializes") + "\n").collect();
+        let body: String = kept
+            .iter()
+            .map(|m| serde_json::to_string(m).expect("serializes") + "\n")
+            .collect();
         write_text(&path, &body)?;
         Ok(kept)
     }
@@ -307,7 +340,9 @@ impl<'a> Trainer<'a> {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         let line = serde_json::to_string(m).expect("serializes") + "\n";
-        f.write_all(line.as_bytes()).and_then(|_| f.sync_data()).map_err(|e| Error::io(&path, e))
+        f.write_all(line.as_bytes())
+            .and_then(|_| f.sync_data())
+            .map_err(|e| Error::io(&path, e))
     }
 
     /// Writes the model folder and the training state.
@@ -329,7 +364,10 @@ impl<'a> Trainer<'a> {
 
     fn write_plot(&self) -> Result<()> {
         let text = std::fs::read_to_string(self.metrics_path()).unwrap_or_default();
-        let ms: Vec<Metrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let ms: Vec<Metrics> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         let train: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.train_loss)).collect();
         let val: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.val_loss)).collect();
         let c = &self.model.config;
@@ -352,13 +390,26 @@ impl<'a> Trainer<'a> {
             seed: self.config.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9),
         };
         let mut sampler = Sampler::new(params)?;
-        let ids = generate(&self.model, &self.tok.sample_prompt, n, &mut sampler, None, |_| {}, |_| Ok(true))?;
+        let ids = generate(
+            &self.model,
+            &self.tok.sample_prompt,
+            n,
+            &mut sampler,
+            None,
+            |_| {},
+            |_| Ok(true),
+        )?;
         Ok((self.tok.decode)(&ids))
     }
 
     /// Trains until the configured number of steps, a stop request, the time limit or
     /// `stop_after`; saves at every evaluation and when it stops.
-    pub fn run(&mut self, opts: &RunOptions, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+    pub fn run(
+        &mut self,
+        opts: &RunOptions,
+        stop: &AtomicBool,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<()> {
         let start = Instant::now();
         let elapsed_base = self.state.elapsed_s;
         let elapsed = |s: &Instant| elapsed_base + s.elapsed().as_secs_f64();
@@ -380,7 +431,10 @@ impl<'a> Trainer<'a> {
         while self.state.step < cfg.steps {
             let reason = if stop.load(Ordering::Relaxed) {
                 Some("interrupted")
-            } else if opts.time_limit.is_some_and(|l| start.elapsed().as_secs_f64() >= l) {
+            } else if opts
+                .time_limit
+                .is_some_and(|l| start.elapsed().as_secs_f64() >= l)
+            {
                 Some("time limit reached")
             } else if opts.stop_after.is_some_and(|n| steps_this_run >= n) {
                 Some("--stop-after reached")
@@ -401,7 +455,14 @@ impl<'a> Trainer<'a> {
             self.grads.fill(0.0);
             let mut step_loss = 0.0;
             for _ in 0..accum {
-                sample_batch(&mut rng, &self.data.train, b, t, &mut self.ids, &mut self.targets);
+                sample_batch(
+                    &mut rng,
+                    &self.data.train,
+                    b,
+                    t,
+                    &mut self.ids,
+                    &mut self.targets,
+                );
                 self.model.forward(&mut self.acts, &self.ids)?;
                 let (sum, count) = self.model.backward(
                     &mut self.acts,
@@ -413,7 +474,8 @@ impl<'a> Trainer<'a> {
                 step_loss += sum / count as f64 / accum as f64;
             }
             last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
-            self.opt.step(&self.model.layout, &mut self.model.params, &self.grads, lr);
+            self.opt
+                .step(&self.model.layout, &mut self.model.params, &self.grads, lr);
             self.state.step += 1;
             steps_this_run += 1;
             self.state.tokens += (b * t * accum) as u64;
@@ -429,13 +491,16 @@ impl<'a> Trainer<'a> {
                 lr,
                 tokens_per_sec: tps,
             });
-            if self.state.step % cfg.eval_interval == 0 || self.state.step == cfg.steps {
-                on_event(Event::EvalStart { step: self.state.step });
+            if self.state.step.is_multiple_of(cfg.eval_interval) || self.state.step == cfg.steps {
+                on_event(Event::EvalStart {
+                    step: self.state.step,
+                });
                 let (val_loss, val_bpb) = self.evaluate()?;
                 let m = Metrics {
                     step: self.state.step,
                     tokens: self.state.tokens,
-                    train_loss: self.state.interval_loss_sum / self.state.interval_steps.max(1) as f64,
+                    train_loss: self.state.interval_loss_sum
+                        / self.state.interval_steps.max(1) as f64,
                     val_loss,
                     val_bpb,
                     lr,
@@ -459,7 +524,9 @@ impl<'a> Trainer<'a> {
                 self.state.rng = rng.state();
                 self.save(elapsed(&start))?;
                 self.write_plot()?;
-                on_event(Event::Saved { step: self.state.step });
+                on_event(Event::Saved {
+                    step: self.state.step,
+                });
             }
         }
         self.state.rng = rng.state();

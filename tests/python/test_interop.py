@@ -1,0 +1,127 @@
+"""Interoperability with Hugging Face `transformers` (PyTorch), run by ./run-tests.
+
+- `quill logits` on GPT-2 folders written by transformers, of shapes quill's own tests never
+  use, matches transformers' logits within 1e-4 (max abs).
+- A folder written by `quill train --init` loads in transformers.AutoModelForCausalLM and gives
+  the logits `quill logits` gives; its tokenizer.json loads in the `tokenizers` library and
+  encodes text the way quill does.
+"""
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+ROOT = Path(__file__).resolve().parents[2]
+QUILL = os.environ.get("QUILL_BIN", str(ROOT / "target" / "release" / "quill"))
+CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+
+torch.manual_seed(0)
+
+
+def quill(*args, check=True):
+    r = subprocess.run([QUILL, *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"quill {' '.join(map(str, args))} failed:\n{r.stderr}")
+    return r
+
+
+def quill_logits(model_dir, ids):
+    out = quill("logits", "--model", model_dir, "--ids", ",".join(map(str, ids)))
+    return torch.tensor(json.loads(out.stdout)["logits"], dtype=torch.float64)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+def randomize(model):
+    """Non-trivial weights: norms and biases away from 1 and 0, logits of std ~2."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_((1.0 if "ln" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if "wte" not in name and "wpe" not in name else 0.3)
+
+
+SHAPES = [
+    dict(n_embd=48, n_head=3, n_layer=3, n_positions=40, vocab_size=97),
+    dict(n_embd=40, n_head=5, n_layer=1, n_positions=17, vocab_size=301, n_inner=72),
+    dict(n_embd=64, n_head=1, n_layer=2, n_positions=32, vocab_size=50, tie_word_embeddings=False),
+    dict(n_embd=32, n_head=8, n_layer=4, n_positions=64, vocab_size=1000, scale_attn_by_inverse_layer_idx=True,
+         layer_norm_epsilon=1e-3),
+    dict(n_embd=24, n_head=2, n_layer=2, n_positions=20, vocab_size=33, activation_function="gelu_pytorch_tanh"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(s[k]) for k in ("n_layer", "n_head", "n_embd", "vocab_size")))
+def test_logits_match_transformers_on_unseen_shapes(shape, tmp_path):
+    cfg = GPT2Config(**shape)
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (cfg.n_positions,)).tolist()
+    want = hf_logits(model, ids)
+    got = quill_logits(tmp_path, ids)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_load(dtype, tmp_path):
+    cfg = GPT2Config(n_embd=32, n_head=4, n_layer=2, n_positions=24, vocab_size=64)
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model)
+    model.to(dtype).save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (24,)).tolist()
+    # the reference: the same rounded weights, computed in float32
+    want = hf_logits(model.float(), ids)
+    got = quill_logits(tmp_path, ids)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_init_then_transformers_loads_the_same_model(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS.read_text()[:40000])
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    small = ["--layers", "2", "--heads", "2", "--width", "32", "--context", "32", "--batch", "4", "--quiet"]
+    quill("train", "--data", corpus, "--out", base, "--steps", "20", "--eval-interval", "20", *small)
+    quill("train", "--init", base, "--data", corpus, "--out", tuned, "--steps", "10", "--eval-interval", "5",
+          "--batch", "4", "--quiet")
+    model = AutoModelForCausalLM.from_pretrained(tuned).eval()
+    assert model.config.n_layer == 2 and model.config.n_embd == 32
+    ids = torch.randint(0, model.config.vocab_size, (32,)).tolist()
+    want = hf_logits(model, ids)
+    got = quill_logits(tuned, ids)
+    assert (got - want).abs().max().item() < 1e-4
+    # the fine-tuned weights differ from the base ones (training happened)
+    assert (quill_logits(base, ids) - got).abs().max().item() > 1e-3
+
+    # the character tokenizer loads in HF `tokenizers` and encodes as quill does
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tuned / "tokenizer.json"))
+    text = "ROMEO:\nBut, soft! what light?"
+    enc = tok.encode(text)
+    assert len(enc.ids) == len(text)
+    assert tok.decode(enc.ids) == text
+    vocab = json.loads((tuned / "tokenizer.json").read_text())["model"]["vocab"]
+    assert enc.ids == [vocab[c] for c in text]
+    # and quill scores that text from the same ids (one log-prob per predicted character)
+    scored = json.loads(quill("score", "--model", tuned, "--text", text, "--json").stdout)
+    assert [t["id"] for t in scored["tokens"]] == enc.ids[1:]
+
+
+def test_transformers_generation_config_defaults_do_not_break_loading(tmp_path):
+    # a model saved by transformers with an extra generation_config.json and unused keys
+    cfg = GPT2Config(n_embd=16, n_head=2, n_layer=1, n_positions=8, vocab_size=20, summary_type="cls_index")
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    model.generation_config.save_pretrained(tmp_path)
+    ids = [1, 2, 3, 4]
+    assert (quill_logits(tmp_path, ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
