@@ -8,6 +8,9 @@ use super::matmul::matmul_strided_serial as mm;
 use super::SendPtr;
 use rayon::prelude::*;
 
+/// Rows per block when skipping the masked (upper) part of the T x T score matrix.
+const CAUSAL_BLOCK: usize = 32;
+
 /// qkv [B,T,3C] with blocks q | k | v (head h in columns h·D .. h·D+D of each block)
 /// -> out [B,T,C] (heads side by side), att [B,H,T,T] (softmax probabilities, kept for backward).
 #[allow(clippy::too_many_arguments)]
@@ -35,38 +38,49 @@ pub fn forward(
             unsafe {
                 let k = q.add(c);
                 let v = q.add(2 * c);
-                mm(
-                    t,
-                    d,
-                    t,
-                    p.as_mut_ptr(),
-                    t as isize,
-                    q,
-                    rs,
-                    1,
-                    k,
-                    1,
-                    rs,
-                    false,
-                );
+                let pp = p.as_mut_ptr();
+                // Query rows in blocks: block [i0, i1) only needs keys 0..i1 (causal), which
+                // skips most of the masked upper triangle.
+                for i0 in (0..t).step_by(CAUSAL_BLOCK) {
+                    let i1 = (i0 + CAUSAL_BLOCK).min(t);
+                    let qi = q.offset(i0 as isize * rs);
+                    mm(
+                        i1 - i0,
+                        d,
+                        i1,
+                        pp.add(i0 * t),
+                        t as isize,
+                        qi,
+                        rs,
+                        1,
+                        k,
+                        1,
+                        rs,
+                        false,
+                    );
+                }
                 for i in 0..t {
                     softmax_causal_row(&mut p[i * t..(i + 1) * t], i, scale);
                 }
                 let o = out_p.get().add(bi * t * c + hi * d);
-                mm(
-                    t,
-                    t,
-                    d,
-                    o,
-                    c as isize,
-                    p.as_ptr(),
-                    t as isize,
-                    1,
-                    v,
-                    rs,
-                    1,
-                    false,
-                );
+                for i0 in (0..t).step_by(CAUSAL_BLOCK) {
+                    let i1 = (i0 + CAUSAL_BLOCK).min(t);
+                    let oi = o.add(i0 * c);
+                    mm(
+                        i1 - i0,
+                        i1,
+                        d,
+                        oi,
+                        c as isize,
+                        p.as_ptr().add(i0 * t),
+                        t as isize,
+                        1,
+                        v,
+                        rs,
+                        1,
+                        false,
+                    );
+                }
             }
         });
 }
@@ -75,13 +89,11 @@ super::simd::multiversion! {
 /// row[..=last] <- softmax(row[..=last] · scale); row[last+1..] <- 0.
 fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
     let (live, masked) = row.split_at_mut(last + 1);
-    let mx = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-    let mut sum = 0.0;
+    let mx = super::math::max(live) * scale;
     for v in live.iter_mut() {
         *v = super::math::exp(*v * scale - mx);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / super::math::sum(live);
     for v in live.iter_mut() {
         *v *= inv;
     }
@@ -122,42 +134,82 @@ pub fn backward(
                 let k = q.add(c);
                 let v = q.add(2 * c);
                 let dy = dout.as_ptr().add(bi * t * c + hi * d);
-                // dP = dY · Vᵀ
-                mm(
-                    t,
-                    d,
-                    t,
-                    dp.as_mut_ptr(),
-                    t as isize,
-                    dy,
-                    c as isize,
-                    1,
-                    v,
-                    1,
-                    rs,
-                    false,
-                );
+                let (cs, ts) = (c as isize, t as isize);
+                let dpp = dp.as_mut_ptr();
+                // dP = dY · Vᵀ, causal blocks of query rows
+                for i0 in (0..t).step_by(CAUSAL_BLOCK) {
+                    let i1 = (i0 + CAUSAL_BLOCK).min(t);
+                    mm(
+                        i1 - i0,
+                        d,
+                        i1,
+                        dpp.add(i0 * t),
+                        ts,
+                        dy.add(i0 * c),
+                        cs,
+                        1,
+                        v,
+                        1,
+                        rs,
+                        false,
+                    );
+                }
                 softmax_backward_rows(dp, p, t, scale);
                 let dq = dqkv_p.get().add(off);
                 let dk = dq.add(c);
                 let dv = dq.add(2 * c);
-                // dQ = dS · K ; dK = dSᵀ · Q ; dV = Pᵀ · dY
-                mm(t, t, d, dq, rs, dp.as_ptr(), t as isize, 1, k, rs, 1, false);
-                mm(t, t, d, dk, rs, dp.as_ptr(), 1, t as isize, q, rs, 1, false);
-                mm(
-                    t,
-                    t,
-                    d,
-                    dv,
-                    rs,
-                    p.as_ptr(),
-                    1,
-                    t as isize,
-                    dy,
-                    c as isize,
-                    1,
-                    false,
-                );
+                let (dsp, pp) = (dp.as_ptr(), p.as_ptr());
+                for b0 in (0..t).step_by(CAUSAL_BLOCK) {
+                    let b1 = (b0 + CAUSAL_BLOCK).min(t);
+                    let r = b0 as isize;
+                    // dQ[i] = Σ_{j<=i} dS[i,j] K[j]  (query block b0..b1 needs keys 0..b1)
+                    mm(
+                        b1 - b0,
+                        b1,
+                        d,
+                        dq.offset(r * rs),
+                        rs,
+                        dsp.add(b0 * t),
+                        ts,
+                        1,
+                        k,
+                        rs,
+                        1,
+                        false,
+                    );
+                    // dK[j] = Σ_{i>=j} dS[i,j] Q[i]  (key block b0..b1 needs queries b0..t)
+                    let a = dsp.add(b0 * t + b0);
+                    mm(
+                        b1 - b0,
+                        t - b0,
+                        d,
+                        dk.offset(r * rs),
+                        rs,
+                        a,
+                        1,
+                        ts,
+                        q.offset(r * rs),
+                        rs,
+                        1,
+                        false,
+                    );
+                    // dV[j] = Σ_{i>=j} P[i,j] dY[i]
+                    let a = pp.add(b0 * t + b0);
+                    mm(
+                        b1 - b0,
+                        t - b0,
+                        d,
+                        dv.offset(r * rs),
+                        rs,
+                        a,
+                        1,
+                        ts,
+                        dy.offset(r * cs),
+                        cs,
+                        1,
+                        false,
+                    );
+                }
             }
         });
 }
@@ -168,7 +220,7 @@ super::simd::multiversion! {
         for i in 0..t {
             let pr = &p[i * t..i * t + i + 1];
             let dr = &mut dp[i * t..(i + 1) * t];
-            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+            let dot = super::math::dot(pr, dr);
             for j in 0..=i {
                 dr[j] = pr[j] * (dr[j] - dot) * scale;
             }
@@ -247,7 +299,7 @@ mod tests {
     #[test]
     fn forward_and_backward_match_reference_and_finite_differences() {
         let mut rng = Rng::new(5);
-        for &(b, t, c, h) in &[(1, 1, 4, 1), (2, 5, 12, 3), (1, 9, 10, 2), (3, 17, 16, 4)] {
+        for &(b, t, c, h) in &[(1, 1, 4, 1), (2, 5, 12, 3), (1, 9, 10, 2), (3, 17, 16, 4), (1, 70, 8, 2)] {
             let scale = 1.0 / ((c / h) as f32).sqrt();
             let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
             let r = randn(&mut rng, b * t * c, 1.0);

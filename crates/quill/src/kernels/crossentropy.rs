@@ -9,9 +9,20 @@ pub const IGNORE: u32 = u32::MAX;
 
 #[inline(always)]
 fn logsumexp(row: &[f32]) -> f32 {
-    let mx = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = row.iter().map(|&v| super::math::exp(v - mx)).sum();
-    sum.ln() + mx
+    let mx = super::math::max(row);
+    let mut acc = [0.0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| super::math::exp(v - mx))
+        .sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += super::math::exp(c[i] - mx);
+        }
+    }
+    (acc.iter().sum::<f32>() + tail).ln() + mx
 }
 
 /// losses [N] = cross-entropy of each row of logits [N,V] (0 where the target is IGNORE).

@@ -33,8 +33,8 @@ multiversion! {
     fn forward_rows(o: &mut [f32], mu: &mut [f32], rs: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], c: usize, eps: f32) {
         for r in 0..mu.len() {
             let row = &x[r * c..(r + 1) * c];
-            let m = row.iter().sum::<f32>() / c as f32;
-            let var = row.iter().map(|&v| (v - m) * (v - m)).sum::<f32>() / c as f32;
+            let m = super::math::sum(row) / c as f32;
+            let var = super::math::sum_sq_dev(row, m) / c as f32;
             let s = 1.0 / (var + eps).sqrt();
             let orow = &mut o[r * c..(r + 1) * c];
             for i in 0..c {
@@ -93,13 +93,18 @@ multiversion! {
                 let xr = &x[r * c..(r + 1) * c];
                 let dyr = &dy[r * c..(r + 1) * c];
                 // mean over the row of dnorm and of dnorm * norm
-                let mut sum_dn = 0.0f32;
-                let mut sum_dn_n = 0.0f32;
-                for i in 0..c {
-                    let dn = dyr[i] * weight[i];
-                    sum_dn += dn;
-                    sum_dn_n += dn * (xr[i] - m) * s;
+                let mut acc_dn = [0.0f32; 16];
+                let mut acc_dn_n = [0.0f32; 16];
+                for i0 in (0..c).step_by(16) {
+                    for k in 0..16.min(c - i0) {
+                        let i = i0 + k;
+                        let dn = dyr[i] * weight[i];
+                        acc_dn[k] += dn;
+                        acc_dn_n[k] += dn * (xr[i] - m) * s;
+                    }
                 }
+                let sum_dn: f32 = acc_dn.iter().sum();
+                let sum_dn_n: f32 = acc_dn_n.iter().sum();
                 let mean_dn = sum_dn / c as f32;
                 let mean_dn_n = sum_dn_n / c as f32;
                 let dxr = &mut dx[r * c..(r + 1) * c];

@@ -39,8 +39,96 @@ pub fn tanh(x: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * x) + 1.0)
 }
 
+/// Lanes for reductions: independent partial sums the compiler keeps in one SIMD register
+/// (a plain `iter().sum()` of floats must add in order, one element at a time).
+const LANES: usize = 16;
+
+/// Σ x.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Σ a·b.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let full = n - n % LANES;
+    for (ca, cb) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ (x - m)².
+#[inline(always)]
+pub fn sum_sq_dev(x: &[f32], m: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let d = c[i] - m;
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| (v - m) * (v - m)).sum::<f32>()
+}
+
+/// max x (−∞ for an empty slice).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let m = acc
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    rest.iter().fold(m, |m, &v| if v > m { v } else { m })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reductions_agree_with_plain_sums() {
+        for n in [0usize, 1, 15, 16, 17, 100, 1001] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect();
+            let y: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) * 0.1).collect();
+            let s: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((super::sum(&x) as f64 - s).abs() < 1e-4);
+            let d: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+            assert!((super::dot(&x, &y) as f64 - d).abs() < 1e-4);
+            let m = 0.3f32;
+            let q: f64 = x.iter().map(|&v| ((v - m) as f64).powi(2)).sum();
+            assert!((super::sum_sq_dev(&x, m) as f64 - q).abs() < 1e-3);
+            let mx = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(super::max(&x), mx);
+        }
+    }
+
     #[test]
     fn exp_and_tanh_are_accurate() {
         let mut worst_exp = 0.0f64;

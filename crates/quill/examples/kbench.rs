@@ -1,0 +1,59 @@
+//! Times the kernels of one training step of a small GPT-2 in isolation:
+//! `cargo run --release --example kbench -- WIDTH HEADS CONTEXT BATCH`.
+use quill::kernels::{attention, matmul::matmul};
+use std::time::Instant;
+
+fn time(name: &str, flops: f64, reps: usize, mut f: impl FnMut()) {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    let s = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "{name:<28} {:>8.3} ms  {:>7.1} GFLOP/s",
+        s * 1e3,
+        flops / s / 1e9
+    );
+}
+
+fn main() {
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (c, h, t, b) = (a[0], a[1], a[2], a[3]);
+    let n = b * t;
+    let x = vec![0.01f32; n * 4 * c];
+    let w = vec![0.01f32; (16 * c * c).max(n * 4 * c)];
+    let mut y = vec![0.0f32; n * 4 * c];
+    for (name, k, m) in [
+        ("qkv  N x C x 3C", c, 3 * c),
+        ("proj N x C x C", c, c),
+        ("fc   N x C x 4C", c, 4 * c),
+        ("fc2  N x 4C x C", 4 * c, c),
+    ] {
+        time(name, 2.0 * (n * k * m) as f64, 20, || {
+            matmul(&mut y, &x, &w, n, k, m, false, false, false)
+        });
+        time("  dX = dY Wt", 2.0 * (n * k * m) as f64, 20, || {
+            matmul(&mut y, &x, &w, n, m, k, false, true, false)
+        });
+        time("  dW = Xt dY", 2.0 * (n * k * m) as f64, 20, || {
+            matmul(&mut y, &x, &w, k, n, m, true, false, true)
+        });
+    }
+    let qkv = vec![0.01f32; n * 3 * c];
+    let mut out = vec![0.0f32; n * c];
+    let mut att = vec![0.0f32; b * h * t * t];
+    let mut datt = vec![0.0f32; b * h * t * t];
+    let mut dqkv = vec![0.0f32; n * 3 * c];
+    let aflops = 4.0 * (b * t * t * c) as f64;
+    time("attention fwd", aflops, 20, || {
+        attention::forward(&mut out, &mut att, &qkv, b, t, c, h, 0.1)
+    });
+    let dout = vec![0.01f32; n * c];
+    time("attention bwd", 2.0 * aflops, 20, || {
+        attention::backward(&mut dqkv, &mut datt, &dout, &qkv, &att, b, t, c, h, 0.1)
+    });
+}
