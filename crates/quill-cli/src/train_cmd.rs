@@ -38,16 +38,16 @@ pub struct TrainArgs {
     /// Transformer blocks [default: 4].
     #[arg(long)]
     layers: Option<usize>,
-    /// Attention heads per block [default: 4].
+    /// Attention heads per block [default: 2].
     #[arg(long)]
     heads: Option<usize>,
-    /// Embedding width (n_embd) [default: 256].
+    /// Embedding width (n_embd) [default: 96].
     #[arg(long)]
     width: Option<usize>,
     /// Context length in tokens [default: 128; with --init, the model's].
     #[arg(long)]
     context: Option<usize>,
-    /// Optimizer steps [default: 1800].
+    /// Optimizer steps [default: 5000].
     #[arg(long)]
     steps: Option<usize>,
     /// Sequences per micro-batch [default: 16].
@@ -56,13 +56,13 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step (gradient accumulation) [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
-    /// Peak learning rate [default: 2e-3].
+    /// Peak learning rate [default: 5e-3; 3e-4 with --init].
     #[arg(long)]
     lr: Option<f32>,
-    /// Final learning rate of the cosine decay [default: lr / 10].
+    /// Final learning rate of the cosine decay [default: lr / 50].
     #[arg(long)]
     min_lr: Option<f32>,
-    /// Linear warm-up steps [default: 100].
+    /// Linear warm-up steps [default: 200].
     #[arg(long)]
     warmup: Option<usize>,
     /// AdamW weight decay, on matrices only [default: 0.1].
@@ -71,7 +71,7 @@ pub struct TrainArgs {
     /// Clip the gradient's global norm to this (0: no clipping) [default: 1.0].
     #[arg(long)]
     grad_clip: Option<f32>,
-    /// Evaluate on the whole validation split, print a sample and save every N steps [default: 300].
+    /// Evaluate on the whole validation split, print a sample and save every N steps [default: 1000].
     #[arg(long)]
     eval_interval: Option<usize>,
     /// Fraction of the corpus (its end) held out for validation [default: 0.1].
@@ -195,9 +195,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let cfg = Gpt2Config::new(
                 tok.vocab_size(),
                 a.context.unwrap_or(128),
-                a.width.unwrap_or(256),
+                a.width.unwrap_or(96),
                 a.layers.unwrap_or(4),
-                a.heads.unwrap_or(4),
+                a.heads.unwrap_or(2),
             );
             let mut model = Gpt2::new(cfg)?;
             model.init(a.seed.unwrap_or(1337));
@@ -208,20 +208,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .encode(&text)
         .context("the corpus has characters outside the model's vocabulary")?;
     let context = a.context.unwrap_or(model.config.n_positions.min(1024));
-    let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 2e-3 });
+    let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 5e-3 });
     let config = TrainConfig {
-        steps: a.steps.unwrap_or(1800),
+        steps: a.steps.unwrap_or(5000),
         batch_size: a.batch.unwrap_or(16),
         seq_len: context,
         grad_accum: a.grad_accum.unwrap_or(1),
         lr,
-        min_lr: a.min_lr.unwrap_or(lr / 10.0),
-        warmup_steps: a.warmup.unwrap_or(100),
+        min_lr: a.min_lr.unwrap_or(lr / 50.0),
+        warmup_steps: a.warmup.unwrap_or(200),
         weight_decay: a.weight_decay.unwrap_or(0.1),
         beta1: 0.9,
         beta2: 0.99,
         grad_clip: a.grad_clip.unwrap_or(1.0),
-        eval_interval: a.eval_interval.unwrap_or(300),
+        eval_interval: a.eval_interval.unwrap_or(1000),
         seed: a.seed.unwrap_or(1337),
         sample_tokens: a.sample_tokens.unwrap_or(200),
     };

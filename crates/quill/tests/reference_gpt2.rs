@@ -148,3 +148,31 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
             .unwrap();
     }
 }
+
+/// Gradient accumulation is a sum of scaled micro-batch gradients: two micro-batches of one
+/// sequence with scale 1/2 give the gradient of the two-sequence batch (equal token counts).
+#[test]
+fn accumulated_micro_batches_equal_the_full_batch() {
+    let model = load_gpt2(&fixture()).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (shape, ids) = read(&expected, "input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let targets: Vec<u32> = (0..b * t)
+        .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
+        .collect();
+    let mut full = vec![0.0; model.num_params()];
+    let mut acts = Activations::new(&model.config, b, t);
+    model.forward(&mut acts, &ids).unwrap();
+    model.backward(&mut acts, &mut full, &ids, &targets, 1.0);
+    let mut accum = vec![0.0; model.num_params()];
+    let mut one = Activations::new(&model.config, 1, t);
+    for r in 0..b {
+        let (i, tg) = (&ids[r * t..(r + 1) * t], &targets[r * t..(r + 1) * t]);
+        model.forward(&mut one, i).unwrap();
+        model.backward(&mut one, &mut accum, i, tg, 1.0 / b as f32);
+    }
+    let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = full.iter().zip(&accum).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-5 * scale.max(1.0), "accumulated gradient differs by {diff}");
+}
