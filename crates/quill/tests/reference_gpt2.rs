@@ -173,6 +173,13 @@ fn accumulated_micro_batches_equal_the_full_batch() {
         model.backward(&mut one, &mut accum, i, tg, 1.0 / b as f32);
     }
     let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let diff = full.iter().zip(&accum).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    assert!(diff < 1e-5 * scale.max(1.0), "accumulated gradient differs by {diff}");
+    let diff = full
+        .iter()
+        .zip(&accum)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff < 1e-5 * scale.max(1.0),
+        "accumulated gradient differs by {diff}"
+    );
 }

@@ -299,7 +299,13 @@ mod tests {
     #[test]
     fn forward_and_backward_match_reference_and_finite_differences() {
         let mut rng = Rng::new(5);
-        for &(b, t, c, h) in &[(1, 1, 4, 1), (2, 5, 12, 3), (1, 9, 10, 2), (3, 17, 16, 4), (1, 70, 8, 2)] {
+        for &(b, t, c, h) in &[
+            (1, 1, 4, 1),
+            (2, 5, 12, 3),
+            (1, 9, 10, 2),
+            (3, 17, 16, 4),
+            (1, 70, 8, 2),
+        ] {
             let scale = 1.0 / ((c / h) as f32).sqrt();
             let qkv = randn(&mut rng, b * t * 3 * c, 1.0);
             let r = randn(&mut rng, b * t * c, 1.0);
