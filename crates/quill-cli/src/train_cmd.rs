@@ -406,10 +406,15 @@ fn drive(
         }
         Event::Saved { .. } => {}
         Event::Stopped { step, reason } => {
-            pb.println(format!(
+            let line = format!(
                 "stopped at step {step}: {reason}; continue with --resume --out {}",
                 out.display()
-            ));
+            );
+            if quiet {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
         }
     })?;
     pb.finish_and_clear();

@@ -217,6 +217,39 @@ fn resume_is_exact_and_the_output_folder_is_complete() {
 }
 
 #[test]
+fn time_limit_stops_with_a_checkpoint_that_resumes() {
+    let tmp = TempDir::new("timelimit");
+    let corpus = small_corpus(tmp.path());
+    let out = tmp.path().join("run");
+    let o = train_tiny(
+        &corpus,
+        &out,
+        &[
+            "--steps",
+            "100000",
+            "--eval-interval",
+            "1000",
+            "--time-limit",
+            "1",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("time limit reached"), "{err}");
+    let state = std::fs::read(out.join("training_state.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::read_metadata(&state).unwrap().1;
+    let json: serde_json::Value =
+        serde_json::from_str(&st.metadata().as_ref().unwrap()["trainer_state"]).unwrap();
+    let step = json["step"].as_u64().unwrap();
+    assert!(step > 0 && step < 100000);
+    let o = run_ok(
+        quill()
+            .args(["train", "--resume", "--quiet", "--stop-after", "3", "--out"])
+            .arg(&out),
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("at step {step}")));
+}
+
+#[test]
 fn checkpoints_survive_sigkill() {
     let tmp = TempDir::new("kill");
     let corpus = small_corpus(tmp.path());

@@ -183,3 +183,89 @@ fn accumulated_micro_batches_equal_the_full_batch() {
         "accumulated gradient differs by {diff}"
     );
 }
+
+/// Generation stops at the end-of-text token, and runs past the context by rebuilding the
+/// cache from the most recent tokens.
+#[test]
+fn generation_stops_at_eos_and_continues_past_the_context() {
+    let model = load_gpt2(&fixture()).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (_, greedy) = read(&expected, "greedy_ids");
+    let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();
+    let prompt = &greedy[..4];
+    let greedy_params = SamplingParams {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    // transformers' greedy continuation is 91, 91, ...: with 91 as end-of-text, one token
+    let mut sampler = Sampler::new(greedy_params.clone()).unwrap();
+    let out = generate(
+        &model,
+        prompt,
+        20,
+        &mut sampler,
+        Some(greedy[4]),
+        |_| {},
+        |_| Ok(true),
+    )
+    .unwrap();
+    assert_eq!(out, vec![greedy[4]]);
+
+    // 150 tokens from a 64-position model: the context shifts, generation goes on
+    let mut shifts = 0;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: 1.0,
+        ..Default::default()
+    })
+    .unwrap();
+    let out = generate(
+        &model,
+        prompt,
+        150,
+        &mut sampler,
+        None,
+        |e| {
+            if let quill::sample::GenerateEvent::ContextShifted { kept } = e {
+                assert_eq!(kept, 32);
+                shifts += 1;
+            }
+        },
+        |_| Ok(true),
+    )
+    .unwrap();
+    assert_eq!(out.len(), 150);
+    assert!(shifts >= 3, "{shifts} shifts");
+    assert!(out.iter().all(|&t| (t as usize) < model.config.vocab_size));
+}
+
+/// OpenAI's original GPT-2 upload names tensors without the `transformer.` prefix
+/// (GPT2Model); such a folder loads with the same logits.
+#[test]
+fn bare_tensor_names_load_the_same_model() {
+    let model = load_gpt2(&fixture()).unwrap();
+    let dir = std::env::temp_dir().join(format!("quill-bare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+    let names: Vec<String> = model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| t.name.trim_start_matches("transformer.").to_string())
+        .collect();
+    let tensors: Vec<(&str, &[usize], &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .zip(&names)
+        .map(|(t, n)| (n.as_str(), t.shape.as_slice(), t.view.of(&model.params)))
+        .collect();
+    quill::io::safetensors::write_f32(
+        &dir.join("model.safetensors"),
+        &tensors,
+        &Default::default(),
+    )
+    .unwrap();
+    let bare = load_gpt2(&dir).unwrap();
+    assert_eq!(bare.params, model.params);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -82,7 +82,8 @@ pub fn loss_svg(train: &[(f64, f64)], val: &[(f64, f64)], title: &str) -> String
             r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
             path.join(" ")
         );
-        for &(x, y) in pts.iter().filter(|p| p.1.is_finite()) {
+        // dots only where there are few points (evaluations); dense curves are lines
+        for &(x, y) in pts.iter().filter(|p| p.1.is_finite() && pts.len() <= 40) {
             let _ = writeln!(
                 s,
                 r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{color}"/>"#,

@@ -100,6 +100,11 @@ struct State {
     interval_loss_sum: f64,
     interval_steps: usize,
     elapsed_s: f64,
+    /// (tokens, mean training loss) every `curve_every` steps, for loss.svg.
+    #[serde(default)]
+    train_curve: Vec<(u64, f64)>,
+    #[serde(default)]
+    curve_sum: f64,
     data_fingerprint: String,
     config: TrainConfig,
 }
@@ -177,6 +182,8 @@ impl<'a> Trainer<'a> {
             interval_loss_sum: 0.0,
             interval_steps: 0,
             elapsed_s: 0.0,
+            train_curve: Vec::new(),
+            curve_sum: 0.0,
             data_fingerprint: fingerprint(data),
             config: config.clone(),
         };
@@ -368,7 +375,12 @@ impl<'a> Trainer<'a> {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        let train: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.train_loss)).collect();
+        let train: Vec<(f64, f64)> = self
+            .state
+            .train_curve
+            .iter()
+            .map(|&(t, l)| (t as f64, l))
+            .collect();
         let val: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.val_loss)).collect();
         let c = &self.model.config;
         let title = format!(
@@ -481,6 +493,13 @@ impl<'a> Trainer<'a> {
             self.state.tokens += (b * t * accum) as u64;
             self.state.interval_loss_sum += step_loss;
             self.state.interval_steps += 1;
+            let curve_every = (cfg.steps / 100).max(1);
+            self.state.curve_sum += step_loss;
+            if self.state.step.is_multiple_of(curve_every) {
+                let point = (self.state.tokens, self.state.curve_sum / curve_every as f64);
+                self.state.train_curve.push(point);
+                self.state.curve_sum = 0.0;
+            }
             interval_time += t0.elapsed().as_secs_f64();
             interval_tokens += (b * t * accum) as u64;
             let tps = interval_tokens as f64 / interval_time.max(1e-9);
