@@ -125,3 +125,36 @@ def test_transformers_generation_config_defaults_do_not_break_loading(tmp_path):
     model.generation_config.save_pretrained(tmp_path)
     ids = [1, 2, 3, 4]
     assert (quill_logits(tmp_path, ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
+
+
+TEXTS = ["Hello world", "ROMEO:\nBut, soft!  what light", "naïve café 🦀🚀 こんにちは", "  spaces\t\ttabs\n\n", "a<|endoftext|>b"]
+
+
+def test_gpt2_tokenizer_matches_hf_tokenizers():
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(str(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json"))
+    for text in TEXTS:
+        ids = json.loads(quill("tokenize", "--tokenizer", "gpt2", "--text", text).stdout)["ids"]
+        assert ids == hf.encode(text).ids, text
+        back = quill("detokenize", "--tokenizer", "gpt2", "--ids", ",".join(map(str, ids))).stdout
+        assert back == text + "\n"
+
+
+def test_trained_bpe_loads_in_hf_tokenizers_and_transformers(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS.read_text()[:60000])
+    model = tmp_path / "m"
+    quill("train", "--data", corpus, "--out", model, "--tokenizer", "bpe:500", "--steps", "3", "--eval-interval", "3",
+          "--layers", "1", "--heads", "2", "--width", "16", "--context", "16", "--batch", "2", "--quiet")
+    hf = Tokenizer.from_file(str(model / "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(model)
+    for text in TEXTS:
+        ids = json.loads(quill("tokenize", "--tokenizer", model, "--text", text).stdout)["ids"]
+        assert ids == hf.encode(text).ids, text
+        assert ids == auto(text)["input_ids"], text
+    # the model folder loads and agrees with quill's logits
+    m = AutoModelForCausalLM.from_pretrained(model).eval()
+    ids = hf.encode("ROMEO: my lord").ids
+    assert (quill_logits(model, ids) - hf_logits(m, ids)).abs().max().item() < 1e-4

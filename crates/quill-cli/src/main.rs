@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use quill::io::hf::load_gpt2;
 use quill::model::{Activations, Gpt2};
 use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
-use quill::tokenizer::CharTokenizer;
+use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,58 @@ enum Command {
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
     Score(ScoreArgs),
+    /// Print the token ids of a text as JSON {"ids": [...]}.
+    Tokenize(TokenizeArgs),
+    /// Print the text of comma-separated token ids.
+    Detokenize(DetokenizeArgs),
+    /// Tokenizer tools: `quill tokenizer train` trains a byte-level BPE.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE tokenizer (GPT-2 style, with <|endoftext|>) and save tokenizer.json.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenizerTrainArgs {
+    /// UTF-8 text files to learn the merges from.
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// Vocabulary size: 256 bytes + merges + <|endoftext|>.
+    #[arg(long)]
+    vocab_size: usize,
+    /// Output folder (tokenizer.json is written there).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct TokenizeArgs {
+    /// A tokenizer.json file, a model folder holding one, or `gpt2` (OpenAI's GPT-2 tokenizer, built in).
+    #[arg(long)]
+    tokenizer: String,
+    /// Text to tokenize.
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    text: Option<String>,
+    /// UTF-8 file to tokenize.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Treat special-token strings such as <|endoftext|> as plain text (as OpenAI's encoder does).
+    #[arg(long)]
+    plain: bool,
+}
+
+#[derive(clap::Args)]
+struct DetokenizeArgs {
+    /// A tokenizer.json file, a model folder holding one, or `gpt2`.
+    #[arg(long)]
+    tokenizer: String,
+    /// Comma-separated token ids, e.g. 15496,995.
+    #[arg(long)]
+    ids: String,
 }
 
 #[derive(clap::Args)]
@@ -146,6 +198,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
+        Command::Tokenize(a) => run_tokenize(a),
+        Command::Detokenize(a) => run_detokenize(a),
+        Command::Tokenizer(TokenizerCommand::Train(a)) => run_tokenizer_train(a),
     })
 }
 
@@ -153,12 +208,12 @@ fn load_model(dir: &Path) -> Result<Gpt2> {
     Ok(load_gpt2(dir)?)
 }
 
-fn load_tokenizer(dir: &Path) -> Result<CharTokenizer> {
+fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let p = dir.join("tokenizer.json");
     if !p.is_file() {
         bail!("{}: no tokenizer.json in this folder", dir.display());
     }
-    Ok(CharTokenizer::load(&p)?)
+    Ok(Tokenizer::load(&p)?)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -187,18 +242,23 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let shown_prompt = if prompt.len() > model.config.n_positions {
-        tok.decode(&prompt[prompt.len() - model.config.n_positions..])
+        tok.decode(&prompt[prompt.len() - model.config.n_positions..])?
     } else {
         a.prompt.clone()
     };
     write!(out, "{shown_prompt}")?;
     out.flush()?;
+    let eos = model
+        .config
+        .eos_token_id
+        .or_else(|| tok.token_to_id(quill::tokenizer::END_OF_TEXT));
+    let mut stream = StreamDecoder::new();
     generate(
         &model,
         &prompt,
         a.max_new_tokens,
         &mut sampler,
-        model.config.eos_token_id,
+        eos,
         |ev| match ev {
             GenerateEvent::PromptTruncated { dropped, kept } => eprintln!(
                 "warning: the prompt has {} tokens, more than the context; using its last {kept}",
@@ -207,15 +267,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             GenerateEvent::ContextShifted { .. } => {}
         },
         |id| {
-            if Some(id) != model.config.eos_token_id {
+            if Some(id) != eos {
                 // a closed stdout (e.g. piped into `head`) ends generation quietly
-                let written = write!(out, "{}", tok.decode(&[id])).and_then(|_| out.flush());
+                let text = stream.push(&tok, id)?;
+                let written = write!(out, "{text}").and_then(|_| out.flush());
                 return Ok(written.is_ok());
             }
             Ok(true)
         },
     )?;
-    writeln!(out)?;
+    let rest = stream.finish(&tok)?;
+    writeln!(out, "{rest}")?;
     Ok(())
 }
 
@@ -288,7 +350,7 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         let logprob = logits[ids[i] as usize] as f64 - lse;
         total -= logprob;
         total_bytes += bytes[ids[i] as usize] as u64;
-        rows.push((tok.decode(&ids[i..i + 1]), ids[i], logprob));
+        rows.push((tok.decode(&ids[i..i + 1])?, ids[i], logprob));
     }
     let n = rows.len() as f64;
     let mean = total / n;
@@ -314,5 +376,64 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         println!("mean loss: {mean:.4} nats/token");
         println!("bits per byte: {bpb:.4}");
     }
+    Ok(())
+}
+
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => bail!(
+            "{} is not valid UTF-8 (at byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    }
+}
+
+fn tokenizer_from_spec(spec: &str) -> Result<Tokenizer> {
+    if spec == "char" {
+        bail!("a character-level tokenizer is built from a corpus: give its tokenizer.json or model folder");
+    }
+    Ok(Tokenizer::from_spec(spec)?)
+}
+
+fn run_tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = tokenizer_from_spec(&a.tokenizer)?;
+    let text = match (&a.text, &a.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => read_utf8(f)?,
+        (None, None) => bail!("give --text or --file"),
+    };
+    let ids = if a.plain {
+        tok.encode_plain(&text)?
+    } else {
+        tok.encode(&text)?
+    };
+    println!("{}", serde_json::json!({ "ids": ids }));
+    Ok(())
+}
+
+fn run_detokenize(a: DetokenizeArgs) -> Result<()> {
+    let tok = tokenizer_from_spec(&a.tokenizer)?;
+    let ids = parse_ids(&a.ids)?;
+    let text = tok.decode(&ids)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run_tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
+    let tok = train_byte_level_bpe(&a.input, a.vocab_size)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let path = a.out.join("tokenizer.json");
+    quill::io::atomic::write_text(&path, &tok.to_json())?;
+    println!(
+        "trained a byte-level BPE with {} tokens: {}",
+        tok.vocab_size(),
+        path.display()
+    );
     Ok(())
 }

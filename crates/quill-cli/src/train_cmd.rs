@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use quill::data::split;
 use quill::io::hf::load_gpt2;
 use quill::model::{Gpt2, Gpt2Config};
-use quill::tokenizer::CharTokenizer;
+use quill::tokenizer::{train_byte_level_bpe, CharTokenizer, Tokenizer};
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,11 @@ pub struct TrainArgs {
     /// Start from the weights and tokenizer of an existing model folder (fine-tuning).
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
+    /// Tokenizer of a new model: `char` (characters of the corpus), `gpt2` (OpenAI's GPT-2
+    /// BPE, built in), `bpe:N` (a byte-level BPE of N tokens trained on the corpus), or a
+    /// tokenizer.json path [default: char].
+    #[arg(long)]
+    tokenizer: Option<String>,
     /// Transformer blocks [default: 4].
     #[arg(long)]
     layers: Option<usize>,
@@ -174,7 +179,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (model, tok) = match &a.init {
         Some(dir) => {
             let model = load_gpt2(dir)?;
-            let tok = CharTokenizer::load(&dir.join("tokenizer.json"))
+            let tok = Tokenizer::load(dir)
                 .with_context(|| format!("--init {}: its tokenizer", dir.display()))?;
             for flag in [
                 ("--layers", a.layers),
@@ -188,10 +193,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     );
                 }
             }
+            if a.tokenizer.is_some() {
+                eprintln!(
+                    "warning: --tokenizer is ignored with --init (the model's tokenizer is kept)"
+                );
+            }
             (model, tok)
         }
         None => {
-            let tok = CharTokenizer::from_text(&text)?;
+            let tok = new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &text, &source)?;
             let cfg = Gpt2Config::new(
                 tok.vocab_size(),
                 a.context.unwrap_or(128),
@@ -204,8 +214,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (model, tok)
         }
     };
+    if tok.vocab_size() > model.config.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model only {}",
+            tok.vocab_size(),
+            model.config.vocab_size
+        );
+    }
     let ids = tok
-        .encode(&text)
+        .encode_plain(&text)
         .context("the corpus has characters outside the model's vocabulary")?;
     let context = a.context.unwrap_or(model.config.n_positions.min(1024));
     let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 5e-3 });
@@ -237,18 +254,47 @@ pub fn run(a: TrainArgs) -> Result<()> {
         val_fraction,
     };
     quill::io::atomic::write_text(&run_info_path, &serde_json::to_string_pretty(&info)?)?;
-    let decode = |ids: &[u32]| tok.decode(ids);
+    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode))?;
     drive(trainer, &a, &out, &source, &data)
 }
 
-fn tok_info<'a>(tok: &CharTokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> TokenizerInfo<'a> {
+fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> TokenizerInfo<'a> {
     TokenizerInfo {
         json: tok.to_json(),
         token_bytes: tok.token_bytes(),
         decode,
-        sample_prompt: vec![tok.id_of('\n').unwrap_or(0)],
+        sample_prompt: tok
+            .encode("\n")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or(vec![0]),
     }
+}
+
+/// The tokenizer of a new model, from `--tokenizer`.
+fn new_tokenizer(spec: &str, text: &str, source: &str) -> Result<Tokenizer> {
+    if spec == "char" {
+        return Ok(Tokenizer::Char(CharTokenizer::from_text(text)?));
+    }
+    if let Some(n) = spec.strip_prefix("bpe:") {
+        let n: usize = n
+            .parse()
+            .with_context(|| format!("--tokenizer {spec}: expected bpe:N with N a number"))?;
+        let file = if source == EMBEDDED {
+            let p = std::env::temp_dir().join(format!("quill-corpus-{}.txt", std::process::id()));
+            std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+            p
+        } else {
+            PathBuf::from(source)
+        };
+        let tok = train_byte_level_bpe(std::slice::from_ref(&file), n);
+        if source == EMBEDDED {
+            let _ = std::fs::remove_file(&file);
+        }
+        return Ok(tok?);
+    }
+    Ok(Tokenizer::from_spec(spec)?)
 }
 
 fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()> {
@@ -273,13 +319,13 @@ fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()>
         eprintln!("warning: --resume continues with the saved run's settings; the model and schedule flags given are ignored");
     }
     let model = load_gpt2(out)?;
-    let tok = CharTokenizer::load(&out.join("tokenizer.json"))?;
+    let tok = Tokenizer::load(out)?;
     let ids = tok
-        .encode(text)
+        .encode_plain(text)
         .context("the corpus has characters outside the run's vocabulary")?;
     // the trainer checks the split against the saved context
     let data = split(ids, val_fraction, 1)?;
-    let decode = |ids: &[u32]| tok.decode(ids);
+    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode))?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());
     drive(trainer, &a, out, "", &data)
@@ -429,7 +475,7 @@ fn drive(
                 .unwrap_or_default()
         );
         println!("--- sample (temperature 0.8) ---");
-        println!("{}", trainer.sample_text(600, 0.8)?);
+        println!("{}", trainer.sample_text(600, 0.8, 1)?);
         println!("--------------------------------");
     }
     println!(

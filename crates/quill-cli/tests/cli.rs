@@ -677,3 +677,131 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
     });
     assert!(e.contains("tokenizer"), "{e}");
 }
+
+#[test]
+fn tokenize_detokenize_and_bpe_training() {
+    let tmp = TempDir::new("tok");
+    // GPT-2's tokenizer is built in
+    let o = run_ok(quill().args(["tokenize", "--tokenizer", "gpt2", "--text", "Hello world"]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ids"], serde_json::json!([15496, 995]));
+    let o = run_ok(quill().args(["detokenize", "--tokenizer", "gpt2", "--ids", "15496,995"]));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Hello world\n");
+    // special tokens: recognised by default, plain text with --plain
+    let o = run_ok(quill().args([
+        "tokenize",
+        "--tokenizer",
+        "gpt2",
+        "--text",
+        "a<|endoftext|>",
+    ]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("50256"));
+    let o = run_ok(quill().args([
+        "tokenize",
+        "--plain",
+        "--tokenizer",
+        "gpt2",
+        "--text",
+        "a<|endoftext|>",
+    ]));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("50256"));
+    // a file, and bad files
+    let corpus = small_corpus(tmp.path());
+    let o = run_ok(
+        quill()
+            .args(["tokenize", "--tokenizer", "gpt2", "--file"])
+            .arg(&corpus),
+    );
+    let n = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ids"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(n > 5000 && n < 12000, "{n}");
+    std::fs::write(tmp.path().join("bad.txt"), b"ab\xffc").unwrap();
+    let e = run_err(
+        quill()
+            .args(["tokenize", "--tokenizer", "gpt2", "--file"])
+            .arg(tmp.path().join("bad.txt")),
+    );
+    assert!(e.contains("UTF-8") && e.contains("byte 2"), "{e}");
+    let e = run_err(
+        quill()
+            .args(["tokenize", "--tokenizer"])
+            .arg(&corpus)
+            .args(["--text", "x"]),
+    );
+    assert!(e.contains("tokenizer"), "{e}");
+    let e = run_err(quill().args(["detokenize", "--tokenizer", "gpt2", "--ids", "50257"]));
+    assert!(e.contains("50257"), "{e}");
+
+    // train a BPE, then use it
+    let tok_dir = tmp.path().join("bpe");
+    run_ok(
+        quill()
+            .args(["tokenizer", "train", "--vocab-size", "400", "--input"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&tok_dir),
+    );
+    let o = run_ok(
+        quill()
+            .args(["tokenize", "--text", "ROMEO: my lord"])
+            .arg("--tokenizer")
+            .arg(tok_dir.join("tokenizer.json")),
+    );
+    let ids = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ids"].clone();
+    let ids: Vec<String> = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    assert!(ids.len() < 14, "merges shorten the text: {ids:?}");
+    let o = run_ok(
+        quill()
+            .args(["detokenize", "--ids", &ids.join(",")])
+            .arg("--tokenizer")
+            .arg(&tok_dir),
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ROMEO: my lord\n");
+
+    // `train --tokenizer bpe:N` trains one on the corpus; generation streams its text
+    let model = tmp.path().join("m");
+    train_tiny(
+        &corpus,
+        &model,
+        &[
+            "--tokenizer",
+            "bpe:300",
+            "--steps",
+            "4",
+            "--eval-interval",
+            "4",
+        ],
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 300);
+    let o = run_ok(
+        quill()
+            .args([
+                "generate",
+                "--max-new-tokens",
+                "20",
+                "--prompt",
+                "KING: ✓",
+                "--model",
+            ])
+            .arg(&model),
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("KING: ✓"));
+    let e = run_err(
+        quill()
+            .arg("train")
+            .arg("--data")
+            .arg(&corpus)
+            .args(["--tokenizer", "bpe:x", "--out"])
+            .arg(tmp.path().join("m2")),
+    );
+    assert!(e.contains("bpe:N"), "{e}");
+}

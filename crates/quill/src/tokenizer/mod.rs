@@ -1,148 +1,205 @@
-//! Tokenizers. Character level: the vocabulary is the set of characters of the training
-//! corpus, saved as a `tokenizer.json` that the Hugging Face `tokenizers` library loads
-//! (a BPE model with no merges and a Fuse decoder, so each character is one token).
+//! Tokenizers: text <-> token ids.
+//!
+//! - [`CharTokenizer`]: character level, built from a corpus (quill's default for training).
+//! - Any Hugging Face `tokenizer.json` (byte-level BPE as GPT-2, Llama 3, Qwen2; SentencePiece
+//!   style BPE; with added and special tokens), through the `tokenizers` crate.
+//!
+//! [`Tokenizer`] is either; `Tokenizer::load` picks by the file's content.
+
+mod bpe;
+mod char;
+mod stream;
+
+pub use self::char::CharTokenizer;
+pub use bpe::{train_byte_level_bpe, END_OF_TEXT};
+pub use stream::StreamDecoder;
 
 use crate::{Error, Result};
-use serde_json::{json, Value};
-use std::collections::HashMap;
+use serde_json::Value;
 use std::path::Path;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct CharTokenizer {
-    chars: Vec<char>,
-    index: HashMap<char, u32>,
+/// OpenAI's GPT-2 tokenizer (byte-level BPE, 50,257 tokens), embedded: `gpt2` on the command line.
+pub const GPT2_TOKENIZER_JSON: &str =
+    include_str!("../../../../data/gpt2-tokenizer/tokenizer.json");
+
+pub enum Tokenizer {
+    Char(CharTokenizer),
+    Hf(Box<HfTokenizer>),
 }
 
-impl CharTokenizer {
-    /// The sorted set of characters in `text`.
-    pub fn from_text(text: &str) -> Result<Self> {
-        let mut chars: Vec<char> = text
-            .chars()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if chars.is_empty() {
-            return Err(Error::Input(
-                "cannot build a vocabulary from empty text".into(),
-            ));
-        }
-        chars.sort();
-        Ok(Self::from_chars(chars))
+/// A `tokenizers` tokenizer, plus a twin without added tokens for plain-text encoding
+/// (special-token strings in the text encoded as ordinary text, as OpenAI's encoder does).
+pub struct HfTokenizer {
+    pub inner: tokenizers::Tokenizer,
+    plain: tokenizers::Tokenizer,
+    json: String,
+    byte_level: bool,
+    /// Cached: `tokenizers` rebuilds its whole vocabulary map to count it.
+    vocab_size: usize,
+}
+
+impl Tokenizer {
+    /// Reads a `tokenizer.json` file, or the one in a model folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        Self::from_json_str(&text, &file)
     }
 
-    fn from_chars(chars: Vec<char>) -> Self {
-        let index = chars
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| (c, i as u32))
-            .collect();
-        CharTokenizer { chars, index }
+    /// `char` is not a file; `gpt2` is the embedded GPT-2 tokenizer; anything else a path.
+    pub fn from_spec(spec: &str) -> Result<Self> {
+        if spec == "gpt2" {
+            return Self::from_json_str(
+                GPT2_TOKENIZER_JSON,
+                Path::new("<embedded gpt2 tokenizer.json>"),
+            );
+        }
+        Self::load(Path::new(spec))
+    }
+
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| {
+            Error::format(path, format!("not a tokenizer file (invalid JSON: {e})"))
+        })?;
+        if !v.is_object() || v.get("model").is_none() {
+            return Err(Error::format(
+                path,
+                "not a tokenizer file (no \"model\" entry)",
+            ));
+        }
+        if CharTokenizer::is_char_level(&v) {
+            return Ok(Tokenizer::Char(CharTokenizer::from_json(&v, path)?));
+        }
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
+            Error::format(
+                path,
+                format!("not a tokenizer the `tokenizers` library accepts: {e}"),
+            )
+        })?;
+        let mut plain_v = v.clone();
+        plain_v["added_tokens"] = Value::Array(vec![]);
+        let plain = tokenizers::Tokenizer::from_bytes(plain_v.to_string().as_bytes())
+            .map_err(|e| Error::format(path, format!("bad tokenizer: {e}")))?;
+        let byte_level = v
+            .get("decoder")
+            .and_then(|d| d.get("type"))
+            .and_then(Value::as_str)
+            == Some("ByteLevel");
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Tokenizer::Hf(Box::new(HfTokenizer {
+            vocab_size,
+            inner,
+            plain,
+            json: text.to_string(),
+            byte_level,
+        })))
+    }
+
+    /// Encodes text. Special-token strings (e.g. `<|endoftext|>`) become their special ids,
+    /// as Hugging Face tokenizers do; no BOS/EOS is added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Hf(t) => Ok(t
+                .inner
+                .encode_fast(text, false)
+                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
+    /// Encodes text as plain text: special-token strings are ordinary characters.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Hf(t) => Ok(t
+                .plain
+                .encode_fast(text, false)
+                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
+    /// Encodes with the tokenizer's own post-processing (e.g. a BOS token for Llama).
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Hf(t) => Ok(t
+                .inner
+                .encode_fast(text, true)
+                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
+                .get_ids()
+                .to_vec()),
+        }
+    }
+
+    /// Decodes ids to text (special tokens included). Ids outside the vocabulary are an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let v = self.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (size {v})"
+            )));
+        }
+        match self {
+            Tokenizer::Char(t) => Ok(t.decode(ids)),
+            Tokenizer::Hf(t) => t
+                .inner
+                .decode(ids, false)
+                .map_err(|e| Error::Input(format!("cannot decode: {e}"))),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.chars.len()
+        match self {
+            Tokenizer::Char(t) => t.vocab_size(),
+            Tokenizer::Hf(t) => t.vocab_size,
+        }
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        text.chars()
-            .map(|c| {
-                self.index.get(&c).copied().ok_or_else(|| {
-                    Error::Input(format!(
-                        "character {c:?} (U+{:04X}) is not in the model's character vocabulary",
-                        c as u32
-                    ))
-                })
-            })
-            .collect()
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Char(t) => {
+                let mut cs = token.chars();
+                match (cs.next(), cs.next()) {
+                    (Some(c), None) => t.id_of(c),
+                    _ => None,
+                }
+            }
+            Tokenizer::Hf(t) => t.inner.token_to_id(token),
+        }
     }
 
-    /// Ids outside the vocabulary decode to U+FFFD.
-    pub fn decode(&self, ids: &[u32]) -> String {
-        ids.iter()
-            .map(|&i| self.chars.get(i as usize).copied().unwrap_or('\u{FFFD}'))
-            .collect()
-    }
-
-    /// UTF-8 bytes of each token, for bits-per-byte.
+    /// UTF-8 bytes each token stands for (for bits per byte).
     pub fn token_bytes(&self) -> Vec<u32> {
-        self.chars.iter().map(|c| c.len_utf8() as u32).collect()
-    }
-
-    pub fn id_of(&self, c: char) -> Option<u32> {
-        self.index.get(&c).copied()
+        match self {
+            Tokenizer::Char(t) => t.token_bytes(),
+            Tokenizer::Hf(t) => (0..self.vocab_size() as u32)
+                .map(|id| match t.inner.id_to_token(id) {
+                    // byte-level tokens spell one byte per character
+                    Some(tok) if t.byte_level => tok.chars().count() as u32,
+                    _ => t
+                        .inner
+                        .decode(&[id], false)
+                        .map(|s| s.len() as u32)
+                        .unwrap_or(1),
+                })
+                .collect(),
+        }
     }
 
     /// The `tokenizer.json` text.
     pub fn to_json(&self) -> String {
-        let vocab: serde_json::Map<String, Value> = self
-            .chars
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.to_string(), Value::from(i)))
-            .collect();
-        let v = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": [],
-            "normalizer": null,
-            "pre_tokenizer": null,
-            "post_processor": null,
-            "decoder": {"type": "Fuse"},
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                "unk_token": null,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": false,
-                "byte_fallback": false,
-                "ignore_merges": false,
-                "vocab": vocab,
-                "merges": []
-            }
-        });
-        serde_json::to_string_pretty(&v).expect("json serializes") + "\n"
-    }
-
-    /// Reads a character-level `tokenizer.json` (as written by [`CharTokenizer::to_json`]).
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::format(path, format!("not a tokenizer file (invalid JSON: {e})"))
-        })?;
-        let model = v
-            .get("model")
-            .ok_or_else(|| Error::format(path, "not a tokenizer file (no \"model\" entry)"))?;
-        let merges_empty = model
-            .get("merges")
-            .and_then(Value::as_array)
-            .is_some_and(|m| m.is_empty());
-        let vocab = model.get("vocab").and_then(Value::as_object);
-        let (Some(vocab), true) = (vocab, merges_empty) else {
-            return Err(Error::format(
-                path,
-                "only character-level tokenizers are supported so far (this one has merges or no vocabulary)",
-            ));
-        };
-        let mut chars = vec![None; vocab.len()];
-        for (k, id) in vocab {
-            let mut it = k.chars();
-            let (Some(c), None) = (it.next(), it.next()) else {
-                return Err(Error::format(
-                    path,
-                    format!("token {k:?} is not a single character"),
-                ));
-            };
-            let id = id.as_u64().map(|i| i as usize).filter(|&i| i < chars.len());
-            let Some(id) = id else {
-                return Err(Error::format(path, format!("token {k:?} has a bad id")));
-            };
-            chars[id] = Some(c);
+        match self {
+            Tokenizer::Char(t) => t.to_json(),
+            Tokenizer::Hf(t) => t.json.clone(),
         }
-        let chars: Option<Vec<char>> = chars.into_iter().collect();
-        let chars = chars.ok_or_else(|| Error::format(path, "token ids are not 0..n"))?;
-        Ok(Self::from_chars(chars))
     }
 }
 
@@ -151,22 +208,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builds_encodes_decodes_and_round_trips_through_json() {
-        let t = CharTokenizer::from_text("hello, wörld\n").unwrap();
-        assert_eq!(t.vocab_size(), 11);
-        let ids = t.encode("low\n").unwrap();
-        assert_eq!(t.decode(&ids), "low\n");
-        assert_eq!(t.token_bytes()[t.id_of('ö').unwrap() as usize], 2);
-        let e = t.encode("lox").unwrap_err().to_string();
-        assert!(e.contains("'x'"), "{e}");
-        let dir = std::env::temp_dir().join(format!("quill-tok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("tokenizer.json");
-        std::fs::write(&p, t.to_json()).unwrap();
-        assert_eq!(CharTokenizer::load(&p).unwrap(), t);
-        std::fs::write(&p, "{\"model\": 3").unwrap();
-        assert!(CharTokenizer::load(&p).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert!(CharTokenizer::from_text("").is_err());
+    fn loads_char_and_bpe_files_and_refuses_others() {
+        let c = CharTokenizer::from_text("abc\n").unwrap();
+        let t = Tokenizer::from_json_str(&c.to_json(), Path::new("x")).unwrap();
+        assert!(matches!(t, Tokenizer::Char(_)));
+        let g = Tokenizer::from_spec("gpt2").unwrap();
+        assert!(matches!(g, Tokenizer::Hf(_)));
+        assert_eq!(g.vocab_size(), 50257);
+        assert_eq!(g.token_to_id("<|endoftext|>"), Some(50256));
+        for bad in ["[1, 2]", "{", "{\"model\": {\"type\": \"Nope\"}}"] {
+            assert!(
+                Tokenizer::from_json_str(bad, Path::new("bad.json")).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(g.decode(&[50257]).is_err());
     }
 }

@@ -394,12 +394,13 @@ impl<'a> Trainer<'a> {
     }
 
     /// Sample text from the current model (seeded by the step, so runs reproduce).
-    pub fn sample_text(&self, n: usize, temperature: f32) -> Result<String> {
+    /// `salt` varies the seed for samples taken at the same step.
+    pub fn sample_text(&self, n: usize, temperature: f32, salt: u64) -> Result<String> {
         let params = SamplingParams {
             temperature,
             top_k: 0,
             top_p: 1.0,
-            seed: self.config.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9),
+            seed: self.config.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9) ^ salt,
         };
         let mut sampler = Sampler::new(params)?;
         let ids = generate(
@@ -534,7 +535,7 @@ impl<'a> Trainer<'a> {
                 self.append_metrics(&m)?;
                 on_event(Event::Eval(&m));
                 if cfg.sample_tokens > 0 {
-                    let text = self.sample_text(cfg.sample_tokens, 0.8)?;
+                    let text = self.sample_text(cfg.sample_tokens, 0.8, 0)?;
                     on_event(Event::Sample {
                         step: self.state.step,
                         text: &text,
