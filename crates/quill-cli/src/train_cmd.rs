@@ -127,9 +127,22 @@ fn read_corpus(source: &str) -> Result<String> {
     }
 }
 
+/// Removes temporary files that a killed write left behind (`.NAME.tmp-PID`).
+fn remove_stale_temporaries(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 fn check_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    remove_stale_temporaries(dir);
     let probe = dir.join(".quill-write-probe");
     std::fs::write(&probe, b"ok")
         .with_context(|| format!("cannot write to output folder {}", dir.display()))?;
@@ -319,6 +332,7 @@ fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()>
         eprintln!("warning: --resume continues with the saved run's settings; the model and schedule flags given are ignored");
     }
     let model = load_gpt2(out)?;
+    check_writable(out)?;
     let tok = Tokenizer::load(out)?;
     let ids = tok
         .encode_plain(text)
