@@ -38,6 +38,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
     Score(ScoreArgs),
+    /// Tokenize text and JSONL corpora into token shards for `quill train --data DIR` (streaming).
+    Prepare(PrepareArgs),
     /// Print the token ids of a text as JSON {"ids": [...]}.
     Tokenize(TokenizeArgs),
     /// Print the text of comma-separated token ids.
@@ -64,6 +66,31 @@ struct TokenizerTrainArgs {
     /// Output folder (tokenizer.json is written there).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// Text files, .jsonl files (one {"text": ...} object per line) or folders (searched for .txt and .jsonl).
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// `char` (the characters of the input), `gpt2` (built in), or a tokenizer.json / model folder.
+    #[arg(long)]
+    tokenizer: String,
+    /// Output folder: train-NNNNN.bin, val-NNNNN.bin, meta.json, tokenizer.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Fraction of the input (its last bytes) written to the validation shards.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Token size in the shards: auto (u16 when the vocabulary fits), u16 or u32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 1 << 28)]
+    shard_tokens: u64,
+    /// Replace invalid UTF-8 with U+FFFD instead of stopping with an error.
+    #[arg(long)]
+    lossy: bool,
 }
 
 #[derive(clap::Args)]
@@ -198,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
+        Command::Prepare(a) => run_prepare(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::Detokenize(a) => run_detokenize(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => run_tokenizer_train(a),
@@ -434,6 +462,55 @@ fn run_tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
         "trained a byte-level BPE with {} tokens: {}",
         tok.vocab_size(),
         path.display()
+    );
+    Ok(())
+}
+
+fn run_prepare(a: PrepareArgs) -> Result<()> {
+    use quill::data::prepare::{char_vocabulary, collect_sources, prepare, Options};
+    let token_bytes = match a.dtype.as_str() {
+        "auto" => None,
+        "u16" => Some(2),
+        "u32" => Some(4),
+        other => bail!("--dtype {other:?}: expected auto, u16 or u32"),
+    };
+    let sources = collect_sources(&a.input)?;
+    let tok = if a.tokenizer == "char" {
+        Tokenizer::Char(char_vocabulary(&sources, a.lossy)?)
+    } else {
+        Tokenizer::from_spec(&a.tokenizer)?
+    };
+    let opts = Options {
+        val_fraction: a.val_fraction,
+        token_bytes,
+        shard_tokens: a.shard_tokens.max(1),
+        lossy: a.lossy,
+    };
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {bytes}/{total_bytes}  {bytes_per_sec}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let meta = prepare(&sources, &tok, &a.out, &opts, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "prepared {} documents, {:.1} MB in {:.1}s ({:.1} MB/s): {} train + {} validation tokens ({}) in {}",
+        meta.documents,
+        meta.bytes as f64 / 1e6,
+        secs,
+        meta.bytes as f64 / 1e6 / secs.max(1e-9),
+        meta.train.tokens,
+        meta.val.tokens,
+        if meta.token_bytes == 2 { "u16" } else { "u32" },
+        a.out.display()
     );
     Ok(())
 }

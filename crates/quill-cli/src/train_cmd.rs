@@ -2,10 +2,13 @@
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use quill::data::split;
+use quill::data::prepare::{
+    char_vocabulary, collect_sources, load as load_prepared, prepare, Options as PrepareOptions,
+    Source,
+};
 use quill::io::hf::load_gpt2;
 use quill::model::{Gpt2, Gpt2Config};
-use quill::tokenizer::{train_byte_level_bpe, CharTokenizer, Tokenizer};
+use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -100,31 +103,11 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-/// Where the corpus came from, so --resume can find it again.
+/// Where the data came from, so --resume can find the same tokens again.
 #[derive(Serialize, Deserialize)]
 struct RunInfo {
     data: String,
-    val_fraction: f64,
-}
-
-fn read_corpus(source: &str) -> Result<String> {
-    if source == EMBEDDED {
-        return Ok(TINY_SHAKESPEARE.to_string());
-    }
-    let path = Path::new(source);
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
-    if bytes.is_empty() {
-        bail!("corpus {} is empty", path.display());
-    }
-    match String::from_utf8(bytes) {
-        Ok(s) => Ok(s),
-        Err(e) => bail!(
-            "corpus {} is not valid UTF-8 (at byte {})",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        ),
-    }
+    data_dir: PathBuf,
 }
 
 /// Removes temporary files that a killed write left behind (`.NAME.tmp-PID`).
@@ -152,30 +135,8 @@ fn check_writable(dir: &Path) -> Result<()> {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let out = a.out.clone();
-    let run_info_path = out.join("run.json");
-    let (source, val_fraction) = if a.resume {
-        let text = std::fs::read_to_string(&run_info_path)
-            .with_context(|| format!("nothing to resume in {} (no run.json)", out.display()))?;
-        let info: RunInfo = serde_json::from_str(&text)
-            .with_context(|| format!("{} is damaged", run_info_path.display()))?;
-        let source = a
-            .data
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or(info.data);
-        (source, info.val_fraction)
-    } else {
-        let source = a
-            .data
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| EMBEDDED.to_string());
-        (source, a.val_fraction.unwrap_or(0.1))
-    };
-    let text = read_corpus(&source)?;
-
     if a.resume {
-        return resume(a, &out, &text, val_fraction);
+        return resume(a, &out);
     }
     if out
         .join(quill::train::checkpoint::TRAINING_STATE_FILE)
@@ -187,6 +148,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
+    let val_fraction = a.val_fraction.unwrap_or(0.1);
+    // Where the tokens come from: a folder made by `quill prepare`, or text (a file, or the
+    // embedded corpus) that is prepared into OUT/data first.
+    let prepared_dir = a.data.as_ref().filter(|p| p.is_dir()).cloned();
+    let sources = match (&prepared_dir, &a.data) {
+        (Some(_), _) => vec![],
+        (None, Some(p)) => collect_sources(std::slice::from_ref(p))?,
+        (None, None) => vec![Source::Text {
+            name: EMBEDDED.into(),
+            text: TINY_SHAKESPEARE.into(),
+        }],
+    };
     check_writable(&out)?;
 
     let (model, tok) = match &a.init {
@@ -214,7 +187,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (model, tok)
         }
         None => {
-            let tok = new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &text, &source)?;
+            let tok = match &prepared_dir {
+                Some(dir) => Tokenizer::load(dir)
+                    .with_context(|| format!("prepared data {}", dir.display()))?,
+                None => new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &sources)?,
+            };
             let cfg = Gpt2Config::new(
                 tok.vocab_size(),
                 a.context.unwrap_or(128),
@@ -234,9 +211,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
             model.config.vocab_size
         );
     }
-    let ids = tok
-        .encode_plain(&text)
-        .context("the corpus has characters outside the model's vocabulary")?;
+    let data_dir = match &prepared_dir {
+        Some(dir) => {
+            let data_tok = Tokenizer::load(dir)?;
+            if same_tokenizer(&data_tok, &tok).is_none() {
+                bail!(
+                    "the prepared data in {} use another tokenizer than the model",
+                    dir.display()
+                );
+            }
+            dir.clone()
+        }
+        None => {
+            let dir = out.join("data");
+            let started = std::time::Instant::now();
+            let opts = PrepareOptions {
+                val_fraction,
+                ..Default::default()
+            };
+            let meta = prepare(&sources, &tok, &dir, &opts, &mut |_, _| {})?;
+            eprintln!(
+                "tokenized {:.1} MB into {} tokens in {:.1}s ({})",
+                meta.bytes as f64 / 1e6,
+                meta.train.tokens + meta.val.tokens,
+                started.elapsed().as_secs_f64(),
+                dir.display()
+            );
+            dir
+        }
+    };
+    let (_, data) = load_prepared(&data_dir)?;
     let context = a.context.unwrap_or(model.config.n_positions.min(1024));
     let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 5e-3 });
     let config = TrainConfig {
@@ -255,21 +259,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         seed: a.seed.unwrap_or(1337),
         sample_tokens: a.sample_tokens.unwrap_or(200),
     };
-    let data = split(ids, val_fraction, context)?;
-    let info = RunInfo {
-        data: if source == EMBEDDED {
-            source.clone()
-        } else {
-            std::fs::canonicalize(&source)
-                .map(|p| p.display().to_string())
-                .unwrap_or(source.clone())
-        },
-        val_fraction,
+    let source = match (&prepared_dir, &a.data) {
+        (Some(d), _) => format!("prepared data {}", d.display()),
+        (None, Some(p)) => p.display().to_string(),
+        (None, None) => EMBEDDED.to_string(),
     };
-    quill::io::atomic::write_text(&run_info_path, &serde_json::to_string_pretty(&info)?)?;
+    let info = RunInfo {
+        data: source.clone(),
+        data_dir: std::fs::canonicalize(&data_dir).unwrap_or(data_dir.clone()),
+    };
+    quill::io::atomic::write_text(&out.join("run.json"), &serde_json::to_string_pretty(&info)?)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode))?;
     drive(trainer, &a, &out, &source, &data)
+}
+
+/// Some(()) when two tokenizers are the same (same tokenizer.json content).
+fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> Option<()> {
+    let va: serde_json::Value = serde_json::from_str(&a.to_json()).ok()?;
+    let vb: serde_json::Value = serde_json::from_str(&b.to_json()).ok()?;
+    (va == vb).then_some(())
 }
 
 fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> TokenizerInfo<'a> {
@@ -286,31 +295,44 @@ fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> Tokeni
 }
 
 /// The tokenizer of a new model, from `--tokenizer`.
-fn new_tokenizer(spec: &str, text: &str, source: &str) -> Result<Tokenizer> {
+fn new_tokenizer(spec: &str, sources: &[Source]) -> Result<Tokenizer> {
     if spec == "char" {
-        return Ok(Tokenizer::Char(CharTokenizer::from_text(text)?));
+        return Ok(Tokenizer::Char(char_vocabulary(sources, false)?));
     }
     if let Some(n) = spec.strip_prefix("bpe:") {
         let n: usize = n
             .parse()
             .with_context(|| format!("--tokenizer {spec}: expected bpe:N with N a number"))?;
-        let file = if source == EMBEDDED {
-            let p = std::env::temp_dir().join(format!("quill-corpus-{}.txt", std::process::id()));
-            std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
-            p
-        } else {
-            PathBuf::from(source)
-        };
-        let tok = train_byte_level_bpe(std::slice::from_ref(&file), n);
-        if source == EMBEDDED {
-            let _ = std::fs::remove_file(&file);
+        let mut temp = None;
+        let files: Vec<PathBuf> = sources
+            .iter()
+            .map(|s| match s {
+                Source::File(p) => Ok(p.clone()),
+                Source::Text { text, .. } => {
+                    let p = std::env::temp_dir()
+                        .join(format!("quill-corpus-{}.txt", std::process::id()));
+                    std::fs::write(&p, text)
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    temp = Some(p.clone());
+                    Ok(p)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let tok = train_byte_level_bpe(&files, n);
+        if let Some(p) = temp {
+            let _ = std::fs::remove_file(p);
         }
         return Ok(tok?);
     }
     Ok(Tokenizer::from_spec(spec)?)
 }
 
-fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()> {
+fn resume(a: TrainArgs, out: &Path) -> Result<()> {
+    let run_info_path = out.join("run.json");
+    let text = std::fs::read_to_string(&run_info_path)
+        .with_context(|| format!("nothing to resume in {} (no run.json)", out.display()))?;
+    let info: RunInfo = serde_json::from_str(&text)
+        .with_context(|| format!("{} is damaged", run_info_path.display()))?;
     let given = [
         a.layers.is_some(),
         a.heads.is_some(),
@@ -327,18 +349,16 @@ fn resume(a: TrainArgs, out: &Path, text: &str, val_fraction: f64) -> Result<()>
         a.eval_interval.is_some(),
         a.seed.is_some(),
         a.val_fraction.is_some(),
+        a.data.is_some(),
+        a.tokenizer.is_some(),
     ];
     if given.iter().any(|&g| g) {
-        eprintln!("warning: --resume continues with the saved run's settings; the model and schedule flags given are ignored");
+        eprintln!("warning: --resume continues with the saved run's data and settings; the data, model and schedule flags given are ignored");
     }
     let model = load_gpt2(out)?;
     check_writable(out)?;
     let tok = Tokenizer::load(out)?;
-    let ids = tok
-        .encode_plain(text)
-        .context("the corpus has characters outside the run's vocabulary")?;
-    // the trainer checks the split against the saved context
-    let data = split(ids, val_fraction, 1)?;
+    let (_, data) = load_prepared(&info.data_dir)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode))?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());

@@ -813,3 +813,97 @@ fn tokenize_detokenize_and_bpe_training() {
     );
     assert!(e.contains("bpe:N"), "{e}");
 }
+
+#[test]
+fn prepared_shards_train_exactly_like_raw_text() {
+    let tmp = TempDir::new("prep");
+    let corpus = small_corpus(tmp.path());
+    let prepared = tmp.path().join("prepared");
+    let o = run_ok(
+        quill()
+            .args(["prepare", "--tokenizer", "char", "--input"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&prepared),
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("prepared 1 documents"));
+    let common = ["--steps", "12", "--eval-interval", "6", "--seed", "5"];
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    train_tiny(&corpus, &a, &common);
+    train_tiny(&prepared, &b, &common);
+    assert_eq!(
+        losses(&a.join("metrics.jsonl")),
+        losses(&b.join("metrics.jsonl"))
+    );
+    // and a prepared run resumes exactly too
+    let c = tmp.path().join("c");
+    train_tiny(
+        &prepared,
+        &c,
+        &[&common[..], &["--stop-after", "6"]].concat(),
+    );
+    run_ok(
+        quill()
+            .args(["train", "--resume", "--quiet", "--out"])
+            .arg(&c),
+    );
+    assert_eq!(
+        losses(&a.join("metrics.jsonl")),
+        losses(&c.join("metrics.jsonl"))
+    );
+
+    // damaged shards and folders are refused with the file named
+    let shard = prepared.join("train-00000.bin");
+    let good = std::fs::read(&shard).unwrap();
+    let train_on = |dir: &Path, out: &str| {
+        let mut c = quill();
+        c.arg("train")
+            .arg("--data")
+            .arg(dir)
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .args(TINY_MODEL);
+        c
+    };
+    let mut bad = good.clone();
+    bad[..8].copy_from_slice(b"NOTQUILL");
+    std::fs::write(&shard, &bad).unwrap();
+    let e = run_err(&mut train_on(&prepared, "x1"));
+    assert!(e.contains("train-00000.bin") && e.contains("magic"), "{e}");
+    let mut bad = good.clone();
+    bad[8] = 7;
+    std::fs::write(&shard, &bad).unwrap();
+    let e = run_err(&mut train_on(&prepared, "x2"));
+    assert!(e.contains("version"), "{e}");
+    std::fs::write(&shard, &good[..good.len() - 10]).unwrap();
+    let e = run_err(&mut train_on(&prepared, "x3"));
+    assert!(
+        e.contains("train-00000.bin") && e.contains("truncated"),
+        "{e}"
+    );
+    std::fs::remove_file(prepared.join("meta.json")).unwrap();
+    let e = run_err(&mut train_on(&prepared, "x4"));
+    assert!(e.contains("meta.json"), "{e}");
+    // JSONL problems name the file and line
+    std::fs::write(
+        tmp.path().join("d.jsonl"),
+        "{\"text\": \"a\"}\n{\"txt\": \"b\"}\n",
+    )
+    .unwrap();
+    let e = run_err(
+        quill()
+            .args(["prepare", "--tokenizer", "gpt2", "--input"])
+            .arg(tmp.path().join("d.jsonl"))
+            .arg("--out")
+            .arg(tmp.path().join("p2")),
+    );
+    assert!(e.contains("d.jsonl:2"), "{e}");
+    let e = run_err(
+        quill()
+            .args(["prepare", "--tokenizer", "gpt2", "--dtype", "u8", "--input"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(tmp.path().join("p3")),
+    );
+    assert!(e.contains("u16"), "{e}");
+}

@@ -158,11 +158,7 @@ pub struct Trainer<'a> {
 }
 
 fn fingerprint(data: &Split) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &x in data.train.iter().chain(&data.val) {
-        h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{}+{}:{h:016x}", data.train.len(), data.val.len())
+    format!("{}+{}", data.train.fingerprint(), data.val.fingerprint())
 }
 
 impl<'a> Trainer<'a> {
