@@ -907,3 +907,47 @@ fn prepared_shards_train_exactly_like_raw_text() {
     );
     assert!(e.contains("u16"), "{e}");
 }
+
+/// Cutting the input into pieces (256 KB, at line starts) and at the validation boundary
+/// does not change GPT-2 tokenization: the shards hold exactly the tokens of the whole text.
+#[test]
+fn prepared_gpt2_tokens_equal_whole_text_tokenization() {
+    let tmp = TempDir::new("prepgpt2");
+    let out = tmp.path().join("p");
+    run_ok(
+        quill()
+            .args(["prepare", "--tokenizer", "gpt2", "--input"])
+            .arg(shakespeare())
+            .arg("--out")
+            .arg(&out),
+    );
+    let o = run_ok(
+        quill()
+            .args(["tokenize", "--plain", "--tokenizer", "gpt2", "--file"])
+            .arg(shakespeare()),
+    );
+    let whole: Vec<u32> = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let read = |name: &str| -> Vec<u32> {
+        let b = std::fs::read(out.join(name)).unwrap();
+        assert_eq!(&b[..8], b"QUILLTOK");
+        b[32..]
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect()
+    };
+    let mut shards = read("train-00000.bin");
+    let val = read("val-00000.bin");
+    assert!(val.len() > 30_000);
+    shards.extend(val);
+    assert_eq!(
+        shards.pop(),
+        Some(50256),
+        "the document ends with <|endoftext|>"
+    );
+    assert_eq!(shards, whole);
+}
