@@ -127,7 +127,7 @@ fn for_each_piece(
             Source::Text { text, .. } => {
                 let mut rest: &str = text;
                 while rest.len() > BLOCK {
-                    let cut = last_cut(&rest[..BLOCK], BLOCK / 2)
+                    let cut = last_cut(&rest[..floor_char(rest, BLOCK)], BLOCK / 2)
                         .unwrap_or_else(|| floor_char(rest, BLOCK));
                     emit_cut(&rest[..cut], false, cut as u64, f)?;
                     rest = &rest[cut..];
@@ -255,7 +255,7 @@ fn emit_cut(
     let mut rest = text;
     let mut left = bytes;
     while rest.len() > 2 * PIECE {
-        let Some(cut) = last_cut(&rest[..PIECE * 2], PIECE) else {
+        let Some(cut) = last_cut(&rest[..floor_char(rest, PIECE * 2)], PIECE) else {
             break;
         };
         let b = (cut as u64).min(left);
@@ -714,6 +714,40 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("u16"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pieces_cut_on_character_boundaries() {
+        // multi-byte characters straddle every power-of-two offset
+        let line = "ab\u{e2}\u{20ac}\u{1f980}c\n";
+        let text: String = line.repeat(3 * (PIECE + BLOCK) / line.len());
+        let src = [Source::Text {
+            name: "t".into(),
+            text: text.clone(),
+        }];
+        let mut joined = String::new();
+        let mut bytes = 0;
+        for_each_piece(&src, false, &mut |p| {
+            joined.push_str(&p.text);
+            bytes += p.bytes;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((joined.as_str(), bytes), (text.as_str(), text.len() as u64));
+        let d = tmp("cuts");
+        std::fs::write(d.join("t.txt"), &text).unwrap();
+        let mut joined = String::new();
+        for_each_piece(
+            &collect_sources(&[d.join("t.txt")]).unwrap(),
+            false,
+            &mut |p| {
+                joined.push_str(&p.text);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(joined, text);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
