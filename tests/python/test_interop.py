@@ -158,3 +158,51 @@ def test_trained_bpe_loads_in_hf_tokenizers_and_transformers(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(model).eval()
     ids = hf.encode("ROMEO: my lord").ids
     assert (quill_logits(model, ids) - hf_logits(m, ids)).abs().max().item() < 1e-4
+
+
+def make_style_tokenizer(style, corpus, path):
+    """A small tokenizer.json with the structure of Llama 3, Qwen2 or SmolLM files
+    (their pre-tokenizer patterns, normalizer, special tokens and post-processor)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    tok = Tokenizer(models.BPE())
+    if style == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    else:
+        pat = llama3 if style == "llama3" else qwen2
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pat), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"] if style == "llama3"
+                    else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(corpus)], trainer)
+    if style == "llama3":
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(path))
+    return Tokenizer.from_file(str(path))
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen2", "smollm"])
+def test_llama3_qwen2_smollm_style_tokenizers(style, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS.read_text()[:80000])
+    path = tmp_path / "tokenizer.json"
+    hf = make_style_tokenizer(style, corpus, path)
+    specials = {"llama3": "<|begin_of_text|>hi<|eot_id|>", "qwen2": "<|im_start|>user\nhi<|im_end|>",
+                "smollm": "<|im_start|>user\nhi<|im_end|>"}[style]
+    for text in TEXTS + [specials, "1234567 numbers 3.14159", "Cafe\u0301 ﬁ"]:
+        ids = json.loads(quill("tokenize", "--tokenizer", path, "--text", text).stdout)["ids"]
+        assert ids == hf.encode(text, add_special_tokens=False).ids, (style, text)
+        back = quill("detokenize", "--tokenizer", path, "--ids", ",".join(map(str, ids))).stdout
+        assert back == hf.decode(ids, skip_special_tokens=False) + "\n"
