@@ -85,8 +85,8 @@ impl ByteBpe {
             }
         }
         let mut byte_id = [0u32; 256];
-        for b in 0..256usize {
-            byte_id[b] = *vocab.get(&vec![b as u8])?;
+        for (b, id) in byte_id.iter_mut().enumerate() {
+            *id = *vocab.get(&vec![b as u8])?;
         }
         let mut merges = HashMap::new();
         for (rank, m) in model.get("merges")?.as_array()?.iter().enumerate() {
