@@ -206,3 +206,28 @@ def test_llama3_qwen2_smollm_style_tokenizers(style, tmp_path):
         assert ids == hf.encode(text, add_special_tokens=False).ids, (style, text)
         back = quill("detokenize", "--tokenizer", path, "--ids", ",".join(map(str, ids))).stdout
         assert back == hf.decode(ids, skip_special_tokens=False) + "\n"
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path):
+    """A GPT-2 folder as transformers writes it, with OpenAI's tokenizer: `quill generate
+    --temperature 0` writes the text that transformers' greedy `generate` writes."""
+    import shutil
+    cfg = GPT2Config(n_embd=48, n_head=4, n_layer=2, n_positions=64)  # GPT-2's vocabulary, eos 50256
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    shutil.copy(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json", tmp_path / "tokenizer.json")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    prompt = "Hello world, the"
+    ids = tok.encode(prompt).ids
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=50256)
+    new = out[0, len(ids):].tolist()
+    if 50256 in new:
+        new = new[: new.index(50256)]
+    want = prompt + tok.decode(new)
+    got = quill("generate", "--model", tmp_path, "--prompt", prompt, "--temperature", "0",
+                "--max-new-tokens", "12").stdout
+    assert got == want + "\n"
