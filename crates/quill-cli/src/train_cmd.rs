@@ -98,6 +98,9 @@ pub struct TrainArgs {
     /// plans for --steps, so --resume continues exactly.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Replace invalid UTF-8 in the corpus with U+FFFD instead of stopping at it.
+    #[arg(long)]
+    lossy: bool,
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
@@ -190,7 +193,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let tok = match &prepared_dir {
                 Some(dir) => Tokenizer::load(dir)
                     .with_context(|| format!("prepared data {}", dir.display()))?,
-                None => new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &sources)?,
+                None => new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &sources, a.lossy)?,
             };
             let cfg = Gpt2Config::new(
                 tok.vocab_size(),
@@ -227,6 +230,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let started = std::time::Instant::now();
             let opts = PrepareOptions {
                 val_fraction,
+                lossy: a.lossy,
                 ..Default::default()
             };
             let meta = prepare(&sources, &tok, &dir, &opts, &mut |_, _| {})?;
@@ -295,9 +299,9 @@ fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> Tokeni
 }
 
 /// The tokenizer of a new model, from `--tokenizer`.
-fn new_tokenizer(spec: &str, sources: &[Source]) -> Result<Tokenizer> {
+fn new_tokenizer(spec: &str, sources: &[Source], lossy: bool) -> Result<Tokenizer> {
     if spec == "char" {
-        return Ok(Tokenizer::Char(char_vocabulary(sources, false)?));
+        return Ok(Tokenizer::Char(char_vocabulary(sources, lossy)?));
     }
     if let Some(n) = spec.strip_prefix("bpe:") {
         let n: usize = n

@@ -531,6 +531,19 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             .arg(d.join("o1")),
     );
     assert!(e.contains("UTF-8") && e.contains("byte 3"), "{e}");
+    // --lossy trains on it with the bad bytes replaced
+    std::fs::write(
+        d.join("bin2.txt"),
+        [&b"abc\xff"[..], &std::fs::read(&corpus).unwrap()].concat(),
+    )
+    .unwrap();
+    train_tiny(
+        &d.join("bin2.txt"),
+        &d.join("lossy"),
+        &["--lossy", "--steps", "2", "--eval-interval", "2"],
+    );
+    let tok = std::fs::read_to_string(d.join("lossy/tokenizer.json")).unwrap();
+    assert!(tok.contains('\u{fffd}'));
     // an output folder that cannot be written (a path below a regular file)
     let e = run_err(
         quill()
