@@ -964,3 +964,37 @@ fn prepared_gpt2_tokens_equal_whole_text_tokenization() {
     );
     assert_eq!(shards, whole);
 }
+
+/// The plain (scalar) kernels and the SIMD ones chosen at run time give the same logits.
+#[test]
+fn scalar_and_simd_paths_agree() {
+    let ids = "1,7,42,200,13,99,5,0,255,64,3,17";
+    let run = |scalar: bool| -> Vec<f64> {
+        let mut c = quill();
+        if scalar {
+            c.env("QUILL_SIMD", "scalar");
+        }
+        let o = run_ok(c.args(["logits", "--ids", ids, "--model"]).arg(fixture()));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (a, b) = (run(false), run(true));
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "scalar and SIMD logits differ by {worst}");
+}

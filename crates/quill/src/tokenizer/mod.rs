@@ -109,12 +109,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Char(t) => t.encode(text),
-            Tokenizer::Hf(t) => Ok(t
-                .inner
-                .encode_fast(text, false)
-                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
-                .get_ids()
-                .to_vec()),
+            Tokenizer::Hf(t) => hf_ids(&t.inner, text, false),
         }
     }
 
@@ -122,21 +117,14 @@ impl Tokenizer {
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Char(t) => t.encode(text),
-            Tokenizer::Hf(t) if t.fast.is_some() => {
-                let mut out = Vec::with_capacity(text.len() / 3);
-                let mut cache = std::collections::HashMap::new();
-                t.fast
-                    .as_ref()
-                    .expect("checked")
-                    .encode(text, &mut out, &mut cache);
-                Ok(out)
-            }
-            Tokenizer::Hf(t) => Ok(t
-                .plain
-                .encode_fast(text, false)
-                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
-                .get_ids()
-                .to_vec()),
+            Tokenizer::Hf(t) => match &t.fast {
+                Some(fast) => {
+                    let mut out = Vec::with_capacity(text.len() / 3);
+                    fast.encode(text, &mut out, &mut std::collections::HashMap::new());
+                    Ok(out)
+                }
+                None => hf_ids(&t.plain, text, false),
+            },
         }
     }
 
@@ -144,12 +132,7 @@ impl Tokenizer {
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Char(t) => t.encode(text),
-            Tokenizer::Hf(t) => Ok(t
-                .inner
-                .encode_fast(text, true)
-                .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
-                .get_ids()
-                .to_vec()),
+            Tokenizer::Hf(t) => hf_ids(&t.inner, text, true),
         }
     }
 
@@ -215,6 +198,14 @@ impl Tokenizer {
             Tokenizer::Hf(t) => t.json.clone(),
         }
     }
+}
+
+fn hf_ids(tok: &tokenizers::Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode_fast(text, add_special)
+        .map_err(|e| Error::Input(format!("cannot tokenize: {e}")))?
+        .get_ids()
+        .to_vec())
 }
 
 #[cfg(test)]
