@@ -121,9 +121,13 @@ struct DetokenizeArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c checkpoint
+    /// file (`.bin`, with --tokenizer naming its tokenizer.bin).
     #[arg(long)]
     model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Text to continue. Longer than the context: only its end is kept (with a warning).
     #[arg(long, default_value = "\n")]
     prompt: String,
@@ -252,6 +256,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut sampler = Sampler::new(params)?;
+    if a.model.is_file() {
+        return run_generate_llama2c(&a, &mut sampler);
+    }
     let model = load_model(&a.model)?;
     let tok = load_tokenizer(&a.model)?;
     let prompt = tok
@@ -512,5 +519,66 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         if meta.token_bytes == 2 { "u16" } else { "u32" },
         a.out.display()
     );
+    Ok(())
+}
+
+/// Generation from a llama2.c checkpoint, printed as llama2.c's `run.c` prints it: BOS first,
+/// the prompt's tokens forced, then sampled tokens until BOS, --max-new-tokens or the context.
+fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
+    use quill::model::llama2c::{Llama2c, Llama2cTokenizer, BOS};
+    let model = Llama2c::load(&a.model)?;
+    let Some(tok_path) = &a.tokenizer else {
+        bail!("a llama2.c checkpoint needs --tokenizer (its tokenizer.bin)");
+    };
+    let tok = Llama2cTokenizer::load(tok_path, model.config.vocab_size)?;
+    let prompt = if a.prompt == "\n" {
+        String::new()
+    } else {
+        a.prompt.clone()
+    };
+    let ids = tok.encode(&prompt, true);
+    if ids.len() > model.config.seq_len {
+        bail!(
+            "the prompt has {} tokens; the model's context is {}",
+            ids.len(),
+            model.config.seq_len
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let mut cache = model.new_cache();
+    let mut token = ids[0];
+    let mut generated = 0;
+    let mut pos = 0;
+    while pos < model.config.seq_len {
+        let logits = model.forward(&mut cache, token)?;
+        let next = if pos + 1 < ids.len() {
+            ids[pos + 1]
+        } else {
+            if generated == a.max_new_tokens {
+                break;
+            }
+            generated += 1;
+            sampler.sample(&logits)
+        };
+        if next == BOS {
+            break;
+        }
+        if out
+            .write_all(&tok.decode_piece(token, next))
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+        token = next;
+        pos += 1;
+    }
+    if pos == model.config.seq_len {
+        eprintln!(
+            "note: stopped at the model's context of {} positions",
+            model.config.seq_len
+        );
+    }
+    writeln!(out)?;
     Ok(())
 }

@@ -998,3 +998,47 @@ fn scalar_and_simd_paths_agree() {
         .fold(0.0, f64::max);
     assert!(worst < 1e-5, "scalar and SIMD logits differ by {worst}");
 }
+
+/// llama2.c's stories260K with its tokenizer: greedy generation prints exactly what
+/// llama2.c's run.c prints (256 steps = 4 forced prompt tokens + 252 new ones).
+#[test]
+fn llama2c_checkpoint_reproduces_run_c_output() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/stories260K");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).unwrap())
+            .unwrap();
+    let o = run_ok(
+        quill()
+            .args([
+                "generate",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "252",
+                "--prompt",
+                "Once upon a time",
+                "--model",
+            ])
+            .arg(dir.join("stories260K.bin"))
+            .arg("--tokenizer")
+            .arg(dir.join("tok512.bin")),
+    );
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        reference["cases"][0]["stdout"].as_str().unwrap()
+    );
+    let e = run_err(
+        quill()
+            .args(["generate", "--model"])
+            .arg(dir.join("stories260K.bin")),
+    );
+    assert!(e.contains("--tokenizer"), "{e}");
+    let e = run_err(
+        quill()
+            .args(["generate", "--model"])
+            .arg(dir.join("tok512.bin"))
+            .arg("--tokenizer")
+            .arg(dir.join("tok512.bin")),
+    );
+    assert!(e.contains("llama2.c"), "{e}");
+}

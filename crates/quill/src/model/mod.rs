@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod gpt2;
+pub mod llama2c;
 pub mod params;
 
 pub use config::Gpt2Config;
