@@ -546,7 +546,6 @@ impl<'a> Trainer<'a> {
             }
         }
         self.state.rng = rng.state();
-        let _ = last_norm;
         Ok(())
     }
 }
