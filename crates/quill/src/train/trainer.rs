@@ -436,7 +436,6 @@ impl<'a> Trainer<'a> {
         let mut interval_time = 0.0f64;
         let mut interval_tokens = 0u64;
         let mut steps_this_run = 0;
-        let mut last_norm = 0.0;
         while self.state.step < cfg.steps {
             let reason = if stop.load(Ordering::Relaxed) {
                 Some("interrupted")
@@ -482,7 +481,7 @@ impl<'a> Trainer<'a> {
                 );
                 step_loss += sum / count as f64 / accum as f64;
             }
-            last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
+            let last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
             self.opt
                 .step(&self.model.layout, &mut self.model.params, &self.grads, lr);
             self.state.step += 1;
