@@ -44,9 +44,42 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Print the text of comma-separated token ids.
     Detokenize(DetokenizeArgs),
+    /// Measure this machine and quill: `quill bench peak`, `quill bench train --config char`.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Tokenizer tools: `quill tokenizer train` trains a byte-level BPE.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// fp32 matrix-multiply GFLOP/s and memory copy bandwidth (GB/s, bytes read + written).
+    Peak {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Median tokens/s of whole training steps (forward, backward, AdamW) after warm-up,
+    /// with MFU = (6·N + 12·L·C·T) · tokens/s / measured fp32 peak.
+    Train {
+        /// nano (65 vocab, 4x4x128, T 64, B 12), char (65, 6x6x384, T 256, B 8),
+        /// gpt2-mini (50257, 4x4x256, T 256, B 8) or gpt2-small (GPT-2 124M, T 1024, B 1).
+        #[arg(long, default_value = "char")]
+        config: String,
+        /// Sequences per step (default: the config's).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Sequence length (default: the config's).
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +266,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => run_tokenize(a),
         Command::Detokenize(a) => run_detokenize(a),
         Command::Tokenizer(TokenizerCommand::Train(a)) => run_tokenizer_train(a),
+        Command::Bench(b) => run_bench(b),
     })
 }
 
@@ -580,5 +614,67 @@ fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
         );
     }
     writeln!(out)?;
+    Ok(())
+}
+
+fn run_bench(b: BenchCommand) -> Result<()> {
+    match b {
+        BenchCommand::Peak { json } => {
+            let p = quill::bench::peak();
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                for (n, g) in &p.fp32_by_size {
+                    println!("fp32 GEMM {n}x{n}x{n}: {g:.1} GFLOP/s");
+                }
+                println!(
+                    "fp32 peak: {:.1} GFLOP/s ({} threads)",
+                    p.fp32_gflops, p.threads
+                );
+                println!("copy bandwidth (read + write): {:.1} GB/s", p.copy_gbs);
+            }
+        }
+        BenchCommand::Train {
+            config,
+            batch,
+            seq,
+            steps,
+            json,
+        } => {
+            let cfg = quill::bench::train_config(&config)?;
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let peak = quill::bench::peak().fp32_gflops;
+            let r = quill::bench::train(
+                &cfg,
+                batch.unwrap_or(cfg.batch),
+                seq.unwrap_or(cfg.seq),
+                steps,
+                Some(peak),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: {:.0} tokens/s (best {:.0}), batch {} x {}, {} threads, {:.2}M parameters",
+                    r.config,
+                    r.tokens_per_sec,
+                    r.best_tokens_per_sec,
+                    r.batch,
+                    r.seq,
+                    r.threads,
+                    r.params as f64 / 1e6
+                );
+                println!(
+                    "MFU {:.1}% of the measured fp32 peak {:.1} GFLOP/s (flops/token = 6*{} + 12*L*C*T = {:.0})",
+                    100.0 * r.mfu.unwrap_or(0.0),
+                    peak,
+                    r.n_for_flops,
+                    r.flops_per_token
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -1042,3 +1042,22 @@ fn llama2c_checkpoint_reproduces_run_c_output() {
     );
     assert!(e.contains("llama2.c"), "{e}");
 }
+
+#[test]
+fn bench_reports_peaks_and_training_speed() {
+    let o = run_ok(quill().args([
+        "bench", "train", "--config", "nano", "--steps", "2", "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // nanoGPT's CPU recipe: N = V·C + L·(12C² + 13C) + 2C = 801,664 (no position embedding)
+    assert_eq!(v["n_for_flops"], 801_664);
+    assert_eq!(
+        v["flops_per_token"].as_f64().unwrap(),
+        6.0 * 801_664.0 + 12.0 * 4.0 * 128.0 * 64.0
+    );
+    assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    let mfu = v["mfu"].as_f64().unwrap();
+    assert!(mfu > 0.0 && mfu < 1.5, "{mfu}");
+    let e = run_err(quill().args(["bench", "train", "--config", "huge"]));
+    assert!(e.contains("nano"), "{e}");
+}

@@ -13,6 +13,7 @@
 //! [`model`] (configuration, flat parameter store, GPT-2), [`io`] (Hugging Face folders,
 //! safetensors, atomic writes), [`tokenizer`], [`data`], [`train`], [`sample`].
 
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod io;

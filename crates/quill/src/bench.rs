@@ -1,0 +1,171 @@
+//! `quill bench`: this machine's matrix-multiply and memory-bandwidth peaks, and the speed of
+//! whole training steps (forward, backward, AdamW) for standard configurations. Figures, not
+//! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
+
+use crate::kernels::matmul::matmul;
+use crate::model::{Activations, Gpt2, Gpt2Config};
+use crate::rng::Rng;
+use crate::train::optimizer::{clip_grad_norm, AdamW};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+pub struct Peak {
+    pub threads: usize,
+    /// Best fp32 GEMM rate over the sizes tried, GFLOP/s (2·n³ per product).
+    pub fp32_gflops: f64,
+    /// Per size: (n, GFLOP/s).
+    pub fp32_by_size: Vec<(usize, f64)>,
+    /// Copy bandwidth of a 1 GiB buffer, bytes read + written, GB/s.
+    pub copy_gbs: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn peak() -> Peak {
+    let mut by_size = Vec::new();
+    for n in [512usize, 1024, 2048] {
+        let a = vec![1.0f32; n * n];
+        let b = vec![0.5f32; n * n];
+        let mut c = vec![0.0f32; n * n];
+        matmul(&mut c, &a, &b, n, n, n, false, false, false);
+        let reps = if n <= 1024 { 8 } else { 3 };
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                matmul(&mut c, &a, &b, n, n, n, false, false, false);
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        by_size.push((n, 2.0 * (n * n * n) as f64 / median(times) / 1e9));
+    }
+    let len = (1usize << 30) / 4;
+    let src = vec![1.0f32; len];
+    let mut dst = vec![0.0f32; len];
+    use rayon::prelude::*;
+    let copy = |dst: &mut [f32]| {
+        dst.par_chunks_mut(1 << 20)
+            .zip(src.par_chunks(1 << 20))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    };
+    copy(&mut dst);
+    let times: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            copy(&mut dst);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    Peak {
+        threads: rayon::current_num_threads(),
+        fp32_gflops: by_size.iter().map(|x| x.1).fold(0.0, f64::max),
+        fp32_by_size: by_size,
+        copy_gbs: 2.0 * (len * 4) as f64 / median(times) / 1e9,
+    }
+}
+
+/// A standard training configuration (the PyTorch peer scripts use the same ones).
+pub struct TrainBenchConfig {
+    pub name: &'static str,
+    pub vocab: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub width: usize,
+    pub seq: usize,
+    pub batch: usize,
+}
+
+pub fn train_config(name: &str) -> Result<TrainBenchConfig> {
+    let c = |name, vocab, layers, heads, width, seq, batch| TrainBenchConfig {
+        name,
+        vocab,
+        layers,
+        heads,
+        width,
+        seq,
+        batch,
+    };
+    Ok(match name {
+        "nano" => c("nano", 65, 4, 4, 128, 64, 12),
+        "char" => c("char", 65, 6, 6, 384, 256, 8),
+        "gpt2-mini" => c("gpt2-mini", 50257, 4, 4, 256, 256, 8),
+        "gpt2-small" => c("gpt2-small", 50257, 12, 12, 768, 1024, 1),
+        other => {
+            return Err(Error::Input(format!(
+                "unknown config {other:?} (nano, char, gpt2-mini, gpt2-small)"
+            )))
+        }
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainBench {
+    pub config: String,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub params: usize,
+    /// Parameters outside the position embedding (the MFU formula's N).
+    pub n_for_flops: usize,
+    pub flops_per_token: f64,
+    pub tokens_per_sec: f64,
+    pub best_tokens_per_sec: f64,
+    /// Model FLOPs utilisation against `peak_gflops` (when given).
+    pub mfu: Option<f64>,
+}
+
+/// Median tokens/s of whole training steps after `warmup` steps.
+pub fn train(
+    cfg: &TrainBenchConfig,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    peak_gflops: Option<f64>,
+) -> Result<TrainBench> {
+    let mc = Gpt2Config::new(cfg.vocab, seq, cfg.width, cfg.layers, cfg.heads);
+    let mut model = Gpt2::new(mc)?;
+    model.init(0);
+    let mut acts = Activations::new(&model.config, batch, seq);
+    let mut grads = vec![0.0f32; model.num_params()];
+    let mut opt = AdamW::new(model.num_params(), 0.9, 0.95, 1e-8, 0.1);
+    let mut rng = Rng::new(0);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.below(cfg.vocab) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.below(cfg.vocab) as u32)
+        .collect();
+    let mut times = Vec::new();
+    for step in 0..steps + 2 {
+        let t = Instant::now();
+        grads.fill(0.0);
+        model.forward(&mut acts, &ids)?;
+        model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+        clip_grad_norm(&mut grads, 1.0);
+        opt.step(&model.layout, &mut model.params, &grads, 3e-4);
+        if step >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let tokens = (batch * seq) as f64;
+    let n = model.num_params() - model.wpe.len;
+    let flops_per_token = 6.0 * n as f64 + 12.0 * (cfg.layers * cfg.width * seq) as f64;
+    let best = times.iter().cloned().fold(f64::MAX, f64::min);
+    let tps = tokens / median(times);
+    Ok(TrainBench {
+        config: cfg.name.to_string(),
+        threads: rayon::current_num_threads(),
+        batch,
+        seq,
+        params: model.num_params(),
+        n_for_flops: n,
+        flops_per_token,
+        tokens_per_sec: tps,
+        best_tokens_per_sec: tokens / best,
+        mfu: peak_gflops.map(|p| flops_per_token * tps / (p * 1e9)),
+    })
+}
