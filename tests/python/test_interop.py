@@ -231,3 +231,14 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
     got = quill("generate", "--model", tmp_path, "--prompt", prompt, "--temperature", "0",
                 "--max-new-tokens", "12").stdout
     assert got == want + "\n"
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    cfg = GPT2Config(n_embd=32, n_head=4, n_layer=3, n_positions=24, vocab_size=300)
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, 300, (24,)).tolist()
+    assert (quill_logits(tmp_path, ids) - hf_logits(model, ids)).abs().max().item() < 1e-4
