@@ -628,8 +628,10 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     println!("fp32 GEMM {n}x{n}x{n}: {g:.1} GFLOP/s");
                 }
                 println!(
-                    "fp32 peak: {:.1} GFLOP/s ({} threads)",
-                    p.fp32_gflops, p.threads
+                    "fp32 peak: {:.1} GFLOP/s ({} threads; quill's elementwise kernels: {})",
+                    p.fp32_gflops,
+                    p.threads,
+                    quill::kernels::simd::level()
                 );
                 println!("copy bandwidth (read + write): {:.1} GB/s", p.copy_gbs);
             }

@@ -401,13 +401,14 @@ fn drive(
         );
     }
     eprintln!(
-        "model: GPT-2, {} layers, {} heads, width {}, context {}, {:.2}M parameters; {} threads",
+        "model: GPT-2, {} layers, {} heads, width {}, context {}, {:.2}M parameters; {} threads, {} kernels",
         mc.n_layer,
         mc.n_head,
         mc.n_embd,
         cfg.seq_len,
         trainer.model.num_params() as f64 / 1e6,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        quill::kernels::simd::level()
     );
     eprintln!(
         "training: {} steps of {} x {} x {} tokens, lr {} (warm-up {}, cosine to {}), AdamW wd {}",

@@ -128,14 +128,6 @@ impl Tokenizer {
         }
     }
 
-    /// Encodes with the tokenizer's own post-processing (e.g. a BOS token for Llama).
-    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
-        match self {
-            Tokenizer::Char(t) => t.encode(text),
-            Tokenizer::Hf(t) => hf_ids(&t.inner, text, true),
-        }
-    }
-
     /// Decodes ids to text (special tokens included). Ids outside the vocabulary are an error.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let v = self.vocab_size();
