@@ -50,10 +50,28 @@ fn main() {
     let mut dqkv = vec![0.0f32; n * 3 * c];
     let aflops = 4.0 * (b * t * t * c) as f64;
     time("attention fwd", aflops, 20, || {
-        attention::forward(&mut out, &mut att, &qkv, b, t, c, h, 0.1)
+        attention::forward(
+            &mut out,
+            &mut att,
+            &qkv,
+            b,
+            t,
+            attention::Heads::mha(c, h),
+            0.1,
+        )
     });
     let dout = vec![0.01f32; n * c];
     time("attention bwd", 2.0 * aflops, 20, || {
-        attention::backward(&mut dqkv, &mut datt, &dout, &qkv, &att, b, t, c, h, 0.1)
+        attention::backward(
+            &mut dqkv,
+            &mut datt,
+            &dout,
+            &qkv,
+            &att,
+            b,
+            t,
+            attention::Heads::mha(c, h),
+            0.1,
+        )
     });
 }

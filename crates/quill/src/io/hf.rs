@@ -2,7 +2,8 @@
 //! `model.safetensors.index.json`), under HF's weight names.
 
 use super::safetensors::{write_f32, SafetensorsFile};
-use crate::model::{Gpt2, Gpt2Config};
+use crate::model::params::{Mapped, MappedDtype};
+use crate::model::{Gpt2, Gpt2Config, Llama, LlamaConfig};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -69,6 +70,11 @@ impl Weights {
     pub fn read_into(&self, name: &str, shape: &[usize], dst: &mut [f32]) -> Result<()> {
         let f = &self.files[self.index[name]];
         f.read_into(name, shape, dst)
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file(&self, name: &str) -> Option<&SafetensorsFile> {
+        self.index.get(name).map(|&i| &self.files[i])
     }
 
     pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
@@ -150,6 +156,121 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
         weights.read_into(stored, &spec.shape, spec.view.of_mut(&mut model.params))?;
     }
     Ok(model)
+}
+
+/// Loads a Llama, Mistral or Qwen2 folder. With `map`, weight matrices stay in the files
+/// (memory-mapped, in their stored precision) and only vectors are converted to f32; without
+/// it every tensor is read into f32 (needed for training).
+pub fn load_llama(dir: &Path, map: bool) -> Result<Llama> {
+    let config_path = model_dir_config(dir)?;
+    let config = LlamaConfig::load(&config_path)?;
+    let weights = Weights::open(dir)?;
+    let mut model = Llama::new(config)?;
+    let mut mapped = Mapped::new(weights.files.iter().map(|f| f.map()).collect());
+    let specs = model.layout.tensors.clone();
+    for spec in &specs {
+        let name = spec.name.as_str();
+        if !weights.contains(name) {
+            return Err(Error::Input(format!(
+                "{}: missing tensor {} (nearest present: {})",
+                dir.display(),
+                name,
+                nearest(name, weights.names())
+            )));
+        }
+        if let Some(shape) = weights.shape(name)? {
+            if shape != spec.shape {
+                let c = &model.config;
+                return Err(Error::Input(format!(
+                    "{}: tensor {} has shape {:?} but config.json implies {:?} (vocab_size={}, hidden_size={}, intermediate_size={}, heads={}, kv_heads={}, head_dim={})",
+                    dir.display(),
+                    name,
+                    shape,
+                    spec.shape,
+                    c.vocab_size,
+                    c.hidden_size,
+                    c.intermediate_size,
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.head_dim
+                )));
+            }
+        }
+        if map && spec.is_matrix() {
+            let file = weights.file(name).expect("present");
+            let (dtype, bytes) = file.raw(name)?;
+            let (md, size) = match dtype {
+                ::safetensors::Dtype::F32 => (MappedDtype::F32, 4),
+                ::safetensors::Dtype::BF16 => (MappedDtype::Bf16, 2),
+                ::safetensors::Dtype::F16 => (MappedDtype::F16, 2),
+                other => {
+                    return Err(Error::format(
+                        &file.path,
+                        format!("tensor {name}: dtype {other:?} is not supported (supported: F32, F16, BF16)"),
+                    ))
+                }
+            };
+            if bytes.len() == spec.view.len * size && (bytes.as_ptr() as usize).is_multiple_of(size)
+            {
+                mapped.insert(spec.view, md, bytes);
+                continue;
+            }
+        }
+        weights.read_into(name, &spec.shape, spec.view.of_mut(&mut model.params))?;
+    }
+    if !mapped.is_empty() {
+        model.mapped = Some(std::sync::Arc::new(mapped));
+    }
+    Ok(model)
+}
+
+fn model_dir_config(dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
+        return Err(Error::Input(format!(
+            "{}: no such model folder",
+            dir.display()
+        )));
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::Input(format!(
+            "{}: no config.json in this folder",
+            dir.display()
+        )));
+    }
+    Ok(config_path)
+}
+
+/// Writes a Llama-family model as `config.json` + `model.safetensors` (f32), atomically.
+pub fn save_llama(
+    dir: &Path,
+    model: &Llama,
+    extra_metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    if model.mapped.is_some() {
+        return Err(Error::Input(
+            "cannot save a memory-mapped model; materialize it first".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut meta = extra_metadata.clone();
+    meta.insert("format".into(), "pt".into());
+    let tensors: Vec<(&str, &[usize], &[f32])> = model
+        .layout
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.shape.as_slice(),
+                t.view.of(&model.params),
+            )
+        })
+        .collect();
+    write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
+    super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
 }
 
 /// Writes `config.json` and `model.safetensors` (each atomically) into `dir`.

@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// An open, validated safetensors file.
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 impl SafetensorsFile {
@@ -30,7 +31,7 @@ impl SafetensorsFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let f = SafetensorsFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
         };
         f.tensors()?;
         Ok(f)
@@ -79,6 +80,22 @@ impl SafetensorsFile {
             ));
         }
         to_f32(&view, dst).map_err(|m| Error::format(&self.path, format!("tensor {name}: {m}")))
+    }
+
+    /// The stored dtype and bytes of tensor `name` (inside the memory map).
+    pub fn raw(&self, name: &str) -> Result<(Dtype, &[u8])> {
+        let st = self.tensors()?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| Error::format(&self.path, format!("no tensor named {name}")))?;
+        let (dtype, len) = (view.dtype(), view.data().len());
+        let start = view.data().as_ptr() as usize - self.mmap.as_ptr() as usize;
+        Ok((dtype, &self.mmap[start..start + len]))
+    }
+
+    /// The memory map itself, to keep borrowed tensor bytes alive.
+    pub fn map(&self) -> Arc<Mmap> {
+        self.mmap.clone()
     }
 
     /// The shape of tensor `name`, if present.

@@ -7,7 +7,7 @@ use gemm::Parallelism;
 /// costs more than it brings (../shared/notes/cpu-matmul.md).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
-fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
+pub(crate) fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
     if threads > 1 && m * k * n >= PARALLEL_MIN_MACS {
         Parallelism::Rayon(threads)

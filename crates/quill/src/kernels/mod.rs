@@ -9,11 +9,15 @@ pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
 pub mod layernorm;
+pub mod linear;
 pub mod math;
 pub mod matmul;
 pub mod reduce;
 pub mod reference;
+pub mod rmsnorm;
+pub mod rope;
 pub mod simd;
+pub mod swiglu;
 
 /// A raw pointer that may be shared between threads that write disjoint regions.
 #[derive(Clone, Copy)]

@@ -80,35 +80,74 @@ pub fn gelu_grad(x: f64) -> f64 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * s * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
-/// Causal attention. qkv [B,T,3C] with q|k|v blocks, H heads of D = C/H; returns y [B,T,C].
+/// Causal attention. qkv [B,T,(H+2KV)·D] with q|k|v blocks; query head i reads kv head
+/// i / (H/KV); returns y [B,T,H·D].
 pub fn attention_forward(
     qkv: &[f64],
     b: usize,
     t: usize,
-    c: usize,
-    h: usize,
+    (h, kv, d): (usize, usize, usize),
     scale: f64,
 ) -> Vec<f64> {
-    let d = c / h;
-    let mut y = vec![0.0; b * t * c];
+    let w = (h + 2 * kv) * d;
+    let oc = h * d;
+    let mut y = vec![0.0; b * t * oc];
     for bi in 0..b {
         for hi in 0..h {
-            let at = |ti: usize, part: usize, di: usize| {
-                qkv[(bi * t + ti) * 3 * c + part * c + hi * d + di]
-            };
+            let kvh = hi / (h / kv);
+            let q = |ti: usize, di: usize| qkv[(bi * t + ti) * w + hi * d + di];
+            let k = |ti: usize, di: usize| qkv[(bi * t + ti) * w + oc + kvh * d + di];
+            let v = |ti: usize, di: usize| qkv[(bi * t + ti) * w + oc + (kv + kvh) * d + di];
             for i in 0..t {
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| (0..d).map(|x| at(i, 0, x) * at(j, 1, x)).sum::<f64>() * scale)
+                    .map(|j| (0..d).map(|x| q(i, x) * k(j, x)).sum::<f64>() * scale)
                     .collect();
                 let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for x in 0..d {
-                    y[(bi * t + i) * c + hi * d + x] =
-                        (0..=i).map(|j| e[j] / z * at(j, 2, x)).sum();
+                    y[(bi * t + i) * oc + hi * d + x] = (0..=i).map(|j| e[j] / z * v(j, x)).sum();
                 }
             }
         }
+    }
+    y
+}
+
+/// RMSNorm over rows of width c: out = x / sqrt(mean(x²) + eps) · w.
+pub fn rmsnorm_forward(x: &[f64], w: &[f64], c: usize, eps: f64) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for (row, o) in x.chunks(c).zip(out.chunks_mut(c)) {
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / c as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        for i in 0..c {
+            o[i] = row[i] * r * w[i];
+        }
+    }
+    out
+}
+
+pub fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+/// SwiGLU over rows [gate (F) | up (F)]: out = silu(gate) · up, [N, F].
+pub fn swiglu_forward(gu: &[f64], f: usize) -> Vec<f64> {
+    gu.chunks(2 * f)
+        .flat_map(|r| (0..f).map(move |i| silu(r[i]) * r[f + i]))
+        .collect()
+}
+
+/// Rotary embedding of one head vector x [D] at position `pos`, HF "rotate_half" pairs
+/// (j, j + D/2), with inverse frequencies `inv_freq` [D/2].
+pub fn rope(x: &[f64], pos: usize, inv_freq: &[f64]) -> Vec<f64> {
+    let half = x.len() / 2;
+    let mut y = x.to_vec();
+    for j in 0..half {
+        let a = pos as f64 * inv_freq[j];
+        let (s, c) = a.sin_cos();
+        y[j] = x[j] * c - x[j + half] * s;
+        y[j + half] = x[j + half] * c + x[j] * s;
     }
     y
 }

@@ -10,6 +10,7 @@
 
 use super::config::Gpt2Config;
 use super::params::{ParamLayout, View};
+use crate::kernels::attention::Heads;
 use crate::kernels::{
     add_inplace, attention, crossentropy, embedding, gelu, layernorm, matmul::matmul, reduce,
 };
@@ -186,7 +187,7 @@ impl Gpt2 {
             linear(qkv, ln1, w.c_attn_w.of(p), w.c_attn_b.of(p), n, c, 3 * c);
             let att = &mut a.att[l * b * h * t * t..(l + 1) * b * h * t * t];
             let atty = &mut a.atty[l * n * c..(l + 1) * n * c];
-            attention::forward(atty, att, qkv, b, t, c, h, self.attn_scale(l));
+            attention::forward(atty, att, qkv, b, t, Heads::mha(c, h), self.attn_scale(l));
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
             linear(
                 res2,
@@ -401,8 +402,7 @@ impl Gpt2 {
                 att,
                 b,
                 t,
-                c,
-                h,
+                Heads::mha(c, h),
                 scale,
             );
             linear_backward(
@@ -518,6 +518,7 @@ impl Gpt2 {
                 h,
                 d,
                 self.attn_scale(l),
+                usize::MAX,
             );
             linear(
                 &mut s.tmp,

@@ -234,6 +234,7 @@ impl Llama2c {
                 c.n_kv_heads,
                 head,
                 scale,
+                usize::MAX,
             );
             matvec(&mut tmp, &self.wo[l * d * d..(l + 1) * d * d], &att);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);

@@ -79,6 +79,83 @@ impl ParamLayout {
     }
 }
 
+/// Weight matrices that stay in their files: memory-mapped, in their stored precision,
+/// found by the offset of the parameter view they stand for. Reading one costs no copy.
+pub struct Mapped {
+    entries: HashMap<usize, (MappedDtype, usize, usize)>,
+    _maps: Vec<std::sync::Arc<memmap2::Mmap>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappedDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Mapped {
+    pub fn new(maps: Vec<std::sync::Arc<memmap2::Mmap>>) -> Self {
+        Mapped {
+            entries: HashMap::new(),
+            _maps: maps,
+        }
+    }
+
+    /// Registers the bytes of view `v`. They must lie inside one of the maps given to `new`,
+    /// hold `v.len` elements of `dtype`, and be aligned for it.
+    pub fn insert(&mut self, v: View, dtype: MappedDtype, bytes: &[u8]) {
+        let size = match dtype {
+            MappedDtype::F32 => 4,
+            _ => 2,
+        };
+        assert!(bytes.len() == v.len * size && (bytes.as_ptr() as usize).is_multiple_of(size));
+        assert!(self._maps.iter().any(|m| {
+            let r = m.as_ptr_range();
+            r.start <= bytes.as_ptr() && bytes.as_ptr_range().end <= r.end
+        }));
+        self.entries
+            .insert(v.offset, (dtype, bytes.as_ptr() as usize, v.len));
+    }
+
+    pub fn get(&self, v: View) -> Option<crate::kernels::linear::MatRef<'_>> {
+        use crate::kernels::linear::MatRef;
+        let &(dtype, addr, len) = self.entries.get(&v.offset)?;
+        debug_assert_eq!(len, v.len);
+        // Safety: `insert` checked that the bytes lie inside a map this struct keeps alive
+        // and are aligned; maps are read-only and never change (files are replaced by
+        // rename, never written in place).
+        unsafe {
+            Some(match dtype {
+                MappedDtype::F32 => {
+                    MatRef::F32(std::slice::from_raw_parts(addr as *const f32, len))
+                }
+                MappedDtype::Bf16 => {
+                    MatRef::Bf16(std::slice::from_raw_parts(addr as *const u16, len))
+                }
+                MappedDtype::F16 => {
+                    MatRef::F16(std::slice::from_raw_parts(addr as *const u16, len))
+                }
+            })
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of mapped weights.
+    pub fn bytes(&self) -> usize {
+        self.entries
+            .values()
+            .map(|(d, _, n)| n * if *d == MappedDtype::F32 { 4 } else { 2 })
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,251 @@
+//! y = x · Wᵀ for inference, with W [out, in] stored as f32, bf16 or f16 (for example straight
+//! from a memory-mapped safetensors file). One row of x (decoding) runs a matrix-vector
+//! product that reads each weight once, in its stored precision, with f32 accumulation;
+//! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
+
+use super::matmul::{matmul_strided, parallelism};
+use super::simd::multiversion;
+use super::SendPtr;
+use rayon::prelude::*;
+
+/// A weight matrix [out, in], row-major, in its stored precision.
+#[derive(Clone, Copy, Debug)]
+pub enum MatRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl MatRef<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            MatRef::F32(w) => w.len(),
+            MatRef::Bf16(w) | MatRef::F16(w) => w.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes per element as stored.
+    pub fn elem_bytes(&self) -> usize {
+        match self {
+            MatRef::F32(_) => 4,
+            _ => 2,
+        }
+    }
+    /// Row `r` (of width `cols`) converted to f32 into `dst`.
+    pub fn row_into(&self, r: usize, cols: usize, dst: &mut [f32]) {
+        match self {
+            MatRef::F32(w) => dst.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            MatRef::Bf16(w) => bf16_to_f32(dst, &w[r * cols..(r + 1) * cols]),
+            MatRef::F16(w) => {
+                for (d, &h) in dst.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                    *d = half::f16::from_bits(h).to_f32();
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    pub fn bf16_to_f32(dst: &mut [f32], src: &[u16]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s as u32) << 16);
+        }
+    }
+}
+
+/// Rows of W converted per block when x has several rows.
+const BLOCK_ELEMS: usize = 1 << 18;
+
+/// y[i, j] = Σ_k x[i, k] · W[j, k] for i < n, j < out, written (overwriting) at row stride
+/// `y_rs`. x is [n, inp]. `scratch` holds converted blocks of W (grown as needed).
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    w: MatRef<'_>,
+    out: usize,
+    scratch: &mut Vec<f32>,
+) {
+    assert!(w.len() == out * inp && x.len() >= n * inp);
+    assert!(n == 0 || y.len() >= (n - 1) * y_rs + out);
+    if n == 0 || out == 0 {
+        return;
+    }
+    if n == 1 {
+        return matvec(&mut y[..out], &x[..inp], w, inp);
+    }
+    let yp = y.as_mut_ptr();
+    match w {
+        // Safety: the asserts above bound every index.
+        MatRef::F32(w) => unsafe {
+            matmul_strided(
+                n,
+                inp,
+                out,
+                yp,
+                y_rs as isize,
+                x.as_ptr(),
+                inp as isize,
+                1,
+                w.as_ptr(),
+                1,
+                inp as isize,
+                false,
+                parallelism(n, inp, out),
+            )
+        },
+        _ => {
+            let rows = (BLOCK_ELEMS / inp.max(1)).max(16).min(out);
+            scratch.resize(rows * inp, 0.0);
+            for r0 in (0..out).step_by(rows) {
+                let r1 = (r0 + rows).min(out);
+                let blk = &mut scratch[..(r1 - r0) * inp];
+                blk.par_chunks_mut(inp)
+                    .enumerate()
+                    .for_each(|(i, row)| w.row_into(r0 + i, inp, row));
+                // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
+                unsafe {
+                    matmul_strided(
+                        n,
+                        inp,
+                        r1 - r0,
+                        yp.add(r0),
+                        y_rs as isize,
+                        x.as_ptr(),
+                        inp as isize,
+                        1,
+                        blk.as_ptr(),
+                        1,
+                        inp as isize,
+                        false,
+                        parallelism(n, inp, r1 - r0),
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Output rows per parallel task of the matrix-vector product.
+const MATVEC_ROWS: usize = 64;
+
+/// y [out] = W [out, inp] · x [inp]: each weight read once, rows split over the threads.
+pub fn matvec(y: &mut [f32], x: &[f32], w: MatRef<'_>, inp: usize) {
+    let out = y.len();
+    assert!(w.len() == out * inp && x.len() == inp);
+    let yp = SendPtr(y.as_mut_ptr());
+    let tasks = out.div_ceil(MATVEC_ROWS);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let r0 = t * MATVEC_ROWS;
+        let r1 = (r0 + MATVEC_ROWS).min(out);
+        // Safety: task t alone writes y[r0..r1].
+        let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0), r1 - r0) };
+        match w {
+            MatRef::F32(w) => dots_f32(ys, &w[r0 * inp..r1 * inp], x),
+            MatRef::Bf16(w) => dots_bf16(ys, &w[r0 * inp..r1 * inp], x),
+            MatRef::F16(w) => {
+                let mut row = vec![0.0f32; inp];
+                for (i, yv) in ys.iter_mut().enumerate() {
+                    MatRef::F16(w).row_into(r0 + i, inp, &mut row);
+                    *yv = super::math::dot(&row, x);
+                }
+            }
+        }
+    });
+}
+
+const LANES: usize = 16;
+
+multiversion! {
+    fn dots_f32(y: &mut [f32], w: &[f32], x: &[f32]) {
+        let inp = x.len();
+        for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+            *yv = super::math::dot(row, x);
+        }
+    }
+}
+
+multiversion! {
+    fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
+        let inp = x.len();
+        let full = inp - inp % LANES;
+        for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+            let mut acc = [0.0f32; LANES];
+            for (cw, cx) in row[..full].chunks_exact(LANES).zip(x[..full].chunks_exact(LANES)) {
+                for i in 0..LANES {
+                    acc[i] += f32::from_bits((cw[i] as u32) << 16) * cx[i];
+                }
+            }
+            let mut tail = 0.0f32;
+            for i in full..inp {
+                tail += f32::from_bits((row[i] as u32) << 16) * x[i];
+            }
+            *yv = acc.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{reference, testutil::*};
+    use crate::rng::Rng;
+
+    #[test]
+    fn every_precision_and_shape_matches_the_reference() {
+        let mut rng = Rng::new(31);
+        let mut scratch = Vec::new();
+        for &(n, inp, out) in &[
+            (1, 1, 1),
+            (1, 17, 5),
+            (1, 33, 130),
+            (3, 7, 9),
+            (5, 40, 300),
+            (2, 1000, 70),
+        ] {
+            let x = randn(&mut rng, n * inp, 1.0);
+            let w = randn(&mut rng, out * inp, 1.0);
+            let bf: Vec<u16> = w
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let wb: Vec<f64> = bf
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f64())
+                .collect();
+            let wh: Vec<f64> = hf
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f64())
+                .collect();
+            for (m, w64) in [
+                (MatRef::F32(&w), to_f64(&w)),
+                (MatRef::Bf16(&bf), wb),
+                (MatRef::F16(&hf), wh),
+            ] {
+                let mut want = vec![0.0; n * out];
+                reference::matmul(&mut want, &to_f64(&x), &w64, n, inp, out, false, true);
+                // written at a row stride wider than `out`: the gaps must stay untouched
+                let rs = out + 3;
+                let mut y = vec![42.0f32; n * rs];
+                linear(&mut y, rs, &x, n, inp, m, out, &mut scratch);
+                let got: Vec<f32> = (0..n)
+                    .flat_map(|i| y[i * rs..i * rs + out].to_vec())
+                    .collect();
+                assert!(
+                    max_rel_err(&got, &want, 1.0) < 1e-5,
+                    "{m:?} {n},{inp},{out}"
+                );
+                assert!((0..n).all(|i| y[i * rs + out..(i + 1) * rs].iter().all(|&v| v == 42.0)));
+            }
+        }
+    }
+}
