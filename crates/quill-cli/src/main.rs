@@ -4,8 +4,9 @@ mod train_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use quill::io::hf::load_gpt2;
-use quill::model::{Activations, Gpt2};
+use quill::chat::{ChatTemplate, Message};
+use quill::io::hf::GenerationConfig;
+use quill::model::Model;
 use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
@@ -34,6 +35,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Write text with a model, sampling one token at a time (streams to stdout).
     Generate(GenerateArgs),
+    /// Chat with a model through its own chat template (multi-turn; /reset, /exit).
+    Chat(ChatArgs),
     /// Print the logits of every position for the given token ids, as JSON.
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
@@ -152,6 +155,55 @@ struct DetokenizeArgs {
     ids: String,
 }
 
+/// Sampling flags shared by generate and chat. Unset flags take the model's
+/// generation_config.json values, then quill's defaults.
+#[derive(clap::Args, Clone)]
+struct SamplingArgs {
+    /// Softmax temperature: below 1 sharper, above 1 flatter; 0 is greedy (always the most
+    /// likely token) [default: generation_config.json's, else 0.8; 0 when it sets do_sample false].
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Sample only from the K most likely tokens, 0 for no limit [default: generation_config.json's, else 0].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: only from the most likely tokens whose probabilities add up to P, in
+    /// (0, 1] [default: generation_config.json's, else 1].
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Divide the logits of tokens already in the text by this (transformers' repetition
+    /// penalty; 1 is off) [default: generation_config.json's, else 1].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Random seed: the same seed, model and settings give the same text.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self, gen: &GenerationConfig) -> SamplingParams {
+        let greedy = gen.do_sample == Some(false);
+        let sampling = gen.do_sample == Some(true);
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(if greedy {
+                0.0
+            } else {
+                gen.temperature.unwrap_or(0.8)
+            }),
+            // transformers' default top-k is 50 when a config asks for sampling without one
+            top_k: self.top_k.unwrap_or(match (gen.top_k, sampling) {
+                (Some(k), _) => k,
+                (None, true) => 50,
+                (None, false) => 0,
+            }),
+            top_p: self.top_p.unwrap_or(gen.top_p.unwrap_or(1.0)),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(gen.repetition_penalty.unwrap_or(1.0)),
+            seed: self.seed,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct GenerateArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c checkpoint
@@ -164,21 +216,36 @@ struct GenerateArgs {
     /// Text to continue. Longer than the context: only its end is kept (with a warning).
     #[arg(long, default_value = "\n")]
     prompt: String,
-    /// Most tokens to generate (fewer if the model writes its end-of-text token).
-    #[arg(long, default_value_t = 500)]
-    max_new_tokens: usize,
-    /// Softmax temperature: below 1 sharper, above 1 flatter; 0 is greedy (always the most likely token).
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
-    temperature: f32,
-    /// Sample only from the K most likely tokens (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling: only from the most likely tokens whose probabilities add up to P, in (0, 1].
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    top_p: f32,
-    /// Random seed: the same seed, model and settings give the same text.
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
+    /// Wrap the prompt as a user message in the model's chat template and print the reply.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate (fewer if the model writes an end token)
+    /// [default: generation_config.json's max_new_tokens, else 500].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(clap::Args)]
+struct ChatArgs {
+    /// Model folder with a chat template (tokenizer_config.json's chat_template or chat_template.jinja).
+    #[arg(long)]
+    model: PathBuf,
+    /// System message placed before the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 512].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Print each rendered prompt (the exact text the model reads) to stderr as a JSON line.
+    #[arg(long)]
+    show_prompt: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(clap::Args)]
@@ -260,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
     pool.install(|| match cli.command {
         Command::Train(a) => train_cmd::run(*a),
         Command::Generate(a) => run_generate(a),
+        Command::Chat(a) => run_chat(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
         Command::Prepare(a) => run_prepare(a),
@@ -270,10 +338,6 @@ fn run(cli: Cli) -> Result<()> {
     })
 }
 
-fn load_model(dir: &Path) -> Result<Gpt2> {
-    Ok(load_gpt2(dir)?)
-}
-
 fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let p = dir.join("tokenizer.json");
     if !p.is_file() {
@@ -282,50 +346,103 @@ fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     Ok(Tokenizer::load(&p)?)
 }
 
+/// A model folder opened for inference: weights (memory-mapped), tokenizer, chat template,
+/// generation defaults and the ids that end a reply.
+struct Opened {
+    model: Model,
+    tok: Tokenizer,
+    template: Option<ChatTemplate>,
+    gen: GenerationConfig,
+    eos: Vec<u32>,
+}
+
+fn open_model(dir: &Path) -> Result<Opened> {
+    let model = Model::load(dir, true)?;
+    let tok = load_tokenizer(dir)?;
+    if tok.vocab_size() > model.vocab_size() {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model only {}",
+            dir.display(),
+            tok.vocab_size(),
+            model.vocab_size()
+        );
+    }
+    let template = ChatTemplate::load(dir)?;
+    let gen = GenerationConfig::load(dir)?;
+    let mut eos = gen.eos_token_ids.clone();
+    eos.extend(model.eos_token_ids());
+    let tok_eos = quill::chat::special_tokens(dir)?
+        .get("eos_token")
+        .and_then(|v| v.as_str().map(String::from));
+    if let Some(id) = tok_eos.and_then(|t| tok.token_to_id(&t)) {
+        eos.push(id);
+    }
+    if eos.is_empty() {
+        eos.extend(tok.token_to_id(quill::tokenizer::END_OF_TEXT));
+    }
+    eos.sort_unstable();
+    eos.dedup();
+    Ok(Opened {
+        model,
+        tok,
+        template,
+        gen,
+        eos,
+    })
+}
+
+fn require_template<'a>(o: &'a Opened, dir: &Path) -> Result<&'a ChatTemplate> {
+    o.template.as_ref().with_context(|| {
+        format!(
+            "{}: the model has no chat template (chat_template in tokenizer_config.json, or chat_template.jinja)",
+            dir.display()
+        )
+    })
+}
+
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    let mut sampler = Sampler::new(params)?;
     if a.model.is_file() {
+        let params = a.sampling.params(&GenerationConfig::default());
+        let mut sampler = Sampler::new(params)?;
         return run_generate_llama2c(&a, &mut sampler);
     }
-    let model = load_model(&a.model)?;
-    let tok = load_tokenizer(&a.model)?;
-    let prompt = tok
-        .encode(&a.prompt)
-        .context("the prompt cannot be encoded")?;
+    let o = open_model(&a.model)?;
+    let mut sampler = Sampler::new(a.sampling.params(&o.gen))?;
+    let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(500);
+    let (model, tok) = (&o.model, &o.tok);
+    let prompt = if a.chat {
+        let t = require_template(&o, &a.model)?;
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        tok.encode(&t.render(&msgs, true)?)
+    } else {
+        tok.encode_with_special(&a.prompt)
+    }
+    .context("the prompt cannot be encoded")?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    if tok.vocab_size() > model.config.vocab_size {
-        bail!(
-            "tokenizer has {} tokens but the model only {}",
-            tok.vocab_size(),
-            model.config.vocab_size
-        );
-    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let shown_prompt = if prompt.len() > model.config.n_positions {
-        tok.decode(&prompt[prompt.len() - model.config.n_positions..])?
-    } else {
-        a.prompt.clone()
-    };
-    write!(out, "{shown_prompt}")?;
-    out.flush()?;
-    let eos = model
-        .config
-        .eos_token_id
-        .or_else(|| tok.token_to_id(quill::tokenizer::END_OF_TEXT));
+    if !a.chat {
+        let ctx = model.context();
+        let shown_prompt = if prompt.len() > ctx {
+            tok.decode(&prompt[prompt.len() - ctx..])?
+        } else {
+            a.prompt.clone()
+        };
+        write!(out, "{shown_prompt}")?;
+        out.flush()?;
+    }
+    let eos = &o.eos;
     let mut stream = StreamDecoder::new();
     generate(
-        &model,
+        model,
         &prompt,
-        a.max_new_tokens,
+        max_new,
         &mut sampler,
         eos,
         |ev| match ev {
@@ -336,17 +453,127 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             GenerateEvent::ContextShifted { .. } => {}
         },
         |id| {
-            if Some(id) != eos {
+            if !eos.contains(&id) {
                 // a closed stdout (e.g. piped into `head`) ends generation quietly
-                let text = stream.push(&tok, id)?;
+                let text = stream.push(tok, id)?;
                 let written = write!(out, "{text}").and_then(|_| out.flush());
                 return Ok(written.is_ok());
             }
             Ok(true)
         },
     )?;
-    let rest = stream.finish(&tok)?;
+    let rest = stream.finish(tok)?;
     writeln!(out, "{rest}")?;
+    Ok(())
+}
+
+fn run_chat(a: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let o = open_model(&a.model)?;
+    let template = require_template(&o, &a.model)?;
+    let (model, tok) = (&o.model, &o.tok);
+    let mut sampler = Sampler::new(a.sampling.params(&o.gen))?;
+    let ctx = model.context();
+    let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(512);
+    // room kept free for the reply when old turns are dropped
+    let reserve = max_new.min(ctx / 2);
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "chatting with {} ({}). /reset starts over, /exit quits.",
+            a.model.display(),
+            model.describe()
+        );
+    }
+    let system: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut history: Vec<Message> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let stdout = std::io::stdout();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let text = line.trim_end_matches(['\r', '\n']);
+        match text.trim() {
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            "" => continue,
+            _ => {}
+        }
+        history.push(Message::new("user", text));
+        let mut dropped = 0;
+        let ids = loop {
+            let msgs: Vec<Message> = system.iter().chain(&history).cloned().collect();
+            let rendered = template.render(&msgs, true)?;
+            let ids = tok.encode(&rendered)?;
+            if ids.len() + reserve <= ctx || history.len() <= 1 {
+                if a.show_prompt {
+                    eprintln!("{}", serde_json::json!({ "prompt": rendered }));
+                }
+                break ids;
+            }
+            // drop the oldest turn: a user message and the reply that followed it
+            let n = if history.len() > 2 && history[1].role == "assistant" {
+                2
+            } else {
+                1
+            };
+            history.drain(..n);
+            dropped += 1;
+        };
+        if dropped > 0 {
+            eprintln!(
+                "(the conversation outgrew the context of {ctx} tokens: dropped the {dropped} oldest turn{})",
+                if dropped == 1 { "" } else { "s" }
+            );
+        }
+        if ids.len() >= ctx {
+            history.pop();
+            let msg = format!(
+                "this message makes a prompt of {} tokens, which does not fit the context of {ctx}",
+                ids.len()
+            );
+            if interactive {
+                eprintln!("error: {msg}");
+                continue;
+            }
+            bail!(msg);
+        }
+        let mut out = stdout.lock();
+        let mut stream = StreamDecoder::new();
+        let mut reply_ids = Vec::new();
+        let budget = max_new.min(ctx - ids.len());
+        let eos = &o.eos;
+        generate(
+            model,
+            &ids,
+            budget,
+            &mut sampler,
+            eos,
+            |_| {},
+            |id| {
+                if eos.contains(&id) {
+                    return Ok(true);
+                }
+                reply_ids.push(id);
+                let piece = stream.push(tok, id)?;
+                let written = write!(out, "{piece}").and_then(|_| out.flush());
+                Ok(written.is_ok())
+            },
+        )?;
+        let rest = stream.finish(tok)?;
+        writeln!(out, "{rest}")?;
+        out.flush()?;
+        history.push(Message::new("assistant", &tok.decode(&reply_ids)?));
+    }
     Ok(())
 }
 
@@ -367,26 +594,12 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Logits [T, V] of one sequence.
-fn forward_all(model: &Gpt2, ids: &[u32]) -> Result<Activations> {
-    if ids.len() > model.config.n_positions {
-        bail!(
-            "{} tokens are more than the model's context of {} positions",
-            ids.len(),
-            model.config.n_positions
-        );
-    }
-    let mut acts = Activations::new(&model.config, 1, ids.len());
-    model.forward(&mut acts, ids)?;
-    Ok(acts)
-}
-
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = load_model(&a.model)?;
-    let acts = forward_all(&model, &ids)?;
-    let v = model.config.vocab_size;
-    let rows: Vec<&[f32]> = acts.logits.chunks(v).collect();
+    let model = Model::load(&a.model, true)?;
+    let logits = model.logits_all(&ids)?;
+    let v = model.vocab_size();
+    let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -396,19 +609,19 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn run_score(a: ScoreArgs) -> Result<()> {
-    let model = load_model(&a.model)?;
-    let tok = load_tokenizer(&a.model)?;
-    let ids = tok.encode(&a.text)?;
+    let o = open_model(&a.model)?;
+    let (model, tok) = (&o.model, &o.tok);
+    let ids = tok.encode_with_special(&a.text)?;
     if ids.len() < 2 {
         bail!("the text needs at least two tokens to score (the first has nothing before it)");
     }
-    let acts = forward_all(&model, &ids)?;
-    let v = model.config.vocab_size;
+    let logits_all = model.logits_all(&ids)?;
+    let v = model.vocab_size();
     let bytes = tok.token_bytes();
     let mut rows = Vec::new();
     let (mut total, mut total_bytes) = (0.0f64, 0u64);
     for i in 1..ids.len() {
-        let logits = &acts.logits[(i - 1) * v..i * v];
+        let logits = &logits_all[(i - 1) * v..i * v];
         let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
         let lse = logits
             .iter()
@@ -588,7 +801,7 @@ fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
         let next = if pos + 1 < ids.len() {
             ids[pos + 1]
         } else {
-            if generated == a.max_new_tokens {
+            if generated == a.max_new_tokens.unwrap_or(500) {
                 break;
             }
             generated += 1;

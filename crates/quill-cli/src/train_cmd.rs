@@ -6,8 +6,7 @@ use quill::data::prepare::{
     char_vocabulary, collect_sources, load as load_prepared, prepare, Options as PrepareOptions,
     Source,
 };
-use quill::io::hf::load_gpt2;
-use quill::model::{Gpt2, Gpt2Config};
+use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
 use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
@@ -43,6 +42,14 @@ pub struct TrainArgs {
     /// tokenizer.json path [default: char].
     #[arg(long)]
     tokenizer: Option<String>,
+    /// Architecture of a new model: `gpt2` (learned positions, LayerNorm, GELU) or `llama`
+    /// (rotary positions, RMSNorm, SwiGLU, grouped-query attention) [default: gpt2].
+    #[arg(long)]
+    arch: Option<String>,
+    /// Key/value heads of a new llama model (grouped-query attention; must divide --heads)
+    /// [default: --heads].
+    #[arg(long)]
+    kv_heads: Option<usize>,
     /// Transformer blocks [default: 4].
     #[arg(long)]
     layers: Option<usize>,
@@ -167,12 +174,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let (model, tok) = match &a.init {
         Some(dir) => {
-            let model = load_gpt2(dir)?;
+            let model = Model::load(dir, false)?;
             let tok = Tokenizer::load(dir)
                 .with_context(|| format!("--init {}: its tokenizer", dir.display()))?;
             for flag in [
                 ("--layers", a.layers),
                 ("--heads", a.heads),
+                ("--kv-heads", a.kv_heads),
                 ("--width", a.width),
             ] {
                 if flag.1.is_some() {
@@ -182,9 +190,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     );
                 }
             }
-            if a.tokenizer.is_some() {
+            if a.tokenizer.is_some() || a.arch.is_some() {
                 eprintln!(
-                    "warning: --tokenizer is ignored with --init (the model's tokenizer is kept)"
+                    "warning: --tokenizer and --arch are ignored with --init (the model's are kept)"
                 );
             }
             (model, tok)
@@ -195,23 +203,46 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     .with_context(|| format!("prepared data {}", dir.display()))?,
                 None => new_tokenizer(a.tokenizer.as_deref().unwrap_or("char"), &sources, a.lossy)?,
             };
-            let cfg = Gpt2Config::new(
-                tok.vocab_size(),
-                a.context.unwrap_or(128),
-                a.width.unwrap_or(96),
-                a.layers.unwrap_or(4),
-                a.heads.unwrap_or(2),
-            );
-            let mut model = Gpt2::new(cfg)?;
+            let (ctx, width) = (a.context.unwrap_or(128), a.width.unwrap_or(96));
+            let (layers, heads) = (a.layers.unwrap_or(4), a.heads.unwrap_or(2));
+            let mut model = match a.arch.as_deref().unwrap_or("gpt2") {
+                "gpt2" => {
+                    if a.kv_heads.is_some() {
+                        bail!("--kv-heads needs --arch llama (GPT-2 has one kv head per head)");
+                    }
+                    Model::Gpt2(Gpt2::new(Gpt2Config::new(
+                        tok.vocab_size(),
+                        ctx,
+                        width,
+                        layers,
+                        heads,
+                    ))?)
+                }
+                "llama" => {
+                    if heads == 0 || !width.is_multiple_of(heads) {
+                        bail!("--width ({width}) must be a multiple of --heads ({heads})");
+                    }
+                    let cfg = LlamaConfig::new(
+                        tok.vocab_size(),
+                        ctx,
+                        width,
+                        layers,
+                        heads,
+                        a.kv_heads.unwrap_or(heads),
+                    );
+                    Model::Llama(Llama::new(cfg)?)
+                }
+                other => bail!("--arch {other:?}: expected gpt2 or llama"),
+            };
             model.init(a.seed.unwrap_or(1337));
             (model, tok)
         }
     };
-    if tok.vocab_size() > model.config.vocab_size {
+    if tok.vocab_size() > model.vocab_size() {
         bail!(
             "the tokenizer has {} tokens but the model only {}",
             tok.vocab_size(),
-            model.config.vocab_size
+            model.vocab_size()
         );
     }
     let data_dir = match &prepared_dir {
@@ -245,7 +276,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     };
     let (_, data) = load_prepared(&data_dir)?;
-    let context = a.context.unwrap_or(model.config.n_positions.min(1024));
+    let context = a.context.unwrap_or(model.context().min(1024));
     let lr = a.lr.unwrap_or(if a.init.is_some() { 3e-4 } else { 5e-3 });
     let config = TrainConfig {
         steps: a.steps.unwrap_or(5000),
@@ -338,6 +369,8 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     let info: RunInfo = serde_json::from_str(&text)
         .with_context(|| format!("{} is damaged", run_info_path.display()))?;
     let given = [
+        a.arch.is_some(),
+        a.kv_heads.is_some(),
         a.layers.is_some(),
         a.heads.is_some(),
         a.width.is_some(),
@@ -359,7 +392,7 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     if given.iter().any(|&g| g) {
         eprintln!("warning: --resume continues with the saved run's data and settings; the data, model and schedule flags given are ignored");
     }
-    let model = load_gpt2(out)?;
+    let model = Model::load(out, false)?;
     check_writable(out)?;
     let tok = Tokenizer::load(out)?;
     let (_, data) = load_prepared(&info.data_dir)?;
@@ -386,7 +419,6 @@ fn drive(
         });
     }
     let cfg = trainer.config.clone();
-    let mc = trainer.model.config.clone();
     if !source.is_empty() {
         eprintln!(
             "corpus: {} ({} train / {} validation tokens, vocabulary {})",
@@ -397,16 +429,13 @@ fn drive(
             },
             data.train.len(),
             data.val.len(),
-            mc.vocab_size
+            trainer.model.vocab_size()
         );
     }
     eprintln!(
-        "model: GPT-2, {} layers, {} heads, width {}, context {}, {:.2}M parameters; {} threads, {} kernels",
-        mc.n_layer,
-        mc.n_head,
-        mc.n_embd,
+        "model: {}, context {}; {} threads, {} kernels",
+        trainer.model.describe(),
         cfg.seq_len,
-        trainer.model.num_params() as f64 / 1e6,
         rayon::current_num_threads(),
         quill::kernels::simd::level()
     );

@@ -14,6 +14,7 @@
 //! safetensors, atomic writes), [`tokenizer`], [`data`], [`train`], [`sample`].
 
 pub mod bench;
+pub mod chat;
 pub mod data;
 pub mod error;
 pub mod io;

@@ -10,6 +10,7 @@ use quill::io::hf::load_gpt2;
 use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
 use quill::model::Activations;
+use quill::model::Model;
 use quill::sample::{generate, Sampler, SamplingParams};
 use std::path::PathBuf;
 
@@ -104,12 +105,12 @@ fn logits_loss_and_every_gradient_match_transformers() {
 
 #[test]
 fn greedy_generation_with_kv_cache_matches_transformers() {
-    let model = load_gpt2(&fixture()).unwrap();
+    let model = Model::Gpt2(load_gpt2(&fixture()).unwrap());
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
     let (_, greedy) = read(&expected, "greedy_ids");
     let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();
     let (_, want_logits) = read(&expected, "greedy_logits");
-    let n_new = want_logits.len() / model.config.vocab_size;
+    let n_new = want_logits.len() / model.vocab_size();
     let prompt = &greedy[..greedy.len() - n_new];
     let params = SamplingParams {
         temperature: 0.0,
@@ -121,7 +122,7 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
         prompt,
         n_new,
         &mut sampler,
-        None,
+        &[],
         |_| {},
         |_| Ok(true),
     )
@@ -129,8 +130,8 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
     assert_eq!(out, greedy[prompt.len()..]);
 
     // the cached logits at every step match transformers' too
-    let v = model.config.vocab_size;
-    let mut cache = model.new_cache();
+    let v = model.vocab_size();
+    let mut cache = model.new_cache(64);
     let mut logits = Vec::new();
     model
         .forward_cached(&mut cache, prompt, &mut logits, false)
@@ -188,7 +189,7 @@ fn accumulated_micro_batches_equal_the_full_batch() {
 /// cache from the most recent tokens.
 #[test]
 fn generation_stops_at_eos_and_continues_past_the_context() {
-    let model = load_gpt2(&fixture()).unwrap();
+    let model = Model::Gpt2(load_gpt2(&fixture()).unwrap());
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
     let (_, greedy) = read(&expected, "greedy_ids");
     let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();
@@ -204,7 +205,7 @@ fn generation_stops_at_eos_and_continues_past_the_context() {
         prompt,
         20,
         &mut sampler,
-        Some(greedy[4]),
+        &[greedy[4]],
         |_| {},
         |_| Ok(true),
     )
@@ -223,7 +224,7 @@ fn generation_stops_at_eos_and_continues_past_the_context() {
         prompt,
         150,
         &mut sampler,
-        None,
+        &[],
         |e| {
             if let quill::sample::GenerateEvent::ContextShifted { kept } = e {
                 assert_eq!(kept, 32);
@@ -235,7 +236,7 @@ fn generation_stops_at_eos_and_continues_past_the_context() {
     .unwrap();
     assert_eq!(out.len(), 150);
     assert!(shifts >= 3, "{shifts} shifts");
-    assert!(out.iter().all(|&t| (t as usize) < model.config.vocab_size));
+    assert!(out.iter().all(|&t| (t as usize) < model.vocab_size()));
 }
 
 /// OpenAI's original GPT-2 upload names tensors without the `transformer.` prefix

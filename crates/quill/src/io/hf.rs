@@ -299,3 +299,50 @@ pub fn save_gpt2(
         serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
     super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
 }
+
+/// The defaults of a folder's `generation_config.json` (all optional).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+}
+
+impl GenerationConfig {
+    /// Reads `dir/generation_config.json`; a folder without one gives the empty config.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| x as f32);
+        let u = |k: &str| v.get(k).and_then(|x| x.as_u64());
+        let eos_token_ids = match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        Ok(GenerationConfig {
+            do_sample: v.get("do_sample").and_then(|x| x.as_bool()),
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: u("top_k").map(|x| x as usize),
+            max_new_tokens: u("max_new_tokens").map(|x| x as usize),
+            repetition_penalty: f("repetition_penalty"),
+            eos_token_ids,
+            bos_token_id: u("bos_token_id").map(|x| x as u32),
+        })
+    }
+}

@@ -2,7 +2,7 @@
 //! token at a time, each costing one position of compute.
 
 use super::Sampler;
-use crate::model::Gpt2;
+use crate::model::Model;
 use crate::{Error, Result};
 
 pub enum GenerateEvent {
@@ -13,40 +13,43 @@ pub enum GenerateEvent {
 }
 
 /// Generates up to `max_new` tokens after `prompt`, calling `on_token` with each new id as it
-/// is drawn (return false to stop). Stops early at `eos`. Returns the new ids.
+/// is drawn (return false to stop). Stops early at any id in `eos`. Returns the new ids.
 pub fn generate(
-    model: &Gpt2,
+    model: &Model,
     prompt: &[u32],
     max_new: usize,
     sampler: &mut Sampler,
-    eos: Option<u32>,
+    eos: &[u32],
     mut on_event: impl FnMut(GenerateEvent),
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty (no tokens)".into()));
     }
-    let ctx = model.config.n_positions;
-    let mut cache = model.new_cache();
+    let ctx = model.context();
     let mut tokens: Vec<u32> = prompt.to_vec();
     if tokens.len() > ctx {
         let dropped = tokens.len() - ctx;
         tokens.drain(..dropped);
         on_event(GenerateEvent::PromptTruncated { dropped, kept: ctx });
     }
+    // a cache no longer than this generation can need
+    let mut cache = model.new_cache((tokens.len() + max_new).min(ctx));
     let mut logits = Vec::new();
     model.forward_cached(&mut cache, &tokens, &mut logits, false)?;
     let mut out = Vec::new();
     while out.len() < max_new {
+        let penalty = sampler.params.repetition_penalty;
+        super::apply_repetition_penalty(&mut logits, &tokens, penalty);
         let next = sampler.sample(&logits);
         out.push(next);
         tokens.push(next);
-        if !on_token(next)? || Some(next) == eos || out.len() == max_new {
+        if !on_token(next)? || eos.contains(&next) || out.len() == max_new {
             break;
         }
-        if cache.len == ctx {
-            // learned positions end here: keep the most recent half and recompute its cache
-            let kept = (ctx / 2).max(1);
+        if cache.len() == cache.capacity() {
+            // the context ends here: keep the most recent half and recompute its cache
+            let kept = (cache.capacity() / 2).max(1);
             tokens.drain(..tokens.len() - kept);
             cache.clear();
             model.forward_cached(&mut cache, &tokens, &mut logits, false)?;

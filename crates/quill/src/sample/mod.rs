@@ -16,6 +16,9 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of most likely tokens whose probability reaches p (1: no limit).
     pub top_p: f32,
+    /// `transformers`' repetition penalty: the logit of every token already in the text is
+    /// divided by it when positive, multiplied when negative (1: off).
+    pub repetition_penalty: f32,
     pub seed: u64,
 }
 
@@ -25,6 +28,7 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            repetition_penalty: 1.0,
             seed: 1337,
         }
     }
@@ -44,7 +48,28 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(Error::Input(format!(
+                "repetition penalty must be > 0 (got {})",
+                self.repetition_penalty
+            )));
+        }
         Ok(())
+    }
+}
+
+/// Applies a repetition penalty in place to the logits of every distinct id in `history`.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in history {
+        if seen.insert(id) {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            }
+        }
     }
 }
 
@@ -182,6 +207,7 @@ mod tests {
             top_k: k,
             top_p: p,
             seed: 5,
+            ..Default::default()
         }
     }
 

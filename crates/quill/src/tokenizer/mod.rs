@@ -113,6 +113,15 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes text as `transformers`' `tokenizer(text)` does: with whatever the tokenizer's
+    /// post-processor adds (Llama's BOS, for example; nothing for GPT-2 or Qwen2).
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Hf(t) => hf_ids(&t.inner, text, true),
+        }
+    }
+
     /// Encodes text as plain text: special-token strings are ordinary characters.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         match self {

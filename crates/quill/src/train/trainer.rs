@@ -8,9 +8,8 @@ use super::plot::loss_svg;
 use super::schedule::Schedule;
 use crate::data::{eval_batch, eval_windows, sample_batch, Split};
 use crate::io::atomic::write_text;
-use crate::io::hf::save_gpt2;
 use crate::kernels::crossentropy::IGNORE;
-use crate::model::{Activations, Gpt2};
+use crate::model::{Acts, Model};
 use crate::rng::Rng;
 use crate::sample::{generate, Sampler, SamplingParams};
 use crate::{Error, Result};
@@ -144,12 +143,12 @@ pub struct TokenizerInfo<'a> {
 }
 
 pub struct Trainer<'a> {
-    pub model: Gpt2,
+    pub model: Model,
     pub opt: AdamW,
     pub config: TrainConfig,
     state: State,
     grads: Vec<f32>,
-    acts: Activations,
+    acts: Acts,
     ids: Vec<u32>,
     targets: Vec<u32>,
     data: &'a Split,
@@ -164,7 +163,7 @@ fn fingerprint(data: &Split) -> String {
 impl<'a> Trainer<'a> {
     /// A new run: `model` holds the initial parameters (fresh or from `--init`).
     pub fn new(
-        model: Gpt2,
+        model: Model,
         config: TrainConfig,
         data: &'a Split,
         out: &Path,
@@ -189,7 +188,7 @@ impl<'a> Trainer<'a> {
     /// Continues the run saved in `out`; `model` gives the architecture (its parameters are
     /// replaced by the saved ones).
     pub fn resume(
-        model: Gpt2,
+        model: Model,
         data: &'a Split,
         out: &Path,
         tok: TokenizerInfo<'a>,
@@ -207,14 +206,14 @@ impl<'a> Trainer<'a> {
             ));
         }
         let mut model = model;
-        model.params = saved.params;
+        *model.params_mut().1 = saved.params;
         let config = state.config.clone();
         let opt_state = (saved.exp_avg, saved.exp_avg_sq);
         Self::build(model, config, state, Some(opt_state), data, out, tok)
     }
 
     fn build(
-        model: Gpt2,
+        model: Model,
         config: TrainConfig,
         state: State,
         moments: Option<(Vec<f32>, Vec<f32>)>,
@@ -222,10 +221,13 @@ impl<'a> Trainer<'a> {
         out: &Path,
         tok: TokenizerInfo<'a>,
     ) -> Result<Self> {
-        if config.seq_len > model.config.n_positions {
+        let mut model = model;
+        model.materialize();
+        if config.seq_len > model.context() {
             return Err(Error::Input(format!(
                 "context {} is longer than the model's {} positions",
-                config.seq_len, model.config.n_positions
+                config.seq_len,
+                model.context()
             )));
         }
         if data.train.len() <= config.seq_len {
@@ -250,7 +252,7 @@ impl<'a> Trainer<'a> {
         let n = config.batch_size * config.seq_len;
         Ok(Trainer {
             grads: vec![0.0; model.num_params()],
-            acts: Activations::new(&model.config, config.batch_size, config.seq_len),
+            acts: model.new_acts(config.batch_size, config.seq_len),
             ids: vec![0; n],
             targets: vec![0; n],
             model,
@@ -360,9 +362,9 @@ impl<'a> Trainer<'a> {
         )?;
         let mut meta = BTreeMap::new();
         meta.insert("quill_step".to_string(), self.state.step.to_string());
-        save_gpt2(out, &self.model, &meta)?;
+        self.model.save(out, &meta)?;
         let json = serde_json::to_string(&self.state).expect("state serializes");
-        checkpoint::save(out, &self.model.params, &self.opt.m, &self.opt.v, &json)
+        checkpoint::save(out, self.model.params(), &self.opt.m, &self.opt.v, &json)
     }
 
     fn write_plot(&self) -> Result<()> {
@@ -378,14 +380,7 @@ impl<'a> Trainer<'a> {
             .map(|&(t, l)| (t as f64, l))
             .collect();
         let val: Vec<(f64, f64)> = ms.iter().map(|m| (m.tokens as f64, m.val_loss)).collect();
-        let c = &self.model.config;
-        let title = format!(
-            "quill: GPT-2 {} layers, {} heads, width {}, {:.2}M parameters",
-            c.n_layer,
-            c.n_head,
-            c.n_embd,
-            self.model.num_params() as f64 / 1e6
-        );
+        let title = format!("quill: {}", self.model.describe());
         write_text(&self.out.join("loss.svg"), &loss_svg(&train, &val, &title))
     }
 
@@ -397,6 +392,7 @@ impl<'a> Trainer<'a> {
             top_k: 0,
             top_p: 1.0,
             seed: self.config.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9) ^ salt,
+            ..Default::default()
         };
         let mut sampler = Sampler::new(params)?;
         let ids = generate(
@@ -404,7 +400,7 @@ impl<'a> Trainer<'a> {
             &self.tok.sample_prompt,
             n,
             &mut sampler,
-            None,
+            &[],
             |_| {},
             |_| Ok(true),
         )?;
@@ -482,8 +478,8 @@ impl<'a> Trainer<'a> {
                 step_loss += sum / count as f64 / accum as f64;
             }
             let last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
-            self.opt
-                .step(&self.model.layout, &mut self.model.params, &self.grads, lr);
+            let (layout, params) = self.model.params_mut();
+            self.opt.step(layout, params, &self.grads, lr);
             self.state.step += 1;
             steps_this_run += 1;
             self.state.tokens += (b * t * accum) as u64;
