@@ -160,13 +160,8 @@ impl ChatTemplate {
         ctx.insert("tools".into(), Value::Null);
         ctx.insert("documents".into(), Value::Null);
         let ctx = minijinja::Value::from(minijinja::value::Serde(&ctx));
-        tmpl.render(ctx).map_err(|e| {
-            let mut msg = format!("the chat template failed to render: {e}");
-            if let Some(d) = e.detail() {
-                msg = format!("{msg} ({d})");
-            }
-            Error::Input(msg)
-        })
+        tmpl.render(ctx)
+            .map_err(|e| Error::Input(format!("the chat template failed to render: {e}")))
     }
 }
 
