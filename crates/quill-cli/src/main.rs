@@ -250,7 +250,7 @@ struct ChatArgs {
 
 #[derive(clap::Args)]
 struct LogitsArgs {
-    /// Model folder (config.json, model.safetensors).
+    /// Model folder (config.json, model.safetensors), or a llama2.c checkpoint (.bin).
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 1,2,3.
@@ -450,7 +450,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
                 "warning: the prompt has {} tokens, more than the context; using its last {kept}",
                 dropped + kept
             ),
-            GenerateEvent::ContextShifted { .. } => {}
+            GenerateEvent::ContextShifted { kept } => eprintln!(
+                "\nnote: the context of {} tokens is full; continuing from the last {kept}",
+                model.context()
+            ),
         },
         |id| {
             if !eos.contains(&id) {
@@ -596,9 +599,12 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = Model::load(&a.model, true)?;
-    let logits = model.logits_all(&ids)?;
-    let v = model.vocab_size();
+    let (logits, v) = if a.model.is_file() {
+        llama2c_logits(&a.model, &ids)?
+    } else {
+        let model = Model::load(&a.model, true)?;
+        (model.logits_all(&ids)?, model.vocab_size())
+    };
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });
     let stdout = std::io::stdout();
@@ -606,6 +612,24 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     serde_json::to_writer(&mut out, &json)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Logits [T, V] of a llama2.c checkpoint, one position at a time.
+fn llama2c_logits(path: &Path, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
+    let model = quill::model::llama2c::Llama2c::load(path)?;
+    let (v, ctx) = (model.config.vocab_size, model.config.seq_len);
+    if ids.len() > ctx {
+        bail!(
+            "{} tokens are more than the model's context of {ctx} positions",
+            ids.len()
+        );
+    }
+    let mut cache = model.new_cache();
+    let mut all = Vec::with_capacity(ids.len() * v);
+    for &id in ids {
+        all.extend(model.forward(&mut cache, id)?);
+    }
+    Ok((all, v))
 }
 
 fn run_score(a: ScoreArgs) -> Result<()> {

@@ -1070,3 +1070,143 @@ fn bench_reports_peaks_and_training_speed() {
     let e = run_err(quill().args(["bench", "train", "--config", "huge"]));
     assert!(e.contains("nano"), "{e}");
 }
+
+fn fixture_named(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+/// `quill logits` on the Llama and Qwen2 references (written by transformers) and on the
+/// llama2.c checkpoint (whose logits, position by position, pick run.c's greedy tokens).
+#[test]
+fn logits_work_on_every_architecture() {
+    for name in ["llama-tiny", "qwen2-tiny"] {
+        let dir = fixture_named(name);
+        let expected = std::fs::read(dir.join("expected.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&expected).unwrap();
+        let ids_t = st.tensor("input_ids").unwrap();
+        let t = ids_t.shape()[1];
+        let ids: Vec<String> = ids_t.data()[..t * 8]
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()).to_string())
+            .collect();
+        let out = run_ok(
+            quill()
+                .args(["logits", "--ids", &ids.join(","), "--model"])
+                .arg(&dir),
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let logits = st.tensor("logits").unwrap();
+        let v = logits.shape()[2];
+        let want: Vec<f32> = logits.data()[..t * v * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let got: Vec<f64> = got["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - *b as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-4, "{name}: max abs difference {worst}");
+    }
+    let dir = fixture_named("stories260K");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).unwrap())
+            .unwrap();
+    let seq: Vec<u64> = reference["cases"][0]["sequence_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let ids: Vec<String> = seq[..40].iter().map(|x| x.to_string()).collect();
+    let out = run_ok(
+        quill()
+            .args(["logits", "--ids", &ids.join(","), "--model"])
+            .arg(dir.join("stories260K.bin")),
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = got["logits"].as_array().unwrap();
+    let prompt = reference["cases"][0]["prompt_tokens"].as_array().unwrap().len();
+    // after the prompt, every next token is the argmax of the previous position's logits
+    for i in prompt - 1..39 {
+        let r: Vec<f64> = rows[i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let best = (0..r.len()).fold(0, |b, j| if r[j] > r[b] { j } else { b });
+        assert_eq!(best as u64, seq[i + 1], "position {i}");
+    }
+}
+
+/// Llama-family folders with problems: each a one-line error naming the problem.
+#[test]
+fn llama_folders_with_problems_get_clear_errors() {
+    let tmp = TempDir::new("llama-bad");
+    let d = tmp.path();
+    let src = fixture_named("llama-tiny");
+    let broken = |name: &str, f: &dyn Fn(&Path)| -> String {
+        let m = d.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        for file in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(file), m.join(file)).unwrap();
+        }
+        f(&m);
+        run_err(quill().args(["logits", "--ids", "1,2,3", "--model"]).arg(&m))
+    };
+    let edit = |m: &Path, key: &str, v: serde_json::Value| {
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap())
+                .unwrap();
+        c[key] = v;
+        std::fs::write(m.join("config.json"), c.to_string()).unwrap();
+    };
+    let e = broken("shape", &|m| edit(m, "intermediate_size", 128.into()));
+    assert!(e.contains("has shape") && e.contains("intermediate_size=128"), "{e}");
+    let e = broken("kv", &|m| edit(m, "num_key_value_heads", 3.into()));
+    assert!(e.contains("num_key_value_heads"), "{e}");
+    let e = broken("rope", &|m| {
+        edit(
+            m,
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+        )
+    });
+    assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
+    let e = broken("act", &|m| edit(m, "hidden_act", "gelu".into()));
+    assert!(e.contains("hidden_act"), "{e}");
+    let e = broken("truncated", &|m| {
+        let b = std::fs::read(m.join("model.safetensors")).unwrap();
+        std::fs::write(m.join("model.safetensors"), &b[..b.len() / 2]).unwrap();
+    });
+    assert!(e.contains("truncated or damaged"), "{e}");
+    let e = broken("missing-shard", &|m| {
+        std::fs::rename(m.join("model.safetensors"), m.join("model-00001-of-00002.safetensors"))
+            .unwrap();
+        let index = serde_json::json!({"weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "lm_head.weight": "model-00002-of-00002.safetensors"}});
+        std::fs::write(m.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    });
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+    // generation needs a tokenizer, and a working one
+    let m = d.join("shape");
+    edit(&m, "intermediate_size", 160.into());
+    let e = run_err(quill().args(["generate", "--prompt", "hi", "--model"]).arg(&m));
+    assert!(e.contains("no tokenizer.json"), "{e}");
+    std::fs::write(m.join("tokenizer.json"), "{").unwrap();
+    let e = run_err(quill().args(["generate", "--prompt", "hi", "--model"]).arg(&m));
+    assert!(e.contains("tokenizer.json") && e.contains("not a tokenizer"), "{e}");
+    let e = run_err(quill().args(["chat", "--model"]).arg(&m));
+    assert!(e.contains("tokenizer"), "{e}");
+}
