@@ -199,6 +199,7 @@ impl SamplingArgs {
             repetition_penalty: self
                 .repetition_penalty
                 .unwrap_or(gen.repetition_penalty.unwrap_or(1.0)),
+            vocab_limit: 0,
             seed: self.seed,
         }
     }
@@ -391,6 +392,17 @@ fn open_model(dir: &Path) -> Result<Opened> {
     })
 }
 
+impl Opened {
+    /// Sampling settings: the flags, then generation_config.json, then quill's defaults;
+    /// only ids the tokenizer can spell are drawn.
+    fn sampling(&self, a: &SamplingArgs) -> SamplingParams {
+        SamplingParams {
+            vocab_limit: self.tok.vocab_size(),
+            ..a.params(&self.gen)
+        }
+    }
+}
+
 fn require_template<'a>(o: &'a Opened, dir: &Path) -> Result<&'a ChatTemplate> {
     o.template.as_ref().with_context(|| {
         format!(
@@ -407,7 +419,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         return run_generate_llama2c(&a, &mut sampler);
     }
     let o = open_model(&a.model)?;
-    let mut sampler = Sampler::new(a.sampling.params(&o.gen))?;
+    let mut sampler = Sampler::new(o.sampling(&a.sampling))?;
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(500);
     let (model, tok) = (&o.model, &o.tok);
     let prompt = if a.chat {
@@ -475,7 +487,7 @@ fn run_chat(a: ChatArgs) -> Result<()> {
     let o = open_model(&a.model)?;
     let template = require_template(&o, &a.model)?;
     let (model, tok) = (&o.model, &o.tok);
-    let mut sampler = Sampler::new(a.sampling.params(&o.gen))?;
+    let mut sampler = Sampler::new(o.sampling(&a.sampling))?;
     let ctx = model.context();
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(512);
     // room kept free for the reply when old turns are dropped

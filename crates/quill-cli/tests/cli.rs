@@ -1135,7 +1135,10 @@ fn logits_work_on_every_architecture() {
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = got["logits"].as_array().unwrap();
-    let prompt = reference["cases"][0]["prompt_tokens"].as_array().unwrap().len();
+    let prompt = reference["cases"][0]["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .len();
     // after the prompt, every next token is the argmax of the previous position's logits
     for i in prompt - 1..39 {
         let r: Vec<f64> = rows[i]
@@ -1162,17 +1165,23 @@ fn llama_folders_with_problems_get_clear_errors() {
             std::fs::copy(src.join(file), m.join(file)).unwrap();
         }
         f(&m);
-        run_err(quill().args(["logits", "--ids", "1,2,3", "--model"]).arg(&m))
+        run_err(
+            quill()
+                .args(["logits", "--ids", "1,2,3", "--model"])
+                .arg(&m),
+        )
     };
     let edit = |m: &Path, key: &str, v: serde_json::Value| {
         let mut c: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
         c[key] = v;
         std::fs::write(m.join("config.json"), c.to_string()).unwrap();
     };
     let e = broken("shape", &|m| edit(m, "intermediate_size", 128.into()));
-    assert!(e.contains("has shape") && e.contains("intermediate_size=128"), "{e}");
+    assert!(
+        e.contains("has shape") && e.contains("intermediate_size=128"),
+        "{e}"
+    );
     let e = broken("kv", &|m| edit(m, "num_key_value_heads", 3.into()));
     assert!(e.contains("num_key_value_heads"), "{e}");
     let e = broken("rope", &|m| {
@@ -1191,8 +1200,11 @@ fn llama_folders_with_problems_get_clear_errors() {
     });
     assert!(e.contains("truncated or damaged"), "{e}");
     let e = broken("missing-shard", &|m| {
-        std::fs::rename(m.join("model.safetensors"), m.join("model-00001-of-00002.safetensors"))
-            .unwrap();
+        std::fs::rename(
+            m.join("model.safetensors"),
+            m.join("model-00001-of-00002.safetensors"),
+        )
+        .unwrap();
         let index = serde_json::json!({"weight_map": {
             "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
             "lm_head.weight": "model-00002-of-00002.safetensors"}});
@@ -1202,11 +1214,22 @@ fn llama_folders_with_problems_get_clear_errors() {
     // generation needs a tokenizer, and a working one
     let m = d.join("shape");
     edit(&m, "intermediate_size", 160.into());
-    let e = run_err(quill().args(["generate", "--prompt", "hi", "--model"]).arg(&m));
+    let e = run_err(
+        quill()
+            .args(["generate", "--prompt", "hi", "--model"])
+            .arg(&m),
+    );
     assert!(e.contains("no tokenizer.json"), "{e}");
     std::fs::write(m.join("tokenizer.json"), "{").unwrap();
-    let e = run_err(quill().args(["generate", "--prompt", "hi", "--model"]).arg(&m));
-    assert!(e.contains("tokenizer.json") && e.contains("not a tokenizer"), "{e}");
+    let e = run_err(
+        quill()
+            .args(["generate", "--prompt", "hi", "--model"])
+            .arg(&m),
+    );
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not a tokenizer"),
+        "{e}"
+    );
     let e = run_err(quill().args(["chat", "--model"]).arg(&m));
     assert!(e.contains("tokenizer"), "{e}");
 }

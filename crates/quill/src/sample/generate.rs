@@ -41,6 +41,10 @@ pub fn generate(
     while out.len() < max_new {
         let penalty = sampler.params.repetition_penalty;
         super::apply_repetition_penalty(&mut logits, &tokens, penalty);
+        let limit = sampler.params.vocab_limit;
+        if limit > 0 && limit < logits.len() {
+            logits[limit..].fill(f32::NEG_INFINITY);
+        }
         let next = sampler.sample(&logits);
         out.push(next);
         tokens.push(next);

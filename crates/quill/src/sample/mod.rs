@@ -19,6 +19,9 @@ pub struct SamplingParams {
     /// `transformers`' repetition penalty: the logit of every token already in the text is
     /// divided by it when positive, multiplied when negative (1: off).
     pub repetition_penalty: f32,
+    /// Only ids below this can be drawn (0: no limit). Models often have more rows in their
+    /// LM head than their tokenizer has tokens; ids without text are never chosen.
+    pub vocab_limit: usize,
     pub seed: u64,
 }
 
@@ -29,6 +32,7 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            vocab_limit: 0,
             seed: 1337,
         }
     }
