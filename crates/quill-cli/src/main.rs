@@ -79,6 +79,25 @@ enum BenchCommand {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Matrix operands: f32 (bf16 mixed precision is not implemented yet).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prompt tokens/s, decode tokens/s at batch 1 and the memory bandwidth decoding uses
+    /// (weight bytes per token × tokens/s ÷ the measured copy bandwidth), on random prompt ids.
+    Generate {
+        /// Model folder (any supported architecture).
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt tokens.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Tokens decoded one at a time after the prompt.
+        #[arg(long, default_value_t = 128)]
+        new: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -890,8 +909,16 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             batch,
             seq,
             steps,
+            dtype,
             json,
         } => {
+            match dtype.as_str() {
+                "f32" => {}
+                "bf16" => {
+                    bail!("--dtype bf16: bf16 mixed-precision training is not implemented yet")
+                }
+                other => bail!("--dtype {other:?}: expected f32 or bf16"),
+            }
             let cfg = quill::bench::train_config(&config)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
@@ -924,6 +951,59 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     r.n_for_flops,
                     r.flops_per_token
                 );
+                if let Some(rss) = r.peak_rss {
+                    println!(
+                        "peak RSS {:.1} MB; accounted {:.1} MB (RSS before the model + 16 B/parameter for weights, gradients and AdamW moments + 4 B per activation value)",
+                        rss as f64 / 1e6,
+                        r.accounted_bytes as f64 / 1e6
+                    );
+                }
+            }
+        }
+        BenchCommand::Generate {
+            model,
+            prompt_len,
+            new,
+            json,
+        } => {
+            let copy = quill::bench::peak().copy_gbs;
+            quill::bench::reset_peak_rss();
+            let m = Model::load(&model, true)?;
+            let r = quill::bench::generate(
+                &m,
+                &model.display().to_string(),
+                prompt_len,
+                new,
+                Some(copy),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} ({}, {:.1}M parameters, {} threads)",
+                    r.model,
+                    r.architecture,
+                    r.params as f64 / 1e6,
+                    r.threads
+                );
+                println!(
+                    "prompt: {:.1} tokens/s ({} tokens, best of 3)",
+                    r.prompt_tokens_per_sec, r.prompt_len
+                );
+                println!(
+                    "decode: {:.1} tokens/s at batch 1 ({} tokens after the prompt)",
+                    r.decode_tokens_per_sec, r.new_tokens
+                );
+                println!(
+                    "bandwidth: {:.1} MB of weights per token -> {:.1} GB/s, {:.0}% of the measured copy bandwidth {:.1} GB/s",
+                    r.weight_bytes_per_token as f64 / 1e6,
+                    r.decode_gbs,
+                    100.0 * r.bandwidth_util.unwrap_or(0.0),
+                    copy
+                );
+                if let Some(rss) = r.peak_rss {
+                    println!("peak RSS {:.1} MB", rss as f64 / 1e6);
+                }
             }
         }
     }

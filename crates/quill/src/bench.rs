@@ -3,7 +3,7 @@
 //! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
 
 use crate::kernels::matmul::matmul;
-use crate::model::{Activations, Gpt2, Gpt2Config};
+use crate::model::{Activations, Gpt2, Gpt2Config, Model};
 use crate::rng::Rng;
 use crate::train::optimizer::{clip_grad_norm, AdamW};
 use crate::{Error, Result};
@@ -116,6 +116,33 @@ pub struct TrainBench {
     pub best_tokens_per_sec: f64,
     /// Model FLOPs utilisation against `peak_gflops` (when given).
     pub mfu: Option<f64>,
+    /// Peak resident memory of the run, bytes (Linux; from the start of the model's setup).
+    pub peak_rss: Option<u64>,
+    /// What the run holds by design: parameters, gradients and both AdamW moments
+    /// (16 bytes per parameter) plus every activation and backward buffer (4 bytes each),
+    /// plus the resident memory before the model was made.
+    pub accounted_bytes: u64,
+}
+
+/// Peak resident set size of this process so far (VmHWM), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Current resident set size (VmRSS), in bytes.
+pub fn current_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Resets the peak RSS counter to the current RSS (Linux: `5` into /proc/self/clear_refs).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Median tokens/s of whole training steps after `warmup` steps.
@@ -126,6 +153,8 @@ pub fn train(
     steps: usize,
     peak_gflops: Option<f64>,
 ) -> Result<TrainBench> {
+    reset_peak_rss();
+    let baseline = current_rss().unwrap_or(0);
     let mc = Gpt2Config::new(cfg.vocab, seq, cfg.width, cfg.layers, cfg.heads);
     let mut model = Gpt2::new(mc)?;
     model.init(0);
@@ -167,5 +196,83 @@ pub fn train(
         tokens_per_sec: tps,
         best_tokens_per_sec: tokens / best,
         mfu: peak_gflops.map(|p| flops_per_token * tps / (p * 1e9)),
+        peak_rss: peak_rss(),
+        accounted_bytes: baseline + 16 * model.num_params() as u64 + 4 * acts.floats() as u64,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct GenerateBench {
+    pub model: String,
+    pub architecture: String,
+    pub threads: usize,
+    pub params: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Prompt processing: prompt tokens / time of one forward over the prompt (best of 3).
+    pub prompt_tokens_per_sec: f64,
+    /// Decoding at batch 1: new tokens / total time, greedy, the context growing from the prompt.
+    pub decode_tokens_per_sec: f64,
+    /// Weight bytes read per decoded token, in their stored precision.
+    pub weight_bytes_per_token: usize,
+    /// weight bytes per token × decode tokens/s, GB/s.
+    pub decode_gbs: f64,
+    /// decode_gbs ÷ the measured copy bandwidth (when given).
+    pub bandwidth_util: Option<f64>,
+    pub peak_rss: Option<u64>,
+}
+
+/// Prompt and decode speed of `model` on random token ids (seeded).
+pub fn generate(
+    model: &Model,
+    name: &str,
+    prompt_len: usize,
+    new: usize,
+    copy_gbs: Option<f64>,
+) -> Result<GenerateBench> {
+    if prompt_len == 0 || new == 0 {
+        return Err(Error::Input(
+            "--prompt-len and --new must be at least 1".into(),
+        ));
+    }
+    if prompt_len + new > model.context() {
+        return Err(Error::Input(format!(
+            "prompt {prompt_len} + new {new} tokens exceed the model's context of {}",
+            model.context()
+        )));
+    }
+    let mut rng = Rng::new(0);
+    let v = model.vocab_size();
+    let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.below(v) as u32).collect();
+    let mut logits = Vec::new();
+    let mut best = f64::MAX;
+    let mut cache = model.new_cache(prompt_len + new);
+    for _ in 0..3 {
+        cache.clear();
+        let t = Instant::now();
+        model.forward_cached(&mut cache, &prompt, &mut logits, false)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let t = Instant::now();
+    for _ in 0..new {
+        let next = crate::sample::argmax(&logits);
+        model.forward_cached(&mut cache, &[next], &mut logits, false)?;
+    }
+    let decode = new as f64 / t.elapsed().as_secs_f64();
+    let bytes = model.weight_bytes_per_token();
+    let gbs = bytes as f64 * decode / 1e9;
+    Ok(GenerateBench {
+        model: name.to_string(),
+        architecture: model.architecture().to_string(),
+        threads: rayon::current_num_threads(),
+        params: model.num_params(),
+        prompt_len,
+        new_tokens: new,
+        prompt_tokens_per_sec: prompt_len as f64 / best,
+        decode_tokens_per_sec: decode,
+        weight_bytes_per_token: bytes,
+        decode_gbs: gbs,
+        bandwidth_util: copy_gbs.map(|b| gbs / b),
+        peak_rss: peak_rss(),
     })
 }

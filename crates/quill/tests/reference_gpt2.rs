@@ -105,7 +105,14 @@ fn logits_loss_and_every_gradient_match_transformers() {
 
 #[test]
 fn greedy_generation_with_kv_cache_matches_transformers() {
-    let model = Model::Gpt2(load_gpt2(&fixture()).unwrap());
+    // the training layout, and the transposed layout opened for generation
+    check_greedy(Model::Gpt2(load_gpt2(&fixture()).unwrap()));
+    let opened = Model::load(&fixture(), true).unwrap();
+    assert!(matches!(&opened, Model::Gpt2(m) if m.inference_layout));
+    check_greedy(opened);
+}
+
+fn check_greedy(model: Model) {
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
     let (_, greedy) = read(&expected, "greedy_ids");
     let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();

@@ -279,6 +279,11 @@ pub fn save_gpt2(
     model: &Gpt2,
     extra_metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
+    if model.inference_layout {
+        return Err(Error::Input(
+            "cannot save a model opened for generation (transposed weights)".into(),
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut meta = extra_metadata.clone();
     meta.insert("format".into(), "pt".into());

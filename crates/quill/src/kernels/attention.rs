@@ -296,7 +296,7 @@ pub fn forward_cached(
             let mut mx = f32::NEG_INFINITY;
             for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
                 let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                *s = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *s = dot(qrow, krow) * scale;
                 mx = mx.max(*s);
             }
             let mut sum = 0.0;
@@ -318,6 +318,12 @@ pub fn forward_cached(
             }
         },
     );
+}
+
+super::simd::multiversion! {
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::math::dot(a, b)
+    }
 }
 
 #[cfg(test)]

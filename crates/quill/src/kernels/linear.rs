@@ -161,6 +161,55 @@ pub fn matvec(y: &mut [f32], x: &[f32], w: MatRef<'_>, inp: usize) {
 
 const LANES: usize = 16;
 
+/// Output columns per parallel task of [`matvec_in_out`]: a block's accumulator stays in L1
+/// and each weight row segment it reads is contiguous.
+const COLS_PER_TASK: usize = 256;
+
+/// y [out] = x [inp] · W [inp, out] (W stored input-major, as GPT-2's Conv1D weights): each
+/// weight read once, in contiguous row segments; columns split over the threads.
+pub fn matvec_in_out(y: &mut [f32], x: &[f32], w: &[f32]) {
+    let (inp, out) = (x.len(), y.len());
+    assert_eq!(w.len(), inp * out);
+    let threads = rayon::current_num_threads().max(1);
+    // enough tasks for every thread, but blocks no narrower than one cache line's worth
+    let cols = out
+        .div_ceil(threads * 2)
+        .clamp(LANES * 4, COLS_PER_TASK * 4);
+    let cols = cols.div_ceil(LANES) * LANES;
+    y.par_chunks_mut(cols).enumerate().for_each(|(t, ys)| {
+        axpy_rows(ys, x, w, t * cols, out);
+    });
+}
+
+multiversion! {
+    /// ys = Σ_i x[i] · W[i, j0 .. j0 + ys.len()].
+    fn axpy_rows(ys: &mut [f32], x: &[f32], w: &[f32], j0: usize, out: usize) {
+        ys.fill(0.0);
+        let n = ys.len();
+        let mut i = 0;
+        // four rows at a time: one pass over the accumulator per four weight rows
+        while i + 4 <= x.len() {
+            let (a, b, c, d) = (x[i], x[i + 1], x[i + 2], x[i + 3]);
+            let r0 = &w[i * out + j0..i * out + j0 + n];
+            let r1 = &w[(i + 1) * out + j0..(i + 1) * out + j0 + n];
+            let r2 = &w[(i + 2) * out + j0..(i + 2) * out + j0 + n];
+            let r3 = &w[(i + 3) * out + j0..(i + 3) * out + j0 + n];
+            for j in 0..n {
+                ys[j] += a * r0[j] + b * r1[j] + c * r2[j] + d * r3[j];
+            }
+            i += 4;
+        }
+        while i < x.len() {
+            let a = x[i];
+            let r = &w[i * out + j0..i * out + j0 + n];
+            for j in 0..n {
+                ys[j] += a * r[j];
+            }
+            i += 1;
+        }
+    }
+}
+
 multiversion! {
     fn dots_f32(y: &mut [f32], w: &[f32], x: &[f32]) {
         let inp = x.len();
@@ -195,6 +244,29 @@ mod tests {
     use super::*;
     use crate::kernels::{reference, testutil::*};
     use crate::rng::Rng;
+
+    #[test]
+    fn input_major_matvec_matches_the_reference() {
+        let mut rng = Rng::new(32);
+        for &(inp, out) in &[(1, 1), (3, 5), (7, 17), (33, 130), (768, 2304), (5, 1000)] {
+            let x = randn(&mut rng, inp, 1.0);
+            let w = randn(&mut rng, inp * out, 1.0);
+            let mut want = vec![0.0; out];
+            reference::matmul(
+                &mut want,
+                &to_f64(&x),
+                &to_f64(&w),
+                1,
+                inp,
+                out,
+                false,
+                false,
+            );
+            let mut y = vec![7.0; out];
+            matvec_in_out(&mut y, &x, &w);
+            assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "{inp},{out}");
+        }
+    }
 
     #[test]
     fn every_precision_and_shape_matches_the_reference() {

@@ -31,9 +31,10 @@ pub enum Acts {
 }
 
 impl Model {
-    /// Opens a model folder, choosing the architecture from config.json. With `map`, Llama
-    /// family weights stay memory-mapped in their stored precision (see
-    /// [`crate::io::hf::load_llama`]).
+    /// Opens a model folder, choosing the architecture from config.json. With `map` (for
+    /// inference only), Llama family weights stay memory-mapped in their stored precision
+    /// (see [`crate::io::hf::load_llama`]) and GPT-2's block matrices are transposed for
+    /// decoding ([`Gpt2::to_inference_layout`]); without it the model can train.
     pub fn load(dir: &Path, map: bool) -> Result<Model> {
         let config_path = dir.join("config.json");
         if dir.is_dir() && config_path.is_file() {
@@ -43,7 +44,13 @@ impl Model {
                 .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
             let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
             return match model_type {
-                "gpt2" => Ok(Model::Gpt2(crate::io::hf::load_gpt2(dir)?)),
+                "gpt2" => {
+                    let mut m = crate::io::hf::load_gpt2(dir)?;
+                    if map {
+                        m.to_inference_layout();
+                    }
+                    Ok(Model::Gpt2(m))
+                }
                 "llama" | "mistral" | "qwen2" => {
                     Ok(Model::Llama(crate::io::hf::load_llama(dir, map)?))
                 }
