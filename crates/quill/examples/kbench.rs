@@ -45,32 +45,26 @@ fn main() {
     }
     let qkv = vec![0.01f32; n * 3 * c];
     let mut out = vec![0.0f32; n * c];
-    let mut att = vec![0.0f32; b * h * t * t];
-    let mut datt = vec![0.0f32; b * h * t * t];
+    let hs = attention::Heads::mha(c, h);
+    let mut lse = vec![0.0f32; b * h * t];
+    let mut scratch = vec![0.0f32; attention::scratch_len(b, t, hs)];
     let mut dqkv = vec![0.0f32; n * 3 * c];
     let aflops = 4.0 * (b * t * t * c) as f64;
     time("attention fwd", aflops, 20, || {
-        attention::forward(
-            &mut out,
-            &mut att,
-            &qkv,
-            b,
-            t,
-            attention::Heads::mha(c, h),
-            0.1,
-        )
+        attention::forward(&mut out, &mut lse, &mut scratch, &qkv, b, t, hs, 0.1)
     });
     let dout = vec![0.01f32; n * c];
     time("attention bwd", 2.0 * aflops, 20, || {
         attention::backward(
             &mut dqkv,
-            &mut datt,
+            &mut scratch,
             &dout,
             &qkv,
-            &att,
+            &out,
+            &lse,
             b,
             t,
-            attention::Heads::mha(c, h),
+            hs,
             0.1,
         )
     });

@@ -34,11 +34,28 @@ impl Heads {
     }
 }
 
+/// Scratch floats that [`forward`] and [`backward`] need for a batch: per (batch, head)
+/// task, two strips of CAUSAL_BLOCK x T scores and T row sums. Never a T x T matrix.
+pub fn scratch_len(b: usize, t: usize, hs: Heads) -> usize {
+    b * hs.h * task_scratch(t)
+}
+
+fn task_scratch(t: usize) -> usize {
+    2 * CAUSAL_BLOCK * t + t
+}
+
 /// qkv [B,T,(H+2KV)·D] with blocks q | k | v (head i in columns i·D .. i·D+D of its block)
-/// -> out [B,T,H·D] (heads side by side), att [B,H,T,T] (softmax probabilities, kept for backward).
+/// -> out [B,T,H·D] (heads side by side) and lse [B,H,T], the log-sum-exp of each row's
+/// scaled scores: all that the backward pass keeps of the softmax.
+///
+/// Flash-style: queries go in strips of CAUSAL_BLOCK rows; a strip's scores against the keys
+/// it may see (causal) are computed, soft-maxed and applied to the values at once, in
+/// `scratch` (see [`scratch_len`]); no T x T matrix is stored.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     out: &mut [f32],
-    att: &mut [f32],
+    lse: &mut [f32],
+    scratch: &mut [f32],
     qkv: &[f32],
     b: usize,
     t: usize,
@@ -47,13 +64,15 @@ pub fn forward(
 ) {
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
-    assert!(out.len() == b * t * oc && qkv.len() == b * t * w && att.len() >= b * h * t * t);
-    assert!(hs.kv > 0 && h % hs.kv == 0);
+    assert!(out.len() == b * t * oc && qkv.len() == b * t * w && lse.len() >= b * h * t);
+    assert!(hs.kv > 0 && h % hs.kv == 0 && scratch.len() >= scratch_len(b, t, hs));
     let out_p = SendPtr(out.as_mut_ptr());
-    att[..b * h * t * t]
-        .par_chunks_mut(t * t)
+    let ts = task_scratch(t);
+    scratch[..b * h * ts]
+        .par_chunks_mut(ts)
+        .zip(lse[..b * h * t].par_chunks_mut(t))
         .enumerate()
-        .for_each(|(task, p)| {
+        .for_each(|(task, (strip, lse))| {
             let (bi, hi) = (task / h, task % h);
             let kvh = hi / hs.group();
             let row0 = qkv[bi * t * w..].as_ptr();
@@ -63,19 +82,17 @@ pub fn forward(
                 let q = row0.add(hi * d);
                 let k = row0.add(oc + kvh * d);
                 let v = row0.add(oc + hs.kv * d + kvh * d);
-                let pp = p.as_mut_ptr();
-                // Query rows in blocks: block [i0, i1) only needs keys 0..i1 (causal), which
-                // skips most of the masked upper triangle.
+                let sp = strip.as_mut_ptr();
                 for i0 in (0..t).step_by(CAUSAL_BLOCK) {
                     let i1 = (i0 + CAUSAL_BLOCK).min(t);
-                    let qi = q.offset(i0 as isize * rs);
+                    // S = Q[i0..i1] · K[0..i1]ᵀ: the strip only needs keys up to its last row
                     mm(
                         i1 - i0,
                         d,
                         i1,
-                        pp.add(i0 * t),
+                        sp,
                         t as isize,
-                        qi,
+                        q.offset(i0 as isize * rs),
                         rs,
                         1,
                         k,
@@ -83,21 +100,18 @@ pub fn forward(
                         rs,
                         false,
                     );
-                }
-                for i in 0..t {
-                    softmax_causal_row(&mut p[i * t..(i + 1) * t], i, scale);
-                }
-                let o = out_p.get().add(bi * t * oc + hi * d);
-                for i0 in (0..t).step_by(CAUSAL_BLOCK) {
-                    let i1 = (i0 + CAUSAL_BLOCK).min(t);
-                    let oi = o.add(i0 * oc);
+                    for r in 0..i1 - i0 {
+                        let row = &mut strip[r * t..r * t + i1];
+                        lse[i0 + r] = softmax_causal_row(row, i0 + r, scale);
+                    }
+                    // O[i0..i1] = P · V[0..i1]
                     mm(
                         i1 - i0,
                         i1,
                         d,
-                        oi,
+                        out_p.get().add(bi * t * oc + hi * d + i0 * oc),
                         oc as isize,
-                        p.as_ptr().add(i0 * t),
+                        sp,
                         t as isize,
                         1,
                         v,
@@ -111,31 +125,57 @@ pub fn forward(
 }
 
 super::simd::multiversion! {
-/// row[..=last] <- softmax(row[..=last] · scale); row[last+1..] <- 0.
-fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) {
+/// row[..=last] <- softmax(row[..=last] · scale); the rest <- 0. Returns the log-sum-exp of
+/// the scaled scores.
+fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) -> f32 {
     let (live, masked) = row.split_at_mut(last + 1);
     let mx = super::math::max(live) * scale;
     for v in live.iter_mut() {
         *v = super::math::exp(*v * scale - mx);
     }
-    let inv = 1.0 / super::math::sum(live);
+    let sum = super::math::sum(live);
+    let inv = 1.0 / sum;
     for v in live.iter_mut() {
         *v *= inv;
     }
     masked.fill(0.0);
+    mx + sum.ln()
 }
 }
 
-/// Gradients of [`forward`]: dout [B,T,H·D] -> dqkv [B,T,(H+2KV)·D] (overwritten).
-/// `datt` [B,H,T,T] is scratch. Tasks run over (batch, kv head), so the query heads that
+super::simd::multiversion! {
+/// Rows r of a column strip hold query j0 + r against keys j0 .. j0 + cols (row stride
+/// CAUSAL_BLOCK). P = exp(S·scale - lse) where the key is not after the query, else 0,
+/// written over S; dS = P ⊙ (dP - D) · scale written over dP.
+fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], lse: &[f32], dsum: &[f32], cols: usize, scale: f32) {
+    for r in 0..lse.len() {
+        let sr = &mut s[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
+        let dr = &mut dp[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
+        let (l, dd) = (lse[r], dsum[r]);
+        for c in 0..cols {
+            let p = if c <= r { super::math::exp(sr[c] * scale - l) } else { 0.0 };
+            sr[c] = p;
+            dr[c] = p * (dr[c] - dd) * scale;
+        }
+    }
+}
+}
+
+/// Gradients of [`forward`]: dout [B,T,H·D] -> dqkv [B,T,(H+2KV)·D] (overwritten), given
+/// the forward's `out` and `lse`. Tasks run over (batch, kv head), so the query heads that
 /// share a kv head add their key and value gradients in one place, in a fixed order.
+///
+/// Keys go in column strips of CAUSAL_BLOCK: the strip's scores against every query that
+/// sees it are recomputed and turned back into probabilities with the saved log-sum-exp;
+/// they give the strip's dK and dV in one product each, and a rank-CAUSAL_BLOCK update of dQ.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dqkv: &mut [f32],
-    datt: &mut [f32],
+    scratch: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
-    att: &[f32],
+    out: &[f32],
+    lse: &[f32],
     b: usize,
     t: usize,
     hs: Heads,
@@ -145,17 +185,29 @@ pub fn backward(
     let oc = h * d;
     let g = hs.group();
     assert!(dqkv.len() == b * t * w && dout.len() == b * t * oc && qkv.len() == b * t * w);
+    assert!(out.len() == b * t * oc && lse.len() >= b * h * t);
+    assert!(scratch.len() >= scratch_len(b, t, hs));
     let dqkv_p = SendPtr(dqkv.as_mut_ptr());
-    datt[..b * h * t * t]
-        .par_chunks_mut(g * t * t)
+    let ts = task_scratch(t) * g;
+    scratch[..b * hs.kv * ts]
+        .par_chunks_mut(ts)
         .enumerate()
-        .for_each(|(task, dps)| {
+        .for_each(|(task, buf)| {
             let (bi, kvh) = (task / hs.kv, task % hs.kv);
+            let (sbuf, rest) = buf.split_at_mut(CAUSAL_BLOCK * t);
+            let (dpbuf, rest) = rest.split_at_mut(CAUSAL_BLOCK * t);
+            let dsum = &mut rest[..t];
             let rs = w as isize;
-            let (cs, ts) = (oc as isize, t as isize);
-            for (gi, dp) in dps.chunks_mut(t * t).enumerate() {
+            let cs = oc as isize;
+            let bs = CAUSAL_BLOCK as isize;
+            for gi in 0..g {
                 let hi = kvh * g + gi;
-                let p = &att[(bi * h + hi) * t * t..(bi * h + hi + 1) * t * t];
+                let lse = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
+                // D[i] = dO[i] · O[i] (= Σ_j P[i,j] dP[i,j])
+                for (i, dv) in dsum.iter_mut().enumerate() {
+                    let o = (bi * t + i) * oc + hi * d;
+                    *dv = dot(&dout[o..o + d], &out[o..o + d]);
+                }
                 let acc = gi > 0;
                 // Safety: every view stays inside its buffer; this task alone writes the
                 // columns of its kv head and of the query heads in its group.
@@ -165,100 +217,36 @@ pub fn backward(
                     let k = row0.add(oc + kvh * d);
                     let v = row0.add(oc + hs.kv * d + kvh * d);
                     let dy = dout.as_ptr().add(bi * t * oc + hi * d);
-                    let dpp = dp.as_mut_ptr();
-                    // dP = dY · Vᵀ, causal blocks of query rows
-                    for i0 in (0..t).step_by(CAUSAL_BLOCK) {
-                        let i1 = (i0 + CAUSAL_BLOCK).min(t);
-                        mm(
-                            i1 - i0,
-                            d,
-                            i1,
-                            dpp.add(i0 * t),
-                            ts,
-                            dy.add(i0 * oc),
-                            cs,
-                            1,
-                            v,
-                            1,
-                            rs,
-                            false,
-                        );
-                    }
-                    softmax_backward_rows(dp, p, t, scale);
                     let drow0 = dqkv_p.get().add(bi * t * w);
                     let dq = drow0.add(hi * d);
                     let dk = drow0.add(oc + kvh * d);
                     let dv = drow0.add(oc + hs.kv * d + kvh * d);
-                    let (dsp, pp) = (dp.as_ptr(), p.as_ptr());
-                    for b0 in (0..t).step_by(CAUSAL_BLOCK) {
-                        let b1 = (b0 + CAUSAL_BLOCK).min(t);
-                        let r = b0 as isize;
-                        // dQ[i] = Σ_{j<=i} dS[i,j] K[j]  (query block b0..b1 needs keys 0..b1)
-                        mm(
-                            b1 - b0,
-                            b1,
-                            d,
-                            dq.offset(r * rs),
-                            rs,
-                            dsp.add(b0 * t),
-                            ts,
-                            1,
-                            k,
-                            rs,
-                            1,
-                            false,
+                    let (sp, dpp) = (sbuf.as_mut_ptr(), dpbuf.as_mut_ptr());
+                    for j0 in (0..t).step_by(CAUSAL_BLOCK) {
+                        let j1 = (j0 + CAUSAL_BLOCK).min(t);
+                        let (cols, rows) = (j1 - j0, t - j0);
+                        let jo = j0 as isize * rs;
+                        let yo = j0 as isize * cs;
+                        // S = Q[j0..t] · K[j0..j1]ᵀ, dP = dO[j0..t] · V[j0..j1]ᵀ
+                        mm(rows, d, cols, sp, bs, q.offset(jo), rs, 1, k.offset(jo), 1, rs, false);
+                        mm(rows, d, cols, dpp, bs, dy.offset(yo), cs, 1, v.offset(jo), 1, rs, false);
+                        strip_softmax_backward(
+                            &mut sbuf[..rows * CAUSAL_BLOCK],
+                            &mut dpbuf[..rows * CAUSAL_BLOCK],
+                            &lse[j0..],
+                            &dsum[j0..],
+                            cols,
+                            scale,
                         );
-                        // dK[j] = Σ_{i>=j} dS[i,j] Q[i]  (key block b0..b1 needs queries b0..t)
-                        let a = dsp.add(b0 * t + b0);
-                        mm(
-                            b1 - b0,
-                            t - b0,
-                            d,
-                            dk.offset(r * rs),
-                            rs,
-                            a,
-                            1,
-                            ts,
-                            q.offset(r * rs),
-                            rs,
-                            1,
-                            acc,
-                        );
-                        // dV[j] = Σ_{i>=j} P[i,j] dY[i]
-                        let a = pp.add(b0 * t + b0);
-                        mm(
-                            b1 - b0,
-                            t - b0,
-                            d,
-                            dv.offset(r * rs),
-                            rs,
-                            a,
-                            1,
-                            ts,
-                            dy.offset(r * cs),
-                            cs,
-                            1,
-                            acc,
-                        );
+                        // dV[j0..j1] (+)= Pᵀ · dO[j0..t]; dK[j0..j1] (+)= dSᵀ · Q[j0..t]
+                        mm(cols, rows, d, dv.offset(jo), rs, sp, 1, bs, dy.offset(yo), cs, 1, acc);
+                        mm(cols, rows, d, dk.offset(jo), rs, dpp, 1, bs, q.offset(jo), rs, 1, acc);
+                        // dQ[j0..t] (+)= dS · K[j0..j1]; the first strip reaches every row
+                        mm(rows, cols, d, dq.offset(jo), rs, dpp, bs, 1, k.offset(jo), rs, 1, j0 > 0);
                     }
                 }
             }
         });
-}
-
-super::simd::multiversion! {
-    /// dS = P ⊙ (dP - rowsum(P ⊙ dP)) · scale, in place over dP [T, T] (causal rows).
-    fn softmax_backward_rows(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
-        for i in 0..t {
-            let pr = &p[i * t..i * t + i + 1];
-            let dr = &mut dp[i * t..(i + 1) * t];
-            let dot = super::math::dot(pr, dr);
-            for j in 0..=i {
-                dr[j] = pr[j] * (dr[j] - dot) * scale;
-            }
-            dr[i + 1..].fill(0.0);
-        }
-    }
 }
 
 /// Attention for `n` new positions pos..pos+n against a cache holding keys and values of
@@ -356,14 +344,15 @@ mod tests {
             let qkv = randn(&mut rng, b * t * hs.qkv_width(), 1.0);
             let r = randn(&mut rng, b * t * h * d, 1.0);
             let mut y = vec![0.0; b * t * h * d];
-            let mut att = vec![0.0; b * h * t * t];
-            forward(&mut y, &mut att, &qkv, b, t, hs, scale);
+            let mut lse = vec![0.0; b * h * t];
+            let mut scratch = vec![f32::NAN; scratch_len(b, t, hs)];
+            forward(&mut y, &mut lse, &mut scratch, &qkv, b, t, hs, scale);
             let want = reference::attention_forward(&to_f64(&qkv), b, t, (h, kv, d), scale as f64);
             assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "forward {hs:?} {b},{t}");
 
             let mut dqkv = vec![7.0; qkv.len()];
-            let mut datt = vec![0.0; att.len()];
-            backward(&mut dqkv, &mut datt, &r, &qkv, &att, b, t, hs, scale);
+            scratch.fill(f32::NAN);
+            backward(&mut dqkv, &mut scratch, &r, &qkv, &y, &lse, b, t, hs, scale);
             let (q64, r64) = (to_f64(&qkv), to_f64(&r));
             let fd = finite_diff(&q64, |x| loss64(x, &r64, b, t, hs, scale as f64));
             assert!(
@@ -381,8 +370,10 @@ mod tests {
         let scale = 1.0 / (d as f32).sqrt();
         let qkv = randn(&mut rng, t * 3 * c, 1.0);
         let mut full = vec![0.0; t * c];
-        let mut att = vec![0.0; h * t * t];
-        forward(&mut full, &mut att, &qkv, 1, t, Heads::mha(c, h), scale);
+        let mut lse = vec![0.0; h * t];
+        let hs = Heads::mha(c, h);
+        let mut scratch = vec![0.0; scratch_len(1, t, hs)];
+        forward(&mut full, &mut lse, &mut scratch, &qkv, 1, t, hs, scale);
         let mut kc = vec![0.0; t * c];
         let mut vc = vec![0.0; t * c];
         for i in 0..t {

@@ -227,9 +227,18 @@ impl Gpt2 {
             layernorm::forward(ln1, m1, r1, inp, w.ln_1_w.of(p), w.ln_1_b.of(p), c, eps);
             let qkv = &mut a.qkv[l * n * 3 * c..(l + 1) * n * 3 * c];
             linear(qkv, ln1, w.c_attn_w.of(p), w.c_attn_b.of(p), n, c, 3 * c);
-            let att = &mut a.att[l * b * h * t * t..(l + 1) * b * h * t * t];
+            let lse = &mut a.lse[l * b * h * t..(l + 1) * b * h * t];
             let atty = &mut a.atty[l * n * c..(l + 1) * n * c];
-            attention::forward(atty, att, qkv, b, t, Heads::mha(c, h), self.attn_scale(l));
+            attention::forward(
+                atty,
+                lse,
+                &mut a.attn_scratch,
+                qkv,
+                b,
+                t,
+                Heads::mha(c, h),
+                self.attn_scale(l),
+            );
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
             linear(
                 res2,
@@ -371,7 +380,7 @@ impl Gpt2 {
             };
             let ln1 = &a.ln1[l * n * c..(l + 1) * n * c];
             let qkv = &a.qkv[l * n * 3 * c..(l + 1) * n * 3 * c];
-            let att = &a.att[l * b * h * t * t..(l + 1) * b * h * t * t];
+            let lse = &a.lse[l * b * h * t..(l + 1) * b * h * t];
             let atty = &a.atty[l * n * c..(l + 1) * n * c];
             let res2 = &a.res2[l * n * c..(l + 1) * n * c];
             let ln2 = &a.ln2[l * n * c..(l + 1) * n * c];
@@ -438,10 +447,11 @@ impl Gpt2 {
             let scale = self.attn_scale(l);
             attention::backward(
                 &mut a.d_qkv,
-                &mut a.d_att,
+                &mut a.attn_scratch,
                 &a.d_atty,
                 qkv,
-                att,
+                atty,
+                lse,
                 b,
                 t,
                 Heads::mha(c, h),
@@ -722,7 +732,8 @@ pub struct Activations {
     ln1_mean: Vec<f32>,
     ln1_rstd: Vec<f32>,
     qkv: Vec<f32>,
-    att: Vec<f32>,
+    /// Log-sum-exp of each attention row [L, B, H, T] (flash-style: no T x T matrix kept).
+    lse: Vec<f32>,
     atty: Vec<f32>,
     res2: Vec<f32>,
     ln2: Vec<f32>,
@@ -742,7 +753,7 @@ pub struct Activations {
     d_qkv: Vec<f32>,
     d_atty: Vec<f32>,
     d_fch: Vec<f32>,
-    d_att: Vec<f32>,
+    attn_scratch: Vec<f32>,
     d_lnf: Vec<f32>,
 }
 
@@ -765,7 +776,7 @@ impl Activations {
             ln1_mean: z(l * n),
             ln1_rstd: z(l * n),
             qkv: z(l * n * 3 * c),
-            att: z(l * b * h * t * t),
+            lse: z(l * b * h * t),
             atty: z(l * n * c),
             res2: z(l * n * c),
             ln2: z(l * n * c),
@@ -784,7 +795,7 @@ impl Activations {
             d_qkv: z(n * 3 * c),
             d_atty: z(n * c),
             d_fch: z(n * f),
-            d_att: z(b * h * t * t),
+            attn_scratch: z(attention::scratch_len(b, t, Heads::mha(c, h))),
             d_lnf: z(n * c),
         }
     }
@@ -797,7 +808,7 @@ impl Activations {
             &self.ln1_mean,
             &self.ln1_rstd,
             &self.qkv,
-            &self.att,
+            &self.lse,
             &self.atty,
             &self.res2,
             &self.ln2,
@@ -816,7 +827,7 @@ impl Activations {
             &self.d_qkv,
             &self.d_atty,
             &self.d_fch,
-            &self.d_att,
+            &self.attn_scratch,
             &self.d_lnf,
         ]
         .iter()

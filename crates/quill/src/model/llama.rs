@@ -275,9 +275,9 @@ impl Llama {
             );
             self.rope.apply(qkv, w, 0, hs.h, 0, t, false);
             self.rope.apply(qkv, w, hd, hs.kv, 0, t, false);
-            let att = &mut a.att[l * b * hs.h * t * t..(l + 1) * b * hs.h * t * t];
+            let lse = &mut a.lse[l * b * hs.h * t..(l + 1) * b * hs.h * t];
             let atty = &mut a.atty[l * n * hd..(l + 1) * n * hd];
-            attention::forward(atty, att, qkv, b, t, hs, self.scale());
+            attention::forward(atty, lse, &mut a.attn_scratch, qkv, b, t, hs, self.scale());
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
             linear_t(
                 res2,
@@ -393,7 +393,7 @@ impl Llama {
             };
             let ln1 = &a.ln1[l * n * c..(l + 1) * n * c];
             let qkv = &a.qkv[l * n * w..(l + 1) * n * w];
-            let att = &a.att[l * b * hs.h * t * t..(l + 1) * b * hs.h * t * t];
+            let lse = &a.lse[l * b * hs.h * t..(l + 1) * b * hs.h * t];
             let atty = &a.atty[l * n * hd..(l + 1) * n * hd];
             let res2 = &a.res2[l * n * c..(l + 1) * n * c];
             let ln2 = &a.ln2[l * n * c..(l + 1) * n * c];
@@ -441,10 +441,11 @@ impl Llama {
             );
             attention::backward(
                 &mut a.d_qkv,
-                &mut a.d_att,
+                &mut a.attn_scratch,
                 &a.d_atty,
                 qkv,
-                att,
+                atty,
+                lse,
                 b,
                 t,
                 hs,
@@ -710,7 +711,8 @@ pub struct LlamaActivations {
     ln1: Vec<f32>,
     rstd1: Vec<f32>,
     qkv: Vec<f32>,
-    att: Vec<f32>,
+    /// Log-sum-exp of each attention row [L, B, H, T] (flash-style: no T x T matrix kept).
+    lse: Vec<f32>,
     atty: Vec<f32>,
     res2: Vec<f32>,
     ln2: Vec<f32>,
@@ -729,7 +731,7 @@ pub struct LlamaActivations {
     d_atty: Vec<f32>,
     d_gu: Vec<f32>,
     d_h: Vec<f32>,
-    d_att: Vec<f32>,
+    attn_scratch: Vec<f32>,
     d_lnf: Vec<f32>,
 }
 
@@ -756,7 +758,7 @@ impl LlamaActivations {
             ln1: z(l * n * c),
             rstd1: z(l * n),
             qkv: z(l * n * w),
-            att: z(l * b * h * t * t),
+            lse: z(l * b * h * t),
             atty: z(l * n * hd),
             res2: z(l * n * c),
             ln2: z(l * n * c),
@@ -774,7 +776,7 @@ impl LlamaActivations {
             d_atty: z(n * hd),
             d_gu: z(n * 2 * f),
             d_h: z(n * f),
-            d_att: z(b * h * t * t),
+            attn_scratch: z(attention::scratch_len(b, t, Heads { h, kv, d })),
             d_lnf: z(n * c),
         }
     }
@@ -786,7 +788,7 @@ impl LlamaActivations {
             &self.ln1,
             &self.rstd1,
             &self.qkv,
-            &self.att,
+            &self.lse,
             &self.atty,
             &self.res2,
             &self.ln2,
@@ -804,7 +806,7 @@ impl LlamaActivations {
             &self.d_atty,
             &self.d_gu,
             &self.d_h,
-            &self.d_att,
+            &self.attn_scratch,
             &self.d_lnf,
         ]
         .iter()
