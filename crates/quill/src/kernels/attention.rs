@@ -228,8 +228,34 @@ pub fn backward(
                         let jo = j0 as isize * rs;
                         let yo = j0 as isize * cs;
                         // S = Q[j0..t] · K[j0..j1]ᵀ, dP = dO[j0..t] · V[j0..j1]ᵀ
-                        mm(rows, d, cols, sp, bs, q.offset(jo), rs, 1, k.offset(jo), 1, rs, false);
-                        mm(rows, d, cols, dpp, bs, dy.offset(yo), cs, 1, v.offset(jo), 1, rs, false);
+                        mm(
+                            rows,
+                            d,
+                            cols,
+                            sp,
+                            bs,
+                            q.offset(jo),
+                            rs,
+                            1,
+                            k.offset(jo),
+                            1,
+                            rs,
+                            false,
+                        );
+                        mm(
+                            rows,
+                            d,
+                            cols,
+                            dpp,
+                            bs,
+                            dy.offset(yo),
+                            cs,
+                            1,
+                            v.offset(jo),
+                            1,
+                            rs,
+                            false,
+                        );
                         strip_softmax_backward(
                             &mut sbuf[..rows * CAUSAL_BLOCK],
                             &mut dpbuf[..rows * CAUSAL_BLOCK],
@@ -239,20 +265,65 @@ pub fn backward(
                             scale,
                         );
                         // dV[j0..j1] (+)= Pᵀ · dO[j0..t]; dK[j0..j1] (+)= dSᵀ · Q[j0..t]
-                        mm(cols, rows, d, dv.offset(jo), rs, sp, 1, bs, dy.offset(yo), cs, 1, acc);
-                        mm(cols, rows, d, dk.offset(jo), rs, dpp, 1, bs, q.offset(jo), rs, 1, acc);
+                        mm(
+                            cols,
+                            rows,
+                            d,
+                            dv.offset(jo),
+                            rs,
+                            sp,
+                            1,
+                            bs,
+                            dy.offset(yo),
+                            cs,
+                            1,
+                            acc,
+                        );
+                        mm(
+                            cols,
+                            rows,
+                            d,
+                            dk.offset(jo),
+                            rs,
+                            dpp,
+                            1,
+                            bs,
+                            q.offset(jo),
+                            rs,
+                            1,
+                            acc,
+                        );
                         // dQ[j0..t] (+)= dS · K[j0..j1]; the first strip reaches every row
-                        mm(rows, cols, d, dq.offset(jo), rs, dpp, bs, 1, k.offset(jo), rs, 1, j0 > 0);
+                        mm(
+                            rows,
+                            cols,
+                            d,
+                            dq.offset(jo),
+                            rs,
+                            dpp,
+                            bs,
+                            1,
+                            k.offset(jo),
+                            rs,
+                            1,
+                            j0 > 0,
+                        );
                     }
                 }
             }
         });
 }
 
+/// Floats of `scores` scratch that [`forward_cached`] needs for `total` cached positions.
+pub fn cached_scratch_len(total: usize) -> usize {
+    rayon::current_num_threads().max(1) * total
+}
+
 /// Attention for `n` new positions pos..pos+n against a cache holding keys and values of
 /// positions 0..pos+n. q [n, H·D] (row stride `q_rs`); k_cache/v_cache rows of n_kv·D
 /// (grouped-query: query head h reads kv head h / (H / n_kv)); out [n, H·D].
 /// Position i attends to the last `window` positions up to itself (usize::MAX: all).
+/// `scores` is scratch of at least [`cached_scratch_len`]`(pos + n)` floats.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_cached(
     out: &mut [f32],
@@ -267,45 +338,50 @@ pub fn forward_cached(
     d: usize,
     scale: f32,
     window: usize,
+    scores: &mut [f32],
 ) {
     let kv_rs = n_kv * d;
     let total = pos + n;
     assert!(k_cache.len() >= total * kv_rs && out.len() >= n * h * d);
+    let threads = rayon::current_num_threads().max(1);
+    assert!(scores.len() >= threads * total);
     let out_p = SendPtr(out.as_mut_ptr());
+    let scores_p = SendPtr(scores.as_mut_ptr());
     let group = h / n_kv;
-    (0..h * n).into_par_iter().for_each_init(
-        || vec![0.0f32; total],
-        |scores, task| {
-            let (hi, i) = (task / n, task % n);
-            let kvh = hi / group;
-            let qrow = &q[i * q_rs + hi * d..i * q_rs + hi * d + d];
-            let len = pos + i + 1;
-            let first = len.saturating_sub(window);
-            let mut mx = f32::NEG_INFINITY;
-            for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
-                let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                *s = dot(qrow, krow) * scale;
-                mx = mx.max(*s);
+    (0..h * n).into_par_iter().for_each(|task| {
+        let (hi, i) = (task / n, task % n);
+        let kvh = hi / group;
+        let qrow = &q[i * q_rs + hi * d..i * q_rs + hi * d + d];
+        let len = pos + i + 1;
+        let first = len.saturating_sub(window);
+        // Safety: each pool thread owns its slice of `scores`, and the task body never
+        // yields to another task of this loop on the same thread.
+        let tid = rayon::current_thread_index().unwrap_or(0) % threads;
+        let scores =
+            unsafe { std::slice::from_raw_parts_mut(scores_p.get().add(tid * total), total) };
+        let mut mx = f32::NEG_INFINITY;
+        for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
+            let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+            *s = dot(qrow, krow) * scale;
+            mx = mx.max(*s);
+        }
+        let mut sum = 0.0;
+        for s in scores[first..len].iter_mut() {
+            *s = super::math::exp(*s - mx);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
+        let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
+        o.fill(0.0);
+        for (j, &s) in scores[..len].iter().enumerate().skip(first) {
+            let w = s * inv;
+            let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+            for (o, &v) in o.iter_mut().zip(vrow) {
+                *o += w * v;
             }
-            let mut sum = 0.0;
-            for s in scores[first..len].iter_mut() {
-                *s = super::math::exp(*s - mx);
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
-            let o =
-                unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
-            o.fill(0.0);
-            for (j, &s) in scores[..len].iter().enumerate().skip(first) {
-                let w = s * inv;
-                let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                for (o, &v) in o.iter_mut().zip(vrow) {
-                    *o += w * v;
-                }
-            }
-        },
-    );
+        }
+    });
 }
 
 super::simd::multiversion! {
@@ -395,6 +471,7 @@ mod tests {
             d,
             scale,
             usize::MAX,
+            &mut vec![0.0; cached_scratch_len(t)],
         );
         for p in 4..t {
             let mut o = vec![0.0; c];
@@ -411,6 +488,7 @@ mod tests {
                 d,
                 scale,
                 usize::MAX,
+                &mut vec![0.0; cached_scratch_len(t)],
             );
             got[p * c..(p + 1) * c].copy_from_slice(&o);
         }

@@ -2,6 +2,10 @@
 //! SIMD kernels (AVX-512 where the CPU has it, chosen at run time).
 
 use gemm::Parallelism;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Calls into the `gemm` crate in progress, on any thread.
+pub static GEMM_CALLS_ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Problems smaller than this many multiply-adds run on one thread: a second thread
 /// costs more than it brings (../shared/notes/cpu-matmul.md).
@@ -98,6 +102,9 @@ pub unsafe fn matmul_strided(
         }
         return;
     }
+    // the gemm crate allocates small packing buffers inside each call; the count lets the
+    // allocation test tell them from quill's own (tests/no_alloc.rs)
+    GEMM_CALLS_ACTIVE.fetch_add(1, Ordering::SeqCst);
     gemm::gemm(
         m,
         n,
@@ -119,6 +126,7 @@ pub unsafe fn matmul_strided(
         false,
         parallelism,
     );
+    GEMM_CALLS_ACTIVE.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// One-thread strided product, for callers that parallelise over heads themselves.

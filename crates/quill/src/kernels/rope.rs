@@ -69,6 +69,9 @@ pub fn inv_freq(d: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
 /// Positions covered by the precomputed table; later positions are computed when needed.
 const TABLE_POSITIONS: usize = 4096;
 
+/// Largest head width / 2 supported (head_dim up to 1024).
+pub const MAX_HALF: usize = 512;
+
 /// cos/sin tables for one head width.
 #[derive(Clone, Debug)]
 pub struct Rope {
@@ -80,6 +83,11 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(inv_freq: Vec<f32>, max_positions: usize) -> Self {
+        assert!(
+            inv_freq.len() <= MAX_HALF,
+            "head_dim above {}",
+            2 * MAX_HALF
+        );
         let positions = max_positions.min(TABLE_POSITIONS);
         let half = inv_freq.len();
         let mut cos = vec![0.0; positions * half];
@@ -123,28 +131,28 @@ impl Rope {
         let rows_per_task = (4096 / rs.max(1)).max(1);
         x.par_chunks_mut(rs * rows_per_task)
             .enumerate()
-            .for_each_init(
-                || (vec![0.0f32; half], vec![0.0f32; half]),
-                |(cbuf, sbuf), (task, chunk)| {
-                    for (k, row) in chunk.chunks_mut(rs).enumerate() {
-                        let r = task * rows_per_task + k;
-                        let pos = pos0 + if period == usize::MAX { r } else { r % period };
-                        let (c, s): (&[f32], &[f32]) = if pos < self.positions {
-                            (
-                                &self.cos[pos * half..(pos + 1) * half],
-                                &self.sin[pos * half..(pos + 1) * half],
-                            )
-                        } else {
-                            angles(&self.inv_freq, pos, cbuf, sbuf);
-                            (cbuf, sbuf)
-                        };
-                        for hd in 0..heads {
-                            let v = &mut row[col0 + hd * 2 * half..col0 + (hd + 1) * 2 * half];
-                            rotate(v, c, s, inverse);
-                        }
+            .for_each(|(task, chunk)| {
+                // room for positions past the table, on the stack (no allocation per call)
+                let mut cbuf = [0.0f32; MAX_HALF];
+                let mut sbuf = [0.0f32; MAX_HALF];
+                for (k, row) in chunk.chunks_mut(rs).enumerate() {
+                    let r = task * rows_per_task + k;
+                    let pos = pos0 + if period == usize::MAX { r } else { r % period };
+                    let (c, s): (&[f32], &[f32]) = if pos < self.positions {
+                        (
+                            &self.cos[pos * half..(pos + 1) * half],
+                            &self.sin[pos * half..(pos + 1) * half],
+                        )
+                    } else {
+                        angles(&self.inv_freq, pos, &mut cbuf[..half], &mut sbuf[..half]);
+                        (&cbuf[..half], &sbuf[..half])
+                    };
+                    for hd in 0..heads {
+                        let v = &mut row[col0 + hd * 2 * half..col0 + (hd + 1) * 2 * half];
+                        rotate(v, c, s, inverse);
                     }
-                },
-            );
+                }
+            });
     }
 }
 

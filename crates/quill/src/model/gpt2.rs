@@ -520,6 +520,8 @@ impl Gpt2 {
         let eps = cfg.layer_norm_epsilon;
         let s = &mut cache.scratch;
         s.resize(n, c, f);
+        s.scores
+            .resize(attention::cached_scratch_len(cache.capacity), 0.0);
         let wpe = self.wpe.of(p);
         let wte = self.wte.of(p);
         for (i, &id) in ids.iter().enumerate() {
@@ -572,6 +574,7 @@ impl Gpt2 {
                 d,
                 self.attn_scale(l),
                 usize::MAX,
+                &mut s.scores,
             );
             linear_cached(
                 self.inference_layout,
@@ -875,6 +878,7 @@ struct Scratch {
     tmp: Vec<f32>,
     fch: Vec<f32>,
     fch_gelu: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 impl Scratch {

@@ -558,6 +558,8 @@ impl Llama {
         let eps = cfg.rms_norm_eps;
         let s = &mut cache.s;
         s.resize(n, c, w, hd, f);
+        s.scores
+            .resize(attention::cached_scratch_len(cache.capacity), 0.0);
         let emb = self.mat(self.embed);
         for (row, &id) in s.x.chunks_mut(c).zip(ids) {
             emb.row_into(id as usize, c, row);
@@ -598,6 +600,7 @@ impl Llama {
                 hs.d,
                 self.scale(),
                 cfg.sliding_window[l].unwrap_or(usize::MAX),
+                &mut s.scores,
             );
             self.proj(&mut s.tmp, &s.atty, n, hd, &[blk.o_w], blk.o_b, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
@@ -842,6 +845,7 @@ struct Scratch {
     gu: Vec<f32>,
     hmid: Vec<f32>,
     wbuf: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 impl Scratch {

@@ -207,6 +207,7 @@ impl Llama2c {
             (vec![0.0; d], vec![0.0; d], vec![0.0; d], vec![0.0; d]);
         let (mut k, mut v) = (vec![0.0; kv], vec![0.0; kv]);
         let (mut h1, mut h3) = (vec![0.0; hd], vec![0.0; hd]);
+        let mut scores = vec![0.0; crate::kernels::attention::cached_scratch_len(pos + 1)];
         for l in 0..c.n_layers {
             rmsnorm(&mut xb, &x, &self.att_norm[l * d..(l + 1) * d]);
             matvec(&mut q, &self.wq[l * d * d..(l + 1) * d * d], &xb);
@@ -235,6 +236,7 @@ impl Llama2c {
                 head,
                 scale,
                 usize::MAX,
+                &mut scores,
             );
             matvec(&mut tmp, &self.wo[l * d * d..(l + 1) * d * d], &att);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);

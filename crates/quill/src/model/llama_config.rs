@@ -108,6 +108,13 @@ impl LlamaConfig {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
+        if self.head_dim > 2 * crate::kernels::rope::MAX_HALF {
+            return Err(Error::Config(format!(
+                "head_dim ({}) above {} is not supported",
+                self.head_dim,
+                2 * crate::kernels::rope::MAX_HALF
+            )));
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head_dim ({}) must be even for rotary embeddings",

@@ -35,9 +35,10 @@ pub fn generate(
     }
     // a cache no longer than this generation can need
     let mut cache = model.new_cache((tokens.len() + max_new).min(ctx));
+    tokens.reserve(max_new);
     let mut logits = Vec::new();
     model.forward_cached(&mut cache, &tokens, &mut logits, false)?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(max_new);
     while out.len() < max_new {
         let penalty = sampler.params.repetition_penalty;
         super::apply_repetition_penalty(&mut logits, &tokens, penalty);

@@ -1,0 +1,114 @@
+//! No heap allocation by quill's code inside a training step (forward, backward, AdamW) or a
+//! decoding step, once the buffers exist: a counting global allocator watches a second step
+//! of each. The `gemm` crate allocates small packing buffers inside its calls; those are
+//! counted apart (while `GEMM_CALLS_ACTIVE` is non-zero) and reported, not failed.
+
+use quill::kernels::matmul::GEMM_CALLS_ACTIVE;
+use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
+use quill::train::optimizer::AdamW;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+struct Counting;
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static GEMM_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+fn note() {
+    if COUNTING.load(Ordering::Relaxed) {
+        if GEMM_CALLS_ACTIVE.load(Ordering::SeqCst) > 0 {
+            GEMM_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        note();
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        note();
+        System.realloc(p, l, n)
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+/// Allocations made by `f` (on any thread) outside gemm calls; prints those inside.
+fn count(what: &str, f: impl FnOnce()) -> usize {
+    ALLOCS.store(0, Ordering::SeqCst);
+    GEMM_ALLOCS.store(0, Ordering::SeqCst);
+    COUNTING.store(true, Ordering::SeqCst);
+    f();
+    COUNTING.store(false, Ordering::SeqCst);
+    eprintln!(
+        "{what}: {} allocations inside the gemm crate",
+        GEMM_ALLOCS.load(Ordering::SeqCst)
+    );
+    ALLOCS.load(Ordering::SeqCst)
+}
+
+fn models() -> Vec<Model> {
+    let mut g = Gpt2::new(Gpt2Config::new(50, 40, 32, 2, 4)).unwrap();
+    g.init(1);
+    let mut l = Llama::new(LlamaConfig::new(50, 40, 32, 2, 4, 2)).unwrap();
+    l.init(1);
+    vec![Model::Gpt2(g), Model::Llama(l)]
+}
+
+#[test]
+fn steps_do_not_allocate() {
+    // as the command line does: the work starts inside the pool (a call from outside queues
+    // it through rayon's injector, which allocates)
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(check_models);
+}
+
+fn check_models() {
+    for mut model in models() {
+        let (b, t) = (3, 37);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 50) as u32).collect();
+        let targets: Vec<u32> = (0..b * t).map(|i| (i * 3 % 50) as u32).collect();
+        let mut acts = model.new_acts(b, t);
+        let mut grads = vec![0.0; model.num_params()];
+        let mut opt = AdamW::new(model.num_params(), 0.9, 0.95, 1e-8, 0.1);
+        let mut step = |model: &mut Model| {
+            grads.fill(0.0);
+            model.forward(&mut acts, &ids).unwrap();
+            model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+            let (layout, params) = model.params_mut();
+            opt.step(layout, params, &grads, 1e-3);
+        };
+        step(&mut model);
+        let arch = model.architecture();
+        let n = count(&format!("{arch} training step"), || step(&mut model));
+        assert_eq!(n, 0, "{arch}: a training step allocated {n} times");
+
+        let mut cache = model.new_cache(40);
+        let mut logits = Vec::new();
+        model
+            .forward_cached(&mut cache, &ids[..5], &mut logits, false)
+            .unwrap();
+        model
+            .forward_cached(&mut cache, &[1], &mut logits, false)
+            .unwrap();
+        let n = count(&format!("{arch} decoding"), || {
+            for i in 0..10 {
+                model
+                    .forward_cached(&mut cache, &[i], &mut logits, false)
+                    .unwrap();
+            }
+        });
+        assert_eq!(n, 0, "{arch}: decoding allocated {n} times");
+    }
+}
