@@ -37,6 +37,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Chat with a model through its own chat template (multi-turn; /reset, /exit).
     Chat(ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+    Serve(ServeArgs),
     /// Print the logits of every position for the given token ids, as JSON.
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
@@ -251,6 +253,26 @@ struct GenerateArgs {
 }
 
 #[derive(clap::Args)]
+struct ServeArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json; a chat template for
+    /// /v1/chat/completions).
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Requests that may wait for their turn; beyond it, new requests get 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+}
+
+#[derive(clap::Args)]
 struct ChatArgs {
     /// Model folder with a chat template (tokenizer_config.json's chat_template or chat_template.jinja).
     #[arg(long)]
@@ -344,7 +366,12 @@ fn run(cli: Cli) -> Result<()> {
     // Run the command on a pool thread: parallel kernels then start from inside the pool
     // instead of waking it from outside and blocking on every call (measured: ~10% of a
     // small model's training step went to those context switches).
+    if let Command::Serve(a) = cli.command {
+        // the server runs its own engine thread and pool
+        return run_serve(a, cli.threads);
+    }
     pool.install(|| match cli.command {
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Train(a) => train_cmd::run(*a),
         Command::Generate(a) => run_generate(a),
         Command::Chat(a) => run_chat(a),
@@ -499,6 +526,24 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let rest = stream.finish(tok)?;
     writeln!(out, "{rest}")?;
     Ok(())
+}
+
+fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
+    let opts = quill_server::Options {
+        model_dir: a.model.clone(),
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        threads,
+        queue: a.queue,
+    };
+    quill_server::run(opts, |addr| {
+        eprintln!(
+            "serving {} on http://{addr} (OpenAI API under /v1; Ctrl-C stops)",
+            a.model.display()
+        );
+    })
+    .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn run_chat(a: ChatArgs) -> Result<()> {

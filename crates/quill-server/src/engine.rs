@@ -1,0 +1,307 @@
+//! The engine: one thread owns the model and runs every request's tokens. Requests wait in a
+//! bounded queue; the running ones take turns, one token each per round, so a request joins
+//! or leaves between tokens and a long one does not hold up a short one. Each request streams
+//! its text back through a channel; a dropped receiver (the client went away) ends it.
+
+use quill::model::{Cache, Model};
+use quill::sample::{apply_repetition_penalty, Sampler, SamplingParams};
+use quill::tokenizer::{StreamDecoder, Tokenizer};
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Requests running at once; more wait in the queue.
+pub const MAX_ACTIVE: usize = 64;
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub stop: Vec<String>,
+    /// Some(k): report each token's log-probability and the k most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// New text, and the tokens it was written with (their text may come out later than
+    /// the token when it could begin a stop string).
+    Text {
+        text: String,
+        tokens: Vec<TokenInfo>,
+    },
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+pub struct Shared {
+    pub model: Model,
+    pub tok: Tokenizer,
+    pub eos: Vec<u32>,
+}
+
+#[derive(Clone)]
+pub struct Handle {
+    tx: SyncSender<Job>,
+}
+
+pub enum SubmitError {
+    QueueFull,
+    Stopped,
+}
+
+impl Handle {
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::QueueFull,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+}
+
+/// Starts the engine thread with `threads` worker threads for the numerics and a queue of
+/// `queue` waiting requests.
+pub fn spawn(shared: Arc<Shared>, threads: Option<usize>, queue: usize) -> Handle {
+    let (tx, rx) = sync_channel(queue);
+    std::thread::Builder::new()
+        .name("quill-engine".into())
+        .spawn(move || {
+            let mut b = rayon::ThreadPoolBuilder::new();
+            if let Some(n) = threads {
+                b = b.num_threads(n);
+            }
+            let pool = b.build().expect("thread pool");
+            pool.install(|| run(&shared, rx));
+        })
+        .expect("engine thread");
+    Handle { tx }
+}
+
+struct Seq {
+    job: Job,
+    cache: Cache,
+    logits: Vec<f32>,
+    sampler: Sampler,
+    history: Vec<u32>,
+    counts: HashMap<u32, usize>,
+    generated: usize,
+    decoder: StreamDecoder,
+    text: String,
+    emitted: usize,
+    pending: Vec<TokenInfo>,
+    stopped: bool,
+}
+
+fn run(shared: &Shared, rx: Receiver<Job>) {
+    let mut active: Vec<Seq> = Vec::new();
+    loop {
+        while active.len() < MAX_ACTIVE {
+            let job = if active.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            if let Some(seq) = start(shared, job) {
+                active.push(seq);
+            }
+        }
+        active.retain_mut(|s| step(shared, s));
+    }
+}
+
+fn start(shared: &Shared, job: Job) -> Option<Seq> {
+    let m = &shared.model;
+    let cap = (job.prompt.len() + job.max_tokens).min(m.context());
+    let mut cache = m.new_cache(cap);
+    let mut logits = Vec::new();
+    if job.events.is_closed() {
+        return None;
+    }
+    if let Err(e) = m.forward_cached(&mut cache, &job.prompt, &mut logits, false) {
+        let _ = job.events.send(Event::Error(e.to_string()));
+        return None;
+    }
+    let sampler = match Sampler::new(job.sampling.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = job.events.send(Event::Error(e.to_string()));
+            return None;
+        }
+    };
+    Some(Seq {
+        history: job.prompt.clone(),
+        job,
+        cache,
+        logits,
+        sampler,
+        counts: HashMap::new(),
+        generated: 0,
+        decoder: StreamDecoder::new(),
+        text: String::new(),
+        emitted: 0,
+        pending: Vec::new(),
+        stopped: false,
+    })
+}
+
+/// log-softmax of `logits` at `id`, and the `k` most likely tokens with theirs.
+fn logprobs(tok: &Tokenizer, logits: &[f32], id: u32, k: usize) -> (f32, Vec<(String, f32)>) {
+    let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let lse = logits
+        .iter()
+        .map(|&v| ((v - mx) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + mx;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let kk = k.min(idx.len());
+        idx.select_nth_unstable_by(kk - 1, |a, b| {
+            logits[*b as usize].total_cmp(&logits[*a as usize])
+        });
+        idx.truncate(kk);
+        idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        top = idx.iter().map(|&i| (i, logits[i as usize] - lse)).collect();
+    }
+    let top = top
+        .into_iter()
+        .map(|(i, lp)| (tok.decode(&[i]).unwrap_or_default(), lp))
+        .collect();
+    (logits[id as usize] - lse, top)
+}
+
+/// One token for `s`; false when it has finished (or its client left).
+fn step(shared: &Shared, s: &mut Seq) -> bool {
+    if s.job.events.is_closed() {
+        return false;
+    }
+    let j = &s.job;
+    // log-probabilities are the model's own (before penalties and temperature)
+    let raw = if j.logprobs.is_some() {
+        Some(s.logits.clone())
+    } else {
+        None
+    };
+    apply_repetition_penalty(
+        &mut s.logits,
+        &s.history,
+        s.sampler.params.repetition_penalty,
+    );
+    if j.presence_penalty != 0.0 || j.frequency_penalty != 0.0 {
+        for (&id, &c) in &s.counts {
+            if let Some(l) = s.logits.get_mut(id as usize) {
+                *l -= j.presence_penalty + j.frequency_penalty * c as f32;
+            }
+        }
+    }
+    let limit = s.sampler.params.vocab_limit;
+    if limit > 0 && limit < s.logits.len() {
+        s.logits[limit..].fill(f32::NEG_INFINITY);
+    }
+    let next = s.sampler.sample(&s.logits);
+    if shared.eos.contains(&next) {
+        return finish(shared, s, "stop");
+    }
+    s.generated += 1;
+    s.history.push(next);
+    *s.counts.entry(next).or_insert(0) += 1;
+    let piece = s.decoder.push(&shared.tok, next).unwrap_or_default();
+    s.text.push_str(&piece);
+    if let Some(raw) = raw {
+        let (lp, top) = logprobs(&shared.tok, &raw, next, j.logprobs.unwrap_or(0));
+        let text = shared.tok.decode(&[next]).unwrap_or_default();
+        s.pending.push(TokenInfo {
+            id: next,
+            bytes: text.as_bytes().to_vec(),
+            text,
+            logprob: lp,
+            top,
+        });
+    }
+    // a stop string ends the text just before it
+    if let Some(p) = first_stop(&s.text, &s.job.stop, s.emitted) {
+        s.text.truncate(p);
+        s.stopped = true;
+        return finish(shared, s, "stop");
+    }
+    if s.generated >= s.job.max_tokens || s.cache.len() >= s.cache.capacity() {
+        return finish(shared, s, "length");
+    }
+    // release what cannot be the start of a stop string
+    let hold = s.job.stop.iter().map(|x| x.len()).max().unwrap_or(1) - 1;
+    let mut safe = s.text.len().saturating_sub(hold).max(s.emitted);
+    while !s.text.is_char_boundary(safe) {
+        safe -= 1;
+    }
+    if safe > s.emitted || !s.pending.is_empty() {
+        let text = s.text[s.emitted..safe].to_string();
+        s.emitted = safe;
+        let tokens = std::mem::take(&mut s.pending);
+        if s.job.events.send(Event::Text { text, tokens }).is_err() {
+            return false;
+        }
+    }
+    let m = &shared.model;
+    if let Err(e) = m.forward_cached(&mut s.cache, &[next], &mut s.logits, false) {
+        let _ = s.job.events.send(Event::Error(e.to_string()));
+        return false;
+    }
+    true
+}
+
+fn first_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
+    let longest = stops.iter().map(|x| x.len()).max()?;
+    let mut from = emitted.saturating_sub(longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter(|x| !x.is_empty())
+        .filter_map(|x| text[from..].find(x.as_str()).map(|p| p + from))
+        .min()
+}
+
+fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> bool {
+    if !s.stopped {
+        // bytes of an unfinished character the decoder still holds
+        s.text
+            .push_str(&s.decoder.finish(&shared.tok).unwrap_or_default());
+    }
+    if s.emitted < s.text.len() || !s.pending.is_empty() {
+        let text = s.text[s.emitted.min(s.text.len())..].to_string();
+        s.emitted = s.text.len();
+        let tokens = std::mem::take(&mut s.pending);
+        let _ = s.job.events.send(Event::Text { text, tokens });
+    }
+    let _ = s.job.events.send(Event::Done {
+        finish_reason: reason,
+        prompt_tokens: s.job.prompt.len(),
+        completion_tokens: s.generated,
+    });
+    false
+}

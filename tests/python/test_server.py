@@ -1,0 +1,186 @@
+"""`quill serve` through the official `openai` Python client (unchanged), and its answers to
+bad requests, run by ./run-tests.
+
+The model is a tiny Llama trained here by quill, with a ChatML chat template: the tests check
+the protocol (completions and chat, streamed and not, logprobs, stop, usage, errors), not the
+quality of the text.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+import openai
+
+ROOT = Path(__file__).resolve().parents[2]
+QUILL = os.environ.get("QUILL_BIN", str(ROOT / "target" / "release" / "quill"))
+CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+KEY = "sk-quill-test"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    corpus = d / "c.txt"
+    corpus.write_text(CORPUS.read_text()[:60000])
+    model = d / "tiny"
+    subprocess.run([QUILL, "train", "--arch", "llama", "--data", corpus, "--out", model, "--tokenizer", "bpe:400",
+                    "--steps", "30", "--eval-interval", "30", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                    "--width", "64", "--context", "128", "--batch", "4", "--quiet"], check=True, capture_output=True)
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+    proc = subprocess.Popen([QUILL, "serve", "--model", model, "--port", "0", "--api-key", KEY, "--queue", "64"],
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"http://([0-9.]+:[0-9]+)", line)
+    assert m, line
+    yield {"addr": m.group(1), "proc": proc, "model": "tiny"}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def client(server, key=KEY):
+    return OpenAI(base_url=f"http://{server['addr']}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(server, path, body, key=KEY, method="POST"):
+    req = urllib.request.Request(f"http://{server['addr']}{path}", data=body, method=method)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == ["tiny"]
+    with urllib.request.urlopen(f"http://{server['addr']}/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_completions_streamed_and_not_with_logprobs(server):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0, logprobs=3)
+    choice = r.choices[0]
+    assert r.usage.completion_tokens == 12 and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    lp = choice.logprobs
+    assert len(lp.tokens) == 12 and "".join(lp.tokens) == choice.text
+    assert all(x <= 0 for x in lp.token_logprobs)
+    # the chosen (greedy) token is the most likely one, so its log-prob tops the list
+    for tok, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and abs(max(top.values()) - tok) < 1e-5
+    parts = list(c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts) == choice.text
+    assert parts[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_streamed_and_not_with_logprobs_and_stop(server):
+    c = client(server)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    m = r.choices[0]
+    assert m.message.role == "assistant" and r.usage.completion_tokens <= 10
+    assert len(m.logprobs.content) == r.usage.completion_tokens
+    assert "".join(t.token for t in m.logprobs.content) == m.message.content
+    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == m.message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # sampling with a seed repeats; a stop string never appears in the text
+    a = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=1.0, seed=7,
+                                  stop=["e", "\n"], presence_penalty=0.5, frequency_penalty=0.5)
+    b = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=1.0, seed=7,
+                                  stop=["e", "\n"], presence_penalty=0.5, frequency_penalty=0.5)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert "e" not in a.choices[0].message.content and "\n" not in a.choices[0].message.content
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    c = client(server)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=1)
+    cases = [
+        (b'{"prompt": "x", "top_p": 2}', 400, "top_p"),
+        (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+        (b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
+        (b'{"prompt": ', 400, None),
+        (b'{"prompt": "\xff\xfe"}', 400, None),
+        (b'[1, 2]', 400, None),
+        (json.dumps({"prompt": "word " * 400}).encode(), 400, "messages"),
+        (json.dumps({"prompt": "x", "max_tokens": 100000}).encode(), 400, "max_tokens"),
+    ]
+    for body, status, param in cases:
+        code, err = raw(server, "/v1/completions", body)
+        assert code == status, (body[:40], code, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"}, err
+        if param:
+            assert err["error"]["param"] == param, err
+    code, err = raw(server, "/v1/completions", json.dumps({"prompt": "word " * 400}).encode())
+    assert "128" in err["error"]["message"]  # the numbers: prompt tokens and the context
+    code, err = raw(server, "/v1/chat/completions", b'{"messages": "hi"}')
+    assert code == 400 and err["error"]["param"] == "messages"
+    code, err = raw(server, "/v1/completions", b'{"prompt": "x"}', key=None)
+    assert code == 401
+    # a 50 MB body: the server answers 413 without reading it all (so send through a socket
+    # and read the answer even if it closes the connection mid-body)
+    host, port = server["addr"].split(":")
+    s = socket.create_connection((host, int(port)))
+    size = 50 << 20
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
+    try:
+        for _ in range(size >> 20):
+            s.sendall(b"x" * (1 << 20))
+    except OSError:
+        pass
+    answer = s.recv(65536).decode(errors="replace")
+    s.close()
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert '"request_too_large"' in answer
+    # still serving
+    r = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_concurrent_streams_and_idle_connections(server):
+    idle = []
+    host, port = server["addr"].split(":")
+    for _ in range(1000):
+        s = socket.create_connection((host, int(port)))
+        idle.append(s)
+    results, errors = [], []
+
+    def one(i):
+        try:
+            parts = list(client(server).completions.create(model="tiny", prompt=f"Line {i}:", max_tokens=16,
+                                                           temperature=0.8, seed=i, stream=True))
+            results.append("".join(p.choices[0].text for p in parts))
+        except Exception as e:  # noqa: BLE001 - collected and reported
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for s in idle:
+        s.close()
+    assert not errors, errors[:3]
+    assert len(results) == 32
+    assert server["proc"].poll() is None
