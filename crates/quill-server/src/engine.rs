@@ -1,9 +1,11 @@
 //! The engine: one thread owns the model and runs every request's tokens. Requests wait in a
-//! bounded queue; the running ones take turns, one token each per round, so a request joins
-//! or leaves between tokens and a long one does not hold up a short one. Each request streams
-//! its text back through a channel; a dropped receiver (the client went away) ends it.
+//! bounded queue. Continuous batching: each round draws one token for every running request
+//! and runs all of them through the model in one batched pass (the weights are read once for
+//! the whole batch); a request joins (after its prompt's own pass) or leaves between rounds.
+//! Each request streams its text back through a channel; a dropped receiver (the client went
+//! away) ends it.
 
-use quill::model::{Cache, Model};
+use quill::model::{BatchScratch, Cache, Model};
 use quill::sample::{apply_repetition_penalty, Sampler, SamplingParams};
 use quill::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
@@ -107,10 +109,13 @@ struct Seq {
     emitted: usize,
     pending: Vec<TokenInfo>,
     stopped: bool,
+    done: bool,
 }
 
 fn run(shared: &Shared, rx: Receiver<Job>) {
     let mut active: Vec<Seq> = Vec::new();
+    let mut scratch = BatchScratch::default();
+    let mut logits = Vec::new();
     loop {
         while active.len() < MAX_ACTIVE {
             let job = if active.is_empty() {
@@ -128,7 +133,40 @@ fn run(shared: &Shared, rx: Receiver<Job>) {
                 active.push(seq);
             }
         }
-        active.retain_mut(|s| step(shared, s));
+        round(shared, &mut active, &mut scratch, &mut logits);
+        active.retain(|s| !s.done);
+    }
+}
+
+/// One token for every running request, then one batched pass over the model.
+fn round(shared: &Shared, active: &mut [Seq], scratch: &mut BatchScratch, logits: &mut Vec<f32>) {
+    let mut next = Vec::with_capacity(active.len());
+    for s in active.iter_mut() {
+        match pick(shared, s) {
+            Some(t) => next.push(t),
+            None => s.done = true,
+        }
+    }
+    if next.is_empty() {
+        return;
+    }
+    let mut caches: Vec<&mut Cache> = active
+        .iter_mut()
+        .filter(|s| !s.done)
+        .map(|s| &mut s.cache)
+        .collect();
+    let result = shared
+        .model
+        .forward_batch(&mut caches, &next, logits, scratch);
+    let v = shared.model.vocab_size();
+    for (i, s) in active.iter_mut().filter(|s| !s.done).enumerate() {
+        match &result {
+            Ok(()) => s.logits.copy_from_slice(&logits[i * v..(i + 1) * v]),
+            Err(e) => {
+                let _ = s.job.events.send(Event::Error(e.to_string()));
+                s.done = true;
+            }
+        }
     }
 }
 
@@ -164,6 +202,7 @@ fn start(shared: &Shared, job: Job) -> Option<Seq> {
         emitted: 0,
         pending: Vec::new(),
         stopped: false,
+        done: false,
     })
 }
 
@@ -194,10 +233,12 @@ fn logprobs(tok: &Tokenizer, logits: &[f32], id: u32, k: usize) -> (f32, Vec<(St
     (logits[id as usize] - lse, top)
 }
 
-/// One token for `s`; false when it has finished (or its client left).
-fn step(shared: &Shared, s: &mut Seq) -> bool {
+/// Draws the next token of `s` from its logits and sends the text it completes. Some(token)
+/// when the request goes on (the token must then run through the model), None when it has
+/// finished (or its client left).
+fn pick(shared: &Shared, s: &mut Seq) -> Option<u32> {
     if s.job.events.is_closed() {
-        return false;
+        return None;
     }
     let j = &s.job;
     // log-probabilities are the model's own (before penalties and temperature)
@@ -262,15 +303,10 @@ fn step(shared: &Shared, s: &mut Seq) -> bool {
         s.emitted = safe;
         let tokens = std::mem::take(&mut s.pending);
         if s.job.events.send(Event::Text { text, tokens }).is_err() {
-            return false;
+            return None;
         }
     }
-    let m = &shared.model;
-    if let Err(e) = m.forward_cached(&mut s.cache, &[next], &mut s.logits, false) {
-        let _ = s.job.events.send(Event::Error(e.to_string()));
-        return false;
-    }
-    true
+    Some(next)
 }
 
 fn first_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
@@ -286,7 +322,7 @@ fn first_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
         .min()
 }
 
-fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> bool {
+fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> Option<u32> {
     if !s.stopped {
         // bytes of an unfinished character the decoder still holds
         s.text
@@ -303,5 +339,5 @@ fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> bool {
         prompt_tokens: s.job.prompt.len(),
         completion_tokens: s.generated,
     });
-    false
+    None
 }

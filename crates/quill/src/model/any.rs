@@ -287,6 +287,49 @@ impl Model {
     }
 }
 
+/// Work buffers of [`Model::forward_batch`], grown to the largest batch seen.
+#[derive(Default)]
+pub struct BatchScratch {
+    gpt2: super::gpt2::Scratch,
+    llama: super::llama::Scratch,
+}
+
+impl Model {
+    /// One new token for each of several sequences, in one pass over the weights
+    /// (continuous batching): `ids[i]` continues the sequence of `caches[i]`. Writes
+    /// logits [n, V]; every cache grows by one position.
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut Cache],
+        ids: &[u32],
+        logits: &mut Vec<f32>,
+        scratch: &mut BatchScratch,
+    ) -> Result<()> {
+        match self {
+            Model::Gpt2(m) => {
+                let mut cs: Vec<&mut KvCache> = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    match c {
+                        Cache::Gpt2(k) => cs.push(k),
+                        _ => return Err(Error::Input("a cache of another architecture".into())),
+                    }
+                }
+                m.forward_batch(&mut cs, ids, logits, &mut scratch.gpt2)
+            }
+            Model::Llama(m) => {
+                let mut cs: Vec<&mut LlamaCache> = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    match c {
+                        Cache::Llama(k) => cs.push(k),
+                        _ => return Err(Error::Input("a cache of another architecture".into())),
+                    }
+                }
+                m.forward_batch(&mut cs, ids, logits, &mut scratch.llama)
+            }
+        }
+    }
+}
+
 impl Cache {
     pub fn len(&self) -> usize {
         match self {

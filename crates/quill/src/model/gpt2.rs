@@ -649,6 +649,125 @@ impl Gpt2 {
         Ok(())
     }
 
+    /// One new token for each of several sequences (continuous batching): `ids[i]` runs at
+    /// position caches[i].len of sequence i. The weights are read once for all of them.
+    /// Writes logits [n, V].
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut KvCache],
+        ids: &[u32],
+        logits: &mut Vec<f32>,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (c, h, v, f) = (cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.mlp_dim());
+        let n = ids.len();
+        if n == 0 || caches.len() != n {
+            return Err(Error::Input("one token per sequence".into()));
+        }
+        self.check_ids(ids)?;
+        if let Some(full) = caches.iter().find(|k| k.len >= k.capacity) {
+            return Err(Error::Input(format!(
+                "context full: the cache holds {} positions",
+                full.capacity
+            )));
+        }
+        let p = &self.params;
+        let eps = cfg.layer_norm_epsilon;
+        let t = self.inference_layout;
+        s.resize(n, c, f);
+        let most = caches.iter().map(|k| k.capacity).max().unwrap_or(1);
+        s.scores.resize(attention::cached_scratch_len(most), 0.0);
+        let (wte, wpe) = (self.wte.of(p), self.wpe.of(p));
+        for (i, &id) in ids.iter().enumerate() {
+            let pos = caches[i].len;
+            let row = &mut s.x[i * c..(i + 1) * c];
+            let (tok, ps) = (&wte[id as usize * c..][..c], &wpe[pos * c..][..c]);
+            for j in 0..c {
+                row[j] = tok[j] + ps[j];
+            }
+        }
+        let d = cfg.head_dim();
+        for (l, w) in self.blocks.iter().enumerate() {
+            layernorm::forward(
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                w.ln_1_w.of(p),
+                w.ln_1_b.of(p),
+                c,
+                eps,
+            );
+            let (cw, cb) = (w.c_attn_w.of(p), w.c_attn_b.of(p));
+            linear_cached(t, &mut s.qkv, &s.ln, cw, cb, n, c, 3 * c);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let pos = cache.len;
+                let kv_len = cache.capacity * c;
+                let row = &s.qkv[i * 3 * c..(i + 1) * 3 * c];
+                let kc = &mut cache.k[l * kv_len..(l + 1) * kv_len];
+                kc[pos * c..(pos + 1) * c].copy_from_slice(&row[c..2 * c]);
+                let vc = &mut cache.v[l * kv_len..(l + 1) * kv_len];
+                vc[pos * c..(pos + 1) * c].copy_from_slice(&row[2 * c..]);
+                let (kc, vc) = (
+                    &cache.k[l * kv_len..(l + 1) * kv_len],
+                    &cache.v[l * kv_len..(l + 1) * kv_len],
+                );
+                attention::forward_cached(
+                    &mut s.atty[i * c..(i + 1) * c],
+                    row,
+                    3 * c,
+                    kc,
+                    vc,
+                    1,
+                    pos,
+                    h,
+                    h,
+                    d,
+                    self.attn_scale(l),
+                    usize::MAX,
+                    &mut s.scores,
+                );
+            }
+            let (pw, pb) = (w.attn_proj_w.of(p), w.attn_proj_b.of(p));
+            linear_cached(t, &mut s.tmp, &s.atty, pw, pb, n, c, c);
+            add_inplace(&mut s.x, &s.tmp);
+            layernorm::forward(
+                &mut s.ln,
+                &mut s.mean,
+                &mut s.rstd,
+                &s.x,
+                w.ln_2_w.of(p),
+                w.ln_2_b.of(p),
+                c,
+                eps,
+            );
+            let (fw, fb) = (w.c_fc_w.of(p), w.c_fc_b.of(p));
+            linear_cached(t, &mut s.fch, &s.ln, fw, fb, n, c, f);
+            gelu::forward(&mut s.fch_gelu, &s.fch);
+            let (mw, mb) = (w.mlp_proj_w.of(p), w.mlp_proj_b.of(p));
+            linear_cached(t, &mut s.tmp, &s.fch_gelu, mw, mb, n, f, c);
+            add_inplace(&mut s.x, &s.tmp);
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        layernorm::forward(
+            &mut s.ln,
+            &mut s.mean,
+            &mut s.rstd,
+            &s.x,
+            self.ln_f_w.of(p),
+            self.ln_f_b.of(p),
+            c,
+            eps,
+        );
+        logits.resize(n * v, 0.0);
+        let head = MatRef::F32(self.head().of(p));
+        linear::linear(logits, v, &s.ln, n, c, head, v, &mut Vec::new());
+        Ok(())
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(&self.config)
     }
@@ -868,7 +987,7 @@ impl KvCache {
 
 /// Work buffers of `forward_cached`, grown to the largest n seen.
 #[derive(Default)]
-struct Scratch {
+pub struct Scratch {
     x: Vec<f32>,
     ln: Vec<f32>,
     mean: Vec<f32>,

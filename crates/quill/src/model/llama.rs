@@ -644,6 +644,113 @@ impl Llama {
     }
 }
 
+impl Llama {
+    /// One new token for each of several sequences (continuous batching): `ids[i]` runs at
+    /// position caches[i].len of sequence i. The weights are read once for all of them.
+    /// Writes logits [n, V].
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut LlamaCache],
+        ids: &[u32],
+        logits: &mut Vec<f32>,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let hs = self.heads();
+        let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (w, hd, kvd) = (hs.qkv_width(), hs.h * hs.d, hs.kv * hs.d);
+        let n = ids.len();
+        if n == 0 || caches.len() != n {
+            return Err(Error::Input("one token per sequence".into()));
+        }
+        self.check_ids(ids)?;
+        if let Some(full) = caches.iter().find(|k| k.len >= k.capacity) {
+            return Err(Error::Input(format!(
+                "context full: the cache holds {} positions",
+                full.capacity
+            )));
+        }
+        let p = &self.params;
+        let eps = cfg.rms_norm_eps;
+        s.resize(n, c, w, hd, f);
+        let most = caches.iter().map(|k| k.capacity).max().unwrap_or(1);
+        s.scores.resize(attention::cached_scratch_len(most), 0.0);
+        let emb = self.mat(self.embed);
+        for (row, &id) in s.x.chunks_mut(c).zip(ids) {
+            emb.row_into(id as usize, c, row);
+        }
+        for (l, blk) in self.blocks.iter().enumerate() {
+            rmsnorm::forward(&mut s.ln, &mut s.rstd, &s.x, blk.input_norm.of(p), c, eps);
+            self.proj(
+                &mut s.qkv,
+                &s.ln,
+                n,
+                c,
+                &[blk.q_w, blk.k_w, blk.v_w],
+                blk.qkv_b,
+                &mut s.wbuf,
+            );
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let pos = cache.len;
+                let row = &mut s.qkv[i * w..(i + 1) * w];
+                self.rope.apply(row, w, 0, hs.h, pos, usize::MAX, false);
+                self.rope.apply(row, w, hd, hs.kv, pos, usize::MAX, false);
+                let kv_len = cache.capacity * kvd;
+                let kc = &mut cache.k[l * kv_len..(l + 1) * kv_len];
+                kc[pos * kvd..(pos + 1) * kvd].copy_from_slice(&row[hd..hd + kvd]);
+                let vc = &mut cache.v[l * kv_len..(l + 1) * kv_len];
+                vc[pos * kvd..(pos + 1) * kvd].copy_from_slice(&row[hd + kvd..]);
+                attention::forward_cached(
+                    &mut s.atty[i * hd..(i + 1) * hd],
+                    &s.qkv[i * w..(i + 1) * w],
+                    w,
+                    &cache.k[l * kv_len..(l + 1) * kv_len],
+                    &cache.v[l * kv_len..(l + 1) * kv_len],
+                    1,
+                    pos,
+                    hs.h,
+                    hs.kv,
+                    hs.d,
+                    self.scale(),
+                    cfg.sliding_window[l].unwrap_or(usize::MAX),
+                    &mut s.scores,
+                );
+            }
+            self.proj(&mut s.tmp, &s.atty, n, hd, &[blk.o_w], blk.o_b, &mut s.wbuf);
+            add_inplace(&mut s.x, &s.tmp);
+            rmsnorm::forward(&mut s.ln, &mut s.rstd, &s.x, blk.post_norm.of(p), c, eps);
+            self.proj(
+                &mut s.gu,
+                &s.ln,
+                n,
+                c,
+                &[blk.gate_w, blk.up_w],
+                None,
+                &mut s.wbuf,
+            );
+            swiglu::forward(&mut s.hmid, &s.gu, f);
+            self.proj(&mut s.tmp, &s.hmid, n, f, &[blk.down_w], None, &mut s.wbuf);
+            add_inplace(&mut s.x, &s.tmp);
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        rmsnorm::forward(&mut s.ln, &mut s.rstd, &s.x, self.norm.of(p), c, eps);
+        logits.resize(n * v, 0.0);
+        linear::linear(
+            logits,
+            v,
+            &s.ln,
+            n,
+            c,
+            self.mat(self.head()),
+            v,
+            &mut s.wbuf,
+        );
+        Ok(())
+    }
+}
+
 fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
@@ -835,7 +942,7 @@ impl LlamaCache {
 }
 
 #[derive(Default)]
-struct Scratch {
+pub struct Scratch {
     x: Vec<f32>,
     ln: Vec<f32>,
     rstd: Vec<f32>,

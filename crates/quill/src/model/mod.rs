@@ -9,7 +9,7 @@ pub mod llama2c;
 pub mod llama_config;
 pub mod params;
 
-pub use any::{Acts, Cache, Model, SUPPORTED_ARCHITECTURES};
+pub use any::{Acts, BatchScratch, Cache, Model, SUPPORTED_ARCHITECTURES};
 pub use config::Gpt2Config;
 pub use gpt2::{Activations, Gpt2, KvCache};
 pub use llama::{Llama, LlamaActivations, LlamaCache};
