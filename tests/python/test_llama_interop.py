@@ -10,6 +10,7 @@
   namespace/tojson/string methods) exactly as transformers' `apply_chat_template`.
 """
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -231,3 +232,27 @@ def test_chat_errors_are_one_clear_line(chat_model, tmp_path):
     (chat_model / "tokenizer_config.json").write_text("{}")
     r = quill("chat", "--model", chat_model, input="hi\n", check=False)
     assert r.returncode != 0 and "no chat template" in r.stderr
+
+
+def test_explain_surprisal_and_attention_match_transformers(tmp_path):
+    """`quill explain --json`: the prompt's log-probabilities and an attention map, against
+    transformers' log-softmax and `output_attentions` (eager attention) on the same folder."""
+    out = train_llama(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    prompt = "ROMEO: my lord, the night is long"
+    r = json.loads(quill("explain", "--model", out, "--prompt", prompt, "--steps", "3", "--top", "5",
+                         "--temperature", "0", "--attention", "1:2", "--json").stdout)
+    ids = [t["id"] for t in r["prompt"]]
+    with torch.no_grad():
+        o = model(torch.tensor([ids]), output_attentions=True)
+    logp = torch.log_softmax(o.logits[0].double(), -1)
+    for i in range(1, len(ids)):
+        assert abs(r["prompt"][i]["logprob"] - logp[i - 1, ids[i]].item()) < 1e-4
+    want = o.attentions[1][0, 2].double()
+    got = torch.tensor(r["attention"]["weights"], dtype=torch.float64)
+    assert (got - want).abs().max().item() < 1e-5
+    # greedy steps: the drawn token is the top candidate, and the probabilities are a softmax
+    for st in r["steps"]:
+        assert st["chosen"] == st["candidates"][0]["id"] and st["kept_count"] == 1
+        total = sum(c["prob"] for c in st["candidates"]) + math.exp(st["rest_logsumexp"] - st["logsumexp"])
+        assert abs(total - 1) < 1e-4

@@ -39,6 +39,9 @@ enum Command {
     Chat(ChatArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
     Serve(ServeArgs),
+    /// Show how a model decides: each prompt token's surprisal, then for each generated token
+    /// the softmax distribution, the temperature/top-k/top-p cut and the token drawn.
+    Explain(ExplainArgs),
     /// Print the logits of every position for the given token ids, as JSON.
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
@@ -253,6 +256,30 @@ struct GenerateArgs {
 }
 
 #[derive(clap::Args)]
+struct ExplainArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to explain (and continue).
+    #[arg(long)]
+    prompt: String,
+    /// Candidates shown per generated token.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Tokens to generate and explain.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Also print where attention looks: LAYER:HEAD (0-based), the weights over the prompt.
+    #[arg(long)]
+    attention: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json; a chat template for
     /// /v1/chat/completions).
@@ -375,6 +402,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd::run(*a),
         Command::Generate(a) => run_generate(a),
         Command::Chat(a) => run_chat(a),
+        Command::Explain(a) => run_explain(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
         Command::Prepare(a) => run_prepare(a),
@@ -525,6 +553,138 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     )?;
     let rest = stream.finish(tok)?;
     writeln!(out, "{rest}")?;
+    Ok(())
+}
+
+fn bar(p: f32, width: usize) -> String {
+    let n = (p.clamp(0.0, 1.0) * width as f32).round() as usize;
+    "█".repeat(n)
+}
+
+fn run_explain(a: ExplainArgs) -> Result<()> {
+    let o = open_model(&a.model)?;
+    let ids = o.tok.encode_with_special(&a.prompt)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let attention = match &a.attention {
+        None => None,
+        Some(spec) => {
+            let (l, h) = spec
+                .split_once(':')
+                .and_then(|(l, h)| Some((l.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
+                .with_context(|| format!("--attention {spec:?}: expected LAYER:HEAD, e.g. 0:1"))?;
+            Some((l, h, o.model.attention_map(&ids, l, h)?))
+        }
+    };
+    let params = o.sampling(&a.sampling);
+    let ex = quill::explain::explain(
+        &o.model,
+        &o.tok,
+        &ids,
+        a.steps,
+        params,
+        a.top.max(1),
+        &o.eos,
+    )?;
+    if a.json {
+        let mut v = serde_json::to_value(&ex)?;
+        if let Some((l, h, map)) = &attention {
+            let t = ids.len();
+            let rows: Vec<&[f32]> = map.chunks(t).collect();
+            v["attention"] = serde_json::json!({"layer": l, "head": h, "weights": rows});
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "prompt: {} tokens; surprisal = -log2 p(token | the tokens before it)",
+        ids.len()
+    );
+    println!("{:>5}  {:<20} {:>9} {:>7}", "pos", "token", "p", "bits");
+    let mut total = 0.0;
+    for (i, t) in ex.prompt.iter().enumerate() {
+        match (t.logprob, t.surprisal_bits) {
+            (Some(lp), Some(bits)) => {
+                total += bits;
+                println!(
+                    "{:>5}  {:<20} {:>9.5} {:>7.2}  {}",
+                    i,
+                    format!("{:?}", t.text),
+                    lp.exp(),
+                    bits,
+                    bar(bits / 20.0, 20)
+                );
+            }
+            _ => println!(
+                "{:>5}  {:<20} {:>9} {:>7}",
+                i,
+                format!("{:?}", t.text),
+                "-",
+                "-"
+            ),
+        }
+    }
+    if ex.prompt.len() > 1 {
+        println!(
+            "mean surprisal {:.2} bits/token",
+            total / (ex.prompt.len() - 1) as f32
+        );
+    }
+    let p = &ex.params;
+    for (n, st) in ex.steps.iter().enumerate() {
+        println!(
+            "\nstep {}: drew {:?} (p = {:.4} at temperature 1); the cut (temperature {}, top-k {}, top-p {}) kept {} token{}",
+            n + 1,
+            st.chosen_text,
+            st.chosen_prob,
+            p.temperature,
+            if p.top_k == 0 { "off".to_string() } else { p.top_k.to_string() },
+            p.top_p,
+            st.kept_count,
+            if st.kept_count == 1 { "" } else { "s" }
+        );
+        println!(
+            "{:>5}  {:<20} {:>9} {:>9}  kept",
+            "rank", "token", "p(T=1)", "p(cut)"
+        );
+        for (r, c) in st.candidates.iter().enumerate() {
+            let kept = st.kept.iter().find(|(i, _)| *i == c.id).map(|x| x.1);
+            println!(
+                "{:>5}  {:<20} {:>9.5} {:>9}  {}{}",
+                r + 1,
+                format!("{:?}", c.text),
+                c.prob,
+                kept.map(|k| format!("{k:.5}"))
+                    .unwrap_or_else(|| "-".into()),
+                bar(c.prob, 30),
+                if c.id == st.chosen { "  <- drawn" } else { "" }
+            );
+        }
+        let rest = (st.rest_logsumexp - st.logsumexp).exp();
+        println!("{:>5}  {:<20} {:>9.5}", "", "(all others)", rest);
+    }
+    if let Some((l, h, map)) = &attention {
+        let t = ids.len();
+        println!("\nattention of layer {l}, head {h}: row = query position, column = key position");
+        for i in 0..t {
+            let row: String = map[i * t..i * t + i + 1]
+                .iter()
+                .map(|&w| match (w * 8.0) as usize {
+                    0 => ' ',
+                    1 => '░',
+                    2 | 3 => '▒',
+                    4 | 5 => '▓',
+                    _ => '█',
+                })
+                .collect();
+            println!(
+                "{:>5} {:<20} |{row}",
+                i,
+                format!("{:?}", o.tok.decode(&ids[i..i + 1])?)
+            );
+        }
+    }
     Ok(())
 }
 

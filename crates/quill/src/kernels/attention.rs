@@ -384,6 +384,50 @@ pub fn forward_cached(
     });
 }
 
+/// The attention weights of query head `head` for `n` new positions pos..pos+n against a
+/// cache (as [`forward_cached`] computes them), appended to `out` as rows of `pos + n`
+/// values (zero after each row's own position): for showing where attention looks.
+#[allow(clippy::too_many_arguments)]
+pub fn weights_cached(
+    out: &mut Vec<f32>,
+    q: &[f32],
+    q_rs: usize,
+    k_cache: &[f32],
+    n: usize,
+    pos: usize,
+    head: usize,
+    h: usize,
+    n_kv: usize,
+    d: usize,
+    scale: f32,
+    window: usize,
+) {
+    let kv_rs = n_kv * d;
+    let total = pos + n;
+    let kvh = head / (h / n_kv);
+    for i in 0..n {
+        let qrow = &q[i * q_rs + head * d..i * q_rs + head * d + d];
+        let len = pos + i + 1;
+        let first = len.saturating_sub(window);
+        let mut row = vec![0.0f32; total];
+        let mut mx = f32::NEG_INFINITY;
+        for (j, s) in row.iter_mut().enumerate().take(len).skip(first) {
+            let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+            *s = dot(qrow, krow) * scale;
+            mx = mx.max(*s);
+        }
+        let mut sum = 0.0;
+        for s in row[first..len].iter_mut() {
+            *s = (*s - mx).exp();
+            sum += *s;
+        }
+        for s in row[first..len].iter_mut() {
+            *s /= sum;
+        }
+        out.extend_from_slice(&row);
+    }
+}
+
 super::simd::multiversion! {
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         super::math::dot(a, b)

@@ -250,6 +250,43 @@ impl Model {
         Ok(logits)
     }
 
+    /// Layers and query heads (for choosing an attention map).
+    pub fn layers_heads(&self) -> (usize, usize) {
+        match self {
+            Model::Gpt2(m) => (m.config.n_layer, m.config.n_head),
+            Model::Llama(m) => (m.config.num_hidden_layers, m.config.num_attention_heads),
+        }
+    }
+
+    /// Attention weights [T, T] of `layer`'s query `head` over the sequence `ids` (row i: how
+    /// much position i attends to each position 0..=i).
+    pub fn attention_map(&self, ids: &[u32], layer: usize, head: usize) -> Result<Vec<f32>> {
+        let (layers, heads) = self.layers_heads();
+        if layer >= layers || head >= heads {
+            return Err(Error::Input(format!(
+                "layer {layer}, head {head}: the model has {layers} layers of {heads} heads"
+            )));
+        }
+        if ids.is_empty() || ids.len() > self.context() {
+            return Err(Error::Input(format!(
+                "{} tokens: an attention map needs 1 to {} tokens",
+                ids.len(),
+                self.context()
+            )));
+        }
+        let mut cache = self.new_cache(ids.len());
+        match &mut cache {
+            Cache::Gpt2(c) => c.capture = Some((layer, head)),
+            Cache::Llama(c) => c.capture = Some((layer, head)),
+        }
+        let mut logits = Vec::new();
+        self.forward_cached(&mut cache, ids, &mut logits, false)?;
+        Ok(match cache {
+            Cache::Gpt2(c) => c.captured,
+            Cache::Llama(c) => c.captured,
+        })
+    }
+
     /// Writes config.json + model.safetensors (f32) into `dir`, atomically.
     pub fn save(&self, dir: &Path, meta: &BTreeMap<String, String>) -> Result<()> {
         match self {

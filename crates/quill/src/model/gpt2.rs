@@ -576,6 +576,26 @@ impl Gpt2 {
                 usize::MAX,
                 &mut s.scores,
             );
+            if let Some((cl, ch)) = cache.capture {
+                if cl == l {
+                    let kc = &cache.k[l * kv_len..(l + 1) * kv_len];
+                    cache.captured.clear();
+                    attention::weights_cached(
+                        &mut cache.captured,
+                        &s.qkv,
+                        3 * c,
+                        kc,
+                        n,
+                        pos,
+                        ch,
+                        h,
+                        h,
+                        d,
+                        self.attn_scale(l),
+                        usize::MAX,
+                    );
+                }
+            }
             linear_cached(
                 self.inference_layout,
                 &mut s.tmp,
@@ -965,6 +985,9 @@ pub struct KvCache {
     k: Vec<f32>,
     v: Vec<f32>,
     scratch: Scratch,
+    /// (layer, head) whose attention weights the next `forward_cached` keeps in `captured`.
+    pub capture: Option<(usize, usize)>,
+    pub captured: Vec<f32>,
 }
 
 impl KvCache {
@@ -976,6 +999,8 @@ impl KvCache {
             k: vec![0.0; size],
             v: vec![0.0; size],
             scratch: Scratch::default(),
+            capture: None,
+            captured: Vec::new(),
         }
     }
 

@@ -496,6 +496,8 @@ impl Llama {
             k: vec![0.0; size],
             v: vec![0.0; size],
             s: Scratch::default(),
+            capture: None,
+            captured: Vec::new(),
         }
     }
 
@@ -602,6 +604,26 @@ impl Llama {
                 cfg.sliding_window[l].unwrap_or(usize::MAX),
                 &mut s.scores,
             );
+            if let Some((cl, ch)) = cache.capture {
+                if cl == l {
+                    let kc = &cache.k[l * kv_len..(l + 1) * kv_len];
+                    cache.captured.clear();
+                    attention::weights_cached(
+                        &mut cache.captured,
+                        &s.qkv,
+                        w,
+                        kc,
+                        n,
+                        pos,
+                        ch,
+                        hs.h,
+                        hs.kv,
+                        hs.d,
+                        self.scale(),
+                        cfg.sliding_window[l].unwrap_or(usize::MAX),
+                    );
+                }
+            }
             self.proj(&mut s.tmp, &s.atty, n, hd, &[blk.o_w], blk.o_b, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
             rmsnorm::forward(&mut s.ln, &mut s.rstd, &s.x, blk.post_norm.of(p), c, eps);
@@ -933,6 +955,9 @@ pub struct LlamaCache {
     k: Vec<f32>,
     v: Vec<f32>,
     s: Scratch,
+    /// (layer, head) whose attention weights the next `forward_cached` keeps in `captured`.
+    pub capture: Option<(usize, usize)>,
+    pub captured: Vec<f32>,
 }
 
 impl LlamaCache {
