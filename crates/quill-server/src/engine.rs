@@ -341,3 +341,20 @@ fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> Option<u32> {
     });
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::first_stop;
+
+    #[test]
+    fn stop_strings_are_found_across_pieces() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(first_stop("abc", &stops, 0), None);
+        assert_eq!(first_stop("abcEN", &stops, 3), None);
+        // the text released so far ended at 3 ("abc"); "END" straddles that point
+        assert_eq!(first_stop("abcEND more", &stops, 3), Some(3));
+        assert_eq!(first_stop("a\n\nbEND", &stops, 0), Some(1));
+        assert_eq!(first_stop("héllo wörld", &["ö".to_string()], 2), Some(8));
+        assert_eq!(first_stop("x", &[], 0), None);
+    }
+}

@@ -95,7 +95,11 @@ impl IntoResponse for ApiError {
 /// Builds the router (public for tests that drive it without a socket).
 fn router(app: App) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/quill/info", get(info))
+        .route("/v1/quill/explain", post(explain))
+        .route("/v1/quill/attention", post(attention))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -806,4 +810,150 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
         "usage": usage(p, n),
     }))
     .into_response())
+}
+
+/// The playground and explain view: one self-contained page, embedded in the binary.
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn info(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    check_auth(&app, &headers)?;
+    let m = &app.served.shared.model;
+    let (layers, heads) = m.layers_heads();
+    Ok(Json(json!({
+        "id": app.served.model_id, "architecture": m.architecture(), "layers": layers,
+        "heads": heads, "context": m.context(), "vocab_size": m.vocab_size(),
+        "chat_template": app.served.template.is_some(), "description": m.describe(),
+    })))
+}
+
+/// The prompt of an extension request: `messages` (through the chat template) or `prompt`.
+fn prompt_ids(app: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {
+    let tok = &app.served.shared.tok;
+    if f.get("messages").is_some() {
+        let messages = parse_messages(f.get("messages"))?;
+        let Some(t) = &app.served.template else {
+            return Err(ApiError::bad(
+                "this model has no chat template",
+                Some("messages"),
+            ));
+        };
+        let text = t
+            .render(&messages, true)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+        return tok
+            .encode(&text)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("messages")));
+    }
+    match f.get("prompt") {
+        Some(Value::String(p)) => tok
+            .encode_with_special(p)
+            .map_err(|e| ApiError::bad(e.to_string(), Some("prompt"))),
+        _ => Err(ApiError::bad("prompt must be a string", Some("prompt"))),
+    }
+}
+
+/// `POST /v1/quill/explain` {prompt | messages, max_tokens, temperature, top_k, top_p, seed,
+/// top}: the prompt's per-token surprisal and, for each generated token, the distribution
+/// it was drawn from and the cut applied to it.
+async fn explain(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        check_auth(&app, &headers)?;
+        let m = read_json(body).await?;
+        let c = parse_common(&app, &m)?;
+        let f = Fields(&m);
+        let ids = prompt_ids(&app, &f)?;
+        if ids.is_empty() {
+            return Err(ApiError::bad("the prompt is empty", Some("prompt")));
+        }
+        let ctx = app.served.shared.model.context();
+        if ids.len() >= ctx {
+            return Err(ApiError::bad(
+                format!("the prompt has {} tokens; the context is {ctx}", ids.len()),
+                Some("prompt"),
+            ));
+        }
+        let steps = c.max_tokens.unwrap_or(16).min(256).min(ctx - ids.len());
+        let top = f.int("top", 1, 100)?.unwrap_or(20) as usize;
+        let app2 = app.clone();
+        let ex = tokio::task::spawn_blocking(move || {
+            let sh = &app2.served.shared;
+            quill::explain::explain(&sh.model, &sh.tok, &ids, steps, c.sampling, top, &sh.eos)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "explain_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::bad(e.to_string(), None))?;
+        Ok(Json(serde_json::to_value(&ex).unwrap_or(Value::Null)).into_response())
+    }
+    .await;
+    r.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+/// `POST /v1/quill/attention` {prompt | messages | ids, layer, head}: the attention weights
+/// [T, T] of one head, with the tokens.
+async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        check_auth(&app, &headers)?;
+        let m = read_json(body).await?;
+        let f = Fields(&m);
+        let ids: Vec<u32> = match f.get("ids") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|v| v as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::bad("ids must be token ids", Some("ids")))?,
+            _ => prompt_ids(&app, &f)?,
+        };
+        let v = app.served.shared.model.vocab_size();
+        if ids.is_empty() || ids.iter().any(|&i| i as usize >= v) {
+            return Err(ApiError::bad(
+                "give at least one token id inside the vocabulary",
+                Some("ids"),
+            ));
+        }
+        let layer = f.int("layer", 0, i64::MAX)?.unwrap_or(0) as usize;
+        let head = f.int("head", 0, i64::MAX)?.unwrap_or(0) as usize;
+        let app2 = app.clone();
+        let ids2 = ids.clone();
+        let map = tokio::task::spawn_blocking(move || {
+            app2.served.shared.model.attention_map(&ids2, layer, head)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "attention_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::bad(e.to_string(), None))?;
+        let t = ids.len();
+        let tok = &app.served.shared.tok;
+        let tokens: Vec<String> = ids
+            .iter()
+            .map(|&i| tok.decode(&[i]).unwrap_or_default())
+            .collect();
+        let rows: Vec<&[f32]> = map.chunks(t).collect();
+        Ok(Json(
+            json!({"layer": layer, "head": head, "ids": ids, "tokens": tokens, "weights": rows}),
+        )
+        .into_response())
+    }
+    .await;
+    r.unwrap_or_else(|e: ApiError| e.into_response())
 }
