@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,14 +38,28 @@ def server(tmp_path_factory):
                     "--steps", "30", "--eval-interval", "30", "--layers", "2", "--heads", "4", "--kv-heads", "2",
                     "--width", "64", "--context", "128", "--batch", "4", "--quiet"], check=True, capture_output=True)
     (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
-    proc = subprocess.Popen([QUILL, "serve", "--model", model, "--port", "0", "--api-key", KEY, "--queue", "64"],
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    m = re.search(r"http://([0-9.]+:[0-9]+)", line)
-    assert m, line
-    yield {"addr": m.group(1), "proc": proc, "model": "tiny"}
+    proc, addr, log = start(model, d / "server.log", "--api-key", KEY)
+    yield {"addr": addr, "proc": proc, "model": "tiny", "log": log, "dir": model}
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def start(model, log, *args):
+    """Starts `quill serve` on a free port; returns (process, address, log path)."""
+    f = open(log, "w")
+    proc = subprocess.Popen([QUILL, "serve", "--model", model, "--port", "0", *args], stderr=f, text=True)
+    for _ in range(200):
+        m = re.search(r"http://([0-9.]+:[0-9]+)", Path(log).read_text())
+        if m:
+            return proc, m.group(1), log
+        time.sleep(0.05)
+    raise AssertionError(Path(log).read_text())
+
+
+def rss_mb(proc):
+    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 
 
 def client(server, key=KEY):
@@ -159,6 +174,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
 
 
 def test_concurrent_streams_and_idle_connections(server):
+    # warm up, then the memory baseline
+    client(server).completions.create(model="tiny", prompt="x", max_tokens=4)
+    base = rss_mb(server["proc"])
     idle = []
     host, port = server["addr"].split(":")
     for _ in range(1000):
@@ -184,3 +202,57 @@ def test_concurrent_streams_and_idle_connections(server):
     assert not errors, errors[:3]
     assert len(results) == 32
     assert server["proc"].poll() is None
+    # the caches of finished requests are freed: memory returns to (near) its baseline
+    time.sleep(0.5)
+    client(server).completions.create(model="tiny", prompt="x", max_tokens=4)
+    time.sleep(0.2)
+    after = rss_mb(server["proc"])
+    print(f"server RSS before {base:.1f} MB, after 32 streams and 1000 connections {after:.1f} MB")
+    assert after < base + 4, (base, after)
+
+
+def test_a_client_that_leaves_cancels_its_generation(server):
+    host, port = server["addr"].split(":")
+    s = socket.create_connection((host, int(port)))
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 100, "stream": True}).encode()
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data:" not in got:
+        got += s.recv(4096)
+    s.close()
+    for _ in range(100):
+        if "cancelled" in Path(server["log"]).read_text():
+            break
+        time.sleep(0.05)
+    line = [l for l in Path(server["log"]).read_text().splitlines() if "cancelled" in l]
+    assert line, Path(server["log"]).read_text()[-500:]
+    assert int(re.search(r"(\d+) completion", line[0]).group(1)) < 100
+
+
+def test_a_full_queue_answers_429(server, tmp_path):
+    proc, addr, _ = start(server["dir"], tmp_path / "q.log", "--max-active", "1", "--queue", "1")
+    codes = []
+
+    def one():
+        req = urllib.request.Request(f"http://{addr}/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "ROMEO:", "max_tokens": 100}).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                codes.append(r.status)
+        except urllib.error.HTTPError as e:
+            err = json.loads(e.read())
+            assert err["error"]["code"] == "queue_full", err
+            codes.append(e.code)
+
+    try:
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert 429 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 429}

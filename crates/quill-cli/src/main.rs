@@ -297,6 +297,9 @@ struct ServeArgs {
     /// Requests that may wait for their turn; beyond it, new requests get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Requests decoded together (each holds a KV cache); more wait in the queue.
+    #[arg(long, default_value_t = quill_server::engine::MAX_ACTIVE)]
+    max_active: usize,
 }
 
 #[derive(clap::Args)]
@@ -696,6 +699,7 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         api_key: a.api_key,
         threads,
         queue: a.queue,
+        max_active: a.max_active,
     };
     quill_server::run(opts, |addr| {
         eprintln!(

@@ -13,10 +13,12 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Requests running at once; more wait in the queue.
+/// Requests running at once by default; more wait in the queue.
 pub const MAX_ACTIVE: usize = 64;
 
 pub struct Job {
+    /// For the log line written when the request ends.
+    pub id: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -80,7 +82,12 @@ impl Handle {
 
 /// Starts the engine thread with `threads` worker threads for the numerics and a queue of
 /// `queue` waiting requests.
-pub fn spawn(shared: Arc<Shared>, threads: Option<usize>, queue: usize) -> Handle {
+pub fn spawn(
+    shared: Arc<Shared>,
+    threads: Option<usize>,
+    queue: usize,
+    max_active: usize,
+) -> Handle {
     let (tx, rx) = sync_channel(queue);
     std::thread::Builder::new()
         .name("quill-engine".into())
@@ -90,7 +97,7 @@ pub fn spawn(shared: Arc<Shared>, threads: Option<usize>, queue: usize) -> Handl
                 b = b.num_threads(n);
             }
             let pool = b.build().expect("thread pool");
-            pool.install(|| run(&shared, rx));
+            pool.install(|| run(&shared, rx, max_active.max(1)));
         })
         .expect("engine thread");
     Handle { tx }
@@ -110,15 +117,34 @@ struct Seq {
     pending: Vec<TokenInfo>,
     stopped: bool,
     done: bool,
+    finish_reason: Option<&'static str>,
+    started: std::time::Instant,
 }
 
-fn run(shared: &Shared, rx: Receiver<Job>) {
+impl Drop for Seq {
+    fn drop(&mut self) {
+        let how = self
+            .finish_reason
+            .unwrap_or("cancelled (the client went away)");
+        eprintln!(
+            "{}: {} prompt + {} completion tokens, {} in {:.2} s",
+            self.job.id,
+            self.job.prompt.len(),
+            self.generated,
+            how,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn run(shared: &Shared, rx: Receiver<Job>, max_active: usize) {
     let mut active: Vec<Seq> = Vec::new();
     let mut scratch = BatchScratch::default();
     let mut logits = Vec::new();
     loop {
-        while active.len() < MAX_ACTIVE {
+        while active.len() < max_active {
             let job = if active.is_empty() {
+                release_free_memory();
                 match rx.recv() {
                     Ok(j) => j,
                     Err(_) => return,
@@ -164,8 +190,24 @@ fn round(shared: &Shared, active: &mut [Seq], scratch: &mut BatchScratch, logits
             Ok(()) => s.logits.copy_from_slice(&logits[i * v..(i + 1) * v]),
             Err(e) => {
                 let _ = s.job.events.send(Event::Error(e.to_string()));
+                s.finish_reason = Some("failed");
                 s.done = true;
             }
+        }
+    }
+}
+
+/// Hands memory freed by finished requests back to the system when the engine goes idle
+/// (glibc keeps freed heap pages otherwise), so the server returns to its baseline.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // Safety: malloc_trim only releases free memory of glibc's own heap.
+        unsafe {
+            malloc_trim(0);
         }
     }
 }
@@ -203,6 +245,8 @@ fn start(shared: &Shared, job: Job) -> Option<Seq> {
         pending: Vec::new(),
         stopped: false,
         done: false,
+        finish_reason: None,
+        started: std::time::Instant::now(),
     })
 }
 
@@ -334,6 +378,7 @@ fn finish(shared: &Shared, s: &mut Seq, reason: &'static str) -> Option<u32> {
         let tokens = std::mem::take(&mut s.pending);
         let _ = s.job.events.send(Event::Text { text, tokens });
     }
+    s.finish_reason = Some(reason);
     let _ = s.job.events.send(Event::Done {
         finish_reason: reason,
         prompt_tokens: s.job.prompt.len(),

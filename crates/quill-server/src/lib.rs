@@ -34,6 +34,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Requests that may wait for a turn before new ones get 429.
     pub queue: usize,
+    /// Requests decoded together at most.
+    pub max_active: usize,
 }
 
 pub struct Served {
@@ -166,7 +168,12 @@ pub fn open(dir: &std::path::Path) -> Result<Served, String> {
 /// Serves until the process is stopped. `on_ready` gets the bound address.
 pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
     let served = open(&opts.model_dir)?;
-    let handle = engine::spawn(served.shared.clone(), opts.threads, opts.queue.max(1));
+    let handle = engine::spawn(
+        served.shared.clone(),
+        opts.threads,
+        opts.queue.max(1),
+        opts.max_active,
+    );
     let app = Arc::new(AppState {
         served,
         handle,
@@ -449,6 +456,7 @@ fn submit(
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
+        id: format!("request {}", app.counter.fetch_add(1, Ordering::Relaxed)),
         prompt,
         max_tokens,
         sampling: c.sampling.clone(),
