@@ -82,6 +82,9 @@ pub fn linear(
     let yp = y.as_mut_ptr();
     match w {
         // Safety: the asserts above bound every index.
+        // a few rows (batched decoding): tiles of dot products; many rows (a prompt): gemm
+        MatRef::F32(w) if n <= X_BLOCK => rows_times_rows(y, y_rs, x, n, inp, w, out),
+        // Safety: the asserts above bound every index.
         MatRef::F32(w) => unsafe {
             matmul_strided(
                 n,
@@ -125,6 +128,133 @@ pub fn linear(
                         false,
                         parallelism(n, inp, r1 - r0),
                     )
+                }
+            }
+        }
+    }
+}
+
+/// Rows of x taken together by [`rows_times_rows`]: their block stays in L2 while every
+/// weight row is read once for the whole block.
+const X_BLOCK: usize = 64;
+/// Weight rows per parallel task of [`rows_times_rows`].
+const W_TASK: usize = 16;
+
+/// y[i, j] = x[i] · W[j] for x [n, inp] and W [out, inp], both row-major (rows times rows).
+/// For a few rows (batched decoding, prompts) of an [out, in] weight this beats packing
+/// W for a general GEMM: each weight row is read once per block of 64 x rows, and a 4 x 4
+/// register tile of (weight row, x row) dot products uses every load four times.
+fn rows_times_rows(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+) {
+    let yp = SendPtr(y.as_mut_ptr());
+    for i0 in (0..n).step_by(X_BLOCK) {
+        let i1 = (i0 + X_BLOCK).min(n);
+        let xb = &x[i0 * inp..i1 * inp];
+        (0..out.div_ceil(W_TASK)).into_par_iter().for_each(|t| {
+            let j0 = t * W_TASK;
+            let j1 = (j0 + W_TASK).min(out);
+            // Safety: this task alone writes columns j0..j1 of rows i0..i1 of y.
+            let yb = unsafe { yp.get().add(i0 * y_rs) };
+            tile_dots(yb, y_rs, xb, i1 - i0, inp, &w[j0 * inp..j1 * inp], j0);
+        });
+    }
+}
+
+/// 16 dot products over the first `full` values (a multiple of 16) of rows w0..w3 and
+/// x0..x3, in sixteen AVX-512 accumulators: result [a * 4 + b] = w_a · x_b.
+///
+/// # Safety
+/// The CPU has AVX-512F, and each pointer reaches `full` readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile4_avx512(w: [*const f32; 4], x: [*const f32; 4], full: usize) -> [f32; 16] {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
+    let (mut a10, mut a11, mut a12, mut a13) = (z, z, z, z);
+    let (mut a20, mut a21, mut a22, mut a23) = (z, z, z, z);
+    let (mut a30, mut a31, mut a32, mut a33) = (z, z, z, z);
+    let mut k = 0;
+    while k < full {
+        let (x0, x1) = (_mm512_loadu_ps(x[0].add(k)), _mm512_loadu_ps(x[1].add(k)));
+        let (x2, x3) = (_mm512_loadu_ps(x[2].add(k)), _mm512_loadu_ps(x[3].add(k)));
+        let w0 = _mm512_loadu_ps(w[0].add(k));
+        a00 = _mm512_fmadd_ps(w0, x0, a00);
+        a01 = _mm512_fmadd_ps(w0, x1, a01);
+        a02 = _mm512_fmadd_ps(w0, x2, a02);
+        a03 = _mm512_fmadd_ps(w0, x3, a03);
+        let w1 = _mm512_loadu_ps(w[1].add(k));
+        a10 = _mm512_fmadd_ps(w1, x0, a10);
+        a11 = _mm512_fmadd_ps(w1, x1, a11);
+        a12 = _mm512_fmadd_ps(w1, x2, a12);
+        a13 = _mm512_fmadd_ps(w1, x3, a13);
+        let w2 = _mm512_loadu_ps(w[2].add(k));
+        a20 = _mm512_fmadd_ps(w2, x0, a20);
+        a21 = _mm512_fmadd_ps(w2, x1, a21);
+        a22 = _mm512_fmadd_ps(w2, x2, a22);
+        a23 = _mm512_fmadd_ps(w2, x3, a23);
+        let w3 = _mm512_loadu_ps(w[3].add(k));
+        a30 = _mm512_fmadd_ps(w3, x0, a30);
+        a31 = _mm512_fmadd_ps(w3, x1, a31);
+        a32 = _mm512_fmadd_ps(w3, x2, a32);
+        a33 = _mm512_fmadd_ps(w3, x3, a33);
+        k += 16;
+    }
+    [
+        a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33,
+    ]
+    .map(|v| _mm512_reduce_add_ps(v))
+}
+
+/// The same 16 dot products, plainly (the scalar path, and CPUs without AVX-512).
+fn tile4_plain(w: [&[f32]; 4], x: [&[f32]; 4], full: usize) -> [f32; 16] {
+    let mut out = [0.0f32; 16];
+    for a in 0..4 {
+        for b in 0..4 {
+            out[a * 4 + b] = super::math::dot(&w[a][..full], &x[b][..full]);
+        }
+    }
+    out
+}
+
+/// y[i, j0 + j] = x[i] · w[j] for the rows of x and of w given, in 4 x 4 tiles.
+fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], n: usize, inp: usize, w: &[f32], j0: usize) {
+    let m = w.len() / inp;
+    let full = inp - inp % LANES;
+    let avx512 = super::simd::has_avx512();
+    let wrow = |j: usize| &w[j.min(m - 1) * inp..j.min(m - 1) * inp + inp];
+    let xrow = |i: usize| &x[i.min(n - 1) * inp..i.min(n - 1) * inp + inp];
+    for jb in (0..m).step_by(4) {
+        for ib in (0..n).step_by(4) {
+            // edge tiles repeat the last row; the extra results are not stored
+            let wr = [wrow(jb), wrow(jb + 1), wrow(jb + 2), wrow(jb + 3)];
+            let xr = [xrow(ib), xrow(ib + 1), xrow(ib + 2), xrow(ib + 3)];
+            #[cfg(target_arch = "x86_64")]
+            let t = if avx512 {
+                // Safety: AVX-512F is present, and every row holds `inp` >= `full` values.
+                unsafe { tile4_avx512(wr.map(|r| r.as_ptr()), xr.map(|r| r.as_ptr()), full) }
+            } else {
+                tile4_plain(wr, xr, full)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let t = tile4_plain(wr, xr, full);
+            for a in 0..(m - jb).min(4) {
+                for b in 0..(n - ib).min(4) {
+                    let mut sum = t[a * 4 + b];
+                    for kk in full..inp {
+                        sum += wr[a][kk] * xr[b][kk];
+                    }
+                    // Safety: the caller owns these columns of these rows.
+                    unsafe {
+                        *y.add((ib + b) * y_rs + j0 + jb + a) = sum;
+                    }
                 }
             }
         }
