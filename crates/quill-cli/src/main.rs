@@ -1110,6 +1110,12 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     p.threads,
                     quill::kernels::simd::level()
                 );
+                match p.bf16_gflops {
+                    Some(g) => println!(
+                        "bf16 products (f32 accumulation, quill's AVX-512 BF16 kernel): {g:.1} GFLOP/s"
+                    ),
+                    None => println!("bf16: this CPU has no AVX-512 BF16"),
+                }
                 println!("copy bandwidth (read + write): {:.1} GB/s", p.copy_gbs);
             }
         }

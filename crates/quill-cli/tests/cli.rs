@@ -1069,6 +1069,54 @@ fn bench_reports_peaks_and_training_speed() {
     assert!(mfu > 0.0 && mfu < 1.5, "{mfu}");
     let e = run_err(quill().args(["bench", "train", "--config", "huge"]));
     assert!(e.contains("nano"), "{e}");
+    // accounted memory: weights, gradients, moments and activations explain the peak RSS
+    let rss = v["peak_rss"].as_f64().unwrap();
+    let accounted = v["accounted_bytes"].as_f64().unwrap();
+    assert!(
+        rss > 0.0 && accounted > 16.0 * 801_664.0,
+        "{rss} {accounted}"
+    );
+    let e = run_err(quill().args(["bench", "train", "--dtype", "bf16"]));
+    assert!(e.contains("not implemented"), "{e}");
+
+    // generation: GPT-2 tiny has 2 layers of width 64 and a tied 256 x 64 head
+    let o = run_ok(
+        quill()
+            .args([
+                "bench",
+                "generate",
+                "--prompt-len",
+                "8",
+                "--new",
+                "8",
+                "--json",
+                "--model",
+            ])
+            .arg(fixture()),
+    );
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(g["decode_tokens_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(g["prompt_tokens_per_sec"].as_f64().unwrap() > 0.0);
+    // every weight but the position table, 4 bytes each
+    let params = g["params"].as_u64().unwrap();
+    assert_eq!(
+        g["weight_bytes_per_token"].as_u64().unwrap(),
+        (params - 64 * 64) * 4
+    );
+    let e = run_err(
+        quill()
+            .args([
+                "bench",
+                "generate",
+                "--prompt-len",
+                "60",
+                "--new",
+                "10",
+                "--model",
+            ])
+            .arg(fixture()),
+    );
+    assert!(e.contains("context"), "{e}");
 }
 
 fn fixture_named(name: &str) -> PathBuf {

@@ -19,6 +19,9 @@ pub struct Peak {
     pub fp32_by_size: Vec<(usize, f64)>,
     /// Copy bandwidth of a 1 GiB buffer, bytes read + written, GB/s.
     pub copy_gbs: f64,
+    /// bf16 products with f32 accumulation (quill's `vdpbf16ps` kernel), best over the sizes
+    /// tried, GFLOP/s; None where the CPU has no AVX-512 BF16.
+    pub bf16_gflops: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -60,7 +63,26 @@ pub fn peak() -> Peak {
             t.elapsed().as_secs_f64()
         })
         .collect();
+    let bf16_gflops = crate::kernels::bf16::has_bf16().then(|| {
+        let mut best = 0.0f64;
+        for n in [512usize, 1024, 2048] {
+            let a = vec![0x3f80u16; n * n];
+            let b = vec![0x3f00u16; n * n];
+            let mut c = vec![0.0f32; n * n];
+            crate::kernels::bf16::matmul_nt(&mut c, &a, &b, n, n, n);
+            let times: Vec<f64> = (0..3)
+                .map(|_| {
+                    let t = Instant::now();
+                    crate::kernels::bf16::matmul_nt(&mut c, &a, &b, n, n, n);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            best = best.max(2.0 * (n * n * n) as f64 / median(times) / 1e9);
+        }
+        best
+    });
     Peak {
+        bf16_gflops,
         threads: rayon::current_num_threads(),
         fp32_gflops: by_size.iter().map(|x| x.1).fold(0.0, f64::max),
         fp32_by_size: by_size,

@@ -5,6 +5,7 @@
 //! kernels against them, and the twins against finite differences.
 
 pub mod attention;
+pub mod bf16;
 pub mod crossentropy;
 pub mod embedding;
 pub mod gelu;
