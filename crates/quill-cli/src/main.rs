@@ -5,7 +5,7 @@ mod train_cmd;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use quill::chat::{ChatTemplate, Message};
-use quill::io::hf::GenerationConfig;
+use quill::io::hf::{GenerationConfig, Opened};
 use quill::model::Model;
 use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
@@ -416,67 +416,16 @@ fn run(cli: Cli) -> Result<()> {
     })
 }
 
-fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let p = dir.join("tokenizer.json");
-    if !p.is_file() {
-        bail!("{}: no tokenizer.json in this folder", dir.display());
-    }
-    Ok(Tokenizer::load(&p)?)
-}
-
-/// A model folder opened for inference: weights (memory-mapped), tokenizer, chat template,
-/// generation defaults and the ids that end a reply.
-struct Opened {
-    model: Model,
-    tok: Tokenizer,
-    template: Option<ChatTemplate>,
-    gen: GenerationConfig,
-    eos: Vec<u32>,
-}
-
 fn open_model(dir: &Path) -> Result<Opened> {
-    let model = Model::load(dir, true)?;
-    let tok = load_tokenizer(dir)?;
-    if tok.vocab_size() > model.vocab_size() {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model only {}",
-            dir.display(),
-            tok.vocab_size(),
-            model.vocab_size()
-        );
-    }
-    let template = ChatTemplate::load(dir)?;
-    let gen = GenerationConfig::load(dir)?;
-    let mut eos = gen.eos_token_ids.clone();
-    eos.extend(model.eos_token_ids());
-    let tok_eos = quill::chat::special_tokens(dir)?
-        .get("eos_token")
-        .and_then(|v| v.as_str().map(String::from));
-    if let Some(id) = tok_eos.and_then(|t| tok.token_to_id(&t)) {
-        eos.push(id);
-    }
-    if eos.is_empty() {
-        eos.extend(tok.token_to_id(quill::tokenizer::END_OF_TEXT));
-    }
-    eos.sort_unstable();
-    eos.dedup();
-    Ok(Opened {
-        model,
-        tok,
-        template,
-        gen,
-        eos,
-    })
+    Ok(Opened::open(dir)?)
 }
 
-impl Opened {
-    /// Sampling settings: the flags, then generation_config.json, then quill's defaults;
-    /// only ids the tokenizer can spell are drawn.
-    fn sampling(&self, a: &SamplingArgs) -> SamplingParams {
-        SamplingParams {
-            vocab_limit: self.tok.vocab_size(),
-            ..a.params(&self.gen)
-        }
+/// Sampling settings: the flags, then generation_config.json, then quill's defaults; only
+/// ids the tokenizer can spell are drawn.
+fn sampling(o: &Opened, a: &SamplingArgs) -> SamplingParams {
+    SamplingParams {
+        vocab_limit: o.tok.vocab_size(),
+        ..a.params(&o.gen)
     }
 }
 
@@ -496,7 +445,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         return run_generate_llama2c(&a, &mut sampler);
     }
     let o = open_model(&a.model)?;
-    let mut sampler = Sampler::new(o.sampling(&a.sampling))?;
+    let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(500);
     let (model, tok) = (&o.model, &o.tok);
     let prompt = if a.chat {
@@ -580,7 +529,7 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
             Some((l, h, o.model.attention_map(&ids, l, h)?))
         }
     };
-    let params = o.sampling(&a.sampling);
+    let params = sampling(&o, &a.sampling);
     let ex = quill::explain::explain(
         &o.model,
         &o.tok,
@@ -715,7 +664,7 @@ fn run_chat(a: ChatArgs) -> Result<()> {
     let o = open_model(&a.model)?;
     let template = require_template(&o, &a.model)?;
     let (model, tok) = (&o.model, &o.tok);
-    let mut sampler = Sampler::new(o.sampling(&a.sampling))?;
+    let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
     let ctx = model.context();
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(512);
     // room kept free for the reply when old turns are dropped

@@ -119,49 +119,20 @@ fn router(app: App) -> Router {
 
 /// Opens the model folder for serving.
 pub fn open(dir: &std::path::Path) -> Result<Served, String> {
-    let model = quill::model::Model::load(dir, true).map_err(|e| e.to_string())?;
-    let p = dir.join("tokenizer.json");
-    if !p.is_file() {
-        return Err(format!(
-            "{}: no tokenizer.json in this folder",
-            dir.display()
-        ));
-    }
-    let tok = quill::tokenizer::Tokenizer::load(&p).map_err(|e| e.to_string())?;
-    if tok.vocab_size() > model.vocab_size() {
-        return Err(format!(
-            "{}: the tokenizer has {} tokens but the model only {}",
-            dir.display(),
-            tok.vocab_size(),
-            model.vocab_size()
-        ));
-    }
-    let template = ChatTemplate::load(dir).map_err(|e| e.to_string())?;
-    let gen = quill::io::hf::GenerationConfig::load(dir).map_err(|e| e.to_string())?;
-    let mut eos = gen.eos_token_ids.clone();
-    eos.extend(model.eos_token_ids());
-    let specials = quill::chat::special_tokens(dir).map_err(|e| e.to_string())?;
-    if let Some(id) = specials
-        .get("eos_token")
-        .and_then(|v| v.as_str())
-        .and_then(|t| tok.token_to_id(t))
-    {
-        eos.push(id);
-    }
-    if eos.is_empty() {
-        eos.extend(tok.token_to_id(quill::tokenizer::END_OF_TEXT));
-    }
-    eos.sort_unstable();
-    eos.dedup();
+    let o = quill::io::hf::Opened::open(dir).map_err(|e| e.to_string())?;
     let model_id = std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
         .unwrap_or_else(|| "model".into());
     Ok(Served {
-        shared: Arc::new(Shared { model, tok, eos }),
-        template,
+        shared: Arc::new(Shared {
+            model: o.model,
+            tok: o.tok,
+            eos: o.eos,
+        }),
+        template: o.template,
         model_id,
-        gen,
+        gen: o.gen,
     })
 }
 

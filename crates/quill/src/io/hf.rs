@@ -252,25 +252,13 @@ pub fn save_llama(
             "cannot save a memory-mapped model; materialize it first".into(),
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut meta = extra_metadata.clone();
-    meta.insert("format".into(), "pt".into());
-    let tensors: Vec<(&str, &[usize], &[f32])> = model
-        .layout
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.as_str(),
-                t.shape.as_slice(),
-                t.view.of(&model.params),
-            )
-        })
-        .collect();
-    write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
-    let config =
-        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
-    super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
+    save_folder(
+        dir,
+        &model.layout,
+        &model.params,
+        &model.config.to_hf_json(),
+        extra_metadata,
+    )
 }
 
 /// Writes `config.json` and `model.safetensors` (each atomically) into `dir`.
@@ -284,25 +272,92 @@ pub fn save_gpt2(
             "cannot save a model opened for generation (transposed weights)".into(),
         ));
     }
+    save_folder(
+        dir,
+        &model.layout,
+        &model.params,
+        &model.config.to_hf_json(),
+        extra_metadata,
+    )
+}
+
+/// The f32 tensors of `layout` as `model.safetensors` and `config` as `config.json`.
+fn save_folder(
+    dir: &Path,
+    layout: &crate::model::ParamLayout,
+    params: &[f32],
+    config: &serde_json::Value,
+    extra_metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut meta = extra_metadata.clone();
     meta.insert("format".into(), "pt".into());
-    let tensors: Vec<(&str, &[usize], &[f32])> = model
-        .layout
+    let tensors: Vec<(&str, &[usize], &[f32])> = layout
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.name.as_str(),
-                t.shape.as_slice(),
-                t.view.of(&model.params),
-            )
-        })
+        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.view.of(params)))
         .collect();
     write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
-    let config =
-        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
+    let config = serde_json::to_string_pretty(config).expect("config serializes");
     super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
+}
+
+/// A model folder opened for inference: weights (memory-mapped where they can be), the
+/// tokenizer, the chat template, generation_config.json's defaults and the ids that end a
+/// reply (generation_config, config.json and tokenizer_config.json's `eos_token`, else
+/// `<|endoftext|>`).
+pub struct Opened {
+    pub model: crate::model::Model,
+    pub tok: crate::tokenizer::Tokenizer,
+    pub template: Option<crate::chat::ChatTemplate>,
+    pub gen: GenerationConfig,
+    pub eos: Vec<u32>,
+}
+
+impl Opened {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let model = crate::model::Model::load(dir, true)?;
+        let p = dir.join("tokenizer.json");
+        if !p.is_file() {
+            return Err(Error::Input(format!(
+                "{}: no tokenizer.json in this folder",
+                dir.display()
+            )));
+        }
+        let tok = crate::tokenizer::Tokenizer::load(&p)?;
+        if tok.vocab_size() > model.vocab_size() {
+            return Err(Error::Input(format!(
+                "{}: the tokenizer has {} tokens but the model only {}",
+                dir.display(),
+                tok.vocab_size(),
+                model.vocab_size()
+            )));
+        }
+        let template = crate::chat::ChatTemplate::load(dir)?;
+        let gen = GenerationConfig::load(dir)?;
+        let mut eos = gen.eos_token_ids.clone();
+        eos.extend(model.eos_token_ids());
+        let specials = crate::chat::special_tokens(dir)?;
+        if let Some(id) = specials
+            .get("eos_token")
+            .and_then(|v| v.as_str())
+            .and_then(|t| tok.token_to_id(t))
+        {
+            eos.push(id);
+        }
+        if eos.is_empty() {
+            eos.extend(tok.token_to_id(crate::tokenizer::END_OF_TEXT));
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Opened {
+            model,
+            tok,
+            template,
+            gen,
+            eos,
+        })
+    }
 }
 
 /// The defaults of a folder's `generation_config.json` (all optional).
