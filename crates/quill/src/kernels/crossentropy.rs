@@ -82,6 +82,19 @@ super::simd::multiversion! {
     }
 }
 
+/// (Σ losses, count) over the positions whose target is not [`IGNORE`].
+pub fn sum_counted(losses: &[f32], targets: &[u32]) -> (f64, usize) {
+    let mut sum = 0.0f64;
+    let mut count = 0;
+    for (&l, &t) in losses.iter().zip(targets) {
+        if t != IGNORE {
+            sum += l as f64;
+            count += 1;
+        }
+    }
+    (sum, count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -303,7 +303,7 @@ impl Gpt2 {
     pub fn loss(&self, acts: &mut Activations, targets: &[u32]) -> (f64, usize) {
         let v = self.config.vocab_size;
         crossentropy::forward(&mut acts.losses, &acts.logits, targets, v);
-        sum_counted(&acts.losses, targets)
+        crossentropy::sum_counted(&acts.losses, targets)
     }
 
     /// Backward pass after `forward`: turns the logits into their gradient in place, then
@@ -330,7 +330,7 @@ impl Gpt2 {
             .count();
         let scale = grad_scale / counted.max(1) as f32;
         crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
-        let result = sum_counted(&a.losses, targets);
+        let result = crossentropy::sum_counted(&a.losses, targets);
         let d_logits = &a.logits;
 
         // logits = lnf · headᵀ
@@ -850,18 +850,6 @@ fn linear_backward(
     matmul(dx, dy, w.of(params), n, out, inp, false, true, false);
     matmul(w.of_mut(grads), x, dy, inp, n, out, true, false, true);
     reduce::col_sum_acc(b.of_mut(grads), dy, n);
-}
-
-fn sum_counted(losses: &[f32], targets: &[u32]) -> (f64, usize) {
-    let mut sum = 0.0f64;
-    let mut count = 0;
-    for (&l, &t) in losses.iter().zip(targets) {
-        if t != crossentropy::IGNORE {
-            sum += l as f64;
-            count += 1;
-        }
-    }
-    (sum, count)
 }
 
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.

@@ -324,7 +324,7 @@ impl Llama {
             targets,
             self.config.vocab_size,
         );
-        sum_counted(&acts.losses, targets)
+        crossentropy::sum_counted(&acts.losses, targets)
     }
 
     /// Backward pass after `forward` (same contract as [`super::Gpt2::backward`]).
@@ -350,7 +350,7 @@ impl Llama {
             .count();
         let scale = grad_scale / counted.max(1) as f32;
         crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
-        let result = sum_counted(&a.losses, targets);
+        let result = crossentropy::sum_counted(&a.losses, targets);
         let d_logits = &a.logits;
         matmul(
             &mut a.d_lnf,
@@ -821,18 +821,6 @@ fn linear_t_backward(
     if let Some(b) = b {
         reduce::col_sum_acc(b.of_mut(grads), dy, n);
     }
-}
-
-fn sum_counted(losses: &[f32], targets: &[u32]) -> (f64, usize) {
-    let mut sum = 0.0f64;
-    let mut count = 0;
-    for (&l, &t) in losses.iter().zip(targets) {
-        if t != crossentropy::IGNORE {
-            sum += l as f64;
-            count += 1;
-        }
-    }
-    (sum, count)
 }
 
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.
