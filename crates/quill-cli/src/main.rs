@@ -84,7 +84,8 @@ enum BenchCommand {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// Matrix operands: f32 (bf16 mixed precision is not implemented yet).
+        /// Matrix operands: f32, or bf16 (mixed precision: bf16 operands, f32 accumulation,
+        /// master weights and everything else).
         #[arg(long, default_value = "f32")]
         dtype: String,
         /// Print JSON.
@@ -1076,31 +1077,35 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             dtype,
             json,
         } => {
-            match dtype.as_str() {
-                "f32" => {}
-                "bf16" => {
-                    bail!("--dtype bf16: bf16 mixed-precision training is not implemented yet")
-                }
-                other => bail!("--dtype {other:?}: expected f32 or bf16"),
-            }
+            let precision = quill::kernels::matmul::Precision::parse(&dtype)
+                .ok_or_else(|| anyhow::anyhow!("--dtype {dtype:?}: expected f32 or bf16"))?;
             let cfg = quill::bench::train_config(&config)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
-            let peak = quill::bench::peak().fp32_gflops;
+            let peaks = quill::bench::peak();
+            // MFU against the peak of the precision the products run in
+            let peak = match precision {
+                quill::kernels::matmul::Precision::F32 => peaks.fp32_gflops,
+                quill::kernels::matmul::Precision::Bf16 => {
+                    peaks.bf16_gflops.unwrap_or(peaks.fp32_gflops)
+                }
+            };
             let r = quill::bench::train(
                 &cfg,
                 batch.unwrap_or(cfg.batch),
                 seq.unwrap_or(cfg.seq),
                 steps,
+                precision,
                 Some(peak),
             )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{}: {:.0} tokens/s (best {:.0}), batch {} x {}, {} threads, {:.2}M parameters",
+                    "{} ({}): {:.0} tokens/s (best {:.0}), batch {} x {}, {} threads, {:.2}M parameters",
                     r.config,
+                    r.dtype,
                     r.tokens_per_sec,
                     r.best_tokens_per_sec,
                     r.batch,
@@ -1109,8 +1114,9 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     r.params as f64 / 1e6
                 );
                 println!(
-                    "MFU {:.1}% of the measured fp32 peak {:.1} GFLOP/s (flops/token = 6*{} + 12*L*C*T = {:.0})",
+                    "MFU {:.1}% of the measured {} peak {:.1} GFLOP/s (flops/token = 6*{} + 12*L*C*T = {:.0})",
                     100.0 * r.mfu.unwrap_or(0.0),
+                    if peaks.bf16_gflops.is_some() { r.dtype } else { "fp32" },
                     peak,
                     r.n_for_flops,
                     r.flops_per_token

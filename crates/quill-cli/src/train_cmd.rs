@@ -6,6 +6,7 @@ use quill::data::prepare::{
     char_vocabulary, collect_sources, load as load_prepared, prepare, Options as PrepareOptions,
     Source,
 };
+use quill::kernels::matmul::Precision;
 use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
 use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
 use quill::train::trainer::TokenizerInfo;
@@ -111,6 +112,15 @@ pub struct TrainArgs {
     /// No progress bar (log lines only).
     #[arg(long)]
     quiet: bool,
+    /// Matrix-product operands: f32, or bf16 (mixed precision: bf16 operands with f32
+    /// accumulation; master weights, gradients, optimizer and every other kernel stay f32)
+    /// [default: f32, or the resumed run's].
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+fn parse_dtype(s: &str) -> Result<Precision> {
+    Precision::parse(s).ok_or_else(|| anyhow::anyhow!("--dtype {s:?}: expected f32 or bf16"))
 }
 
 /// Where the data came from, so --resume can find the same tokens again.
@@ -118,6 +128,9 @@ pub struct TrainArgs {
 struct RunInfo {
     data: String,
     data_dir: PathBuf,
+    /// Precision of the products (f32 or bf16); absent in runs from before it existed.
+    #[serde(default)]
+    dtype: Option<String>,
 }
 
 /// Removes temporary files that a killed write left behind (`.NAME.tmp-PID`).
@@ -158,6 +171,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
+    let precision = parse_dtype(a.dtype.as_deref().unwrap_or("f32"))?;
     let val_fraction = a.val_fraction.unwrap_or(0.1);
     // Where the tokens come from: a folder made by `quill prepare`, or text (a file, or the
     // embedded corpus) that is prepared into OUT/data first.
@@ -172,7 +186,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     check_writable(&out)?;
 
-    let (model, tok) = match &a.init {
+    let (mut model, tok) = match &a.init {
         Some(dir) => {
             let model = Model::load(dir, false)?;
             let tok = Tokenizer::load(dir)
@@ -302,7 +316,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let info = RunInfo {
         data: source.clone(),
         data_dir: std::fs::canonicalize(&data_dir).unwrap_or(data_dir.clone()),
+        dtype: Some(precision.name().to_string()),
     };
+    model.set_precision(precision);
     quill::io::atomic::write_text(&out.join("run.json"), &serde_json::to_string_pretty(&info)?)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode))?;
@@ -392,7 +408,14 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     if given.iter().any(|&g| g) {
         eprintln!("warning: --resume continues with the saved run's data and settings; the data, model and schedule flags given are ignored");
     }
-    let model = Model::load(out, false)?;
+    let precision = parse_dtype(
+        a.dtype
+            .as_deref()
+            .or(info.dtype.as_deref())
+            .unwrap_or("f32"),
+    )?;
+    let mut model = Model::load(out, false)?;
+    model.set_precision(precision);
     check_writable(out)?;
     let tok = Tokenizer::load(out)?;
     let (_, data) = load_prepared(&info.data_dir)?;
@@ -433,9 +456,13 @@ fn drive(
         );
     }
     eprintln!(
-        "model: {}, context {}; {} threads, {} kernels",
+        "model: {}, context {}; {} products; {} threads, {} kernels",
         trainer.model.describe(),
         cfg.seq_len,
+        match trainer.model.precision() {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16 mixed-precision",
+        },
         rayon::current_num_threads(),
         quill::kernels::simd::level()
     );

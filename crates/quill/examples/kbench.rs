@@ -1,6 +1,6 @@
 //! Times the kernels of one training step of a small GPT-2 in isolation:
 //! `cargo run --release --example kbench -- WIDTH HEADS CONTEXT BATCH`.
-use quill::kernels::{attention, matmul::matmul};
+use quill::kernels::{attention, matmul::matmul, matmul::Precision};
 use std::time::Instant;
 
 fn time(name: &str, flops: f64, reps: usize, mut f: impl FnMut()) {
@@ -51,7 +51,17 @@ fn main() {
     let mut dqkv = vec![0.0f32; n * 3 * c];
     let aflops = 4.0 * (b * t * t * c) as f64;
     time("attention fwd", aflops, 20, || {
-        attention::forward(&mut out, &mut lse, &mut scratch, &qkv, b, t, hs, 0.1)
+        attention::forward(
+            &mut out,
+            &mut lse,
+            &mut scratch,
+            &qkv,
+            b,
+            t,
+            hs,
+            0.1,
+            Precision::F32,
+        )
     });
     let dout = vec![0.01f32; n * c];
     time("attention bwd", 2.0 * aflops, 20, || {
@@ -66,6 +76,7 @@ fn main() {
             t,
             hs,
             0.1,
+            Precision::F32,
         )
     });
 }

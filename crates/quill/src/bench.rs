@@ -2,7 +2,7 @@
 //! whole training steps (forward, backward, AdamW) for standard configurations. Figures, not
 //! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
 
-use crate::kernels::matmul::matmul;
+use crate::kernels::matmul::{matmul, Precision};
 use crate::model::{Activations, Gpt2, Gpt2Config, Model};
 use crate::rng::Rng;
 use crate::train::optimizer::{clip_grad_norm, AdamW};
@@ -66,14 +66,14 @@ pub fn peak() -> Peak {
     let bf16_gflops = crate::kernels::bf16::has_bf16().then(|| {
         let mut best = 0.0f64;
         for n in [512usize, 1024, 2048] {
-            let a = vec![0x3f80u16; n * n];
-            let b = vec![0x3f00u16; n * n];
+            let a = vec![1.0f32; n * n];
+            let b = vec![0.5f32; n * n];
             let mut c = vec![0.0f32; n * n];
-            crate::kernels::bf16::matmul_nt(&mut c, &a, &b, n, n, n);
+            crate::kernels::bf16::matmul(&mut c, &a, &b, n, n, n, false, false, false);
             let times: Vec<f64> = (0..3)
                 .map(|_| {
                     let t = Instant::now();
-                    crate::kernels::bf16::matmul_nt(&mut c, &a, &b, n, n, n);
+                    crate::kernels::bf16::matmul(&mut c, &a, &b, n, n, n, false, false, false);
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
@@ -127,6 +127,8 @@ pub fn train_config(name: &str) -> Result<TrainBenchConfig> {
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
     pub config: String,
+    /// Operand precision of the products: f32 or bf16.
+    pub dtype: &'static str,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
@@ -173,6 +175,7 @@ pub fn train(
     batch: usize,
     seq: usize,
     steps: usize,
+    precision: Precision,
     peak_gflops: Option<f64>,
 ) -> Result<TrainBench> {
     reset_peak_rss();
@@ -180,6 +183,7 @@ pub fn train(
     let mc = Gpt2Config::new(cfg.vocab, seq, cfg.width, cfg.layers, cfg.heads);
     let mut model = Gpt2::new(mc)?;
     model.init(0);
+    model.precision = precision;
     let mut acts = Activations::new(&model.config, batch, seq);
     let mut grads = vec![0.0f32; model.num_params()];
     let mut opt = AdamW::new(model.num_params(), 0.9, 0.95, 1e-8, 0.1);
@@ -209,6 +213,7 @@ pub fn train(
     let tps = tokens / median(times);
     Ok(TrainBench {
         config: cfg.name.to_string(),
+        dtype: precision.name(),
         threads: rayon::current_num_threads(),
         batch,
         seq,

@@ -3,7 +3,7 @@
 //! of each. The `gemm` crate allocates small packing buffers inside its calls; those are
 //! counted apart (while `GEMM_CALLS_ACTIVE` is non-zero) and reported, not failed.
 
-use quill::kernels::matmul::GEMM_CALLS_ACTIVE;
+use quill::kernels::matmul::{Precision, GEMM_CALLS_ACTIVE};
 use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
 use quill::train::optimizer::AdamW;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -93,6 +93,20 @@ fn check_models() {
         let arch = model.architecture();
         let n = count(&format!("{arch} training step"), || step(&mut model));
         assert_eq!(n, 0, "{arch}: a training step allocated {n} times");
+        // bf16 mixed precision runs every product on quill's own kernel: nothing allocates,
+        // not even inside gemm (the packing buffers are per thread, sized at first use)
+        model.set_precision(Precision::Bf16);
+        for _ in 0..3 {
+            step(&mut model);
+        }
+        let n = count(&format!("{arch} bf16 training step"), || step(&mut model));
+        assert_eq!(n, 0, "{arch}: a bf16 training step allocated {n} times");
+        assert_eq!(
+            GEMM_ALLOCS.load(Ordering::SeqCst),
+            0,
+            "{arch}: bf16 step called gemm"
+        );
+        model.set_precision(Precision::F32);
 
         let mut cache = model.new_cache(40);
         let mut logits = Vec::new();

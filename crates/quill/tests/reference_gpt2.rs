@@ -9,6 +9,7 @@
 use quill::io::hf::load_gpt2;
 use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
+use quill::kernels::matmul::Precision;
 use quill::model::Activations;
 use quill::model::Model;
 use quill::sample::{generate, Sampler, SamplingParams};
@@ -101,6 +102,81 @@ fn logits_loss_and_every_gradient_match_transformers() {
             .filter(|n| n.starts_with("grad."))
             .count()
     );
+}
+
+/// bf16 mixed precision (every product's operands rounded to bf16, f32 accumulation) against
+/// the same float32 reference: within bf16's rounding (8 bits of mantissa, so about 0.4% per
+/// operand): logits 2e-2 of their largest |value|, loss 1e-2, every gradient 5e-2 of its
+/// tensor's largest |value| with a cosine similarity above 0.999. The logits must also differ
+/// from quill's own f32 logits, so the bf16 path is the one being checked.
+#[test]
+fn bf16_mixed_precision_tracks_transformers() {
+    let mut model = load_gpt2(&fixture()).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (shape, ids) = read(&expected, "input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let targets: Vec<u32> = (0..b * t)
+        .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
+        .collect();
+    let mut acts = Activations::new(&model.config, b, t);
+    model.forward(&mut acts, &ids).unwrap();
+    let f32_logits = acts.logits.clone();
+    model.precision = Precision::Bf16;
+    model.forward(&mut acts, &ids).unwrap();
+    let (_, want_logits) = read(&expected, "logits");
+    let scale = want_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(&acts.logits, &want_logits);
+    assert!(d < 2e-2 * scale, "bf16 logits differ by {d} (max {scale})");
+    assert!(
+        max_abs_diff(&acts.logits, &f32_logits) > 1e-6,
+        "bf16 made no difference"
+    );
+    let (sum, count) = model.loss(&mut acts, &targets);
+    let (_, want_loss) = read(&expected, "loss");
+    let loss = sum / count as f64;
+    assert!(
+        (loss - want_loss[0] as f64).abs() < 1e-2,
+        "bf16 loss {loss} vs {}",
+        want_loss[0]
+    );
+    let mut grads = vec![0.0; model.num_params()];
+    model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+    for spec in &model.layout.tensors {
+        let (_, want) = read(&expected, &format!("grad.{}", spec.name));
+        check_bf16_gradient(&spec.name, spec.view.of(&grads), &want);
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A bf16 gradient against the f32 reference: 5e-2 of the tensor's largest |value| and a
+/// cosine similarity above 0.999 (tensors whose reference is all but zero are skipped).
+fn check_bf16_gradient(name: &str, got: &[f32], want: &[f32]) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if scale < 1e-6 {
+        return;
+    }
+    let d = max_abs_diff(got, want);
+    assert!(
+        d <= 5e-2 * scale,
+        "bf16 gradient of {name} differs by {d} (tensor max {scale})"
+    );
+    let dot: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let na: f64 = got.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (na * nb);
+    assert!(cos > 0.999, "bf16 gradient of {name}: cosine {cos}");
 }
 
 #[test]

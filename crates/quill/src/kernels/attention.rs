@@ -4,9 +4,53 @@
 //!
 //! Tasks run in parallel over (batch, head); inside a task the products run on one thread.
 
-use super::matmul::matmul_strided_serial as mm;
+use super::matmul::Precision;
 use super::SendPtr;
 use rayon::prelude::*;
+
+/// One-thread strided product (the tasks already run in parallel over batch and heads), in
+/// the training precision.
+///
+/// # Safety
+/// As [`super::matmul::matmul_strided`]; every stride is non-negative.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn mm(
+    prec: Precision,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: *mut f32,
+    c_rs: isize,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
+    accumulate: bool,
+) {
+    match prec {
+        Precision::F32 => super::matmul::matmul_strided_serial(
+            m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate,
+        ),
+        Precision::Bf16 => super::bf16::matmul_strided(
+            m,
+            k,
+            n,
+            c,
+            c_rs as usize,
+            a,
+            a_rs as usize,
+            a_cs as usize,
+            b,
+            b_rs as usize,
+            b_cs as usize,
+            accumulate,
+            false,
+        ),
+    }
+}
 
 /// Rows per block when skipping the masked (upper) part of the T x T score matrix.
 const CAUSAL_BLOCK: usize = 32;
@@ -61,6 +105,7 @@ pub fn forward(
     t: usize,
     hs: Heads,
     scale: f32,
+    prec: Precision,
 ) {
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
@@ -87,6 +132,7 @@ pub fn forward(
                     let i1 = (i0 + CAUSAL_BLOCK).min(t);
                     // S = Q[i0..i1] · K[0..i1]ᵀ: the strip only needs keys up to its last row
                     mm(
+                        prec,
                         i1 - i0,
                         d,
                         i1,
@@ -106,6 +152,7 @@ pub fn forward(
                     }
                     // O[i0..i1] = P · V[0..i1]
                     mm(
+                        prec,
                         i1 - i0,
                         i1,
                         d,
@@ -180,6 +227,7 @@ pub fn backward(
     t: usize,
     hs: Heads,
     scale: f32,
+    prec: Precision,
 ) {
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
@@ -229,6 +277,7 @@ pub fn backward(
                         let yo = j0 as isize * cs;
                         // S = Q[j0..t] · K[j0..j1]ᵀ, dP = dO[j0..t] · V[j0..j1]ᵀ
                         mm(
+                            prec,
                             rows,
                             d,
                             cols,
@@ -243,6 +292,7 @@ pub fn backward(
                             false,
                         );
                         mm(
+                            prec,
                             rows,
                             d,
                             cols,
@@ -266,6 +316,7 @@ pub fn backward(
                         );
                         // dV[j0..j1] (+)= Pᵀ · dO[j0..t]; dK[j0..j1] (+)= dSᵀ · Q[j0..t]
                         mm(
+                            prec,
                             cols,
                             rows,
                             d,
@@ -280,6 +331,7 @@ pub fn backward(
                             acc,
                         );
                         mm(
+                            prec,
                             cols,
                             rows,
                             d,
@@ -295,6 +347,7 @@ pub fn backward(
                         );
                         // dQ[j0..t] (+)= dS · K[j0..j1]; the first strip reaches every row
                         mm(
+                            prec,
                             rows,
                             cols,
                             d,
@@ -463,22 +516,38 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let qkv = randn(&mut rng, b * t * hs.qkv_width(), 1.0);
             let r = randn(&mut rng, b * t * h * d, 1.0);
-            let mut y = vec![0.0; b * t * h * d];
-            let mut lse = vec![0.0; b * h * t];
-            let mut scratch = vec![f32::NAN; scratch_len(b, t, hs)];
-            forward(&mut y, &mut lse, &mut scratch, &qkv, b, t, hs, scale);
             let want = reference::attention_forward(&to_f64(&qkv), b, t, (h, kv, d), scale as f64);
-            assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "forward {hs:?} {b},{t}");
-
-            let mut dqkv = vec![7.0; qkv.len()];
-            scratch.fill(f32::NAN);
-            backward(&mut dqkv, &mut scratch, &r, &qkv, &y, &lse, b, t, hs, scale);
             let (q64, r64) = (to_f64(&qkv), to_f64(&r));
             let fd = finite_diff(&q64, |x| loss64(x, &r64, b, t, hs, scale as f64));
-            assert!(
-                max_rel_err(&dqkv, &fd, 1.0) < 1e-4,
-                "backward {hs:?} {b},{t}"
-            );
+            // bf16 operands: 8 bits of mantissa in every product's inputs
+            for (prec, tol_f, tol_b) in
+                [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-2, 3e-2)]
+            {
+                let mut y = vec![0.0; b * t * h * d];
+                let mut lse = vec![0.0; b * h * t];
+                let mut scratch = vec![f32::NAN; scratch_len(b, t, hs)];
+                forward(&mut y, &mut lse, &mut scratch, &qkv, b, t, hs, scale, prec);
+                let err = max_rel_err(&y, &want, 1.0);
+                assert!(err < tol_f, "forward {prec:?} {hs:?} {b},{t}: {err}");
+
+                let mut dqkv = vec![7.0; qkv.len()];
+                scratch.fill(f32::NAN);
+                backward(
+                    &mut dqkv,
+                    &mut scratch,
+                    &r,
+                    &qkv,
+                    &y,
+                    &lse,
+                    b,
+                    t,
+                    hs,
+                    scale,
+                    prec,
+                );
+                let err = max_rel_err(&dqkv, &fd, 1.0);
+                assert!(err < tol_b, "backward {prec:?} {hs:?} {b},{t}: {err}");
+            }
         }
     }
 
@@ -493,7 +562,17 @@ mod tests {
         let mut lse = vec![0.0; h * t];
         let hs = Heads::mha(c, h);
         let mut scratch = vec![0.0; scratch_len(1, t, hs)];
-        forward(&mut full, &mut lse, &mut scratch, &qkv, 1, t, hs, scale);
+        forward(
+            &mut full,
+            &mut lse,
+            &mut scratch,
+            &qkv,
+            1,
+            t,
+            hs,
+            scale,
+            Precision::F32,
+        );
         let mut kc = vec![0.0; t * c];
         let mut vc = vec![0.0; t * c];
         for i in 0..t {

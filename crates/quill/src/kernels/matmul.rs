@@ -20,6 +20,54 @@ pub(crate) fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     }
 }
 
+/// The precision of a training product's operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands (the `gemm` crate).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32 (`kernels::bf16`).
+    Bf16,
+}
+
+impl Precision {
+    /// From a `--dtype` value: f32 or bf16.
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// [`matmul`] with operands in the given precision (f32 accumulation and output either way).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_p(
+    precision: Precision,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    match precision {
+        Precision::F32 => matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate),
+        Precision::Bf16 => super::bf16::matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate),
+    }
+}
+
 /// c[m,n] (+)= op(a)[m,k] · op(b)[k,n].
 /// `a` is stored [m,k], or [k,m] when `trans_a`; `b` is stored [k,n], or [n,k] when `trans_b`.
 /// With `accumulate` the product is added to `c`, otherwise it overwrites `c`.

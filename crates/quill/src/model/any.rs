@@ -142,6 +142,22 @@ impl Model {
         }
     }
 
+    /// Operand precision of the training products: f32, or bf16 operands with f32
+    /// accumulation, master weights and everything else (mixed precision).
+    pub fn set_precision(&mut self, p: crate::kernels::matmul::Precision) {
+        match self {
+            Model::Gpt2(m) => m.precision = p,
+            Model::Llama(m) => m.precision = p,
+        }
+    }
+
+    pub fn precision(&self) -> crate::kernels::matmul::Precision {
+        match self {
+            Model::Gpt2(m) => m.precision,
+            Model::Llama(m) => m.precision,
+        }
+    }
+
     /// Converts memory-mapped weights into the f32 buffer (for training or saving).
     pub fn materialize(&mut self) {
         if let Model::Llama(m) = self {

@@ -13,7 +13,9 @@ use super::params::{ParamLayout, View};
 use crate::kernels::attention::Heads;
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::{
-    add_inplace, attention, crossentropy, embedding, gelu, layernorm, matmul::matmul, reduce,
+    add_inplace, attention, crossentropy, embedding, gelu, layernorm,
+    matmul::{matmul_p, Precision},
+    reduce,
 };
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -47,6 +49,8 @@ pub struct Gpt2 {
     pub ln_f_b: View,
     /// Separate LM head [V, C] when the embedding is not tied.
     pub lm_head: Option<View>,
+    /// Operand precision of the training products (`--dtype`); f32 unless set.
+    pub precision: Precision,
     /// The block matrices are stored transposed, [out, in], for decoding: every
     /// matrix-vector product then reads contiguous rows (see [`Gpt2::to_inference_layout`]).
     /// Training and saving need the HF layout.
@@ -94,6 +98,7 @@ impl Gpt2 {
             ln_f_w,
             ln_f_b,
             lm_head,
+            precision: Precision::F32,
             inference_layout: false,
         })
     }
@@ -226,7 +231,16 @@ impl Gpt2 {
             );
             layernorm::forward(ln1, m1, r1, inp, w.ln_1_w.of(p), w.ln_1_b.of(p), c, eps);
             let qkv = &mut a.qkv[l * n * 3 * c..(l + 1) * n * 3 * c];
-            linear(qkv, ln1, w.c_attn_w.of(p), w.c_attn_b.of(p), n, c, 3 * c);
+            linear(
+                self.precision,
+                qkv,
+                ln1,
+                w.c_attn_w.of(p),
+                w.c_attn_b.of(p),
+                n,
+                c,
+                3 * c,
+            );
             let lse = &mut a.lse[l * b * h * t..(l + 1) * b * h * t];
             let atty = &mut a.atty[l * n * c..(l + 1) * n * c];
             attention::forward(
@@ -238,9 +252,11 @@ impl Gpt2 {
                 t,
                 Heads::mha(c, h),
                 self.attn_scale(l),
+                self.precision,
             );
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
             linear(
+                self.precision,
                 res2,
                 atty,
                 w.attn_proj_w.of(p),
@@ -257,11 +273,21 @@ impl Gpt2 {
             );
             layernorm::forward(ln2, m2, r2, res2, w.ln_2_w.of(p), w.ln_2_b.of(p), c, eps);
             let fch = &mut a.fch[l * n * f..(l + 1) * n * f];
-            linear(fch, ln2, w.c_fc_w.of(p), w.c_fc_b.of(p), n, c, f);
+            linear(
+                self.precision,
+                fch,
+                ln2,
+                w.c_fc_w.of(p),
+                w.c_fc_b.of(p),
+                n,
+                c,
+                f,
+            );
             let fch_gelu = &mut a.fch_gelu[l * n * f..(l + 1) * n * f];
             gelu::forward(fch_gelu, fch);
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
             linear(
+                self.precision,
                 res3,
                 fch_gelu,
                 w.mlp_proj_w.of(p),
@@ -284,7 +310,8 @@ impl Gpt2 {
             eps,
         );
         // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
-        matmul(
+        matmul_p(
+            self.precision,
             &mut a.logits,
             &a.lnf,
             self.head().of(p),
@@ -334,7 +361,8 @@ impl Gpt2 {
         let d_logits = &a.logits;
 
         // logits = lnf · headᵀ
-        matmul(
+        matmul_p(
+            self.precision,
             &mut a.d_lnf,
             d_logits,
             self.head().of(p),
@@ -345,7 +373,8 @@ impl Gpt2 {
             false,
             false,
         );
-        matmul(
+        matmul_p(
+            self.precision,
             self.head().of_mut(grads),
             d_logits,
             &a.lnf,
@@ -390,6 +419,7 @@ impl Gpt2 {
             // MLP: res3 = res2 + gelu(ln2 · Wfc + bfc) · Wproj + bproj
             let d_fch = &mut a.d_fch[..n * f];
             linear_backward(
+                self.precision,
                 d_fch,
                 grads,
                 w.mlp_proj_w,
@@ -403,6 +433,7 @@ impl Gpt2 {
             );
             gelu::backward_inplace(d_fch, fch);
             linear_backward(
+                self.precision,
                 &mut a.d_ln,
                 grads,
                 w.c_fc_w,
@@ -433,6 +464,7 @@ impl Gpt2 {
 
             // Attention: res2 = inp + attention(ln1 · Wqkv + bqkv) · Wo + bo
             linear_backward(
+                self.precision,
                 &mut a.d_atty,
                 grads,
                 w.attn_proj_w,
@@ -456,8 +488,10 @@ impl Gpt2 {
                 t,
                 Heads::mha(c, h),
                 scale,
+                self.precision,
             );
             linear_backward(
+                self.precision,
                 &mut a.d_ln,
                 grads,
                 w.c_attn_w,
@@ -794,12 +828,22 @@ impl Gpt2 {
 }
 
 /// y [N, OUT] = x [N, IN] · W [IN, OUT] + b.
-fn linear(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, inp: usize, out: usize) {
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    prec: Precision,
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    inp: usize,
+    out: usize,
+) {
     let y = &mut y[..n * out];
     for row in y.chunks_mut(out) {
         row.copy_from_slice(b);
     }
-    matmul(y, x, w, n, inp, out, false, false, true);
+    matmul_p(prec, y, x, w, n, inp, out, false, false, true);
 }
 
 /// As [`linear`] for `forward_cached`: W is [out, in] when `t` (the inference layout), and one
@@ -829,13 +873,14 @@ fn linear_cached(
             *v += bv;
         }
     } else {
-        linear(y, x, w, b, n, inp, out);
+        linear(Precision::F32, y, x, w, b, n, inp, out);
     }
 }
 
 /// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten), dW += xᵀ · dy, db += Σ rows dy.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
+    prec: Precision,
     dx: &mut [f32],
     grads: &mut [f32],
     w: View,
@@ -847,8 +892,8 @@ fn linear_backward(
     inp: usize,
     out: usize,
 ) {
-    matmul(dx, dy, w.of(params), n, out, inp, false, true, false);
-    matmul(w.of_mut(grads), x, dy, inp, n, out, true, false, true);
+    matmul_p(prec, dx, dy, w.of(params), n, out, inp, false, true, false);
+    matmul_p(prec, w.of_mut(grads), x, dy, inp, n, out, true, false, true);
     reduce::col_sum_acc(b.of_mut(grads), dy, n);
 }
 

@@ -15,7 +15,11 @@ use super::params::{Mapped, ParamLayout, View};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::rope::{self, Rope};
-use crate::kernels::{add_inplace, crossentropy, matmul::matmul, reduce, rmsnorm, swiglu};
+use crate::kernels::{
+    add_inplace, crossentropy,
+    matmul::{matmul_p, Precision},
+    reduce, rmsnorm, swiglu,
+};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -52,6 +56,8 @@ pub struct Llama {
     pub blocks: Vec<LlamaBlock>,
     pub norm: View,
     pub lm_head: Option<View>,
+    /// Operand precision of the training products (`--dtype`); f32 unless set.
+    pub precision: Precision,
 }
 
 impl Llama {
@@ -129,6 +135,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            precision: Precision::F32,
         })
     }
 
@@ -265,6 +272,7 @@ impl Llama {
             rmsnorm::forward(ln1, r1, inp, blk.input_norm.of(p), c, eps);
             let qkv = &mut a.qkv[l * n * w..(l + 1) * n * w];
             linear_t(
+                self.precision,
                 qkv,
                 ln1,
                 blk.qkv_w.of(p),
@@ -277,9 +285,20 @@ impl Llama {
             self.rope.apply(qkv, w, hd, hs.kv, 0, t, false);
             let lse = &mut a.lse[l * b * hs.h * t..(l + 1) * b * hs.h * t];
             let atty = &mut a.atty[l * n * hd..(l + 1) * n * hd];
-            attention::forward(atty, lse, &mut a.attn_scratch, qkv, b, t, hs, self.scale());
+            attention::forward(
+                atty,
+                lse,
+                &mut a.attn_scratch,
+                qkv,
+                b,
+                t,
+                hs,
+                self.scale(),
+                self.precision,
+            );
             let res2 = &mut a.res2[l * n * c..(l + 1) * n * c];
             linear_t(
+                self.precision,
                 res2,
                 atty,
                 blk.o_w.of(p),
@@ -293,16 +312,17 @@ impl Llama {
             let r2 = &mut a.rstd2[l * n..(l + 1) * n];
             rmsnorm::forward(ln2, r2, res2, blk.post_norm.of(p), c, eps);
             let gu = &mut a.gu[l * n * 2 * f..(l + 1) * n * 2 * f];
-            linear_t(gu, ln2, blk.gu_w.of(p), None, n, c, 2 * f);
+            linear_t(self.precision, gu, ln2, blk.gu_w.of(p), None, n, c, 2 * f);
             let hmid = &mut a.hmid[l * n * f..(l + 1) * n * f];
             swiglu::forward(hmid, gu, f);
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
-            linear_t(res3, hmid, blk.down_w.of(p), None, n, f, c);
+            linear_t(self.precision, res3, hmid, blk.down_w.of(p), None, n, f, c);
             add_inplace(res3, res2);
         }
         let last = &a.res3[(cfg.num_hidden_layers - 1) * n * c..];
         rmsnorm::forward(&mut a.lnf, &mut a.rstdf, last, self.norm.of(p), c, eps);
-        matmul(
+        matmul_p(
+            self.precision,
             &mut a.logits,
             &a.lnf,
             self.head().of(p),
@@ -352,7 +372,8 @@ impl Llama {
         crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
         let result = crossentropy::sum_counted(&a.losses, targets);
         let d_logits = &a.logits;
-        matmul(
+        matmul_p(
+            self.precision,
             &mut a.d_lnf,
             d_logits,
             self.head().of(p),
@@ -363,7 +384,8 @@ impl Llama {
             false,
             false,
         );
-        matmul(
+        matmul_p(
+            self.precision,
             self.head().of_mut(grads),
             d_logits,
             &a.lnf,
@@ -402,10 +424,21 @@ impl Llama {
 
             // MLP: res3 = res2 + swiglu(ln2 · Wguᵀ) · Wdownᵀ
             linear_t_backward(
-                &mut a.d_h, grads, blk.down_w, None, &a.d_res, hmid, p, n, f, c,
+                self.precision,
+                &mut a.d_h,
+                grads,
+                blk.down_w,
+                None,
+                &a.d_res,
+                hmid,
+                p,
+                n,
+                f,
+                c,
             );
             swiglu::backward(&mut a.d_gu, &a.d_h, gu, f);
             linear_t_backward(
+                self.precision,
                 &mut a.d_ln,
                 grads,
                 blk.gu_w,
@@ -428,6 +461,7 @@ impl Llama {
             );
             // Attention: res2 = inp + attention(rope(ln1 · Wqkvᵀ + b)) · Woᵀ + bo
             linear_t_backward(
+                self.precision,
                 &mut a.d_atty,
                 grads,
                 blk.o_w,
@@ -450,10 +484,12 @@ impl Llama {
                 t,
                 hs,
                 self.scale(),
+                self.precision,
             );
             self.rope.apply(&mut a.d_qkv, w, 0, hs.h, 0, t, true);
             self.rope.apply(&mut a.d_qkv, w, hd, hs.kv, 0, t, true);
             linear_t_backward(
+                self.precision,
                 &mut a.d_ln,
                 grads,
                 blk.qkv_w,
@@ -780,7 +816,9 @@ fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
 }
 
 /// y [N, OUT] = x [N, IN] · Wᵀ (+ b), W stored [OUT, IN].
+#[allow(clippy::too_many_arguments)]
 fn linear_t(
+    prec: Precision,
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -795,9 +833,9 @@ fn linear_t(
             for row in y.chunks_mut(out) {
                 row.copy_from_slice(b);
             }
-            matmul(y, x, w, n, inp, out, false, true, true);
+            matmul_p(prec, y, x, w, n, inp, out, false, true, true);
         }
-        None => matmul(y, x, w, n, inp, out, false, true, false),
+        None => matmul_p(prec, y, x, w, n, inp, out, false, true, false),
     }
 }
 
@@ -805,6 +843,7 @@ fn linear_t(
 /// db += Σ rows dy.
 #[allow(clippy::too_many_arguments)]
 fn linear_t_backward(
+    prec: Precision,
     dx: &mut [f32],
     grads: &mut [f32],
     w: View,
@@ -816,8 +855,8 @@ fn linear_t_backward(
     inp: usize,
     out: usize,
 ) {
-    matmul(dx, dy, w.of(params), n, out, inp, false, false, false);
-    matmul(w.of_mut(grads), dy, x, out, n, inp, true, false, true);
+    matmul_p(prec, dx, dy, w.of(params), n, out, inp, false, false, false);
+    matmul_p(prec, w.of_mut(grads), dy, x, out, n, inp, true, false, true);
     if let Some(b) = b {
         reduce::col_sum_acc(b.of_mut(grads), dy, n);
     }
