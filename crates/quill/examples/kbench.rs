@@ -49,34 +49,26 @@ fn main() {
     let mut lse = vec![0.0f32; b * h * t];
     let mut scratch = vec![0.0f32; attention::scratch_len(b, t, hs)];
     let mut dqkv = vec![0.0f32; n * 3 * c];
-    let aflops = 4.0 * (b * t * t * c) as f64;
-    time("attention fwd", aflops, 20, || {
-        attention::forward(
-            &mut out,
-            &mut lse,
-            &mut scratch,
-            &qkv,
-            b,
-            t,
-            hs,
-            0.1,
-            Precision::F32,
-        )
-    });
-    let dout = vec![0.01f32; n * c];
-    time("attention bwd", 2.0 * aflops, 20, || {
-        attention::backward(
-            &mut dqkv,
-            &mut scratch,
-            &dout,
-            &qkv,
-            &out,
-            &lse,
-            b,
-            t,
-            hs,
-            0.1,
-            Precision::F32,
-        )
-    });
+    for prec in [Precision::F32, Precision::Bf16] {
+        let aflops = 4.0 * (b * t * t * c) as f64;
+        time(&format!("attention fwd {prec:?}"), aflops, 20, || {
+            attention::forward(&mut out, &mut lse, &mut scratch, &qkv, b, t, hs, 0.1, prec)
+        });
+        let dout = vec![0.01f32; n * c];
+        time(&format!("attention bwd {prec:?}"), 2.0 * aflops, 20, || {
+            attention::backward(
+                &mut dqkv,
+                &mut scratch,
+                &dout,
+                &qkv,
+                &out,
+                &lse,
+                b,
+                t,
+                hs,
+                0.1,
+                prec,
+            )
+        });
+    }
 }

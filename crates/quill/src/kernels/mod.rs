@@ -13,6 +13,7 @@ pub mod layernorm;
 pub mod linear;
 pub mod math;
 pub mod matmul;
+pub mod packed;
 pub mod reduce;
 pub mod reference;
 pub mod rmsnorm;

@@ -1,0 +1,744 @@
+//! Cache-blocked, packed matrix multiply on AVX-512, for f32 operands (`vfmadd231ps`) and for
+//! bf16 operands (`vdpbf16ps`, see [`super::bf16`]); both accumulate and write f32.
+//! C (+)= op(A) · op(B) with A, B and C f32 in memory, any strides.
+//!
+//! Blocking (the usual scheme of BLIS-style libraries): for each block of NC columns and
+//! STEPS depth steps (a step is one k for f32, a pair of k for bf16), B is packed into
+//! NR-column panels; for each block of MC rows A is packed into MR-row panels; a register
+//! tile of MR x NR f32 accumulators (24 zmm) is then updated by one instruction per 16
+//! outputs per step. A packed element (step p, lane j) is one u32: an f32, or for bf16 the
+//! pair (k = 2p in the low half, k = 2p + 1 in the high half) that `vdpbf16ps` multiplies.
+//! bf16 operands are rounded (to nearest even) while they are packed.
+//!
+//! Packing buffers are per thread, sized at the first call and reused: no step allocates.
+//! Without the CPU features (or with `QUILL_SIMD=scalar`) the same panels go through plain
+//! loops; the tests check one path against the other and both against float64.
+
+use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
+use super::SendPtr;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Rows of the register tile.
+pub const MR: usize = 12;
+/// Columns of the register tile (two zmm of f32).
+pub const NR: usize = 32;
+/// Depth steps per packed block: a B panel of STEPS x NR u32 (24 KB) stays in L1.
+const STEPS: usize = 192;
+/// Rows of A per packed block (a multiple of MR).
+const MC: usize = 120;
+/// Columns of B per packed block (a multiple of NR).
+const NC: usize = 1536;
+
+/// The operand precision of a packed product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// f32 operands, fused multiply-add.
+    F32,
+    /// Operands rounded to bf16, pairs multiplied by `vdpbf16ps`.
+    Bf16,
+}
+
+impl Kind {
+    /// k values per depth step.
+    fn per(self) -> usize {
+        match self {
+            Kind::F32 => 1,
+            Kind::Bf16 => 2,
+        }
+    }
+
+    /// Whether this CPU has the instructions of this kind's fast path.
+    pub fn native(self) -> bool {
+        match self {
+            Kind::F32 => super::simd::has_avx512(),
+            Kind::Bf16 => has_bf16(),
+        }
+    }
+}
+
+#[inline]
+fn pair(lo: f32, hi: f32) -> u32 {
+    round_bf16(lo) as u32 | (round_bf16(hi) as u32) << 16
+}
+
+/// Problems smaller than this many multiply-adds run on one thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// The strided form: c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs,
+/// op(b)[p,j] at b + p*b_rs + j*b_cs. With `parallel`, the output is split between the
+/// threads of the current rayon pool when the product is large enough.
+///
+/// # Safety
+/// Every element reached through the strides lies inside live allocations, and nobody else
+/// touches `c`'s elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_strided(
+    kind: Kind,
+    m: usize,
+    k: usize,
+    n: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let p = Problem {
+        kind,
+        native: kind.native(),
+        k,
+        c: SendPtr(c),
+        c_rs,
+        a: a as usize,
+        a_rs,
+        a_cs,
+        b: b as usize,
+        b_rs,
+        b_cs,
+        accumulate,
+    };
+    let threads = rayon::current_num_threads();
+    if !parallel || threads < 2 || m * k * n < PARALLEL_MIN_MACS {
+        p.run(0, m, 0, n);
+        return;
+    }
+    // Split the larger side of C between the threads (whole register tiles per part): each
+    // part packs its share of that operand and all of the other.
+    let (unit, len) = if n >= m { (NR, n) } else { (MR, m) };
+    let tiles = len.div_ceil(unit);
+    let parts = threads.min(tiles);
+    (0..parts).into_par_iter().for_each(|t| {
+        let lo = (tiles * t / parts * unit).min(len);
+        let hi = (tiles * (t + 1) / parts * unit).min(len);
+        if n >= m {
+            p.run(0, m, lo, hi);
+        } else {
+            p.run(lo, hi, 0, n);
+        }
+    });
+}
+
+struct Problem {
+    kind: Kind,
+    native: bool,
+    k: usize,
+    c: SendPtr,
+    c_rs: usize,
+    a: usize,
+    a_rs: usize,
+    a_cs: usize,
+    b: usize,
+    b_rs: usize,
+    b_cs: usize,
+    accumulate: bool,
+}
+
+thread_local! {
+    /// Packing buffers (A panels, B panels), grown once per thread and reused.
+    static PACK: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl Problem {
+    /// Computes rows i0..i1, columns j0..j1 of C on this thread.
+    fn run(&self, i0: usize, i1: usize, j0: usize, j1: usize) {
+        let (a, b) = (self.a as *const f32, self.b as *const f32);
+        let c = self.c.get();
+        if i0 >= i1 || j0 >= j1 {
+            return;
+        }
+        if self.k == 0 {
+            if !self.accumulate {
+                for i in i0..i1 {
+                    // Safety: row i, columns j0..j1 of C are ours.
+                    unsafe { std::ptr::write_bytes(c.add(i * self.c_rs + j0), 0, j1 - j0) };
+                }
+            }
+            return;
+        }
+        PACK.with(|bufs| {
+            let mut bufs = bufs.borrow_mut();
+            let (ap, bp) = &mut *bufs;
+            // full size at the first call, so that later calls never allocate
+            if ap.is_empty() {
+                ap.resize(MC * STEPS, 0);
+                bp.resize(NC * STEPS, 0);
+            }
+            let per = self.kind.per();
+            for jc in (j0..j1).step_by(NC) {
+                let nc = (j1 - jc).min(NC);
+                for pc in (0..self.k).step_by(STEPS * per) {
+                    let kc = (self.k - pc).min(STEPS * per);
+                    let kp = kc.div_ceil(per);
+                    // Safety: (pc, jc) and the block's extent lie inside B.
+                    unsafe {
+                        pack(
+                            bp,
+                            b.add(pc * self.b_rs + jc * self.b_cs),
+                            self.b_cs,
+                            self.b_rs,
+                            nc,
+                            kc,
+                            NR,
+                            self.kind,
+                            self.native,
+                        )
+                    };
+                    let add = self.accumulate || pc > 0;
+                    for ic in (i0..i1).step_by(MC) {
+                        let mc = (i1 - ic).min(MC);
+                        // Safety: as for B.
+                        unsafe {
+                            pack(
+                                ap,
+                                a.add(ic * self.a_rs + pc * self.a_cs),
+                                self.a_rs,
+                                self.a_cs,
+                                mc,
+                                kc,
+                                MR,
+                                self.kind,
+                                self.native,
+                            )
+                        };
+                        for jr in (0..nc).step_by(NR) {
+                            let cols = (nc - jr).min(NR);
+                            let bpan = bp[jr / NR * kp * NR..].as_ptr();
+                            for ir in (0..mc).step_by(MR) {
+                                let rows = (mc - ir).min(MR);
+                                let apan = ap[ir / MR * kp * MR..].as_ptr();
+                                // Safety: the panels hold kp pairs; the tile lies in our part of C.
+                                unsafe {
+                                    let cp = c.add((ic + ir) * self.c_rs + jc + jr);
+                                    kernel(
+                                        kp,
+                                        apan,
+                                        bpan,
+                                        cp,
+                                        self.c_rs,
+                                        rows,
+                                        cols,
+                                        add,
+                                        self.kind,
+                                        self.native,
+                                    )
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Packs `lines` lines x `kc` depth of a strided operand into panels of `w` lines: element
+/// (line l, depth k) is at src + l*l_s + k*k_s. Panel q holds lines q*w.. as [step][w] u32;
+/// lines past the end (and, for bf16, the odd depth's missing partner) are zero.
+///
+/// # Safety
+/// Every (l, k) with l < lines, k < kc is readable.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack(
+    dst: &mut [u32],
+    src: *const f32,
+    l_s: usize,
+    k_s: usize,
+    lines: usize,
+    kc: usize,
+    w: usize,
+    kind: Kind,
+    native: bool,
+) {
+    let kp = kc.div_ceil(kind.per());
+    let panels = lines.div_ceil(w);
+    let dst = &mut dst[..panels * kp * w];
+    #[cfg(target_arch = "x86_64")]
+    if native && (k_s == 1 || l_s == 1) {
+        for (q, panel) in dst.chunks_exact_mut(kp * w).enumerate() {
+            let n_lines = (lines - q * w).min(w);
+            let s = src.add(q * w * l_s);
+            match (kind, k_s == 1) {
+                (Kind::Bf16, true) => pack_k_contiguous(panel, s, l_s, n_lines, kc, w),
+                (Kind::Bf16, false) => pack_lines_contiguous(panel, s, k_s, n_lines, kc, w),
+                (Kind::F32, true) => pack_f32_k_contiguous(panel, s, l_s, n_lines, kc, w),
+                (Kind::F32, false) => pack_f32_lines_contiguous(panel, s, k_s, n_lines, kc, w),
+            }
+        }
+        return;
+    }
+    for (q, panel) in dst.chunks_exact_mut(kp * w).enumerate() {
+        let n_lines = (lines - q * w).min(w);
+        for p in 0..kp {
+            let out = &mut panel[p * w..(p + 1) * w];
+            for (l, o) in out.iter_mut().enumerate() {
+                *o = if l >= n_lines {
+                    0
+                } else if kind == Kind::F32 {
+                    (*src.add((q * w + l) * l_s + p * k_s)).to_bits()
+                } else {
+                    let e = src.add((q * w + l) * l_s + 2 * p * k_s);
+                    let hi = if 2 * p + 1 < kc { *e.add(k_s) } else { 0.0 };
+                    pair(*e, hi)
+                };
+            }
+        }
+    }
+}
+
+/// f32 panel packing when each line's depth is contiguous (A row-major, B stored [n, k]):
+/// 16 lines x 16 depths at a time, transposed in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_f32_k_contiguous(
+    panel: &mut [u32],
+    src: *const f32,
+    l_s: usize,
+    n_lines: usize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    let out = panel.as_mut_ptr();
+    let mut l0 = 0;
+    while l0 < w {
+        let lanes = (w - l0).min(16);
+        let store: __mmask16 = ((1u32 << lanes) - 1) as u16;
+        let mut k0 = 0;
+        while k0 < kc {
+            let m = mask16(kc - k0);
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (l, row) in rows.iter_mut().enumerate() {
+                if l0 + l < n_lines {
+                    let line = src.add((l0 + l) * l_s + k0);
+                    *row = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, line));
+                }
+            }
+            let cols = transpose16(rows);
+            for (t, col) in cols.iter().enumerate().take((kc - k0).min(16)) {
+                _mm512_mask_storeu_epi32(out.add((k0 + t) * w + l0) as *mut _, store, *col);
+            }
+            k0 += 16;
+        }
+        l0 += 16;
+    }
+}
+
+/// f32 panel packing when lines are contiguous at fixed depth (A stored [k, m], B row-major):
+/// a copy of w floats per depth (zero past the last line).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_f32_lines_contiguous(
+    panel: &mut [u32],
+    src: *const f32,
+    k_s: usize,
+    n_lines: usize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    let out = panel.as_mut_ptr() as *mut f32;
+    for k in 0..kc {
+        let row = src.add(k * k_s);
+        let mut l = 0;
+        while l < w {
+            let v = _mm512_maskz_loadu_ps(mask16(n_lines.saturating_sub(l)), row.add(l));
+            _mm512_mask_storeu_ps(out.add(k * w + l), mask16(w - l), v);
+            l += 16;
+        }
+    }
+}
+
+/// Panel packing when each line's depth is contiguous (A row-major, B stored [n, k]): 32
+/// consecutive floats of a line round to 16 consecutive pairs; 16 lines at a time are
+/// transposed in registers so the panel is written in whole rows of pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_k_contiguous(
+    panel: &mut [u32],
+    src: *const f32,
+    l_s: usize,
+    n_lines: usize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    let kp = kc.div_ceil(2);
+    let out = panel.as_mut_ptr();
+    let mut l0 = 0;
+    while l0 < w {
+        let lanes = (w - l0).min(16);
+        let store: __mmask16 = ((1u32 << lanes) - 1) as u16;
+        let mut p0 = 0;
+        while p0 < kp {
+            let k0 = 2 * p0;
+            let left = kc - k0;
+            let m_lo = mask16(left);
+            let m_hi = mask16(left.saturating_sub(16));
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (l, row) in rows.iter_mut().enumerate() {
+                if l0 + l < n_lines {
+                    let line = src.add((l0 + l) * l_s + k0);
+                    let lo = _mm512_maskz_loadu_ps(m_lo, line);
+                    let hi = _mm512_maskz_loadu_ps(m_hi, line.add(16));
+                    *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+            let cols = transpose16(rows);
+            for (t, col) in cols.iter().enumerate().take((kp - p0).min(16)) {
+                _mm512_mask_storeu_epi32(out.add((p0 + t) * w + l0) as *mut _, store, *col);
+            }
+            p0 += 16;
+        }
+        l0 += 16;
+    }
+}
+
+/// Mask of the first min(n, 16) lanes.
+#[inline]
+fn mask16(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// 16 x 16 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // within each 128-bit lane: pairs of rows interleaved, then quads
+    let mut t = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        let ab_lo = _mm512_unpacklo_epi32(a, b);
+        let ab_hi = _mm512_unpackhi_epi32(a, b);
+        let cd_lo = _mm512_unpacklo_epi32(c, d);
+        let cd_hi = _mm512_unpackhi_epi32(c, d);
+        // u[4g + j], lane L = rows 4g..4g+4 at column 4L + j
+        t[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
+        t[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+        t[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
+        t[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let (a, b, c, d) = (t[j], t[4 + j], t[8 + j], t[12 + j]);
+        let v0 = _mm512_shuffle_i32x4::<0x88>(a, b);
+        let v1 = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        let w0 = _mm512_shuffle_i32x4::<0x88>(c, d);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(c, d);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
+    }
+    out
+}
+
+/// Panel packing when lines are contiguous at fixed depth (A stored [k, m], B row-major): two
+/// depths' rows of 16 lines round and interleave into 16 consecutive pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_lines_contiguous(
+    panel: &mut [u32],
+    src: *const f32,
+    k_s: usize,
+    n_lines: usize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    let kp = kc.div_ceil(2);
+    // lane 2j <- bf16(x0[j]) (in lanes 0..16), lane 2j+1 <- bf16(x1[j]) (in lanes 16..32)
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for p in 0..kp {
+        let r0 = src.add(2 * p * k_s);
+        let has_hi = 2 * p + 1 < kc;
+        let out = panel.as_mut_ptr().add(p * w);
+        let mut l = 0;
+        while l < w {
+            let left = n_lines.saturating_sub(l);
+            let m: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                ((1u32 << left) - 1) as u16
+            };
+            let x0 = _mm512_maskz_loadu_ps(m, r0.add(l));
+            let x1 = if has_hi {
+                _mm512_maskz_loadu_ps(m, r0.add(k_s + l))
+            } else {
+                _mm512_setzero_ps()
+            };
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+            let v = _mm512_permutexvar_epi16(idx, v);
+            let store: __mmask16 = if w - l >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (w - l)) - 1) as u16
+            };
+            _mm512_mask_storeu_epi32(out.add(l) as *mut _, store, v);
+            l += 16;
+        }
+    }
+}
+
+/// One MR x NR tile of C (+)= packed A panel · packed B panel over `kp` steps; only `rows` x
+/// `cols` of it are stored.
+///
+/// # Safety
+/// The panels hold kp steps; C's tile is writable.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn kernel(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+    kind: Kind,
+    native: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        return match kind {
+            Kind::Bf16 => kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, add),
+            Kind::F32 => kernel_avx512f32(kp, a, b, c, c_rs, rows, cols, add),
+        };
+    }
+    let _ = native;
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kp {
+        let bv = std::slice::from_raw_parts(b.add(p * NR), NR);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let x = *a.add(p * MR + r);
+            if kind == Kind::F32 {
+                let a0 = f32::from_bits(x);
+                for (o, &y) in acc_r.iter_mut().zip(bv) {
+                    *o += a0 * f32::from_bits(y);
+                }
+            } else {
+                let (a0, a1) = (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
+                for (o, &y) in acc_r.iter_mut().zip(bv) {
+                    *o += a0 * bf16_to_f32(y as u16) + a1 * bf16_to_f32((y >> 16) as u16);
+                }
+            }
+        }
+    }
+    for (r, acc_r) in acc.iter().enumerate().take(rows) {
+        let row = std::slice::from_raw_parts_mut(c.add(r * c_rs), cols);
+        for (o, &v) in row.iter_mut().zip(acc_r) {
+            *o = if add { *o + v } else { v };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512f32(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    let (a, b) = (a as *const f32, b as *const f32);
+    for p in 0..kp {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*ap.add(r));
+            acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+        }
+    }
+    store_tile(&acc, c, c_rs, rows, cols, add);
+}
+
+/// Writes (or adds) the first `rows` x `cols` of an accumulator tile into C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn store_tile(
+    acc: &[[std::arch::x86_64::__m512; 2]; MR],
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let m0 = mask16(cols);
+    let m1 = mask16(cols.saturating_sub(16));
+    for (r, acc_r) in acc.iter().enumerate() {
+        if r >= rows {
+            break;
+        }
+        let row = c.add(r * c_rs);
+        let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
+        if add {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+        }
+        _mm512_mask_storeu_ps(row, m0, v0);
+        _mm512_mask_storeu_ps(row.add(16), m1, v1);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512bf16(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    for p in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+        let ap = a.add(p * MR);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
+            acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+        }
+    }
+    store_tile(&acc, c, c_rs, rows, cols, add);
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+    use crate::rng::Rng;
+
+    /// The product forced down the plain path (no SIMD packing, plain kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plain(
+        kind: Kind,
+        c: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+        let p = Problem {
+            kind,
+            native: false,
+            k,
+            c: SendPtr(c.as_mut_ptr()),
+            c_rs: n,
+            a: a.as_ptr() as usize,
+            a_rs,
+            a_cs,
+            b: b.as_ptr() as usize,
+            b_rs,
+            b_cs,
+            accumulate,
+        };
+        p.run(0, m, 0, n);
+    }
+
+    /// f32: the fast path (split between threads when large enough) and the plain path
+    /// against float64, on awkward sizes (odd, prime, smaller than a tile, several blocks of
+    /// every dimension), every transpose, with and without accumulation.
+    #[test]
+    fn f32_products_match_float64() {
+        let mut rng = Rng::new(43);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (13, 31, 33),
+            (12, 16, 32),
+            (17, 193, 1),
+            (1, 300, 65),
+            (130, 401, 70),
+            (250, 64, 1600),
+        ] {
+            for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
+                let a = randn(&mut rng, m * k, 1.0);
+                let b = randn(&mut rng, k * n, 1.0);
+                let c0 = randn(&mut rng, m * n, 1.0);
+                for &acc in &[false, true] {
+                    let mut want = if acc { to_f64(&c0) } else { vec![0.0; m * n] };
+                    crate::kernels::reference::matmul(
+                        &mut want,
+                        &to_f64(&a),
+                        &to_f64(&b),
+                        m,
+                        k,
+                        n,
+                        ta,
+                        tb,
+                    );
+                    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+                    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+                    let mut got = c0.clone();
+                    // Safety: the strides describe the buffers.
+                    unsafe {
+                        matmul_strided(
+                            Kind::F32,
+                            m,
+                            k,
+                            n,
+                            got.as_mut_ptr(),
+                            n,
+                            a.as_ptr(),
+                            a_rs,
+                            a_cs,
+                            b.as_ptr(),
+                            b_rs,
+                            b_cs,
+                            acc,
+                            true,
+                        )
+                    };
+                    let err = max_rel_err(&got, &want, 1.0);
+                    assert!(err < 1e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
+                    let mut p = c0.clone();
+                    plain(Kind::F32, &mut p, &a, &b, m, k, n, ta, tb, acc);
+                    let err = max_rel_err(&p, &want, 1.0);
+                    assert!(
+                        err < 1e-5,
+                        "plain {m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}"
+                    );
+                }
+            }
+        }
+    }
+}
