@@ -42,6 +42,48 @@ pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
     rows.div_ceil(threads * 4).max(min_rows).max(1)
 }
 
+/// Each row of y [rows, width] <- bias (+ the same row of `residual`), or zero without either:
+/// the starting value of a linear layer's output, into which the product then accumulates.
+/// This fuses the bias and the residual connection into one pass (no separate addition).
+pub fn init_rows(y: &mut [f32], bias: Option<&[f32]>, residual: Option<&[f32]>, width: usize) {
+    use rayon::prelude::*;
+    let rows = y.len() / width.max(1);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), width);
+    }
+    if let Some(r) = residual {
+        assert_eq!(r.len(), y.len());
+    }
+    let per = rows_per_task(rows, width) * width;
+    y.par_chunks_mut(per.max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let res = residual.map(|r| &r[i * per..i * per + chunk.len()]);
+            init_chunk(chunk, bias, res, width);
+        });
+}
+
+simd::multiversion! {
+    fn init_chunk(y: &mut [f32], bias: Option<&[f32]>, residual: Option<&[f32]>, width: usize) {
+        match (bias, residual) {
+            (Some(b), Some(r)) => {
+                for (row, rr) in y.chunks_mut(width).zip(r.chunks(width)) {
+                    for ((o, &x), &bv) in row.iter_mut().zip(rr).zip(b) {
+                        *o = x + bv;
+                    }
+                }
+            }
+            (Some(b), None) => {
+                for row in y.chunks_mut(width) {
+                    row.copy_from_slice(b);
+                }
+            }
+            (None, Some(r)) => y.copy_from_slice(r),
+            (None, None) => y.fill(0.0),
+        }
+    }
+}
+
 /// x += y, elementwise (the residual connection).
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     use rayon::prelude::*;
@@ -107,6 +149,36 @@ pub(crate) mod testutil {
                 (x - y).abs() <= tol * scale,
                 "{what}[{i}]: {x} vs {y} (tol {tol} x {scale})"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+    use crate::rng::Rng;
+
+    /// Bias and residual rows, on widths and row counts that split unevenly between tasks.
+    #[test]
+    fn init_rows_is_bias_plus_residual() {
+        let mut rng = Rng::new(9);
+        for &(rows, width) in &[(1, 1), (3, 7), (97, 13), (1000, 65)] {
+            let b = randn(&mut rng, width, 1.0);
+            let r = randn(&mut rng, rows * width, 1.0);
+            for (bias, res) in [
+                (Some(&b[..]), Some(&r[..])),
+                (Some(&b[..]), None),
+                (None, Some(&r[..])),
+                (None, None),
+            ] {
+                let mut y = vec![f32::NAN; rows * width];
+                init_rows(&mut y, bias, res, width);
+                for (i, &v) in y.iter().enumerate() {
+                    let want = bias.map_or(0.0, |b| b[i % width]) + res.map_or(0.0, |r| r[i]);
+                    assert_eq!(v, want, "{rows}x{width} at {i}");
+                }
+            }
         }
     }
 }

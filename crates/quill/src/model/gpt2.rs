@@ -13,7 +13,7 @@ use super::params::{ParamLayout, View};
 use crate::kernels::attention::Heads;
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::{
-    add_inplace, attention, crossentropy, embedding, gelu, layernorm,
+    add_inplace, attention, crossentropy, embedding, gelu, init_rows, layernorm,
     matmul::{matmul_p, Precision},
     reduce,
 };
@@ -237,6 +237,7 @@ impl Gpt2 {
                 ln1,
                 w.c_attn_w.of(p),
                 w.c_attn_b.of(p),
+                None,
                 n,
                 c,
                 3 * c,
@@ -261,11 +262,11 @@ impl Gpt2 {
                 atty,
                 w.attn_proj_w.of(p),
                 w.attn_proj_b.of(p),
+                Some(inp),
                 n,
                 c,
                 c,
             );
-            add_inplace(res2, inp);
             let ln2 = &mut a.ln2[l * n * c..(l + 1) * n * c];
             let (m2, r2) = (
                 &mut a.ln2_mean[l * n..(l + 1) * n],
@@ -279,6 +280,7 @@ impl Gpt2 {
                 ln2,
                 w.c_fc_w.of(p),
                 w.c_fc_b.of(p),
+                None,
                 n,
                 c,
                 f,
@@ -292,11 +294,11 @@ impl Gpt2 {
                 fch_gelu,
                 w.mlp_proj_w.of(p),
                 w.mlp_proj_b.of(p),
+                Some(res2),
                 n,
                 f,
                 c,
             );
-            add_inplace(res3, res2);
         }
         let last = &a.res3[(cfg.n_layer - 1) * n * c..];
         layernorm::forward(
@@ -827,7 +829,7 @@ impl Gpt2 {
     }
 }
 
-/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b.
+/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b (+ residual [N, OUT], fused into the bias pass).
 #[allow(clippy::too_many_arguments)]
 fn linear(
     prec: Precision,
@@ -835,14 +837,13 @@ fn linear(
     x: &[f32],
     w: &[f32],
     b: &[f32],
+    residual: Option<&[f32]>,
     n: usize,
     inp: usize,
     out: usize,
 ) {
     let y = &mut y[..n * out];
-    for row in y.chunks_mut(out) {
-        row.copy_from_slice(b);
-    }
+    init_rows(y, Some(b), residual, out);
     matmul_p(prec, y, x, w, n, inp, out, false, false, true);
 }
 
@@ -873,7 +874,7 @@ fn linear_cached(
             *v += bv;
         }
     } else {
-        linear(Precision::F32, y, x, w, b, n, inp, out);
+        linear(Precision::F32, y, x, w, b, None, n, inp, out);
     }
 }
 

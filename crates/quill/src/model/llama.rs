@@ -16,7 +16,7 @@ use crate::kernels::attention::{self, Heads};
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::rope::{self, Rope};
 use crate::kernels::{
-    add_inplace, crossentropy,
+    add_inplace, crossentropy, init_rows,
     matmul::{matmul_p, Precision},
     reduce, rmsnorm, swiglu,
 };
@@ -277,6 +277,7 @@ impl Llama {
                 ln1,
                 blk.qkv_w.of(p),
                 blk.qkv_b.map(|b| b.of(p)),
+                None,
                 n,
                 c,
                 w,
@@ -303,21 +304,40 @@ impl Llama {
                 atty,
                 blk.o_w.of(p),
                 blk.o_b.map(|b| b.of(p)),
+                Some(inp),
                 n,
                 hd,
                 c,
             );
-            add_inplace(res2, inp);
             let ln2 = &mut a.ln2[l * n * c..(l + 1) * n * c];
             let r2 = &mut a.rstd2[l * n..(l + 1) * n];
             rmsnorm::forward(ln2, r2, res2, blk.post_norm.of(p), c, eps);
             let gu = &mut a.gu[l * n * 2 * f..(l + 1) * n * 2 * f];
-            linear_t(self.precision, gu, ln2, blk.gu_w.of(p), None, n, c, 2 * f);
+            linear_t(
+                self.precision,
+                gu,
+                ln2,
+                blk.gu_w.of(p),
+                None,
+                None,
+                n,
+                c,
+                2 * f,
+            );
             let hmid = &mut a.hmid[l * n * f..(l + 1) * n * f];
             swiglu::forward(hmid, gu, f);
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
-            linear_t(self.precision, res3, hmid, blk.down_w.of(p), None, n, f, c);
-            add_inplace(res3, res2);
+            linear_t(
+                self.precision,
+                res3,
+                hmid,
+                blk.down_w.of(p),
+                None,
+                Some(res2),
+                n,
+                f,
+                c,
+            );
         }
         let last = &a.res3[(cfg.num_hidden_layers - 1) * n * c..];
         rmsnorm::forward(&mut a.lnf, &mut a.rstdf, last, self.norm.of(p), c, eps);
@@ -815,7 +835,8 @@ fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// y [N, OUT] = x [N, IN] · Wᵀ (+ b), W stored [OUT, IN].
+/// y [N, OUT] = x [N, IN] · Wᵀ (+ b) (+ residual [N, OUT]), W stored [OUT, IN]; the bias and
+/// the residual connection are one pass before the product accumulates.
 #[allow(clippy::too_many_arguments)]
 fn linear_t(
     prec: Precision,
@@ -823,19 +844,17 @@ fn linear_t(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
+    residual: Option<&[f32]>,
     n: usize,
     inp: usize,
     out: usize,
 ) {
     let y = &mut y[..n * out];
-    match b {
-        Some(b) => {
-            for row in y.chunks_mut(out) {
-                row.copy_from_slice(b);
-            }
-            matmul_p(prec, y, x, w, n, inp, out, false, true, true);
-        }
-        None => matmul_p(prec, y, x, w, n, inp, out, false, true, false),
+    if b.is_none() && residual.is_none() {
+        matmul_p(prec, y, x, w, n, inp, out, false, true, false);
+    } else {
+        init_rows(y, b, residual, out);
+        matmul_p(prec, y, x, w, n, inp, out, false, true, true);
     }
 }
 
