@@ -92,7 +92,9 @@ pub unsafe fn matmul_strided(
     let p = Problem {
         kind,
         native: kind.native(),
+        m,
         k,
+        n,
         c: SendPtr(c),
         c_rs,
         a: a as usize,
@@ -108,26 +110,19 @@ pub unsafe fn matmul_strided(
         p.run(0, m, 0, n);
         return;
     }
-    // Split the larger side of C between the threads (whole register tiles per part): each
-    // part packs its share of that operand and all of the other.
-    let (unit, len) = if n >= m { (NR, n) } else { (MR, m) };
-    let tiles = len.div_ceil(unit);
-    let parts = threads.min(tiles);
-    (0..parts).into_par_iter().for_each(|t| {
-        let lo = (tiles * t / parts * unit).min(len);
-        let hi = (tiles * (t + 1) / parts * unit).min(len);
-        if n >= m {
-            p.run(0, m, lo, hi);
-        } else {
-            p.run(lo, hi, 0, n);
-        }
-    });
+    if k == 0 {
+        p.run(0, m, 0, n);
+        return;
+    }
+    p.run_parallel(m, n, threads);
 }
 
 struct Problem {
     kind: Kind,
     native: bool,
+    m: usize,
     k: usize,
+    n: usize,
     c: SendPtr,
     c_rs: usize,
     a: usize,
@@ -139,12 +134,195 @@ struct Problem {
     accumulate: bool,
 }
 
+/// A u32 pointer that threads may share (they write disjoint panels, or only read).
+#[derive(Clone, Copy)]
+struct SharedPanels(*mut u32);
+unsafe impl Send for SharedPanels {}
+unsafe impl Sync for SharedPanels {}
+
+impl SharedPanels {
+    /// The pointer (a method, so closures capture the whole Send wrapper).
+    fn ptr(self) -> *mut u32 {
+        self.0
+    }
+}
+
 thread_local! {
+    /// The operand that a parallel product shares between its threads, packed once (owned by
+    /// the calling thread, grown to the largest block seen).
+    static SHARED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Packing buffers (A panels, B panels), grown once per thread and reused.
     static PACK: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Problem {
+    /// The product split between `threads` threads. The larger side of C is split (whole
+    /// register tiles per part); the other operand, which every part needs, is packed once per
+    /// depth block by all threads together into a shared buffer, then each thread packs its
+    /// own part of the split operand and runs its tiles.
+    fn run_parallel(&self, m: usize, n: usize, threads: usize) {
+        let split_m = m > n;
+        let (lines, w, l_s, k_s, src) = if split_m {
+            (n, NR, self.b_cs, self.b_rs, self.b)
+        } else {
+            (m, MR, self.a_rs, self.a_cs, self.a)
+        };
+        let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
+        let tiles = len.div_ceil(unit);
+        let parts = threads.min(tiles);
+        let panels = lines.div_ceil(w);
+        let per = self.kind.per();
+        SHARED.with(|buf| {
+            // a thread waiting on its own parallel product may run another one that rayon
+            // hands it; that one then runs alone on this thread
+            let Ok(mut buf) = buf.try_borrow_mut() else {
+                return self.run(0, m, 0, n);
+            };
+            if buf.len() < panels * w * STEPS {
+                buf.resize(panels * w * STEPS, 0);
+            }
+            let shared = SharedPanels(buf.as_mut_ptr());
+            for pc in (0..self.k).step_by(STEPS * per) {
+                let kc = (self.k - pc).min(STEPS * per);
+                let kp = kc.div_ceil(per);
+                // phase 1: the shared operand's panels, split between the threads
+                (0..parts).into_par_iter().for_each(|t| {
+                    let (q0, q1) = (panels * t / parts, panels * (t + 1) / parts);
+                    if q0 == q1 {
+                        return;
+                    }
+                    let n_lines = (lines - q0 * w).min((q1 - q0) * w);
+                    // Safety: panels q0..q1 of the buffer are this thread's alone; the source
+                    // block lies inside the operand.
+                    unsafe {
+                        let dst = std::slice::from_raw_parts_mut(
+                            shared.ptr().add(q0 * kp * w),
+                            (q1 - q0) * kp * w,
+                        );
+                        let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
+                        pack(dst, s, l_s, k_s, n_lines, kc, w, self.kind, self.native);
+                    }
+                });
+                // phase 2: each thread its part of C against the shared panels
+                let add = self.accumulate || pc > 0;
+                (0..parts).into_par_iter().for_each(|t| {
+                    let lo = (tiles * t / parts * unit).min(len);
+                    let hi = (tiles * (t + 1) / parts * unit).min(len);
+                    self.run_part(lo, hi, pc, kc, kp, add, split_m, shared.ptr() as *const u32);
+                });
+            }
+        });
+    }
+
+    /// Rows lo..hi of C (when `split_m`; the packed B panels of all columns are `shared`) or
+    /// columns lo..hi (the packed A panels of all rows are `shared`), for one depth block.
+    #[allow(clippy::too_many_arguments)]
+    fn run_part(
+        &self,
+        lo: usize,
+        hi: usize,
+        pc: usize,
+        kc: usize,
+        kp: usize,
+        add: bool,
+        split_m: bool,
+        shared: *const u32,
+    ) {
+        if lo >= hi {
+            return;
+        }
+        let (a, b) = (self.a as *const f32, self.b as *const f32);
+        let c = self.c.get();
+        PACK.with(|bufs| {
+            let mut bufs = bufs.borrow_mut();
+            let (ap, bp) = &mut *bufs;
+            if ap.is_empty() {
+                ap.resize(MC * STEPS, 0);
+                bp.resize(NC * STEPS, 0);
+            }
+            // the private operand in blocks (MC rows of A, or NC columns of B), each against
+            // all of the shared one
+            let block = if split_m { MC } else { NC };
+            for x0 in (lo..hi).step_by(block) {
+                let xc = (hi - x0).min(block);
+                // Safety: the blocks lie inside the operands; panels hold kp steps; the tiles
+                // lie in this thread's part of C.
+                unsafe {
+                    if split_m {
+                        pack(
+                            ap,
+                            a.add(x0 * self.a_rs + pc * self.a_cs),
+                            self.a_rs,
+                            self.a_cs,
+                            xc,
+                            kc,
+                            MR,
+                            self.kind,
+                            self.native,
+                        );
+                        for jr in (0..self.n).step_by(NR) {
+                            let cols = (self.n - jr).min(NR);
+                            let bpan = shared.add(jr / NR * kp * NR);
+                            for ir in (0..xc).step_by(MR) {
+                                let apan = ap.as_ptr().add(ir / MR * kp * MR);
+                                let cp = c.add((x0 + ir) * self.c_rs + jr);
+                                let rows = (xc - ir).min(MR);
+                                kernel(
+                                    kp,
+                                    apan,
+                                    bpan,
+                                    cp,
+                                    self.c_rs,
+                                    rows,
+                                    cols,
+                                    add,
+                                    self.kind,
+                                    self.native,
+                                );
+                            }
+                        }
+                    } else {
+                        pack(
+                            bp,
+                            b.add(pc * self.b_rs + x0 * self.b_cs),
+                            self.b_cs,
+                            self.b_rs,
+                            xc,
+                            kc,
+                            NR,
+                            self.kind,
+                            self.native,
+                        );
+                        for ic in (0..self.m).step_by(MC) {
+                            let mc = (self.m - ic).min(MC);
+                            for jr in (0..xc).step_by(NR) {
+                                let cols = (xc - jr).min(NR);
+                                let bpan = bp.as_ptr().add(jr / NR * kp * NR);
+                                for ir in (0..mc).step_by(MR) {
+                                    let apan = shared.add((ic + ir) / MR * kp * MR);
+                                    let cp = c.add((ic + ir) * self.c_rs + x0 + jr);
+                                    let rows = (mc - ir).min(MR);
+                                    kernel(
+                                        kp,
+                                        apan,
+                                        bpan,
+                                        cp,
+                                        self.c_rs,
+                                        rows,
+                                        cols,
+                                        add,
+                                        self.kind,
+                                        self.native,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// Computes rows i0..i1, columns j0..j1 of C on this thread.
     fn run(&self, i0: usize, i1: usize, j0: usize, j1: usize) {
         let (a, b) = (self.a as *const f32, self.b as *const f32);
@@ -546,64 +724,26 @@ unsafe fn kernel(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512f32(
-    kp: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    c_rs: usize,
-    rows: usize,
-    cols: usize,
-    add: bool,
-) {
-    use std::arch::x86_64::*;
-    let z = _mm512_setzero_ps();
-    let mut acc = [[z; 2]; MR];
-    let (a, b) = (a as *const f32, b as *const f32);
-    for p in 0..kp {
-        let b0 = _mm512_loadu_ps(b.add(p * NR));
-        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-        let ap = a.add(p * MR);
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*ap.add(r));
-            acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
-            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+/// Writes (or adds) the first `rows` x `cols` of an accumulator tile into C. A macro, so
+/// the accumulators stay in registers (a call would spill them).
+macro_rules! store_tile {
+    ($acc:expr, $c:expr, $c_rs:expr, $rows:expr, $cols:expr, $add:expr) => {{
+        let m0 = mask16($cols);
+        let m1 = mask16($cols.saturating_sub(16));
+        for (r, acc_r) in $acc.iter().enumerate() {
+            if r >= $rows {
+                break;
+            }
+            let row = $c.add(r * $c_rs);
+            let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
+            if $add {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
         }
-    }
-    store_tile(&acc, c, c_rs, rows, cols, add);
-}
-
-/// Writes (or adds) the first `rows` x `cols` of an accumulator tile into C.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn store_tile(
-    acc: &[[std::arch::x86_64::__m512; 2]; MR],
-    c: *mut f32,
-    c_rs: usize,
-    rows: usize,
-    cols: usize,
-    add: bool,
-) {
-    use std::arch::x86_64::*;
-    let m0 = mask16(cols);
-    let m1 = mask16(cols.saturating_sub(16));
-    for (r, acc_r) in acc.iter().enumerate() {
-        if r >= rows {
-            break;
-        }
-        let row = c.add(r * c_rs);
-        let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
-        if add {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-        }
-        _mm512_mask_storeu_ps(row, m0, v0);
-        _mm512_mask_storeu_ps(row.add(16), m1, v1);
-    }
+    }};
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -632,7 +772,37 @@ unsafe fn kernel_avx512bf16(
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }
     }
-    store_tile(&acc, c, c_rs, rows, cols, add);
+    store_tile!(acc, c, c_rs, rows, cols, add);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_avx512f32(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    let (a, b) = (a as *const f32, b as *const f32);
+    for p in 0..kp {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*ap.add(r));
+            acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+        }
+    }
+    store_tile!(acc, c, c_rs, rows, cols, add);
 }
 
 #[cfg(test)]
@@ -660,7 +830,9 @@ pub(crate) mod tests {
         let p = Problem {
             kind,
             native: false,
+            m,
             k,
+            n,
             c: SendPtr(c.as_mut_ptr()),
             c_rs: n,
             a: a.as_ptr() as usize,
