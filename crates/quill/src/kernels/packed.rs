@@ -106,15 +106,8 @@ pub unsafe fn matmul_strided(
         accumulate,
     };
     let threads = rayon::current_num_threads();
-    if !parallel || threads < 2 || m * k * n < PARALLEL_MIN_MACS {
-        p.run(0, m, 0, n);
-        return;
-    }
-    if k == 0 {
-        p.run(0, m, 0, n);
-        return;
-    }
-    p.run_parallel(m, n, threads);
+    let parallel = parallel && threads > 1 && m * k * n >= PARALLEL_MIN_MACS;
+    p.run(if parallel { threads } else { 1 });
 }
 
 struct Problem {
@@ -156,11 +149,35 @@ thread_local! {
 }
 
 impl Problem {
-    /// The product split between `threads` threads. The larger side of C is split (whole
-    /// register tiles per part); the other operand, which every part needs, is packed once per
-    /// depth block by all threads together into a shared buffer, then each thread packs its
-    /// own part of the split operand and runs its tiles.
-    fn run_parallel(&self, m: usize, n: usize, threads: usize) {
+    /// The whole product, on this thread alone (`threads` = 1) or split between `threads`
+    /// threads. The larger side of C is split (whole register tiles per part); the other
+    /// operand, which every part needs, is packed once per depth block (by all threads
+    /// together) into a shared buffer, then each part packs its own share of the split
+    /// operand and runs its tiles.
+    fn run(&self, threads: usize) {
+        let (m, n) = (self.m, self.n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if self.k == 0 {
+            if !self.accumulate {
+                for i in 0..m {
+                    // Safety: row i of C has n elements.
+                    unsafe { std::ptr::write_bytes(self.c.get().add(i * self.c_rs), 0, n) };
+                }
+            }
+            return;
+        }
+        SHARED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => self.run_with(&mut buf, threads),
+            // a thread waiting on its own parallel product may be handed another one by rayon;
+            // that one packs into a buffer of its own
+            Err(_) => self.run_with(&mut Vec::new(), threads),
+        });
+    }
+
+    fn run_with(&self, buf: &mut Vec<u32>, threads: usize) {
+        let (m, n) = (self.m, self.n);
         let split_m = m > n;
         let (lines, w, l_s, k_s, src) = if split_m {
             (n, NR, self.b_cs, self.b_rs, self.b)
@@ -169,49 +186,49 @@ impl Problem {
         };
         let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
         let tiles = len.div_ceil(unit);
-        let parts = threads.min(tiles);
+        let parts = threads.min(tiles).max(1);
         let panels = lines.div_ceil(w);
         let per = self.kind.per();
-        SHARED.with(|buf| {
-            // a thread waiting on its own parallel product may run another one that rayon
-            // hands it; that one then runs alone on this thread
-            let Ok(mut buf) = buf.try_borrow_mut() else {
-                return self.run(0, m, 0, n);
+        if buf.len() < panels * w * STEPS {
+            buf.resize(panels * w * STEPS, 0);
+        }
+        let shared = SharedPanels(buf.as_mut_ptr());
+        for pc in (0..self.k).step_by(STEPS * per) {
+            let kc = (self.k - pc).min(STEPS * per);
+            let kp = kc.div_ceil(per);
+            // phase 1: the shared operand's panels, split between the parts
+            let pack_shared = |t: usize| {
+                let (q0, q1) = (panels * t / parts, panels * (t + 1) / parts);
+                if q0 == q1 {
+                    return;
+                }
+                let n_lines = (lines - q0 * w).min((q1 - q0) * w);
+                // Safety: panels q0..q1 of the buffer are this part's alone; the source block
+                // lies inside the operand.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut(
+                        shared.ptr().add(q0 * kp * w),
+                        (q1 - q0) * kp * w,
+                    );
+                    let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
+                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.kind, self.native);
+                }
             };
-            if buf.len() < panels * w * STEPS {
-                buf.resize(panels * w * STEPS, 0);
+            // phase 2: each part of C against the shared panels
+            let add = self.accumulate || pc > 0;
+            let compute = |t: usize| {
+                let lo = (tiles * t / parts * unit).min(len);
+                let hi = (tiles * (t + 1) / parts * unit).min(len);
+                self.run_part(lo, hi, pc, kc, kp, add, split_m, shared.ptr() as *const u32);
+            };
+            if parts == 1 {
+                pack_shared(0);
+                compute(0);
+            } else {
+                (0..parts).into_par_iter().for_each(pack_shared);
+                (0..parts).into_par_iter().for_each(compute);
             }
-            let shared = SharedPanels(buf.as_mut_ptr());
-            for pc in (0..self.k).step_by(STEPS * per) {
-                let kc = (self.k - pc).min(STEPS * per);
-                let kp = kc.div_ceil(per);
-                // phase 1: the shared operand's panels, split between the threads
-                (0..parts).into_par_iter().for_each(|t| {
-                    let (q0, q1) = (panels * t / parts, panels * (t + 1) / parts);
-                    if q0 == q1 {
-                        return;
-                    }
-                    let n_lines = (lines - q0 * w).min((q1 - q0) * w);
-                    // Safety: panels q0..q1 of the buffer are this thread's alone; the source
-                    // block lies inside the operand.
-                    unsafe {
-                        let dst = std::slice::from_raw_parts_mut(
-                            shared.ptr().add(q0 * kp * w),
-                            (q1 - q0) * kp * w,
-                        );
-                        let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
-                        pack(dst, s, l_s, k_s, n_lines, kc, w, self.kind, self.native);
-                    }
-                });
-                // phase 2: each thread its part of C against the shared panels
-                let add = self.accumulate || pc > 0;
-                (0..parts).into_par_iter().for_each(|t| {
-                    let lo = (tiles * t / parts * unit).min(len);
-                    let hi = (tiles * (t + 1) / parts * unit).min(len);
-                    self.run_part(lo, hi, pc, kc, kp, add, split_m, shared.ptr() as *const u32);
-                });
-            }
-        });
+        }
     }
 
     /// Rows lo..hi of C (when `split_m`; the packed B panels of all columns are `shared`) or
@@ -314,97 +331,6 @@ impl Problem {
                                         self.kind,
                                         self.native,
                                     );
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        });
-    }
-
-    /// Computes rows i0..i1, columns j0..j1 of C on this thread.
-    fn run(&self, i0: usize, i1: usize, j0: usize, j1: usize) {
-        let (a, b) = (self.a as *const f32, self.b as *const f32);
-        let c = self.c.get();
-        if i0 >= i1 || j0 >= j1 {
-            return;
-        }
-        if self.k == 0 {
-            if !self.accumulate {
-                for i in i0..i1 {
-                    // Safety: row i, columns j0..j1 of C are ours.
-                    unsafe { std::ptr::write_bytes(c.add(i * self.c_rs + j0), 0, j1 - j0) };
-                }
-            }
-            return;
-        }
-        PACK.with(|bufs| {
-            let mut bufs = bufs.borrow_mut();
-            let (ap, bp) = &mut *bufs;
-            // full size at the first call, so that later calls never allocate
-            if ap.is_empty() {
-                ap.resize(MC * STEPS, 0);
-                bp.resize(NC * STEPS, 0);
-            }
-            let per = self.kind.per();
-            for jc in (j0..j1).step_by(NC) {
-                let nc = (j1 - jc).min(NC);
-                for pc in (0..self.k).step_by(STEPS * per) {
-                    let kc = (self.k - pc).min(STEPS * per);
-                    let kp = kc.div_ceil(per);
-                    // Safety: (pc, jc) and the block's extent lie inside B.
-                    unsafe {
-                        pack(
-                            bp,
-                            b.add(pc * self.b_rs + jc * self.b_cs),
-                            self.b_cs,
-                            self.b_rs,
-                            nc,
-                            kc,
-                            NR,
-                            self.kind,
-                            self.native,
-                        )
-                    };
-                    let add = self.accumulate || pc > 0;
-                    for ic in (i0..i1).step_by(MC) {
-                        let mc = (i1 - ic).min(MC);
-                        // Safety: as for B.
-                        unsafe {
-                            pack(
-                                ap,
-                                a.add(ic * self.a_rs + pc * self.a_cs),
-                                self.a_rs,
-                                self.a_cs,
-                                mc,
-                                kc,
-                                MR,
-                                self.kind,
-                                self.native,
-                            )
-                        };
-                        for jr in (0..nc).step_by(NR) {
-                            let cols = (nc - jr).min(NR);
-                            let bpan = bp[jr / NR * kp * NR..].as_ptr();
-                            for ir in (0..mc).step_by(MR) {
-                                let rows = (mc - ir).min(MR);
-                                let apan = ap[ir / MR * kp * MR..].as_ptr();
-                                // Safety: the panels hold kp pairs; the tile lies in our part of C.
-                                unsafe {
-                                    let cp = c.add((ic + ir) * self.c_rs + jc + jr);
-                                    kernel(
-                                        kp,
-                                        apan,
-                                        bpan,
-                                        cp,
-                                        self.c_rs,
-                                        rows,
-                                        cols,
-                                        add,
-                                        self.kind,
-                                        self.native,
-                                    )
                                 }
                             }
                         }
@@ -843,7 +769,7 @@ pub(crate) mod tests {
             b_cs,
             accumulate,
         };
-        p.run(0, m, 0, n);
+        p.run(1);
     }
 
     /// f32: the fast path (split between threads when large enough) and the plain path
