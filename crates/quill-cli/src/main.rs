@@ -356,6 +356,11 @@ fn main() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
+        // output piped into a reader that has gone (`quill ... | head`): stop quietly, with
+        // the status a shell gives a process ended by SIGPIPE
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         eprintln!("error: internal error (a bug in quill, please report it): {msg}{at}");
     }));
     let cli = match Cli::try_parse() {

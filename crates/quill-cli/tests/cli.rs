@@ -1029,6 +1029,23 @@ fn bf16_training_tracks_f32_over_500_steps_of_the_default_run() {
     assert!(e.contains("f32 or bf16"), "{e}");
 }
 
+/// Output into a pipe whose reader has gone (`quill ... | head`) ends quietly with status 141,
+/// not an "internal error".
+#[test]
+fn closed_stdout_pipe_is_not_an_error() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = quill()
+        .args(["tokenize", "--tokenizer", "gpt2", "--text", "hello world"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(err.is_empty(), "{err}");
+}
+
 #[test]
 fn scalar_and_simd_paths_agree() {
     let ids = "1,7,42,200,13,99,5,0,255,64,3,17";
