@@ -1082,8 +1082,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             dtype,
             json,
         } => {
-            let precision = quill::kernels::matmul::Precision::parse(&dtype)
-                .ok_or_else(|| anyhow::anyhow!("--dtype {dtype:?}: expected f32 or bf16"))?;
+            let precision = train_cmd::parse_dtype(&dtype)?;
             let cfg = quill::bench::train_config(&config)?;
             if steps == 0 {
                 bail!("--steps must be at least 1");

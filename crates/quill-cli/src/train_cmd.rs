@@ -119,8 +119,15 @@ pub struct TrainArgs {
     dtype: Option<String>,
 }
 
-fn parse_dtype(s: &str) -> Result<Precision> {
-    Precision::parse(s).ok_or_else(|| anyhow::anyhow!("--dtype {s:?}: expected f32 or bf16"))
+pub(crate) fn parse_dtype(s: &str) -> Result<Precision> {
+    let p = Precision::parse(s)
+        .ok_or_else(|| anyhow::anyhow!("--dtype {s:?}: expected f32 or bf16"))?;
+    if p == Precision::Bf16 && !quill::kernels::bf16::has_bf16() {
+        eprintln!(
+            "warning: this CPU has no AVX-512 BF16 (or QUILL_SIMD=scalar is set): bf16 products run on a plain, much slower path; --dtype f32 is faster here"
+        );
+    }
+    Ok(p)
 }
 
 /// Where the data came from, so --resume can find the same tokens again.

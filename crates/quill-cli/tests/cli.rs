@@ -1027,6 +1027,25 @@ fn bf16_training_tracks_f32_over_500_steps_of_the_default_run() {
             .args(["--dtype", "f16"]),
     );
     assert!(e.contains("f32 or bf16"), "{e}");
+    // without AVX-512 BF16 (forced here) bf16 still trains, on the plain path, with a warning
+    let corpus = small_corpus(dir.path());
+    let o = run_ok(
+        quill()
+            .env("QUILL_SIMD", "scalar")
+            .arg("train")
+            .arg("--data")
+            .arg(&corpus)
+            .arg("--out")
+            .arg(dir.path().join("plain"))
+            .args(TINY_MODEL)
+            .args(["--steps", "3", "--dtype", "bf16"]),
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("warning: this CPU has no AVX-512 BF16"),
+        "{log}"
+    );
+    assert!(dir.path().join("plain/model.safetensors").is_file());
 }
 
 /// Output into a pipe whose reader has gone (`quill ... | head`) ends quietly with status 141,
