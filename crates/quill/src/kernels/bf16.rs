@@ -1,10 +1,10 @@
 //! bf16 mixed-precision matrix multiply: C (+)= op(A) · op(B) with A, B and C in f32. The
 //! operands are rounded to bf16 (round to nearest even) while they are packed into cache-sized
 //! panels; the products run on AVX-512 BF16's `vdpbf16ps` (two bf16 products added into each
-//! f32 lane per instruction, twice the f32 FMA rate) and accumulate in f32.
-//!
+//! f32 lane per instruction, twice the f32 FMA rate) and accumulate in f32. The blocking,
+//! packing and kernels are in [`super::packed`]; this file holds the rounding and the API.
+
 use super::packed::{self, Kind};
-use rayon::prelude::*;
 
 /// Whether this CPU runs the bf16 kernel natively (and `QUILL_SIMD=scalar` is not set).
 pub fn has_bf16() -> bool {
@@ -35,27 +35,6 @@ pub fn round_bf16(x: f32) -> u16 {
 #[inline]
 pub fn bf16_to_f32(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
-}
-
-/// f32 -> bf16 for a whole slice (round to nearest even).
-pub fn to_bf16(dst: &mut [u16], src: &[f32]) {
-    assert_eq!(dst.len(), src.len());
-    dst.par_chunks_mut(1 << 14)
-        .zip(src.par_chunks(1 << 14))
-        .for_each(|(d, s)| convert(d, s));
-}
-
-super::simd::multiversion! {
-    fn convert(d: &mut [u16], s: &[f32]) {
-        for (d, &x) in d.iter_mut().zip(s) {
-            let b = x.to_bits();
-            let round = 0x7fff + ((b >> 16) & 1);
-            let r = (b.wrapping_add(round) >> 16) as u16;
-            // NaN (exponent all ones, mantissa not zero) keeps a quiet NaN
-            let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-            *d = if nan { ((b >> 16) as u16) | 0x40 } else { r };
-        }
-    }
 }
 
 /// c[m,n] (+)= op(a)[m,k] · op(b)[k,n] with bf16 operands and f32 accumulation.
@@ -145,15 +124,10 @@ mod tests {
         let mut rng = Rng::new(41);
         let mut x = randn(&mut rng, 1000, 3.0);
         x.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 1e-40]);
-        let mut got = vec![0u16; x.len()];
-        to_bf16(&mut got, &x);
-        for (&g, &v) in got.iter().zip(&x) {
-            assert_eq!(g, half::bf16::from_f32(v).to_bits(), "{v}");
-            assert_eq!(round_bf16(v), g, "{v}");
+        for &v in &x {
+            assert_eq!(round_bf16(v), half::bf16::from_f32(v).to_bits(), "{v}");
         }
-        let mut nan = [0u16];
-        to_bf16(&mut nan, &[f32::NAN]);
-        assert!(bf16_to_f32(nan[0]).is_nan() && bf16_to_f32(round_bf16(f32::NAN)).is_nan());
+        assert!(bf16_to_f32(round_bf16(f32::NAN)).is_nan());
     }
 
     /// Both paths against float64 products of the bf16-rounded operands, on awkward sizes

@@ -10,7 +10,8 @@
 //! pair (k = 2p in the low half, k = 2p + 1 in the high half) that `vdpbf16ps` multiplies.
 //! bf16 operands are rounded (to nearest even) while they are packed.
 //!
-//! Packing buffers are per thread, sized at the first call and reused: no step allocates.
+//! Packing buffers are per thread and reused (the private ones sized at the first call, the
+//! shared one grown to the largest block seen): once every shape has run, nothing allocates.
 //! Without the CPU features (or with `QUILL_SIMD=scalar`) the same panels go through plain
 //! loops; the tests check one path against the other and both against float64.
 
