@@ -2,12 +2,15 @@
 //! bf16 operands (`vdpbf16ps`, see [`super::bf16`]); both accumulate and write f32.
 //! C (+)= op(A) · op(B) with A, B and C f32 in memory, any strides.
 //!
-//! Blocking (the usual scheme of BLIS-style libraries): for each block of NC columns and
-//! STEPS depth steps (a step is one k for f32, a pair of k for bf16), B is packed into
-//! NR-column panels; for each block of MC rows A is packed into MR-row panels; a register
-//! tile of MR x NR f32 accumulators (24 zmm) is then updated by one instruction per 16
-//! outputs per step. A packed element (step p, lane j) is one u32: an f32, or for bf16 the
-//! pair (k = 2p in the low half, k = 2p + 1 in the high half) that `vdpbf16ps` multiplies.
+//! Blocking (after BLIS-style libraries): C is split by rows or by columns, whichever side is
+//! larger, between the threads (one part when serial). For each depth block of STEPS steps (a
+//! step is one k for f32, a pair of k for bf16) the operand every part needs (B for a row split,
+//! A for a column split) is packed whole, once, by all threads together, into NR-column (or
+//! MR-row) panels; each part then packs its own share of the other operand in blocks of MC
+//! rows (or NC columns) and runs a register tile of MR x NR f32 accumulators (24 zmm), one
+//! instruction per 16 outputs per step. A packed element (step p, lane j) is one u32: an f32,
+//! or for bf16 the pair (k = 2p in the low half, k = 2p + 1 in the high half) that
+//! `vdpbf16ps` multiplies.
 //! bf16 operands are rounded (to nearest even) while they are packed.
 //!
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
