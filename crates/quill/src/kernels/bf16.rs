@@ -4,7 +4,7 @@
 //! f32 lane per instruction, twice the f32 FMA rate) and accumulate in f32. The blocking,
 //! packing and kernels are in [`super::packed`]; this file holds the rounding and the API.
 
-use super::packed::{self, Kind};
+use super::packed;
 
 /// Whether this CPU runs the bf16 kernel natively (and `QUILL_SIMD=scalar` is not set).
 pub fn has_bf16() -> bool {
@@ -57,7 +57,6 @@ pub fn matmul(
     // Safety: the assert bounds every index the strides reach.
     unsafe {
         packed::matmul_strided(
-            Kind::Bf16,
             m,
             k,
             n,
@@ -96,20 +95,7 @@ pub unsafe fn matmul_strided(
     parallel: bool,
 ) {
     packed::matmul_strided(
-        Kind::Bf16,
-        m,
-        k,
-        n,
-        c,
-        c_rs,
-        a,
-        a_rs,
-        a_cs,
-        b,
-        b_rs,
-        b_cs,
-        accumulate,
-        parallel,
+        m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate, parallel,
     )
 }
 
@@ -163,7 +149,7 @@ mod tests {
                     let err = max_rel_err(&got, &want, 1.0);
                     assert!(err < 2e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
                     let mut plain = c0.clone();
-                    packed::tests::plain(Kind::Bf16, &mut plain, &a, &b, m, k, n, ta, tb, acc);
+                    packed::tests::plain(&mut plain, &a, &b, m, k, n, ta, tb, acc);
                     let err = max_rel_err(&plain, &want, 1.0);
                     assert!(
                         err < 2e-5,

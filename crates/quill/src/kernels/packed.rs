@@ -1,16 +1,17 @@
-//! Cache-blocked, packed matrix multiply on AVX-512, for f32 operands (`vfmadd231ps`) and for
-//! bf16 operands (`vdpbf16ps`, see [`super::bf16`]); both accumulate and write f32.
-//! C (+)= op(A) · op(B) with A, B and C f32 in memory, any strides.
+//! Cache-blocked, packed matrix multiply with bf16 operands on AVX-512 BF16 (`vdpbf16ps`, see
+//! [`super::bf16`]), accumulating and writing f32. C (+)= op(A) · op(B) with A, B and C f32 in
+//! memory, any strides. (An f32 kind of the same kernel measured 5-15% slower than the `gemm`
+//! crate on the training shapes, so f32 products stay on gemm; BENCHMARKS.md.)
 //!
 //! Blocking (after BLIS-style libraries): C is split by rows or by columns, whichever side is
 //! larger, between the threads (one part when serial). For each depth block of STEPS steps (a
-//! step is one k for f32, a pair of k for bf16) the operand every part needs (B for a row split,
+//! step is a pair of k) the operand every part needs (B for a row split,
 //! A for a column split) is packed whole, once, by all threads together, into NR-column (or
 //! MR-row) panels; each part then packs its own share of the other operand in blocks of MC
 //! rows (or NC columns) and runs a register tile of MR x NR f32 accumulators (24 zmm), one
-//! instruction per 16 outputs per step. A packed element (step p, lane j) is one u32: an f32,
-//! or for bf16 the pair (k = 2p in the low half, k = 2p + 1 in the high half) that
-//! `vdpbf16ps` multiplies.
+//! instruction per 16 outputs per step. A packed element (step p, lane j) is one u32, the
+//! bf16 pair (k = 2p in the low half, k = 2p + 1 in the high half) that `vdpbf16ps`
+//! multiplies.
 //! bf16 operands are rounded (to nearest even) while they are packed.
 //!
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
@@ -34,33 +35,6 @@ const MC: usize = 120;
 /// Columns of B per packed block (a multiple of NR).
 const NC: usize = 1536;
 
-/// The operand precision of a packed product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// f32 operands, fused multiply-add.
-    F32,
-    /// Operands rounded to bf16, pairs multiplied by `vdpbf16ps`.
-    Bf16,
-}
-
-impl Kind {
-    /// k values per depth step.
-    fn per(self) -> usize {
-        match self {
-            Kind::F32 => 1,
-            Kind::Bf16 => 2,
-        }
-    }
-
-    /// Whether this CPU has the instructions of this kind's fast path.
-    pub fn native(self) -> bool {
-        match self {
-            Kind::F32 => super::simd::has_avx512(),
-            Kind::Bf16 => has_bf16(),
-        }
-    }
-}
-
 #[inline]
 fn pair(lo: f32, hi: f32) -> u32 {
     round_bf16(lo) as u32 | (round_bf16(hi) as u32) << 16
@@ -78,7 +52,6 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// touches `c`'s elements during the call.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_strided(
-    kind: Kind,
     m: usize,
     k: usize,
     n: usize,
@@ -94,8 +67,7 @@ pub unsafe fn matmul_strided(
     parallel: bool,
 ) {
     let p = Problem {
-        kind,
-        native: kind.native(),
+        native: has_bf16(),
         m,
         k,
         n,
@@ -115,7 +87,6 @@ pub unsafe fn matmul_strided(
 }
 
 struct Problem {
-    kind: Kind,
     native: bool,
     m: usize,
     k: usize,
@@ -192,14 +163,13 @@ impl Problem {
         let tiles = len.div_ceil(unit);
         let parts = threads.min(tiles).max(1);
         let panels = lines.div_ceil(w);
-        let per = self.kind.per();
         if buf.len() < panels * w * STEPS {
             buf.resize(panels * w * STEPS, 0);
         }
         let shared = SharedPanels(buf.as_mut_ptr());
-        for pc in (0..self.k).step_by(STEPS * per) {
-            let kc = (self.k - pc).min(STEPS * per);
-            let kp = kc.div_ceil(per);
+        for pc in (0..self.k).step_by(2 * STEPS) {
+            let kc = (self.k - pc).min(2 * STEPS);
+            let kp = kc.div_ceil(2);
             // phase 1: the shared operand's panels, split between the parts
             let pack_shared = |t: usize| {
                 let (q0, q1) = (panels * t / parts, panels * (t + 1) / parts);
@@ -215,7 +185,7 @@ impl Problem {
                         (q1 - q0) * kp * w,
                     );
                     let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
-                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.kind, self.native);
+                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.native);
                 }
             };
             // phase 2: each part of C against the shared panels
@@ -278,7 +248,6 @@ impl Problem {
                             xc,
                             kc,
                             MR,
-                            self.kind,
                             self.native,
                         );
                         for jr in (0..self.n).step_by(NR) {
@@ -288,18 +257,7 @@ impl Problem {
                                 let apan = ap.as_ptr().add(ir / MR * kp * MR);
                                 let cp = c.add((x0 + ir) * self.c_rs + jr);
                                 let rows = (xc - ir).min(MR);
-                                kernel(
-                                    kp,
-                                    apan,
-                                    bpan,
-                                    cp,
-                                    self.c_rs,
-                                    rows,
-                                    cols,
-                                    add,
-                                    self.kind,
-                                    self.native,
-                                );
+                                kernel(kp, apan, bpan, cp, self.c_rs, rows, cols, add, self.native);
                             }
                         }
                     } else {
@@ -311,7 +269,6 @@ impl Problem {
                             xc,
                             kc,
                             NR,
-                            self.kind,
                             self.native,
                         );
                         for ic in (0..self.m).step_by(MC) {
@@ -332,7 +289,6 @@ impl Problem {
                                         rows,
                                         cols,
                                         add,
-                                        self.kind,
                                         self.native,
                                     );
                                 }
@@ -360,10 +316,9 @@ unsafe fn pack(
     lines: usize,
     kc: usize,
     w: usize,
-    kind: Kind,
     native: bool,
 ) {
-    let kp = kc.div_ceil(kind.per());
+    let kp = kc.div_ceil(2);
     let panels = lines.div_ceil(w);
     let dst = &mut dst[..panels * kp * w];
     #[cfg(target_arch = "x86_64")]
@@ -371,11 +326,10 @@ unsafe fn pack(
         for (q, panel) in dst.chunks_exact_mut(kp * w).enumerate() {
             let n_lines = (lines - q * w).min(w);
             let s = src.add(q * w * l_s);
-            match (kind, k_s == 1) {
-                (Kind::Bf16, true) => pack_k_contiguous(panel, s, l_s, n_lines, kc, w),
-                (Kind::Bf16, false) => pack_lines_contiguous(panel, s, k_s, n_lines, kc, w),
-                (Kind::F32, true) => pack_f32_k_contiguous(panel, s, l_s, n_lines, kc, w),
-                (Kind::F32, false) => pack_f32_lines_contiguous(panel, s, k_s, n_lines, kc, w),
+            if k_s == 1 {
+                pack_k_contiguous(panel, s, l_s, n_lines, kc, w);
+            } else {
+                pack_lines_contiguous(panel, s, k_s, n_lines, kc, w);
             }
         }
         return;
@@ -387,77 +341,12 @@ unsafe fn pack(
             for (l, o) in out.iter_mut().enumerate() {
                 *o = if l >= n_lines {
                     0
-                } else if kind == Kind::F32 {
-                    (*src.add((q * w + l) * l_s + p * k_s)).to_bits()
                 } else {
                     let e = src.add((q * w + l) * l_s + 2 * p * k_s);
                     let hi = if 2 * p + 1 < kc { *e.add(k_s) } else { 0.0 };
                     pair(*e, hi)
                 };
             }
-        }
-    }
-}
-
-/// f32 panel packing when each line's depth is contiguous (A row-major, B stored [n, k]):
-/// 16 lines x 16 depths at a time, transposed in registers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_f32_k_contiguous(
-    panel: &mut [u32],
-    src: *const f32,
-    l_s: usize,
-    n_lines: usize,
-    kc: usize,
-    w: usize,
-) {
-    use std::arch::x86_64::*;
-    let out = panel.as_mut_ptr();
-    let mut l0 = 0;
-    while l0 < w {
-        let lanes = (w - l0).min(16);
-        let store: __mmask16 = ((1u32 << lanes) - 1) as u16;
-        let mut k0 = 0;
-        while k0 < kc {
-            let m = mask16(kc - k0);
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (l, row) in rows.iter_mut().enumerate() {
-                if l0 + l < n_lines {
-                    let line = src.add((l0 + l) * l_s + k0);
-                    *row = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, line));
-                }
-            }
-            let cols = transpose16(rows);
-            for (t, col) in cols.iter().enumerate().take((kc - k0).min(16)) {
-                _mm512_mask_storeu_epi32(out.add((k0 + t) * w + l0) as *mut _, store, *col);
-            }
-            k0 += 16;
-        }
-        l0 += 16;
-    }
-}
-
-/// f32 panel packing when lines are contiguous at fixed depth (A stored [k, m], B row-major):
-/// a copy of w floats per depth (zero past the last line).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_f32_lines_contiguous(
-    panel: &mut [u32],
-    src: *const f32,
-    k_s: usize,
-    n_lines: usize,
-    kc: usize,
-    w: usize,
-) {
-    use std::arch::x86_64::*;
-    let out = panel.as_mut_ptr() as *mut f32;
-    for k in 0..kc {
-        let row = src.add(k * k_s);
-        let mut l = 0;
-        while l < w {
-            let v = _mm512_maskz_loadu_ps(mask16(n_lines.saturating_sub(l)), row.add(l));
-            _mm512_mask_storeu_ps(out.add(k * w + l), mask16(w - l), v);
-            l += 16;
         }
     }
 }
@@ -617,15 +506,11 @@ unsafe fn kernel(
     rows: usize,
     cols: usize,
     add: bool,
-    kind: Kind,
     native: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if native {
-        return match kind {
-            Kind::Bf16 => kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, add),
-            Kind::F32 => kernel_avx512f32(kp, a, b, c, c_rs, rows, cols, add),
-        };
+        return kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, add);
     }
     let _ = native;
     let mut acc = [[0.0f32; NR]; MR];
@@ -633,16 +518,9 @@ unsafe fn kernel(
         let bv = std::slice::from_raw_parts(b.add(p * NR), NR);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let x = *a.add(p * MR + r);
-            if kind == Kind::F32 {
-                let a0 = f32::from_bits(x);
-                for (o, &y) in acc_r.iter_mut().zip(bv) {
-                    *o += a0 * f32::from_bits(y);
-                }
-            } else {
-                let (a0, a1) = (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
-                for (o, &y) in acc_r.iter_mut().zip(bv) {
-                    *o += a0 * bf16_to_f32(y as u16) + a1 * bf16_to_f32((y >> 16) as u16);
-                }
+            let (a0, a1) = (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
+            for (o, &y) in acc_r.iter_mut().zip(bv) {
+                *o += a0 * bf16_to_f32(y as u16) + a1 * bf16_to_f32((y >> 16) as u16);
             }
         }
     }
@@ -705,46 +583,13 @@ unsafe fn kernel_avx512bf16(
     store_tile!(acc, c, c_rs, rows, cols, add);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512f32(
-    kp: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    c_rs: usize,
-    rows: usize,
-    cols: usize,
-    add: bool,
-) {
-    use std::arch::x86_64::*;
-    let z = _mm512_setzero_ps();
-    let mut acc = [[z; 2]; MR];
-    let (a, b) = (a as *const f32, b as *const f32);
-    for p in 0..kp {
-        let b0 = _mm512_loadu_ps(b.add(p * NR));
-        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-        let ap = a.add(p * MR);
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*ap.add(r));
-            acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
-            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
-        }
-    }
-    store_tile!(acc, c, c_rs, rows, cols, add);
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::kernels::testutil::*;
-    use crate::rng::Rng;
 
     /// The product forced down the plain path (no SIMD packing, plain kernel).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn plain(
-        kind: Kind,
         c: &mut [f32],
         a: &[f32],
         b: &[f32],
@@ -758,7 +603,6 @@ pub(crate) mod tests {
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         let p = Problem {
-            kind,
             native: false,
             m,
             k,
@@ -774,73 +618,5 @@ pub(crate) mod tests {
             accumulate,
         };
         p.run(1);
-    }
-
-    /// f32: the fast path (split between threads when large enough) and the plain path
-    /// against float64, on awkward sizes (odd, prime, smaller than a tile, several blocks of
-    /// every dimension), every transpose, with and without accumulation.
-    #[test]
-    fn f32_products_match_float64() {
-        let mut rng = Rng::new(43);
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (3, 5, 7),
-            (13, 31, 33),
-            (12, 16, 32),
-            (17, 193, 1),
-            (1, 300, 65),
-            (130, 401, 70),
-            (250, 64, 1600),
-        ] {
-            for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
-                let a = randn(&mut rng, m * k, 1.0);
-                let b = randn(&mut rng, k * n, 1.0);
-                let c0 = randn(&mut rng, m * n, 1.0);
-                for &acc in &[false, true] {
-                    let mut want = if acc { to_f64(&c0) } else { vec![0.0; m * n] };
-                    crate::kernels::reference::matmul(
-                        &mut want,
-                        &to_f64(&a),
-                        &to_f64(&b),
-                        m,
-                        k,
-                        n,
-                        ta,
-                        tb,
-                    );
-                    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
-                    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
-                    let mut got = c0.clone();
-                    // Safety: the strides describe the buffers.
-                    unsafe {
-                        matmul_strided(
-                            Kind::F32,
-                            m,
-                            k,
-                            n,
-                            got.as_mut_ptr(),
-                            n,
-                            a.as_ptr(),
-                            a_rs,
-                            a_cs,
-                            b.as_ptr(),
-                            b_rs,
-                            b_cs,
-                            acc,
-                            true,
-                        )
-                    };
-                    let err = max_rel_err(&got, &want, 1.0);
-                    assert!(err < 1e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
-                    let mut p = c0.clone();
-                    plain(Kind::F32, &mut p, &a, &b, m, k, n, ta, tb, acc);
-                    let err = max_rel_err(&p, &want, 1.0);
-                    assert!(
-                        err < 1e-5,
-                        "plain {m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}"
-                    );
-                }
-            }
-        }
     }
 }
