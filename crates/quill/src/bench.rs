@@ -5,7 +5,7 @@
 use crate::kernels::matmul::{matmul, Precision};
 use crate::model::{Activations, Gpt2, Gpt2Config, Model};
 use crate::rng::Rng;
-use crate::train::optimizer::{clip_grad_norm, AdamW};
+use crate::train::optimizer::AdamW;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -200,8 +200,7 @@ pub fn train(
         grads.fill(0.0);
         model.forward(&mut acts, &ids)?;
         model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
-        clip_grad_norm(&mut grads, 1.0);
-        opt.step(&model.layout, &mut model.params, &grads, 3e-4);
+        opt.step_clipped(&model.layout, &mut model.params, &grads, 3e-4, 1.0);
         if step >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }

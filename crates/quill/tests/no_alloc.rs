@@ -1,4 +1,4 @@
-//! No heap allocation by quill's code inside a training step (forward, backward, AdamW) or a
+//! No heap allocation by quill's code inside a training step (forward, backward, gradient clipping, AdamW) or a
 //! decoding step, once the buffers exist: a counting global allocator watches a second step
 //! of each. The `gemm` crate allocates small packing buffers inside its calls; those are
 //! counted apart (while `GEMM_CALLS_ACTIVE` is non-zero) and reported, not failed.
@@ -87,7 +87,8 @@ fn check_models() {
             model.forward(&mut acts, &ids).unwrap();
             model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
             let (layout, params) = model.params_mut();
-            opt.step(layout, params, &grads, 1e-3);
+            // as the trainer does: the gradient norm, clipping and AdamW in one
+            opt.step_clipped(layout, params, &grads, 1e-3, 0.5);
         };
         step(&mut model);
         let arch = model.architecture();

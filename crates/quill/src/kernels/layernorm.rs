@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension, with the biased variance (as PyTorch and GPT-2).
 
+use super::rows_per_task;
 use super::simd::multiversion;
-use super::{reduce::for_column_blocks, rows_per_task};
 use rayon::prelude::*;
 
 /// out [N,C] = (inp - mean) * rstd * weight + bias; saves mean [N] and rstd [N] for backward.
@@ -62,32 +62,27 @@ pub fn backward(
 ) {
     let n = inp.len() / c;
     assert!(dinp.len() == n * c && dout.len() == n * c);
-    let rpt = rows_per_task(n, c);
-    dinp.par_chunks_mut(rpt * c)
-        .zip(dout.par_chunks(rpt * c).zip(inp.par_chunks(rpt * c)))
-        .zip(mean[..n].par_chunks(rpt).zip(rstd[..n].par_chunks(rpt)))
-        .for_each(|((dx, (dy, x)), (mu, rs))| backward_rows(dx, dy, x, mu, rs, weight, c));
-    for_column_blocks(dweight, |c0, c1, acc| {
-        dweight_block(acc, c0, c1, dout, inp, mean, rstd, n, c)
+    assert!(dweight.len() == c && dbias.len() == c && mean.len() >= n && rstd.len() >= n);
+    // one sweep: dx rows, and per chunk of rows the partial sums of dweight and dbias
+    super::reduce::rows_with_col_sums(dinp, c, &mut [dweight, dbias], |r0, dx, partial| {
+        let r1 = r0 + dx.len() / c;
+        backward_rows(
+            dx,
+            &dout[r0 * c..r1 * c],
+            &inp[r0 * c..r1 * c],
+            &mean[r0..r1],
+            &rstd[r0..r1],
+            weight,
+            partial,
+            c,
+        )
     });
-    super::reduce::col_sum_acc(dbias, dout, n);
 }
 
 multiversion! {
-    fn dweight_block(acc: &mut [f32], c0: usize, c1: usize, dout: &[f32], inp: &[f32], mean: &[f32], rstd: &[f32], n: usize, c: usize) {
-        for r in 0..n {
-            let (m, s) = (mean[r], rstd[r]);
-            let dy = &dout[r * c + c0..r * c + c1];
-            let x = &inp[r * c + c0..r * c + c1];
-            for j in 0..acc.len() {
-                acc[j] += dy[j] * (x[j] - m) * s;
-            }
-        }
-    }
-}
-
-multiversion! {
-    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], c: usize) {
+    /// dx rows, and into partial [2C]: Σ rows of dy·norm (dweight), then Σ rows of dy (dbias).
+    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], partial: &mut [f32], c: usize) {
+            let (pw, pb) = partial.split_at_mut(c);
             for r in 0..mu.len() {
                 let (m, s) = (mu[r], rs[r]);
                 let xr = &x[r * c..(r + 1) * c];
@@ -108,9 +103,12 @@ multiversion! {
                 let mean_dn = sum_dn / c as f32;
                 let mean_dn_n = sum_dn_n / c as f32;
                 let dxr = &mut dx[r * c..(r + 1) * c];
+                let (pw, pb) = (&mut pw[..c], &mut pb[..c]);
                 for i in 0..c {
                     let norm = (xr[i] - m) * s;
                     dxr[i] += (dyr[i] * weight[i] - mean_dn - norm * mean_dn_n) * s;
+                    pw[i] += dyr[i] * norm;
+                    pb[i] += dyr[i];
                 }
             }
     }

@@ -1,8 +1,8 @@
 //! RMSNorm over the last dimension (Llama, Mistral, Qwen2): out = x / sqrt(mean(x²) + eps) · w.
 //! No mean subtraction and no bias.
 
+use super::rows_per_task;
 use super::simd::multiversion;
-use super::{reduce::for_column_blocks, rows_per_task};
 use rayon::prelude::*;
 
 /// out [N,C] = inp · rstd · weight; saves rstd [N] for backward.
@@ -45,31 +45,25 @@ pub fn backward(
 ) {
     let n = inp.len() / c;
     assert!(dinp.len() == n * c && dout.len() == n * c && rstd.len() >= n);
-    let rpt = rows_per_task(n, c);
-    dinp.par_chunks_mut(rpt * c)
-        .zip(dout.par_chunks(rpt * c).zip(inp.par_chunks(rpt * c)))
-        .zip(rstd[..n].par_chunks(rpt))
-        .for_each(|((dx, (dy, x)), rs)| backward_rows(dx, dy, x, rs, weight, c));
-    for_column_blocks(dweight, |c0, c1, acc| {
-        dweight_block(acc, c0, c1, dout, inp, rstd, n, c)
+    assert_eq!(dweight.len(), c);
+    // one sweep: dx rows, and per chunk of rows the partial sums of dweight
+    super::reduce::rows_with_col_sums(dinp, c, &mut [dweight], |r0, dx, partial| {
+        let r1 = r0 + dx.len() / c;
+        backward_rows(
+            dx,
+            &dout[r0 * c..r1 * c],
+            &inp[r0 * c..r1 * c],
+            &rstd[r0..r1],
+            weight,
+            partial,
+            c,
+        )
     });
 }
 
 multiversion! {
-    fn dweight_block(acc: &mut [f32], c0: usize, c1: usize, dout: &[f32], inp: &[f32], rstd: &[f32], n: usize, c: usize) {
-        for r in 0..n {
-            let s = rstd[r];
-            let dy = &dout[r * c + c0..r * c + c1];
-            let x = &inp[r * c + c0..r * c + c1];
-            for j in 0..acc.len() {
-                acc[j] += dy[j] * x[j] * s;
-            }
-        }
-    }
-}
-
-multiversion! {
-    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], rs: &[f32], weight: &[f32], c: usize) {
+    /// dx rows, and Σ rows of dy · x · rstd (dweight) into partial [C].
+    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], rs: &[f32], weight: &[f32], partial: &mut [f32], c: usize) {
         for r in 0..rs.len() {
             let s = rs[r];
             let xr = &x[r * c..(r + 1) * c];
@@ -84,8 +78,10 @@ multiversion! {
             // mean(g · n) = rstd · Σ g·x / C
             let m = acc.iter().sum::<f32>() * s / c as f32;
             let dxr = &mut dx[r * c..(r + 1) * c];
+            let pw = &mut partial[..c];
             for i in 0..c {
                 dxr[i] += (dyr[i] * weight[i] - xr[i] * s * m) * s;
+                pw[i] += dyr[i] * xr[i] * s;
             }
         }
     }

@@ -1,6 +1,7 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), as PyTorch's `torch.optim.AdamW`:
 //! decay applies to matrices only (embeddings included), not to biases or norm weights.
 
+use crate::kernels::simd::multiversion;
 use crate::model::ParamLayout;
 use rayon::prelude::*;
 
@@ -32,54 +33,148 @@ impl AdamW {
     }
 
     pub fn step(&mut self, layout: &ParamLayout, params: &mut [f32], grads: &[f32], lr: f32) {
+        self.update(layout, params, grads, lr, 1.0);
+    }
+
+    /// Gradient clipping and the update in one: the global norm of `grads` is measured, and
+    /// when it exceeds `max_norm` (> 0) every gradient is scaled by max_norm / (norm + 1e-6)
+    /// as it is read, as `clip_grad_norm` followed by `step` would do, without the pass that
+    /// rescales the gradient in memory. Returns the norm before clipping.
+    pub fn step_clipped(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        max_norm: f32,
+    ) -> f32 {
+        let norm = grad_norm(grads);
+        self.update(layout, params, grads, lr, clip_scale(norm, max_norm));
+        norm
+    }
+
+    /// One AdamW update with the gradient `grads · g_scale`. The flat parameter vector is cut
+    /// into fixed chunks processed in parallel in one pass; each chunk applies the decay of
+    /// the tensors it overlaps.
+    fn update(
+        &mut self,
+        layout: &ParamLayout,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        g_scale: f32,
+    ) {
         self.t += 1;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         let bc1 = 1.0 - (b1 as f64).powi(self.t as i32);
         let bc2 = 1.0 - (b2 as f64).powi(self.t as i32);
         let step_size = (lr as f64 / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        for spec in &layout.tensors {
-            let decay = if spec.is_matrix() {
-                1.0 - lr * self.weight_decay
-            } else {
-                1.0
-            };
-            let r = spec.view.offset..spec.view.offset + spec.view.len;
-            params[r.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(grads[r.clone()].par_chunks(CHUNK))
-                .zip(
-                    self.m[r.clone()]
-                        .par_chunks_mut(CHUNK)
-                        .zip(self.v[r].par_chunks_mut(CHUNK)),
-                )
-                .for_each(|((p, g), (m, v))| {
-                    for i in 0..p.len() {
-                        m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                        v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                        let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
-                        p[i] = p[i] * decay - step_size * m[i] / denom;
-                    }
-                });
+        let matrix_decay = 1.0 - lr * self.weight_decay;
+        let tensors = &layout.tensors;
+        let n = params.len();
+        assert!(grads.len() == n && self.m.len() == n && self.v.len() == n);
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(
+                self.m
+                    .par_chunks_mut(CHUNK)
+                    .zip(self.v.par_chunks_mut(CHUNK)),
+            )
+            .enumerate()
+            .for_each(|(ci, ((p, g), (m, v)))| {
+                let (c0, c1) = (ci * CHUNK, ci * CHUNK + p.len());
+                // the first tensor that ends after c0 (tensors are laid out back to back)
+                let mut ti = tensors.partition_point(|t| t.view.offset + t.view.len <= c0);
+                let mut i0 = c0;
+                while i0 < c1 {
+                    let (decay, end) = match tensors.get(ti) {
+                        Some(t) => (
+                            if t.is_matrix() { matrix_decay } else { 1.0 },
+                            (t.view.offset + t.view.len).min(c1),
+                        ),
+                        None => (1.0, c1),
+                    };
+                    let r = i0 - c0..end - c0;
+                    adamw_span(
+                        &mut p[r.clone()],
+                        &g[r.clone()],
+                        &mut m[r.clone()],
+                        &mut v[r],
+                        [b1, b2, eps, decay, step_size, inv_sqrt_bc2, g_scale],
+                    );
+                    i0 = end;
+                    ti += 1;
+                }
+            });
+    }
+}
+
+multiversion! {
+    fn adamw_span(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 7]) {
+        let [b1, b2, eps, decay, step_size, inv_sqrt_bc2, g_scale] = k;
+        let n = p.len();
+        let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
+            let gi = g[i] * g_scale;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let denom = v[i].sqrt() * inv_sqrt_bc2 + eps;
+            p[i] = p[i] * decay - step_size * m[i] / denom;
         }
     }
+}
+
+/// The factor clipping applies to a gradient of norm `norm`.
+fn clip_scale(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+multiversion! {
+    /// Σ g² of one chunk in f64, in eight interleaved lanes (vectorised; the order is fixed).
+    fn sum_sq_f64(g: &[f32]) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let chunks = g.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..8 {
+                let x = c[i] as f64;
+                acc[i] += x * x;
+            }
+        }
+        let tail: f64 = rest.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        acc.iter().sum::<f64>() + tail
+    }
+}
+
+thread_local! {
+    /// Per-chunk partial sums of `grad_norm`, reused (no allocation once grown).
+    static PARTIAL: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The global L2 norm of the gradient, summed in fixed chunks and a fixed order so the
 /// result does not depend on the thread count.
 pub fn grad_norm(grads: &[f32]) -> f32 {
-    let partial: Vec<f64> = grads
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-        .collect();
-    partial.iter().sum::<f64>().sqrt() as f32
+    PARTIAL.with(|cell| {
+        let mut partial = cell.borrow_mut();
+        grads
+            .par_chunks(CHUNK)
+            .map(sum_sq_f64)
+            .collect_into_vec(&mut partial);
+        partial.iter().sum::<f64>().sqrt() as f32
+    })
 }
 
 /// Scales the gradient down so its norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     let norm = grad_norm(grads);
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
+    let s = clip_scale(norm, max_norm);
+    if s != 1.0 {
         grads.par_iter_mut().for_each(|g| *g *= s);
     }
     norm
@@ -125,6 +220,53 @@ mod tests {
                 want[i]
             );
         }
+    }
+
+    /// Tensors that straddle the parallel chunks (and a matrix-vector mix) against the
+    /// written-out update, with clipping active: the fused `step_clipped` equals clipping the
+    /// gradient in memory and then stepping, bit for bit, and matches the f64 algorithm.
+    #[test]
+    fn fused_clipping_matches_clip_then_step_across_chunks() {
+        let mut layout = ParamLayout::default();
+        layout.push("a", &[3, CHUNK / 3 + 5]);
+        layout.push("bias", &[CHUNK + 7]);
+        layout.push("c", &[17, 19]);
+        layout.push("d", &[5]);
+        let n = layout.total;
+        let init: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let (mut p1, mut p2) = (init.clone(), init.clone());
+        let mut want: Vec<f64> = init.iter().map(|&p| p as f64).collect();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        let mut o1 = AdamW::new(n, 0.9, 0.95, 1e-8, 0.1);
+        let mut o2 = AdamW::new(n, 0.9, 0.95, 1e-8, 0.1);
+        for t in 1..=3 {
+            let g: Vec<f32> = (0..n).map(|i| ((i * t) as f32 * 0.11).cos()).collect();
+            let norm = o1.step_clipped(&layout, &mut p1, &g, 0.01, 1.0);
+            let mut g2 = g.clone();
+            assert_eq!(clip_grad_norm(&mut g2, 1.0), norm);
+            assert!(norm > 1.0, "clipping must be active");
+            o2.step(&layout, &mut p2, &g2, 0.01);
+            assert_eq!(p1, p2, "step {t}");
+            let exact: f64 = g
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt();
+            assert!((norm as f64 - exact).abs() < 1e-6 * exact);
+            for spec in &layout.tensors {
+                let wd = if spec.is_matrix() { 0.1 } else { 0.0 };
+                for i in spec.view.offset..spec.view.offset + spec.view.len {
+                    let gi = g2[i] as f64;
+                    want[i] = reference_step(want[i], gi, &mut m[i], &mut v[i], t as i32, 0.01, wd);
+                }
+            }
+        }
+        let worst = p1
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "{worst}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and a checkpoint.
 
 use super::checkpoint;
-use super::optimizer::{clip_grad_norm, AdamW};
+use super::optimizer::AdamW;
 use super::plot::loss_svg;
 use super::schedule::Schedule;
 use crate::data::{eval_batch, eval_windows, sample_batch, Split};
@@ -477,9 +477,10 @@ impl<'a> Trainer<'a> {
                 );
                 step_loss += sum / count as f64 / accum as f64;
             }
-            let last_norm = clip_grad_norm(&mut self.grads, cfg.grad_clip);
             let (layout, params) = self.model.params_mut();
-            self.opt.step(layout, params, &self.grads, lr);
+            let last_norm = self
+                .opt
+                .step_clipped(layout, params, &self.grads, lr, cfg.grad_clip);
             self.state.step += 1;
             steps_this_run += 1;
             self.state.tokens += (b * t * accum) as u64;
