@@ -68,6 +68,124 @@ pub fn matmul_p(
     }
 }
 
+pub use super::packed::Tile;
+
+/// Work fused into a product, so it needs no pass of its own over memory: on the bf16 path
+/// it runs inside quill's packed kernel (starting values in the tile stores, `after` on each
+/// finished tile while it is in L1, column sums while B is packed); on the f32 path (the
+/// `gemm` crate) the same work runs as parallel passes around the call.
+#[derive(Default)]
+pub struct Fused<'a> {
+    /// C starts as bias[j] on every row (instead of its old value).
+    pub bias: Option<&'a [f32]>,
+    /// C also starts with residual [m, n] added.
+    pub residual: Option<&'a [f32]>,
+    /// Runs once on every block of C whose final value is stored.
+    pub after: Option<&'a (dyn Fn(Tile) + Sync)>,
+    /// col_sums[j] += Σ over k of op(b)[k, j] (a bias gradient when B is the output
+    /// gradient), in k order.
+    pub col_sums: Option<&'a mut [f32]>,
+}
+
+/// [`matmul_p`] with work fused into it (see [`Fused`]). A starting value (bias or residual)
+/// excludes `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fused(
+    precision: Precision,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+    fused: Fused,
+) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let init = fused.bias.is_some() || fused.residual.is_some();
+    assert!(
+        !(init && accumulate),
+        "a starting value and accumulation exclude each other"
+    );
+    if let Some(r) = fused.residual {
+        assert!(r.len() >= m * n);
+    }
+    if let Some(bias) = fused.bias {
+        assert!(bias.len() >= n);
+    }
+    if let Some(s) = &fused.col_sums {
+        assert!(s.len() >= n);
+    }
+    match precision {
+        Precision::Bf16 => {
+            let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+            let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+            let fusion = super::packed::Fusion {
+                bias: fused.bias,
+                residual: fused.residual.map(|r| (r.as_ptr(), n)),
+                after: fused.after,
+                col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
+            };
+            // Safety: the asserts above bound every index the strides reach.
+            unsafe {
+                super::packed::matmul_fused(
+                    m,
+                    k,
+                    n,
+                    c.as_mut_ptr(),
+                    n,
+                    a.as_ptr(),
+                    a_rs,
+                    a_cs,
+                    b.as_ptr(),
+                    b_rs,
+                    b_cs,
+                    accumulate,
+                    true,
+                    fusion,
+                )
+            }
+        }
+        Precision::F32 => {
+            use rayon::prelude::*;
+            let c = &mut c[..m * n];
+            if init {
+                super::init_rows(c, fused.bias, fused.residual.map(|r| &r[..m * n]), n);
+            }
+            if let Some(sums) = fused.col_sums {
+                if trans_b {
+                    for (j, s) in sums[..n].iter_mut().enumerate() {
+                        *s += b[j * k..(j + 1) * k].iter().fold(0.0, |acc, &x| acc + x);
+                    }
+                } else {
+                    super::reduce::col_sum_acc(&mut sums[..n], b, k);
+                }
+            }
+            matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate || init);
+            if let Some(after) = fused.after {
+                let rpt = super::rows_per_task(m, n);
+                let base = super::SendPtr(c.as_mut_ptr());
+                (0..m.div_ceil(rpt.max(1))).into_par_iter().for_each(|t| {
+                    let i = t * rpt;
+                    let rows = rpt.min(m - i);
+                    // Safety: the row blocks are disjoint parts of C.
+                    let c = unsafe { base.get().add(i * n) };
+                    after(Tile {
+                        c,
+                        c_rs: n,
+                        i,
+                        j: 0,
+                        rows,
+                        cols: n,
+                    });
+                });
+            }
+        }
+    }
+}
+
 /// c[m,n] (+)= op(a)[m,k] · op(b)[k,n].
 /// `a` is stored [m,k], or [k,m] when `trans_a`; `b` is stored [k,n], or [n,k] when `trans_b`.
 /// With `accumulate` the product is added to `c`, otherwise it overwrites `c`.
@@ -219,6 +337,130 @@ mod tests {
     use crate::kernels::reference;
     use crate::kernels::testutil::*;
     use crate::rng::Rng;
+
+    /// Every fused step against its plain definition, in both precisions and (bf16) on the
+    /// SIMD path in parallel and serially and on the plain path: starting values (bias,
+    /// residual), the per-tile step (once per element, on final values) and the column sums
+    /// of B, on awkward sizes, every transpose, several depth blocks, both split sides.
+    #[test]
+    fn fused_work_matches_its_definition() {
+        use super::super::bf16::{bf16_to_f32, round_bf16};
+        use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+        let mut rng = Rng::new(77);
+        let q = |v: &[f32]| -> Vec<f64> {
+            v.iter()
+                .map(|&x| bf16_to_f32(round_bf16(x)) as f64)
+                .collect()
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 31, 33),
+            (130, 515, 70),
+            (40, 800, 200),
+            (5, 0, 3),
+        ] {
+            for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
+                let a = randn(&mut rng, m * k, 1.0);
+                let b = randn(&mut rng, k * n, 1.0);
+                let bias = randn(&mut rng, n, 1.0);
+                let res = randn(&mut rng, m * n, 1.0);
+                let sums0 = randn(&mut rng, n, 1.0);
+                for way in 0..4 {
+                    let (prec, name) = match way {
+                        0 => (Precision::F32, "f32"),
+                        1 => (Precision::Bf16, "bf16 parallel"),
+                        2 => (Precision::Bf16, "bf16 serial"),
+                        _ => (Precision::Bf16, "bf16 plain"),
+                    };
+                    let (qa, qb) = if prec == Precision::F32 {
+                        (to_f64(&a), to_f64(&b))
+                    } else {
+                        (q(&a), q(&b))
+                    };
+                    let mut want = vec![0.0; m * n];
+                    reference::matmul(&mut want, &qa, &qb, m, k, n, ta, tb);
+                    for i in 0..m {
+                        for j in 0..n {
+                            want[i * n + j] += bias[j] as f64 + res[i * n + j] as f64;
+                        }
+                    }
+                    let mut want_sums = to_f64(&sums0);
+                    for (j, s) in want_sums.iter_mut().enumerate() {
+                        for p in 0..k {
+                            *s += b[if tb { j * k + p } else { p * n + j }] as f64;
+                        }
+                    }
+                    let out: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
+                    let calls: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
+                    let after = |t: Tile| {
+                        for r in 0..t.rows {
+                            // Safety: inside the call that owns the tile.
+                            let row = unsafe { t.row(r) };
+                            for (jj, &v) in row.iter().enumerate() {
+                                let e = (t.i + r) * n + t.j + jj;
+                                out[e].store((2.0 * v + 1.0).to_bits(), Relaxed);
+                                calls[e].fetch_add(1, Relaxed);
+                            }
+                        }
+                    };
+                    let mut c = vec![f32::NAN; m * n];
+                    let mut sums = sums0.clone();
+                    if way < 2 {
+                        let fused = Fused {
+                            bias: Some(&bias),
+                            residual: Some(&res),
+                            after: Some(&after),
+                            col_sums: Some(&mut sums),
+                        };
+                        matmul_fused(prec, &mut c, &a, &b, m, k, n, ta, tb, false, fused);
+                    } else {
+                        let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+                        let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+                        let fusion = super::super::packed::Fusion {
+                            bias: Some(&bias),
+                            residual: Some((res.as_ptr(), n)),
+                            after: Some(&after),
+                            col_sums: Some(sums.as_mut_ptr()),
+                        };
+                        if way == 2 {
+                            // Safety: the shapes match the buffers.
+                            unsafe {
+                                super::super::packed::matmul_fused(
+                                    m,
+                                    k,
+                                    n,
+                                    c.as_mut_ptr(),
+                                    n,
+                                    a.as_ptr(),
+                                    a_rs,
+                                    a_cs,
+                                    b.as_ptr(),
+                                    b_rs,
+                                    b_cs,
+                                    false,
+                                    false,
+                                    fusion,
+                                )
+                            }
+                        } else {
+                            super::super::packed::tests::plain_fused(
+                                &mut c, &a, &b, m, k, n, ta, tb, false, fusion,
+                            );
+                        }
+                    }
+                    let tol = if prec == Precision::F32 { 1e-5 } else { 2e-5 };
+                    let what = format!("{name} {m}x{k}x{n} ta={ta} tb={tb}");
+                    assert!(max_rel_err(&c, &want, 1.0) < tol, "{what}: product");
+                    assert!(max_rel_err(&sums, &want_sums, 1.0) < 1e-5, "{what}: sums");
+                    for e in 0..m * n {
+                        assert_eq!(calls[e].load(Relaxed), 1, "{what}: calls at {e}");
+                        let v = f32::from_bits(out[e].load(Relaxed));
+                        assert_eq!(v, 2.0 * c[e] + 1.0, "{what}: tile step at {e}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn agrees_with_reference_on_awkward_sizes() {

@@ -43,6 +43,51 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// Problems smaller than this many multiply-adds run on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
+/// Work fused into a product (bf16 path), so it costs no pass of its own over memory.
+#[derive(Clone, Copy, Default)]
+pub struct Fusion<'a> {
+    /// Added to the product as C's starting value (instead of C's old value; not with
+    /// `accumulate`): bias[j] on every row.
+    pub bias: Option<&'a [f32]>,
+    /// Also added as C's starting value: residual[i, j] at residual + i*rs + j.
+    pub residual: Option<(*const f32, usize)>,
+    /// Runs on each tile of C once its final value is stored, while the tile is still in L1
+    /// (an activation, say).
+    pub after: Option<&'a (dyn Fn(Tile) + Sync)>,
+    /// Σ over k of op(b)[k, j] is added into col_sums[j] (f32 values, in k order) while B is
+    /// packed: a bias gradient, when B is the output gradient.
+    pub col_sums: Option<*mut f32>,
+}
+
+/// A block of C whose final value is stored: rows i..i+rows, columns j..j+cols, its first
+/// element at `c` (row stride c_rs).
+#[derive(Clone, Copy)]
+pub struct Tile {
+    pub c: *mut f32,
+    pub c_rs: usize,
+    pub i: usize,
+    pub j: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Tile {
+    /// Row r (< rows) of the tile.
+    ///
+    /// # Safety
+    /// Only inside the `after` call that received the tile (which owns it meanwhile).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn row(&self, r: usize) -> &mut [f32] {
+        debug_assert!(r < self.rows);
+        std::slice::from_raw_parts_mut(self.c.add(r * self.c_rs), self.cols)
+    }
+}
+
+// Safety: the raw pointers in a Fusion are read (residual) or written in disjoint parts
+// (col_sums, by the thread packing those columns) during the one product they belong to.
+unsafe impl Send for Fusion<'_> {}
+unsafe impl Sync for Fusion<'_> {}
+
 /// The strided form: c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs,
 /// op(b)[p,j] at b + p*b_rs + j*b_cs. With `parallel`, the output is split between the
 /// threads of the current rayon pool when the product is large enough.
@@ -66,7 +111,55 @@ pub unsafe fn matmul_strided(
     accumulate: bool,
     parallel: bool,
 ) {
+    matmul_fused(
+        m,
+        k,
+        n,
+        c,
+        c_rs,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        b_rs,
+        b_cs,
+        accumulate,
+        parallel,
+        Fusion::default(),
+    )
+}
+
+/// [`matmul_strided`] with work fused into it (see [`Fusion`]).
+///
+/// # Safety
+/// As [`matmul_strided`]; besides, the residual has m rows of n readable elements, col_sums
+/// n writable ones, and bias n elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_fused(
+    m: usize,
+    k: usize,
+    n: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    accumulate: bool,
+    parallel: bool,
+    fusion: Fusion,
+) {
+    assert!(
+        !(accumulate && (fusion.bias.is_some() || fusion.residual.is_some())),
+        "a starting value and accumulation exclude each other"
+    );
+    if let Some(bias) = fusion.bias {
+        assert!(bias.len() >= n);
+    }
     let p = Problem {
+        fusion,
         native: has_bf16(),
         m,
         k,
@@ -86,7 +179,8 @@ pub unsafe fn matmul_strided(
     p.run(if parallel { threads } else { 1 });
 }
 
-struct Problem {
+struct Problem<'a> {
+    fusion: Fusion<'a>,
     native: bool,
     m: usize,
     k: usize,
@@ -123,7 +217,7 @@ thread_local! {
     static PACK: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-impl Problem {
+impl Problem<'_> {
     /// The whole product, on this thread alone (`threads` = 1) or split between `threads`
     /// threads. The larger side of C is split (whole register tiles per part); the other
     /// operand, which every part needs, is packed once per depth block (by all threads
@@ -137,9 +231,32 @@ impl Problem {
         if self.k == 0 {
             if !self.accumulate {
                 for i in 0..m {
-                    // Safety: row i of C has n elements.
-                    unsafe { std::ptr::write_bytes(self.c.get().add(i * self.c_rs), 0, n) };
+                    // Safety: row i of C has n elements; so have the bias and the residual.
+                    unsafe {
+                        let row =
+                            std::slice::from_raw_parts_mut(self.c.get().add(i * self.c_rs), n);
+                        row.fill(0.0);
+                        if let Some(bias) = self.fusion.bias {
+                            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+                        }
+                        if let Some((r, rs)) = self.fusion.residual {
+                            let r = std::slice::from_raw_parts(r.add(i * rs), n);
+                            row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
+                        }
+                    }
                 }
+            }
+            if let Some(after) = self.fusion.after {
+                let c = self.c.get();
+                let c_rs = self.c_rs;
+                after(Tile {
+                    c,
+                    c_rs,
+                    i: 0,
+                    j: 0,
+                    rows: m,
+                    cols: n,
+                });
             }
             return;
         }
@@ -185,15 +302,21 @@ impl Problem {
                         (q1 - q0) * kp * w,
                     );
                     let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
-                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.native);
+                    let sums = match self.fusion.col_sums {
+                        Some(p) if split_m => p.add(q0 * w),
+                        _ => std::ptr::null_mut(),
+                    };
+                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.native, sums);
                 }
             };
             // phase 2: each part of C against the shared panels
             let add = self.accumulate || pc > 0;
+            let last = pc + kc == self.k;
             let compute = |t: usize| {
                 let lo = (tiles * t / parts * unit).min(len);
                 let hi = (tiles * (t + 1) / parts * unit).min(len);
-                self.run_part(lo, hi, pc, kc, kp, add, split_m, shared.ptr() as *const u32);
+                let shared = shared.ptr() as *const u32;
+                self.run_part(lo, hi, pc, kc, kp, add, last, split_m, shared);
             };
             if parts == 1 {
                 pack_shared(0);
@@ -216,14 +339,56 @@ impl Problem {
         kc: usize,
         kp: usize,
         add: bool,
+        last: bool,
         split_m: bool,
         shared: *const u32,
     ) {
         if lo >= hi {
             return;
         }
+        let f = &self.fusion;
+        // the tile at (i, j) of C: how it is stored, then the fused step on it
+        let tile = |i: usize, j: usize, rows: usize, cols: usize, apan, bpan| {
+            // Safety: (i, j) is a tile of C inside this part; the starting values have the
+            // shape of C.
+            unsafe {
+                let store = if add {
+                    Store::Add
+                } else {
+                    Store::Init(
+                        f.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
+                        f.residual
+                            .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
+                    )
+                };
+                let cp = self.c.get().add(i * self.c_rs + j);
+                kernel(
+                    kp,
+                    apan,
+                    bpan,
+                    cp,
+                    self.c_rs,
+                    rows,
+                    cols,
+                    store,
+                    self.native,
+                );
+                if last {
+                    if let Some(after) = f.after {
+                        let c_rs = self.c_rs;
+                        after(Tile {
+                            c: cp,
+                            c_rs,
+                            i,
+                            j,
+                            rows,
+                            cols,
+                        });
+                    }
+                }
+            }
+        };
         let (a, b) = (self.a as *const f32, self.b as *const f32);
-        let c = self.c.get();
         PACK.with(|bufs| {
             let mut bufs = bufs.borrow_mut();
             let (ap, bp) = &mut *bufs;
@@ -249,15 +414,15 @@ impl Problem {
                             kc,
                             MR,
                             self.native,
+                            std::ptr::null_mut(),
                         );
                         for jr in (0..self.n).step_by(NR) {
                             let cols = (self.n - jr).min(NR);
                             let bpan = shared.add(jr / NR * kp * NR);
                             for ir in (0..xc).step_by(MR) {
                                 let apan = ap.as_ptr().add(ir / MR * kp * MR);
-                                let cp = c.add((x0 + ir) * self.c_rs + jr);
                                 let rows = (xc - ir).min(MR);
-                                kernel(kp, apan, bpan, cp, self.c_rs, rows, cols, add, self.native);
+                                tile(x0 + ir, jr, rows, cols, apan, bpan);
                             }
                         }
                     } else {
@@ -270,6 +435,7 @@ impl Problem {
                             kc,
                             NR,
                             self.native,
+                            f.col_sums.map_or(std::ptr::null_mut(), |p| p.add(x0)),
                         );
                         for ic in (0..self.m).step_by(MC) {
                             let mc = (self.m - ic).min(MC);
@@ -278,19 +444,8 @@ impl Problem {
                                 let bpan = bp.as_ptr().add(jr / NR * kp * NR);
                                 for ir in (0..mc).step_by(MR) {
                                     let apan = shared.add((ic + ir) / MR * kp * MR);
-                                    let cp = c.add((ic + ir) * self.c_rs + x0 + jr);
                                     let rows = (mc - ir).min(MR);
-                                    kernel(
-                                        kp,
-                                        apan,
-                                        bpan,
-                                        cp,
-                                        self.c_rs,
-                                        rows,
-                                        cols,
-                                        add,
-                                        self.native,
-                                    );
+                                    tile(ic + ir, x0 + jr, rows, cols, apan, bpan);
                                 }
                             }
                         }
@@ -303,10 +458,12 @@ impl Problem {
 
 /// Packs `lines` lines x `kc` depth of a strided operand into panels of `w` lines: element
 /// (line l, depth k) is at src + l*l_s + k*k_s. Panel q holds lines q*w.. as [step][w] u32;
-/// lines past the end (and, for bf16, the odd depth's missing partner) are zero.
+/// lines past the end (and, for bf16, the odd depth's missing partner) are zero. Unless
+/// `sums` is null, each line's kc values (f32, in depth order) are added into sums[line].
 ///
 /// # Safety
-/// Every (l, k) with l < lines, k < kc is readable.
+/// Every (l, k) with l < lines, k < kc is readable; sums (when not null) has `lines`
+/// writable elements.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack(
     dst: &mut [u32],
@@ -317,10 +474,21 @@ unsafe fn pack(
     kc: usize,
     w: usize,
     native: bool,
+    sums: *mut f32,
 ) {
     let kp = kc.div_ceil(2);
     let panels = lines.div_ceil(w);
     let dst = &mut dst[..panels * kp * w];
+    if !sums.is_null() && !(native && l_s == 1 && k_s != 1) {
+        // the plain path, and lines along the depth: a plain pass over the block (cached)
+        for l in 0..lines {
+            let mut acc = *sums.add(l);
+            for k in 0..kc {
+                acc += *src.add(l * l_s + k * k_s);
+            }
+            *sums.add(l) = acc;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if native && (k_s == 1 || l_s == 1) {
         for (q, panel) in dst.chunks_exact_mut(kp * w).enumerate() {
@@ -329,7 +497,12 @@ unsafe fn pack(
             if k_s == 1 {
                 pack_k_contiguous(panel, s, l_s, n_lines, kc, w);
             } else {
-                pack_lines_contiguous(panel, s, k_s, n_lines, kc, w);
+                let sums = if sums.is_null() {
+                    sums
+                } else {
+                    sums.add(q * w)
+                };
+                pack_lines_contiguous(panel, s, k_s, n_lines, kc, w, sums);
             }
         }
         return;
@@ -441,7 +614,8 @@ unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64
 }
 
 /// Panel packing when lines are contiguous at fixed depth (A stored [k, m], B row-major): two
-/// depths' rows of 16 lines round and interleave into 16 consecutive pairs.
+/// depths' rows of 16 lines round and interleave into 16 consecutive pairs. Unless `sums` is
+/// null, each line's values are added into sums[line], in depth order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_lines_contiguous(
@@ -451,6 +625,7 @@ unsafe fn pack_lines_contiguous(
     n_lines: usize,
     kc: usize,
     w: usize,
+    sums: *mut f32,
 ) {
     use std::arch::x86_64::*;
     let kp = kc.div_ceil(2);
@@ -477,6 +652,12 @@ unsafe fn pack_lines_contiguous(
             } else {
                 _mm512_setzero_ps()
             };
+            if !sums.is_null() && left > 0 {
+                let acc = _mm512_maskz_loadu_ps(m, sums.add(l));
+                let acc = _mm512_add_ps(acc, x0);
+                let acc = if has_hi { _mm512_add_ps(acc, x1) } else { acc };
+                _mm512_mask_storeu_ps(sums.add(l), m, acc);
+            }
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
             let v = _mm512_permutexvar_epi16(idx, v);
             let store: __mmask16 = if w - l >= 16 {
@@ -488,6 +669,15 @@ unsafe fn pack_lines_contiguous(
             l += 16;
         }
     }
+}
+
+/// How a tile's accumulators reach C.
+#[derive(Clone, Copy)]
+enum Store {
+    /// C += tile.
+    Add,
+    /// C = tile + bias[j] (unless null) + residual[i, j] (unless null; its row stride).
+    Init(*const f32, (*const f32, usize)),
 }
 
 /// One MR x NR tile of C (+)= packed A panel · packed B panel over `kp` steps; only `rows` x
@@ -505,12 +695,12 @@ unsafe fn kernel(
     c_rs: usize,
     rows: usize,
     cols: usize,
-    add: bool,
+    store: Store,
     native: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if native {
-        return kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, add);
+        return kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, store);
     }
     let _ = native;
     let mut acc = [[0.0f32; NR]; MR];
@@ -526,27 +716,59 @@ unsafe fn kernel(
     }
     for (r, acc_r) in acc.iter().enumerate().take(rows) {
         let row = std::slice::from_raw_parts_mut(c.add(r * c_rs), cols);
-        for (o, &v) in row.iter_mut().zip(acc_r) {
-            *o = if add { *o + v } else { v };
+        for (j, (o, &v)) in row.iter_mut().zip(acc_r).enumerate() {
+            *o = match store {
+                Store::Add => *o + v,
+                Store::Init(bias, (res, res_rs)) => {
+                    let mut x = v;
+                    if !bias.is_null() {
+                        x += *bias.add(j);
+                    }
+                    if !res.is_null() {
+                        x += *res.add(r * res_rs + j);
+                    }
+                    x
+                }
+            };
         }
     }
 }
 
-/// Writes (or adds) the first `rows` x `cols` of an accumulator tile into C. A macro, so
-/// the accumulators stay in registers (a call would spill them).
+/// Writes the first `rows` x `cols` of an accumulator tile into C as `store` says. A macro,
+/// so the accumulators stay in registers (a call would spill them).
 macro_rules! store_tile {
-    ($acc:expr, $c:expr, $c_rs:expr, $rows:expr, $cols:expr, $add:expr) => {{
+    ($acc:expr, $c:expr, $c_rs:expr, $rows:expr, $cols:expr, $store:expr) => {{
         let m0 = mask16($cols);
         let m1 = mask16($cols.saturating_sub(16));
+        let (add, bias, res, res_rs) = match $store {
+            Store::Add => (true, std::ptr::null(), std::ptr::null(), 0),
+            Store::Init(bias, (res, res_rs)) => (false, bias, res, res_rs),
+        };
+        let (b0, b1) = if bias.is_null() {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        } else {
+            (
+                _mm512_maskz_loadu_ps(m0, bias),
+                _mm512_maskz_loadu_ps(m1, bias.add(16)),
+            )
+        };
         for (r, acc_r) in $acc.iter().enumerate() {
             if r >= $rows {
                 break;
             }
             let row = $c.add(r * $c_rs);
             let (mut v0, mut v1) = (acc_r[0], acc_r[1]);
-            if $add {
+            if add {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
                 v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            } else {
+                v0 = _mm512_add_ps(v0, b0);
+                v1 = _mm512_add_ps(v1, b1);
+                if !res.is_null() {
+                    let rr: *const f32 = res.add(r * res_rs);
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.add(16)));
+                }
             }
             _mm512_mask_storeu_ps(row, m0, v0);
             _mm512_mask_storeu_ps(row.add(16), m1, v1);
@@ -565,7 +787,7 @@ unsafe fn kernel_avx512bf16(
     c_rs: usize,
     rows: usize,
     cols: usize,
-    add: bool,
+    store: Store,
 ) {
     use std::arch::x86_64::*;
     let z = _mm512_setzero_ps();
@@ -580,7 +802,7 @@ unsafe fn kernel_avx512bf16(
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }
     }
-    store_tile!(acc, c, c_rs, rows, cols, add);
+    store_tile!(acc, c, c_rs, rows, cols, store);
 }
 
 #[cfg(test)]
@@ -600,9 +822,38 @@ pub(crate) mod tests {
         trans_b: bool,
         accumulate: bool,
     ) {
+        plain_fused(
+            c,
+            a,
+            b,
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+            accumulate,
+            Fusion::default(),
+        );
+    }
+
+    /// As [`plain`], with fused work.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plain_fused(
+        c: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+        fusion: Fusion,
+    ) {
         let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
         let p = Problem {
+            fusion,
             native: false,
             m,
             k,

@@ -13,9 +13,8 @@ use super::params::{ParamLayout, View};
 use crate::kernels::attention::Heads;
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::{
-    add_inplace, attention, crossentropy, embedding, gelu, init_rows, layernorm,
-    matmul::{matmul_p, Precision},
-    reduce,
+    add_inplace, attention, crossentropy, embedding, gelu, layernorm,
+    matmul::{matmul_fused, matmul_p, Fused, Precision, Tile},
 };
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -238,6 +237,7 @@ impl Gpt2 {
                 w.c_attn_w.of(p),
                 w.c_attn_b.of(p),
                 None,
+                None,
                 n,
                 c,
                 3 * c,
@@ -263,6 +263,7 @@ impl Gpt2 {
                 w.attn_proj_w.of(p),
                 w.attn_proj_b.of(p),
                 Some(inp),
+                None,
                 n,
                 c,
                 c,
@@ -274,19 +275,24 @@ impl Gpt2 {
             );
             layernorm::forward(ln2, m2, r2, res2, w.ln_2_w.of(p), w.ln_2_b.of(p), c, eps);
             let fch = &mut a.fch[l * n * f..(l + 1) * n * f];
-            linear(
-                self.precision,
-                fch,
-                ln2,
-                w.c_fc_w.of(p),
-                w.c_fc_b.of(p),
-                None,
-                n,
-                c,
-                f,
-            );
             let fch_gelu = &mut a.fch_gelu[l * n * f..(l + 1) * n * f];
-            gelu::forward(fch_gelu, fch);
+            {
+                // the activation runs on each finished tile of the product (fused)
+                let act = gelu::forward_tiles(fch_gelu, f);
+                linear(
+                    self.precision,
+                    fch,
+                    ln2,
+                    w.c_fc_w.of(p),
+                    w.c_fc_b.of(p),
+                    None,
+                    Some(&act),
+                    n,
+                    c,
+                    f,
+                );
+            }
+            let fch_gelu = &a.fch_gelu[l * n * f..(l + 1) * n * f];
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
             linear(
                 self.precision,
@@ -295,6 +301,7 @@ impl Gpt2 {
                 w.mlp_proj_w.of(p),
                 w.mlp_proj_b.of(p),
                 Some(res2),
+                None,
                 n,
                 f,
                 c,
@@ -419,7 +426,9 @@ impl Gpt2 {
             let fch_gelu = &a.fch_gelu[l * n * f..(l + 1) * n * f];
 
             // MLP: res3 = res2 + gelu(ln2 · Wfc + bfc) · Wproj + bproj
+            // d_fch leaves the product already multiplied by gelu'(fch) (fused)
             let d_fch = &mut a.d_fch[..n * f];
+            let act_grad = gelu::backward_tiles(fch, f);
             linear_backward(
                 self.precision,
                 d_fch,
@@ -428,12 +437,12 @@ impl Gpt2 {
                 w.mlp_proj_b,
                 &a.d_res,
                 fch_gelu,
+                Some(&act_grad),
                 p,
                 n,
                 f,
                 c,
             );
-            gelu::backward_inplace(d_fch, fch);
             linear_backward(
                 self.precision,
                 &mut a.d_ln,
@@ -442,6 +451,7 @@ impl Gpt2 {
                 w.c_fc_b,
                 d_fch,
                 ln2,
+                None,
                 p,
                 n,
                 c,
@@ -473,6 +483,7 @@ impl Gpt2 {
                 w.attn_proj_b,
                 &a.d_res,
                 atty,
+                None,
                 p,
                 n,
                 c,
@@ -500,6 +511,7 @@ impl Gpt2 {
                 w.c_attn_b,
                 &a.d_qkv,
                 ln1,
+                None,
                 p,
                 n,
                 c,
@@ -829,7 +841,8 @@ impl Gpt2 {
     }
 }
 
-/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b (+ residual [N, OUT], fused into the bias pass).
+/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b (+ residual [N, OUT]), then `after` on each
+/// finished block of y: the bias, the residual and the step after are fused into the product.
 #[allow(clippy::too_many_arguments)]
 fn linear(
     prec: Precision,
@@ -838,13 +851,30 @@ fn linear(
     w: &[f32],
     b: &[f32],
     residual: Option<&[f32]>,
+    after: Option<&(dyn Fn(Tile) + Sync)>,
     n: usize,
     inp: usize,
     out: usize,
 ) {
-    let y = &mut y[..n * out];
-    init_rows(y, Some(b), residual, out);
-    matmul_p(prec, y, x, w, n, inp, out, false, false, true);
+    let fused = Fused {
+        bias: Some(b),
+        residual,
+        after,
+        col_sums: None,
+    };
+    matmul_fused(
+        prec,
+        &mut y[..n * out],
+        x,
+        w,
+        n,
+        inp,
+        out,
+        false,
+        false,
+        false,
+        fused,
+    );
 }
 
 /// As [`linear`] for `forward_cached`: W is [out, in] when `t` (the inference layout), and one
@@ -874,11 +904,12 @@ fn linear_cached(
             *v += bv;
         }
     } else {
-        linear(Precision::F32, y, x, w, b, None, n, inp, out);
+        linear(Precision::F32, y, x, w, b, None, None, n, inp, out);
     }
 }
 
-/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten), dW += xᵀ · dy, db += Σ rows dy.
+/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten, then `after` on each finished
+/// block), dW += xᵀ · dy, db += Σ rows dy (summed while dy is packed for dW's product).
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     prec: Precision,
@@ -888,14 +919,35 @@ fn linear_backward(
     b: View,
     dy: &[f32],
     x: &[f32],
+    after: Option<&(dyn Fn(Tile) + Sync)>,
     params: &[f32],
     n: usize,
     inp: usize,
     out: usize,
 ) {
-    matmul_p(prec, dx, dy, w.of(params), n, out, inp, false, true, false);
-    matmul_p(prec, w.of_mut(grads), x, dy, inp, n, out, true, false, true);
-    reduce::col_sum_acc(b.of_mut(grads), dy, n);
+    let fused = Fused {
+        after,
+        ..Fused::default()
+    };
+    matmul_fused(
+        prec,
+        dx,
+        dy,
+        w.of(params),
+        n,
+        out,
+        inp,
+        false,
+        true,
+        false,
+        fused,
+    );
+    let (gw, gb) = View::pair_mut(w, b, grads);
+    let fused = Fused {
+        col_sums: Some(gb),
+        ..Fused::default()
+    };
+    matmul_fused(prec, gw, x, dy, inp, n, out, true, false, true, fused);
 }
 
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.

@@ -16,8 +16,8 @@ use crate::kernels::attention::{self, Heads};
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::rope::{self, Rope};
 use crate::kernels::{
-    add_inplace, crossentropy, init_rows,
-    matmul::{matmul_p, Precision},
+    add_inplace, crossentropy,
+    matmul::{matmul_fused, matmul_p, Fused, Precision},
     reduce, rmsnorm, swiglu,
 };
 use crate::rng::Rng;
@@ -836,7 +836,7 @@ fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
 }
 
 /// y [N, OUT] = x [N, IN] · Wᵀ (+ b) (+ residual [N, OUT]), W stored [OUT, IN]; the bias and
-/// the residual connection are one pass before the product accumulates.
+/// the residual connection are fused into the product (its starting value).
 #[allow(clippy::too_many_arguments)]
 fn linear_t(
     prec: Precision,
@@ -849,13 +849,24 @@ fn linear_t(
     inp: usize,
     out: usize,
 ) {
-    let y = &mut y[..n * out];
-    if b.is_none() && residual.is_none() {
-        matmul_p(prec, y, x, w, n, inp, out, false, true, false);
-    } else {
-        init_rows(y, b, residual, out);
-        matmul_p(prec, y, x, w, n, inp, out, false, true, true);
-    }
+    let fused = Fused {
+        bias: b,
+        residual,
+        ..Fused::default()
+    };
+    matmul_fused(
+        prec,
+        &mut y[..n * out],
+        x,
+        w,
+        n,
+        inp,
+        out,
+        false,
+        true,
+        false,
+        fused,
+    );
 }
 
 /// Gradients of y = x · Wᵀ + b (W [OUT, IN]): dx = dy · W (overwritten), dW += dyᵀ · x,
