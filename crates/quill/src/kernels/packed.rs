@@ -479,7 +479,8 @@ unsafe fn pack(
     let kp = kc.div_ceil(2);
     let panels = lines.div_ceil(w);
     let dst = &mut dst[..panels * kp * w];
-    if !sums.is_null() && !(native && l_s == 1 && k_s != 1) {
+    let native_sums = native && l_s == 1 && k_s != 1;
+    if !sums.is_null() && !native_sums {
         // the plain path, and lines along the depth: a plain pass over the block (cached)
         for l in 0..lines {
             let mut acc = *sums.add(l);
