@@ -1,9 +1,7 @@
 //! GELU, tanh approximation (GPT-2's "gelu_new"):
 //! gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-use super::matmul::Tile;
 use super::simd::multiversion;
-use super::SendPtr;
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -36,56 +34,6 @@ multiversion! {
             *d *= gelu_grad(x);
         }
     }
-}
-
-multiversion! {
-    /// For a fused product whose output C is the pre-activation h [.., ld]: writes gelu(h)
-    /// of one finished tile into out (same layout).
-    fn forward_tile_rows(t: Tile, out: SendPtr, ld: usize) {
-        for r in 0..t.rows {
-            // Safety: called with the tile by the product that owns it; `out` has C's shape.
-            let (h, o) = unsafe {
-                let o = std::slice::from_raw_parts_mut(out.get().add((t.i + r) * ld + t.j), t.cols);
-                (t.row(r), o)
-            };
-            for (o, &x) in o.iter_mut().zip(h.iter()) {
-                *o = gelu(x);
-            }
-        }
-    }
-}
-
-multiversion! {
-    /// For a fused product whose output C is d loss/d gelu(h): multiplies a finished tile by
-    /// gelu'(h) in place (h [.., ld]), making it d loss/d h.
-    fn backward_tile_rows(t: Tile, h: &[f32], ld: usize) {
-        for r in 0..t.rows {
-            let x = &h[(t.i + r) * ld + t.j..][..t.cols];
-            // Safety: called with the tile by the product that owns it.
-            let d = unsafe { t.row(r) };
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d *= gelu_grad(x);
-            }
-        }
-    }
-}
-
-/// The step to fuse into the product that computes h [.., ld]: out (same shape) = gelu(h).
-pub fn forward_tiles<'a>(out: &'a mut [f32], ld: usize) -> impl Fn(Tile) + Sync + 'a {
-    let (len, ptr) = (out.len(), SendPtr(out.as_mut_ptr()));
-    // the closure holds the borrow of `out` (only through `ptr`) for as long as it lives
-    let borrow = std::marker::PhantomData::<&'a mut [f32]>;
-    move |t: Tile| {
-        let _ = &borrow;
-        assert!(t.rows == 0 || (t.i + t.rows - 1) * ld + t.j + t.cols <= len);
-        forward_tile_rows(t, ptr, ld)
-    }
-}
-
-/// The step to fuse into the product that computes d loss/d gelu(h) [.., ld]: multiplies it
-/// by gelu'(h), as [`backward_inplace`].
-pub fn backward_tiles(h: &[f32], ld: usize) -> impl Fn(Tile) + Sync + '_ {
-    move |t: Tile| backward_tile_rows(t, h, ld)
 }
 
 /// out[i] = gelu(inp[i]).

@@ -68,20 +68,16 @@ pub fn matmul_p(
     }
 }
 
-pub use super::packed::Tile;
-
 /// Work fused into a product, so it needs no pass of its own over memory: on the bf16 path
-/// it runs inside quill's packed kernel (starting values in the tile stores, `after` on each
-/// finished tile while it is in L1, column sums while B is packed); on the f32 path (the
-/// `gemm` crate) the same work runs as parallel passes around the call.
+/// it runs inside quill's packed kernel (starting values in the tile stores, column sums
+/// while B is packed); on the f32 path (the `gemm` crate) the same work runs as parallel
+/// passes around the call.
 #[derive(Default)]
 pub struct Fused<'a> {
     /// C starts as bias[j] on every row (instead of its old value).
     pub bias: Option<&'a [f32]>,
     /// C also starts with residual [m, n] added.
     pub residual: Option<&'a [f32]>,
-    /// Runs once on every block of C whose final value is stored.
-    pub after: Option<&'a (dyn Fn(Tile) + Sync)>,
     /// col_sums[j] += Σ over k of op(b)[k, j] (a bias gradient when B is the output
     /// gradient), in k order.
     pub col_sums: Option<&'a mut [f32]>,
@@ -125,7 +121,6 @@ pub fn matmul_fused(
             let fusion = super::packed::Fusion {
                 bias: fused.bias,
                 residual: fused.residual.map(|r| (r.as_ptr(), n)),
-                after: fused.after,
                 col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
             };
             // Safety: the asserts above bound every index the strides reach.
@@ -149,7 +144,6 @@ pub fn matmul_fused(
             }
         }
         Precision::F32 => {
-            use rayon::prelude::*;
             let c = &mut c[..m * n];
             if init {
                 super::init_rows(c, fused.bias, fused.residual.map(|r| &r[..m * n]), n);
@@ -164,24 +158,6 @@ pub fn matmul_fused(
                 }
             }
             matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate || init);
-            if let Some(after) = fused.after {
-                let rpt = super::rows_per_task(m, n);
-                let base = super::SendPtr(c.as_mut_ptr());
-                (0..m.div_ceil(rpt.max(1))).into_par_iter().for_each(|t| {
-                    let i = t * rpt;
-                    let rows = rpt.min(m - i);
-                    // Safety: the row blocks are disjoint parts of C.
-                    let c = unsafe { base.get().add(i * n) };
-                    after(Tile {
-                        c,
-                        c_rs: n,
-                        i,
-                        j: 0,
-                        rows,
-                        cols: n,
-                    });
-                });
-            }
         }
     }
 }
@@ -340,12 +316,12 @@ mod tests {
 
     /// Every fused step against its plain definition, in both precisions and (bf16) on the
     /// SIMD path in parallel and serially and on the plain path: starting values (bias,
-    /// residual), the per-tile step (once per element, on final values) and the column sums
-    /// of B, on awkward sizes, every transpose, several depth blocks, both split sides.
+    /// residual) and the column sums of B, on awkward sizes, every transpose, several depth
+    /// blocks, both split sides. C starts as NaN, so a starting value that is not applied
+    /// everywhere shows.
     #[test]
     fn fused_work_matches_its_definition() {
         use super::super::bf16::{bf16_to_f32, round_bf16};
-        use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
         let mut rng = Rng::new(77);
         let q = |v: &[f32]| -> Vec<f64> {
             v.iter()
@@ -390,26 +366,12 @@ mod tests {
                             *s += b[if tb { j * k + p } else { p * n + j }] as f64;
                         }
                     }
-                    let out: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
-                    let calls: Vec<AtomicU32> = (0..m * n).map(|_| AtomicU32::new(0)).collect();
-                    let after = |t: Tile| {
-                        for r in 0..t.rows {
-                            // Safety: inside the call that owns the tile.
-                            let row = unsafe { t.row(r) };
-                            for (jj, &v) in row.iter().enumerate() {
-                                let e = (t.i + r) * n + t.j + jj;
-                                out[e].store((2.0 * v + 1.0).to_bits(), Relaxed);
-                                calls[e].fetch_add(1, Relaxed);
-                            }
-                        }
-                    };
                     let mut c = vec![f32::NAN; m * n];
                     let mut sums = sums0.clone();
                     if way < 2 {
                         let fused = Fused {
                             bias: Some(&bias),
                             residual: Some(&res),
-                            after: Some(&after),
                             col_sums: Some(&mut sums),
                         };
                         matmul_fused(prec, &mut c, &a, &b, m, k, n, ta, tb, false, fused);
@@ -419,7 +381,6 @@ mod tests {
                         let fusion = super::super::packed::Fusion {
                             bias: Some(&bias),
                             residual: Some((res.as_ptr(), n)),
-                            after: Some(&after),
                             col_sums: Some(sums.as_mut_ptr()),
                         };
                         if way == 2 {
@@ -452,11 +413,6 @@ mod tests {
                     let what = format!("{name} {m}x{k}x{n} ta={ta} tb={tb}");
                     assert!(max_rel_err(&c, &want, 1.0) < tol, "{what}: product");
                     assert!(max_rel_err(&sums, &want_sums, 1.0) < 1e-5, "{what}: sums");
-                    for e in 0..m * n {
-                        assert_eq!(calls[e].load(Relaxed), 1, "{what}: calls at {e}");
-                        let v = f32::from_bits(out[e].load(Relaxed));
-                        assert_eq!(v, 2.0 * c[e] + 1.0, "{what}: tile step at {e}");
-                    }
                 }
             }
         }

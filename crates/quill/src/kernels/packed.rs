@@ -51,36 +51,9 @@ pub struct Fusion<'a> {
     pub bias: Option<&'a [f32]>,
     /// Also added as C's starting value: residual[i, j] at residual + i*rs + j.
     pub residual: Option<(*const f32, usize)>,
-    /// Runs on each tile of C once its final value is stored, while the tile is still in L1
-    /// (an activation, say).
-    pub after: Option<&'a (dyn Fn(Tile) + Sync)>,
     /// Σ over k of op(b)[k, j] is added into col_sums[j] (f32 values, in k order) while B is
     /// packed: a bias gradient, when B is the output gradient.
     pub col_sums: Option<*mut f32>,
-}
-
-/// A block of C whose final value is stored: rows i..i+rows, columns j..j+cols, its first
-/// element at `c` (row stride c_rs).
-#[derive(Clone, Copy)]
-pub struct Tile {
-    pub c: *mut f32,
-    pub c_rs: usize,
-    pub i: usize,
-    pub j: usize,
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl Tile {
-    /// Row r (< rows) of the tile.
-    ///
-    /// # Safety
-    /// Only inside the `after` call that received the tile (which owns it meanwhile).
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn row(&self, r: usize) -> &mut [f32] {
-        debug_assert!(r < self.rows);
-        std::slice::from_raw_parts_mut(self.c.add(r * self.c_rs), self.cols)
-    }
 }
 
 // Safety: the raw pointers in a Fusion are read (residual) or written in disjoint parts
@@ -246,18 +219,6 @@ impl Problem<'_> {
                     }
                 }
             }
-            if let Some(after) = self.fusion.after {
-                let c = self.c.get();
-                let c_rs = self.c_rs;
-                after(Tile {
-                    c,
-                    c_rs,
-                    i: 0,
-                    j: 0,
-                    rows: m,
-                    cols: n,
-                });
-            }
             return;
         }
         SHARED.with(|cell| match cell.try_borrow_mut() {
@@ -281,7 +242,10 @@ impl Problem<'_> {
         let parts = threads.min(tiles).max(1);
         let panels = lines.div_ceil(w);
         if buf.len() < panels * w * STEPS {
-            buf.resize(panels * w * STEPS, 0);
+            // at least one NC block's worth from the start, so that every product a thread
+            // runs inside another's tasks (attention's, of varying sizes) fits at once: a
+            // thread's first such product then sizes it for good
+            buf.resize((panels * w).max(NC) * STEPS, 0);
         }
         let shared = SharedPanels(buf.as_mut_ptr());
         for pc in (0..self.k).step_by(2 * STEPS) {
@@ -311,12 +275,11 @@ impl Problem<'_> {
             };
             // phase 2: each part of C against the shared panels
             let add = self.accumulate || pc > 0;
-            let last = pc + kc == self.k;
             let compute = |t: usize| {
                 let lo = (tiles * t / parts * unit).min(len);
                 let hi = (tiles * (t + 1) / parts * unit).min(len);
                 let shared = shared.ptr() as *const u32;
-                self.run_part(lo, hi, pc, kc, kp, add, last, split_m, shared);
+                self.run_part(lo, hi, pc, kc, kp, add, split_m, shared);
             };
             if parts == 1 {
                 pack_shared(0);
@@ -339,7 +302,6 @@ impl Problem<'_> {
         kc: usize,
         kp: usize,
         add: bool,
-        last: bool,
         split_m: bool,
         shared: *const u32,
     ) {
@@ -347,7 +309,7 @@ impl Problem<'_> {
             return;
         }
         let f = &self.fusion;
-        // the tile at (i, j) of C: how it is stored, then the fused step on it
+        // the tile at (i, j) of C, stored as the depth block says
         let tile = |i: usize, j: usize, rows: usize, cols: usize, apan, bpan| {
             // Safety: (i, j) is a tile of C inside this part; the starting values have the
             // shape of C.
@@ -373,19 +335,6 @@ impl Problem<'_> {
                     store,
                     self.native,
                 );
-                if last {
-                    if let Some(after) = f.after {
-                        let c_rs = self.c_rs;
-                        after(Tile {
-                            c: cp,
-                            c_rs,
-                            i,
-                            j,
-                            rows,
-                            cols,
-                        });
-                    }
-                }
             }
         };
         let (a, b) = (self.a as *const f32, self.b as *const f32);
@@ -635,6 +584,9 @@ unsafe fn pack_lines_contiguous(
         31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
         19, 3, 18, 2, 17, 1, 16, 0,
     );
+    debug_assert!(w <= 32);
+    // the lines' sums over this block, in registers (16 lines each)
+    let mut acc = [_mm512_setzero_ps(); 2];
     for p in 0..kp {
         let r0 = src.add(2 * p * k_s);
         let has_hi = 2 * p + 1 < kc;
@@ -653,11 +605,10 @@ unsafe fn pack_lines_contiguous(
             } else {
                 _mm512_setzero_ps()
             };
-            if !sums.is_null() && left > 0 {
-                let acc = _mm512_maskz_loadu_ps(m, sums.add(l));
-                let acc = _mm512_add_ps(acc, x0);
-                let acc = if has_hi { _mm512_add_ps(acc, x1) } else { acc };
-                _mm512_mask_storeu_ps(sums.add(l), m, acc);
+            if !sums.is_null() {
+                // lanes past the lines, and x1 past the depth, are zero
+                let g = &mut acc[l / 16];
+                *g = _mm512_add_ps(_mm512_add_ps(*g, x0), x1);
             }
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
             let v = _mm512_permutexvar_epi16(idx, v);
@@ -668,6 +619,13 @@ unsafe fn pack_lines_contiguous(
             };
             _mm512_mask_storeu_epi32(out.add(l) as *mut _, store, v);
             l += 16;
+        }
+    }
+    if !sums.is_null() {
+        for (g, a) in acc.iter().enumerate() {
+            let m = mask16(n_lines.saturating_sub(16 * g));
+            let sp = sums.add(16 * g);
+            _mm512_mask_storeu_ps(sp, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sp), *a));
         }
     }
 }

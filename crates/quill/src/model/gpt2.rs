@@ -14,7 +14,7 @@ use crate::kernels::attention::Heads;
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::{
     add_inplace, attention, crossentropy, embedding, gelu, layernorm,
-    matmul::{matmul_fused, matmul_p, Fused, Precision, Tile},
+    matmul::{matmul_fused, matmul_p, Fused, Precision},
 };
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -237,7 +237,6 @@ impl Gpt2 {
                 w.c_attn_w.of(p),
                 w.c_attn_b.of(p),
                 None,
-                None,
                 n,
                 c,
                 3 * c,
@@ -263,7 +262,6 @@ impl Gpt2 {
                 w.attn_proj_w.of(p),
                 w.attn_proj_b.of(p),
                 Some(inp),
-                None,
                 n,
                 c,
                 c,
@@ -277,8 +275,6 @@ impl Gpt2 {
             let fch = &mut a.fch[l * n * f..(l + 1) * n * f];
             let fch_gelu = &mut a.fch_gelu[l * n * f..(l + 1) * n * f];
             {
-                // the activation runs on each finished tile of the product (fused)
-                let act = gelu::forward_tiles(fch_gelu, f);
                 linear(
                     self.precision,
                     fch,
@@ -286,11 +282,11 @@ impl Gpt2 {
                     w.c_fc_w.of(p),
                     w.c_fc_b.of(p),
                     None,
-                    Some(&act),
                     n,
                     c,
                     f,
                 );
+                gelu::forward(fch_gelu, fch);
             }
             let fch_gelu = &a.fch_gelu[l * n * f..(l + 1) * n * f];
             let res3 = &mut a.res3[l * n * c..(l + 1) * n * c];
@@ -301,7 +297,6 @@ impl Gpt2 {
                 w.mlp_proj_w.of(p),
                 w.mlp_proj_b.of(p),
                 Some(res2),
-                None,
                 n,
                 f,
                 c,
@@ -426,9 +421,7 @@ impl Gpt2 {
             let fch_gelu = &a.fch_gelu[l * n * f..(l + 1) * n * f];
 
             // MLP: res3 = res2 + gelu(ln2 · Wfc + bfc) · Wproj + bproj
-            // d_fch leaves the product already multiplied by gelu'(fch) (fused)
             let d_fch = &mut a.d_fch[..n * f];
-            let act_grad = gelu::backward_tiles(fch, f);
             linear_backward(
                 self.precision,
                 d_fch,
@@ -437,12 +430,12 @@ impl Gpt2 {
                 w.mlp_proj_b,
                 &a.d_res,
                 fch_gelu,
-                Some(&act_grad),
                 p,
                 n,
                 f,
                 c,
             );
+            gelu::backward_inplace(d_fch, fch);
             linear_backward(
                 self.precision,
                 &mut a.d_ln,
@@ -451,7 +444,6 @@ impl Gpt2 {
                 w.c_fc_b,
                 d_fch,
                 ln2,
-                None,
                 p,
                 n,
                 c,
@@ -483,7 +475,6 @@ impl Gpt2 {
                 w.attn_proj_b,
                 &a.d_res,
                 atty,
-                None,
                 p,
                 n,
                 c,
@@ -511,7 +502,6 @@ impl Gpt2 {
                 w.c_attn_b,
                 &a.d_qkv,
                 ln1,
-                None,
                 p,
                 n,
                 c,
@@ -841,8 +831,8 @@ impl Gpt2 {
     }
 }
 
-/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b (+ residual [N, OUT]), then `after` on each
-/// finished block of y: the bias, the residual and the step after are fused into the product.
+/// y [N, OUT] = x [N, IN] · W [IN, OUT] + b (+ residual [N, OUT]): the bias and the residual
+/// are the product's starting value (fused into it).
 #[allow(clippy::too_many_arguments)]
 fn linear(
     prec: Precision,
@@ -851,7 +841,6 @@ fn linear(
     w: &[f32],
     b: &[f32],
     residual: Option<&[f32]>,
-    after: Option<&(dyn Fn(Tile) + Sync)>,
     n: usize,
     inp: usize,
     out: usize,
@@ -859,7 +848,6 @@ fn linear(
     let fused = Fused {
         bias: Some(b),
         residual,
-        after,
         col_sums: None,
     };
     matmul_fused(
@@ -904,12 +892,12 @@ fn linear_cached(
             *v += bv;
         }
     } else {
-        linear(Precision::F32, y, x, w, b, None, None, n, inp, out);
+        linear(Precision::F32, y, x, w, b, None, n, inp, out);
     }
 }
 
-/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten, then `after` on each finished
-/// block), dW += xᵀ · dy, db += Σ rows dy (summed while dy is packed for dW's product).
+/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten), dW += xᵀ · dy, db += Σ rows dy
+/// (summed while dy is packed for dW's product).
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     prec: Precision,
@@ -919,29 +907,12 @@ fn linear_backward(
     b: View,
     dy: &[f32],
     x: &[f32],
-    after: Option<&(dyn Fn(Tile) + Sync)>,
     params: &[f32],
     n: usize,
     inp: usize,
     out: usize,
 ) {
-    let fused = Fused {
-        after,
-        ..Fused::default()
-    };
-    matmul_fused(
-        prec,
-        dx,
-        dy,
-        w.of(params),
-        n,
-        out,
-        inp,
-        false,
-        true,
-        false,
-        fused,
-    );
+    matmul_p(prec, dx, dy, w.of(params), n, out, inp, false, true, false);
     let (gw, gb) = View::pair_mut(w, b, grads);
     let fused = Fused {
         col_sums: Some(gb),
