@@ -13,6 +13,9 @@
 //! bf16 pair (k = 2p in the low half, k = 2p + 1 in the high half) that `vdpbf16ps`
 //! multiplies.
 //! bf16 operands are rounded (to nearest even) while they are packed.
+//! Work can ride along ([`Fusion`]): a starting value for C (bias, residual) goes into the tile
+//! stores of the first depth block, and the column sums of B (a bias gradient) are taken while
+//! B is packed, so neither costs a pass over memory.
 //!
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
 //! shared one grown to the largest block seen): once every shape has run, nothing allocates.
