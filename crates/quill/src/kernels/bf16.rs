@@ -51,33 +51,26 @@ pub fn matmul(
     trans_b: bool,
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
-    // Safety: the assert bounds every index the strides reach.
-    unsafe {
-        packed::matmul_strided(
-            m,
-            k,
-            n,
-            c.as_mut_ptr(),
-            n,
-            a.as_ptr(),
-            a_rs,
-            a_cs,
-            b.as_ptr(),
-            b_rs,
-            b_cs,
-            accumulate,
-            true,
-        )
-    }
+    use super::matmul::{matmul_fused, Fused, Precision};
+    matmul_fused(
+        Precision::Bf16,
+        c,
+        a,
+        b,
+        m,
+        k,
+        n,
+        trans_a,
+        trans_b,
+        accumulate,
+        Fused::default(),
+    )
 }
 
-/// The strided form ([`packed::matmul_strided`] with bf16 operands).
+/// The strided form ([`packed::matmul_fused`] with nothing fused).
 ///
 /// # Safety
-/// As [`packed::matmul_strided`].
+/// As [`packed::matmul_fused`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_strided(
     m: usize,
@@ -94,8 +87,21 @@ pub unsafe fn matmul_strided(
     accumulate: bool,
     parallel: bool,
 ) {
-    packed::matmul_strided(
-        m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate, parallel,
+    packed::matmul_fused(
+        m,
+        k,
+        n,
+        c,
+        c_rs,
+        a,
+        a_rs,
+        a_cs,
+        b,
+        b_rs,
+        b_cs,
+        accumulate,
+        parallel,
+        packed::Fusion::default(),
     )
 }
 

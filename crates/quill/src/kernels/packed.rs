@@ -64,52 +64,15 @@ pub struct Fusion<'a> {
 unsafe impl Send for Fusion<'_> {}
 unsafe impl Sync for Fusion<'_> {}
 
-/// The strided form: c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs,
-/// op(b)[p,j] at b + p*b_rs + j*b_cs. With `parallel`, the output is split between the
-/// threads of the current rayon pool when the product is large enough.
+/// The strided form, with work fused into it (see [`Fusion`]; `Fusion::default()` for none):
+/// c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs, op(b)[p,j] at
+/// b + p*b_rs + j*b_cs. With `parallel`, the output is split between the threads of the
+/// current rayon pool when the product is large enough.
 ///
 /// # Safety
 /// Every element reached through the strides lies inside live allocations, and nobody else
-/// touches `c`'s elements during the call.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_strided(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-    parallel: bool,
-) {
-    matmul_fused(
-        m,
-        k,
-        n,
-        c,
-        c_rs,
-        a,
-        a_rs,
-        a_cs,
-        b,
-        b_rs,
-        b_cs,
-        accumulate,
-        parallel,
-        Fusion::default(),
-    )
-}
-
-/// [`matmul_strided`] with work fused into it (see [`Fusion`]).
-///
-/// # Safety
-/// As [`matmul_strided`]; besides, the residual has m rows of n readable elements, col_sums
-/// n writable ones, and bias n elements.
+/// touches `c`'s elements during the call; the residual has m rows of n readable elements,
+/// col_sums n writable ones, and bias n elements.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_fused(
     m: usize,
