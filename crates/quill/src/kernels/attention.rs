@@ -5,14 +5,17 @@
 //! Tasks run in parallel over (batch, head); inside a task the products run on one thread.
 
 use super::matmul::Precision;
+use super::tile::Causal;
 use super::SendPtr;
 use rayon::prelude::*;
 
 /// One-thread strided product (the tasks already run in parallel over batch and heads), in
-/// the training precision.
+/// the training precision. f32 products whose B has contiguous columns run on the in-place
+/// tile kernel ([`super::tile`]) where the CPU has AVX-512, skipping the tiles that `causal`
+/// leaves out; otherwise on the `gemm` crate (or quill's bf16 kernel), computing them all.
 ///
 /// # Safety
-/// As [`super::matmul::matmul_strided`]; every stride is non-negative.
+/// As [`super::matmul::matmul_strided`].
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn mm(
@@ -21,33 +24,36 @@ unsafe fn mm(
     k: usize,
     n: usize,
     c: *mut f32,
-    c_rs: isize,
+    c_rs: usize,
     a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
+    a_rs: usize,
+    a_cs: usize,
     b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
+    b_rs: usize,
+    b_cs: usize,
     accumulate: bool,
+    causal: Causal,
 ) {
     match prec {
+        Precision::F32 if b_cs == 1 && super::simd::has_avx512() => {
+            super::tile::gemm(m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, accumulate, causal)
+        }
         Precision::F32 => super::matmul::matmul_strided_serial(
-            m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate,
-        ),
-        Precision::Bf16 => super::bf16::matmul_strided(
             m,
             k,
             n,
             c,
-            c_rs as usize,
+            c_rs as isize,
             a,
-            a_rs as usize,
-            a_cs as usize,
+            a_rs as isize,
+            a_cs as isize,
             b,
-            b_rs as usize,
-            b_cs as usize,
+            b_rs as isize,
+            b_cs as isize,
             accumulate,
-            false,
+        ),
+        Precision::Bf16 => super::bf16::matmul_strided(
+            m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate, false,
         ),
     }
 }
@@ -79,13 +85,15 @@ impl Heads {
 }
 
 /// Scratch floats that [`forward`] and [`backward`] need for a batch: per (batch, head)
-/// task, two strips of CAUSAL_BLOCK x T scores and T row sums. Never a T x T matrix.
+/// task, two strips of CAUSAL_BLOCK x T scores, T row sums, and the head's keys and values
+/// transposed (for the f32 products). Never a T x T matrix.
 pub fn scratch_len(b: usize, t: usize, hs: Heads) -> usize {
-    b * hs.h * task_scratch(t)
+    b * hs.h * task_scratch(t, hs.d)
 }
 
-fn task_scratch(t: usize) -> usize {
-    2 * CAUSAL_BLOCK * t + t
+/// Strips (2 x CAUSAL_BLOCK x T), row sums (T), then Kᵀ and Vᵀ (D x T each).
+fn task_scratch(t: usize, d: usize) -> usize {
+    2 * CAUSAL_BLOCK * t + t + 2 * d * t
 }
 
 /// qkv [B,T,(H+2KV)·D] with blocks q | k | v (head i in columns i·D .. i·D+D of its block)
@@ -112,21 +120,29 @@ pub fn forward(
     assert!(out.len() == b * t * oc && qkv.len() == b * t * w && lse.len() >= b * h * t);
     assert!(hs.kv > 0 && h % hs.kv == 0 && scratch.len() >= scratch_len(b, t, hs));
     let out_p = SendPtr(out.as_mut_ptr());
-    let ts = task_scratch(t);
+    let ts = task_scratch(t, d);
     scratch[..b * h * ts]
         .par_chunks_mut(ts)
         .zip(lse[..b * h * t].par_chunks_mut(t))
         .enumerate()
-        .for_each(|(task, (strip, lse))| {
+        .for_each(|(task, (buf, lse))| {
             let (bi, hi) = (task / h, task % h);
             let kvh = hi / hs.group();
             let row0 = qkv[bi * t * w..].as_ptr();
-            let rs = w as isize;
+            let (strip, rest) = buf.split_at_mut(CAUSAL_BLOCK * t);
+            let kt = &mut rest[CAUSAL_BLOCK * t + t..];
             // Safety: strides stay inside qkv and inside this task's rows/columns of out.
             unsafe {
                 let q = row0.add(hi * d);
                 let k = row0.add(oc + kvh * d);
                 let v = row0.add(oc + hs.kv * d + kvh * d);
+                // Kᵀ as B: f32 reads it in place from the transposed copy; bf16 packs it
+                let (kb, kb_rs, kb_cs) = if prec == Precision::F32 {
+                    super::tile::transpose(kt, k, w, t, d);
+                    (kt.as_ptr(), t, 1)
+                } else {
+                    (k, 1, w)
+                };
                 let sp = strip.as_mut_ptr();
                 for i0 in (0..t).step_by(CAUSAL_BLOCK) {
                     let i1 = (i0 + CAUSAL_BLOCK).min(t);
@@ -137,14 +153,15 @@ pub fn forward(
                         d,
                         i1,
                         sp,
-                        t as isize,
-                        q.offset(i0 as isize * rs),
-                        rs,
+                        t,
+                        q.add(i0 * w),
+                        w,
                         1,
-                        k,
-                        1,
-                        rs,
+                        kb,
+                        kb_rs,
+                        kb_cs,
                         false,
+                        Causal::ColsUpTo(i0),
                     );
                     for r in 0..i1 - i0 {
                         let row = &mut strip[r * t..r * t + i1];
@@ -157,14 +174,15 @@ pub fn forward(
                         i1,
                         d,
                         out_p.get().add(bi * t * oc + hi * d + i0 * oc),
-                        oc as isize,
+                        oc,
                         sp,
-                        t as isize,
+                        t,
                         1,
                         v,
-                        rs,
+                        w,
                         1,
                         false,
+                        Causal::DepthUpTo(i0),
                     );
                 }
             }
@@ -199,10 +217,16 @@ fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], lse: &[f32], dsum: &[f3
         let sr = &mut s[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
         let dr = &mut dp[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
         let (l, dd) = (lse[r], dsum[r]);
+        // past the diagonal (c > r) the scores may be unwritten: only zeros are stored there
         for c in 0..cols {
-            let p = if c <= r { super::math::exp(sr[c] * scale - l) } else { 0.0 };
-            sr[c] = p;
-            dr[c] = p * (dr[c] - dd) * scale;
+            if c <= r {
+                let p = super::math::exp(sr[c] * scale - l);
+                sr[c] = p;
+                dr[c] = p * (dr[c] - dd) * scale;
+            } else {
+                sr[c] = 0.0;
+                dr[c] = 0.0;
+            }
         }
     }
 }
@@ -236,7 +260,7 @@ pub fn backward(
     assert!(out.len() == b * t * oc && lse.len() >= b * h * t);
     assert!(scratch.len() >= scratch_len(b, t, hs));
     let dqkv_p = SendPtr(dqkv.as_mut_ptr());
-    let ts = task_scratch(t) * g;
+    let ts = task_scratch(t, d) * g;
     scratch[..b * hs.kv * ts]
         .par_chunks_mut(ts)
         .enumerate()
@@ -244,10 +268,22 @@ pub fn backward(
             let (bi, kvh) = (task / hs.kv, task % hs.kv);
             let (sbuf, rest) = buf.split_at_mut(CAUSAL_BLOCK * t);
             let (dpbuf, rest) = rest.split_at_mut(CAUSAL_BLOCK * t);
-            let dsum = &mut rest[..t];
-            let rs = w as isize;
-            let cs = oc as isize;
-            let bs = CAUSAL_BLOCK as isize;
+            let (dsum, rest) = rest.split_at_mut(t);
+            let (kt, rest) = rest.split_at_mut(d * t);
+            let vt = &mut rest[..d * t];
+            let bs = CAUSAL_BLOCK;
+            // Safety (all pointer arithmetic below): every view stays inside its buffer; this
+            // task alone writes the columns of its kv head and of the query heads in its group.
+            let row0 = unsafe { qkv.as_ptr().add(bi * t * w) };
+            let (k, v) = unsafe { (row0.add(oc + kvh * d), row0.add(oc + hs.kv * d + kvh * d)) };
+            // Kᵀ and Vᵀ as B: f32 reads them in place from transposed copies; bf16 packs them
+            let f32_path = prec == Precision::F32;
+            if f32_path {
+                unsafe {
+                    super::tile::transpose(kt, k, w, t, d);
+                    super::tile::transpose(vt, v, w, t, d);
+                }
+            }
             for gi in 0..g {
                 let hi = kvh * g + gi;
                 let lse = &lse[(bi * h + hi) * t..(bi * h + hi + 1) * t];
@@ -257,13 +293,8 @@ pub fn backward(
                     *dv = dot(&dout[o..o + d], &out[o..o + d]);
                 }
                 let acc = gi > 0;
-                // Safety: every view stays inside its buffer; this task alone writes the
-                // columns of its kv head and of the query heads in its group.
                 unsafe {
-                    let row0 = qkv.as_ptr().add(bi * t * w);
                     let q = row0.add(hi * d);
-                    let k = row0.add(oc + kvh * d);
-                    let v = row0.add(oc + hs.kv * d + kvh * d);
                     let dy = dout.as_ptr().add(bi * t * oc + hi * d);
                     let drow0 = dqkv_p.get().add(bi * t * w);
                     let dq = drow0.add(hi * d);
@@ -273,8 +304,13 @@ pub fn backward(
                     for j0 in (0..t).step_by(CAUSAL_BLOCK) {
                         let j1 = (j0 + CAUSAL_BLOCK).min(t);
                         let (cols, rows) = (j1 - j0, t - j0);
-                        let jo = j0 as isize * rs;
-                        let yo = j0 as isize * cs;
+                        let (jo, yo) = (j0 * w, j0 * oc);
+                        // columns j0..j1 of Kᵀ and Vᵀ
+                        let ((kb, kb_rs, kb_cs), (vb, vb_rs, vb_cs)) = if f32_path {
+                            ((kt.as_ptr().add(j0), t, 1), (vt.as_ptr().add(j0), t, 1))
+                        } else {
+                            ((k.add(jo), 1, w), (v.add(jo), 1, w))
+                        };
                         // S = Q[j0..t] · K[j0..j1]ᵀ, dP = dO[j0..t] · V[j0..j1]ᵀ
                         mm(
                             prec,
@@ -283,13 +319,14 @@ pub fn backward(
                             cols,
                             sp,
                             bs,
-                            q.offset(jo),
-                            rs,
+                            q.add(jo),
+                            w,
                             1,
-                            k.offset(jo),
-                            1,
-                            rs,
+                            kb,
+                            kb_rs,
+                            kb_cs,
                             false,
+                            Causal::ColsUpTo(0),
                         );
                         mm(
                             prec,
@@ -298,13 +335,14 @@ pub fn backward(
                             cols,
                             dpp,
                             bs,
-                            dy.offset(yo),
-                            cs,
+                            dy.add(yo),
+                            oc,
                             1,
-                            v.offset(jo),
-                            1,
-                            rs,
+                            vb,
+                            vb_rs,
+                            vb_cs,
                             false,
+                            Causal::ColsUpTo(0),
                         );
                         strip_softmax_backward(
                             &mut sbuf[..rows * CAUSAL_BLOCK],
@@ -320,30 +358,32 @@ pub fn backward(
                             cols,
                             rows,
                             d,
-                            dv.offset(jo),
-                            rs,
+                            dv.add(jo),
+                            w,
                             sp,
                             1,
                             bs,
-                            dy.offset(yo),
-                            cs,
+                            dy.add(yo),
+                            oc,
                             1,
                             acc,
+                            Causal::DepthFrom,
                         );
                         mm(
                             prec,
                             cols,
                             rows,
                             d,
-                            dk.offset(jo),
-                            rs,
+                            dk.add(jo),
+                            w,
                             dpp,
                             1,
                             bs,
-                            q.offset(jo),
-                            rs,
+                            q.add(jo),
+                            w,
                             1,
                             acc,
+                            Causal::DepthFrom,
                         );
                         // dQ[j0..t] (+)= dS · K[j0..j1]; the first strip reaches every row
                         mm(
@@ -351,15 +391,16 @@ pub fn backward(
                             rows,
                             cols,
                             d,
-                            dq.offset(jo),
-                            rs,
+                            dq.add(jo),
+                            w,
                             dpp,
                             bs,
                             1,
-                            k.offset(jo),
-                            rs,
+                            k.add(jo),
+                            w,
                             1,
                             j0 > 0,
+                            Causal::DepthUpTo(0),
                         );
                     }
                 }

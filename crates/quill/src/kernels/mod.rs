@@ -20,6 +20,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod simd;
 pub mod swiglu;
+pub mod tile;
 
 /// A raw pointer that may be shared between threads that write disjoint regions.
 #[derive(Clone, Copy)]

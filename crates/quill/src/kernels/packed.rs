@@ -498,7 +498,9 @@ fn mask16(n: usize) -> u16 {
 /// 16 x 16 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+pub(crate) unsafe fn transpose16(
+    r: [std::arch::x86_64::__m512i; 16],
+) -> [std::arch::x86_64::__m512i; 16] {
     use std::arch::x86_64::*;
     // within each 128-bit lane: pairs of rows interleaved, then quads
     let mut t = [_mm512_setzero_si512(); 16];
