@@ -44,6 +44,31 @@ pub fn forward(out: &mut [f32], inp: &[f32]) {
         .for_each(|(o, x)| forward_chunk(o, x));
 }
 
+multiversion! {
+    /// As `backward_chunk` on whole rows of `width`, adding each row into `sums` [width].
+    fn backward_rows_sums(d: &mut [f32], x: &[f32], sums: &mut [f32], width: usize) {
+        for (dr, xr) in d.chunks_mut(width).zip(x.chunks(width)) {
+            for ((d, &x), s) in dr.iter_mut().zip(xr).zip(sums.iter_mut()) {
+                *d *= gelu_grad(x);
+                *s += *d;
+            }
+        }
+    }
+}
+
+/// [`backward_inplace`] on rows of `width` that also adds each column of the result into
+/// `col_sums` [width] (the bias gradient of the layer that produced `inp`), in the same sweep;
+/// the sums do not depend on the thread count ([`super::reduce::rows_with_col_sums`]).
+pub fn backward_inplace_col_sums(d: &mut [f32], inp: &[f32], width: usize, col_sums: &mut [f32]) {
+    assert!(
+        d.len() == inp.len() && col_sums.len() == width && d.len().is_multiple_of(width.max(1))
+    );
+    super::reduce::rows_with_col_sums(d, width, &mut [col_sums], |r0, rows, partial| {
+        let x = &inp[r0 * width..r0 * width + rows.len()];
+        backward_rows_sums(rows, x, partial, width)
+    });
+}
+
 /// d[i] = d[i] * gelu'(inp[i]): turns d loss/d gelu(inp) into d loss/d inp, in place.
 pub fn backward_inplace(d: &mut [f32], inp: &[f32]) {
     assert_eq!(d.len(), inp.len());
@@ -78,5 +103,28 @@ mod tests {
         backward_inplace(&mut d, &x);
         let want: Vec<f64> = x.iter().map(|&v| reference::gelu_grad(v as f64)).collect();
         assert!(max_rel_err(&d, &want, 1.0) < 5e-6);
+    }
+
+    #[test]
+    fn backward_with_column_sums_matches_reference() {
+        let mut rng = Rng::new(5);
+        // rows across several of the fixed row chunks, an odd width
+        for &(rows, width) in &[(1, 1), (7, 5), (100, 37), (33, 64)] {
+            let x = randn(&mut rng, rows * width, 3.0);
+            let dy = randn(&mut rng, rows * width, 1.0);
+            let mut d = dy.clone();
+            let mut sums = vec![0.5f32; width];
+            backward_inplace_col_sums(&mut d, &x, width, &mut sums);
+            let want: Vec<f64> = x
+                .iter()
+                .zip(&dy)
+                .map(|(&v, &g)| reference::gelu_grad(v as f64) * g as f64)
+                .collect();
+            assert!(max_rel_err(&d, &want, 1.0) < 5e-6);
+            let want_sums: Vec<f64> = (0..width)
+                .map(|j| 0.5 + (0..rows).map(|r| want[r * width + j]).sum::<f64>())
+                .collect();
+            assert!(max_rel_err(&sums, &want_sums, 1.0) < 1e-5, "{rows}x{width}");
+        }
     }
 }

@@ -427,7 +427,7 @@ impl Gpt2 {
                 d_fch,
                 grads,
                 w.mlp_proj_w,
-                w.mlp_proj_b,
+                Some(w.mlp_proj_b),
                 &a.d_res,
                 fch_gelu,
                 p,
@@ -435,13 +435,21 @@ impl Gpt2 {
                 f,
                 c,
             );
-            gelu::backward_inplace(d_fch, fch);
+            // the fc bias gradient: in f32, summed in GELU's backward sweep; in bf16, while
+            // the gradient is packed for dW's product (free there)
+            let fc_b = if self.precision == Precision::F32 {
+                gelu::backward_inplace_col_sums(d_fch, fch, f, w.c_fc_b.of_mut(grads));
+                None
+            } else {
+                gelu::backward_inplace(d_fch, fch);
+                Some(w.c_fc_b)
+            };
             linear_backward(
                 self.precision,
                 &mut a.d_ln,
                 grads,
                 w.c_fc_w,
-                w.c_fc_b,
+                fc_b,
                 d_fch,
                 ln2,
                 p,
@@ -472,7 +480,7 @@ impl Gpt2 {
                 &mut a.d_atty,
                 grads,
                 w.attn_proj_w,
-                w.attn_proj_b,
+                Some(w.attn_proj_b),
                 &a.d_res,
                 atty,
                 p,
@@ -499,7 +507,7 @@ impl Gpt2 {
                 &mut a.d_ln,
                 grads,
                 w.c_attn_w,
-                w.c_attn_b,
+                Some(w.c_attn_b),
                 &a.d_qkv,
                 ln1,
                 p,
@@ -896,15 +904,15 @@ fn linear_cached(
     }
 }
 
-/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten), dW += xᵀ · dy, db += Σ rows dy
-/// (summed while dy is packed for dW's product).
+/// Gradients of y = x · W + b: dx = dy · Wᵀ (overwritten), dW += xᵀ · dy, and with `b`,
+/// db += Σ rows dy (fused into dW's product; None when the caller summed it already).
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
     prec: Precision,
     dx: &mut [f32],
     grads: &mut [f32],
     w: View,
-    b: View,
+    b: Option<View>,
     dy: &[f32],
     x: &[f32],
     params: &[f32],
@@ -913,12 +921,17 @@ fn linear_backward(
     out: usize,
 ) {
     matmul_p(prec, dx, dy, w.of(params), n, out, inp, false, true, false);
-    let (gw, gb) = View::pair_mut(w, b, grads);
-    let fused = Fused {
-        col_sums: Some(gb),
-        ..Fused::default()
-    };
-    matmul_fused(prec, gw, x, dy, inp, n, out, true, false, true, fused);
+    match b {
+        Some(b) => {
+            let (gw, gb) = View::pair_mut(w, b, grads);
+            let fused = Fused {
+                col_sums: Some(gb),
+                ..Fused::default()
+            };
+            matmul_fused(prec, gw, x, dy, inp, n, out, true, false, true, fused);
+        }
+        None => matmul_p(prec, w.of_mut(grads), x, dy, inp, n, out, true, false, true),
+    }
 }
 
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.
