@@ -193,14 +193,6 @@ mod avx512 {
         cols: usize,
     ) {
         let out = dst.as_mut_ptr();
-        // every source line into L2 first: strided lines the prefetchers do not foresee, so
-        // that their misses overlap instead of stalling one block at a time
-        for j in 0..rows {
-            let row = src.add(j * src_rs);
-            for p in (0..cols).step_by(16) {
-                _mm_prefetch::<_MM_HINT_T1>(row.add(p) as *const i8);
-            }
-        }
         for j0 in (0..rows).step_by(16) {
             let nj = (rows - j0).min(16);
             for p0 in (0..cols).step_by(16) {
