@@ -487,7 +487,7 @@ unsafe fn pack_k_contiguous(
 
 /// Mask of the first min(n, 16) lanes.
 #[inline]
-fn mask16(n: usize) -> u16 {
+pub(crate) fn mask16(n: usize) -> u16 {
     if n >= 16 {
         0xffff
     } else {

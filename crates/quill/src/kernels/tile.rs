@@ -108,20 +108,11 @@ pub unsafe fn transpose(dst: &mut [f32], src: *const f32, src_rs: usize, rows: u
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Causal;
+    use crate::kernels::packed::{mask16, transpose16};
     use std::arch::x86_64::*;
 
     /// Columns per tile: four zmm.
     const NB: usize = 64;
-
-    /// Mask of the first min(n, 16) lanes.
-    #[inline]
-    fn mask16(n: usize) -> u16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    }
 
     /// As [`super::gemm`], on a CPU with AVX-512F. Column blocks of up to 64 (V zmm) outer,
     /// so a block of B stays in cache while the row tiles (8 rows for V ≤ 2, else 4) pass
@@ -202,7 +193,7 @@ mod avx512 {
                 for (j, x) in r.iter_mut().enumerate().take(nj) {
                     *x = _mm512_maskz_loadu_epi32(m, src.add((j0 + j) * src_rs + p0) as *const _);
                 }
-                let t = crate::kernels::packed::transpose16(r);
+                let t = transpose16(r);
                 let mj = mask16(nj);
                 for (p, x) in t.iter().enumerate().take(np) {
                     _mm512_mask_storeu_epi32(out.add((p0 + p) * rows + j0) as *mut _, mj, *x);
