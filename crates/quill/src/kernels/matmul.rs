@@ -1,5 +1,6 @@
-//! Matrix multiply: C (+)= op(A) · op(B), row-major, on the `gemm` crate's cache-blocked
-//! SIMD kernels (AVX-512 where the CPU has it, chosen at run time).
+//! Matrix multiply: C (+)= op(A) · op(B), row-major. f32 products run on quill's own kernel
+//! ([`super::sgemm`]) where the CPU has AVX-512, and on the `gemm` crate's cache-blocked SIMD
+//! kernels (AVX2, chosen at run time) elsewhere; bf16 operands on [`super::packed`].
 
 use gemm::Parallelism;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,9 +69,9 @@ pub fn matmul_p(
     }
 }
 
-/// Work fused into a product, so it needs no pass of its own over memory: on the bf16 path
-/// it runs inside quill's packed kernel (starting values in the tile stores, column sums
-/// while B is packed); on the f32 path (the `gemm` crate) the same work runs as parallel
+/// Work fused into a product, so it needs no pass of its own over memory: inside quill's
+/// kernels (bf16, and f32 with AVX-512) the starting values go into the tile stores and the
+/// column sums are taken while B is packed; on the `gemm` crate's path the same work runs as
 /// passes around the call.
 #[derive(Default)]
 pub struct Fused<'a> {
@@ -126,6 +127,35 @@ pub fn matmul_fused(
             // Safety: the asserts above bound every index the strides reach.
             unsafe {
                 super::packed::matmul_fused(
+                    m,
+                    k,
+                    n,
+                    c.as_mut_ptr(),
+                    n,
+                    a.as_ptr(),
+                    a_rs,
+                    a_cs,
+                    b.as_ptr(),
+                    b_rs,
+                    b_cs,
+                    accumulate,
+                    true,
+                    fusion,
+                )
+            }
+        }
+        Precision::F32 if super::sgemm::available() => {
+            let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+            let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+            let fusion = super::packed::Fusion {
+                bias: fused.bias,
+                residual: fused.residual.map(|r| (r.as_ptr(), n)),
+                col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
+            };
+            // Safety: the asserts above bound every index the strides reach; the CPU has
+            // AVX-512.
+            unsafe {
+                super::sgemm::matmul_fused(
                     m,
                     k,
                     n,
@@ -242,6 +272,26 @@ pub unsafe fn matmul_strided(
                 std::ptr::write_bytes(c.offset(i as isize * c_rs), 0, n);
             }
         }
+        return;
+    }
+    if super::sgemm::available() && c_rs >= 0 && a_rs >= 0 && a_cs >= 0 && b_rs >= 0 && b_cs >= 0 {
+        let parallel = matches!(parallelism, Parallelism::Rayon(_));
+        super::sgemm::matmul_fused(
+            m,
+            k,
+            n,
+            c,
+            c_rs as usize,
+            a,
+            a_rs as usize,
+            a_cs as usize,
+            b,
+            b_rs as usize,
+            b_cs as usize,
+            accumulate,
+            parallel,
+            super::packed::Fusion::default(),
+        );
         return;
     }
     // the gemm crate allocates small packing buffers inside each call; the count lets the

@@ -18,6 +18,7 @@ pub mod reduce;
 pub mod reference;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sgemm;
 pub mod simd;
 pub mod swiglu;
 pub mod tile;

@@ -1,7 +1,7 @@
 //! Cache-blocked, packed matrix multiply with bf16 operands on AVX-512 BF16 (`vdpbf16ps`, see
 //! [`super::bf16`]), accumulating and writing f32. C (+)= op(A) · op(B) with A, B and C f32 in
-//! memory, any strides. (An f32 kind of the same kernel measured 5-15% slower than the `gemm`
-//! crate on the training shapes, so f32 products stay on gemm; BENCHMARKS.md.)
+//! memory, any strides. (f32 products have their own kernel, [`super::sgemm`], shaped
+//! differently: an f32 kind of this one measured 5-15% slower than the `gemm` crate.)
 //!
 //! Blocking (after BLIS-style libraries): C is split by rows or by columns, whichever side is
 //! larger, between the threads (one part when serial). For each depth block of STEPS steps (a

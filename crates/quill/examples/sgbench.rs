@@ -1,0 +1,93 @@
+//! quill's f32 kernel (kernels/sgemm.rs) against the `gemm` crate on the training shapes of
+//! char, gpt2-mini and gpt2-small and nano: best GFLOP/s of five rounds each, alternating.
+//! `cargo run --release -p quill --example sgbench [shape index]`.
+use quill::kernels::{packed::Fusion, sgemm};
+use std::time::Instant;
+fn main() {
+    if !sgemm::available() {
+        eprintln!("this CPU has no AVX-512: quill's f32 products run on the gemm crate here");
+        return;
+    }
+    let shapes: &[(usize, usize, usize, bool, bool)] = &[
+        (2048, 384, 1152, false, false),
+        (2048, 1536, 384, false, false),
+        (2048, 384, 65, false, true),
+        (2048, 1152, 384, false, true),
+        (384, 2048, 1152, true, false),
+        (2048, 256, 50257, false, true),
+        (2048, 50257, 256, false, false),
+        (50257, 2048, 256, true, false),
+        (256, 2048, 50257, true, false),
+        (1024, 768, 2304, false, false),
+        (1024, 3072, 768, false, true),
+        (768, 1024, 3072, true, false),
+        (768, 128, 384, false, false),
+        (128, 768, 384, true, false),
+    ];
+    let only: Option<usize> = std::env::args().nth(1).map(|x| x.parse().unwrap());
+    for (idx, &(m, k, n, ta, tb)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != idx) {
+            continue;
+        }
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) * 0.1).collect();
+        let mut c = vec![0f32; m * n];
+        let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+        let fl = 2.0 * (m * k * n) as f64;
+        let reps = ((4e9 / fl) as usize).max(1);
+        let (mut bs, mut bg) = (0f64, 0f64);
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                unsafe {
+                    sgemm::matmul_fused(
+                        m,
+                        k,
+                        n,
+                        c.as_mut_ptr(),
+                        n,
+                        a.as_ptr(),
+                        a_rs,
+                        a_cs,
+                        b.as_ptr(),
+                        b_rs,
+                        b_cs,
+                        false,
+                        true,
+                        Fusion::default(),
+                    )
+                }
+            }
+            bs = bs.max(reps as f64 * fl / t.elapsed().as_secs_f64() / 1e9);
+            let t = Instant::now();
+            for _ in 0..reps {
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        a_cs as isize,
+                        a_rs as isize,
+                        b.as_ptr(),
+                        b_cs as isize,
+                        b_rs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(2),
+                    )
+                }
+            }
+            bg = bg.max(reps as f64 * fl / t.elapsed().as_secs_f64() / 1e9);
+        }
+        println!("{idx:2} {m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  sgemm {bs:6.1}  gemm {bg:6.1}");
+    }
+}
