@@ -20,6 +20,6 @@ for cs in "nano 30" "char 10" "gpt2-mini 10" "gpt2-small 4"; do
 done
 echo "=== threads (gpt2-small)"
 for d in f32 bf16; do
-  $Q bench train --config gpt2-small --steps 4 --dtype $d --threads 1 | head -1
-  $Q bench train --config gpt2-small --steps 4 --dtype $d | head -1
+  $Q bench train --config gpt2-small --steps 4 --dtype $d --threads 1 | sed -n 1p
+  $Q bench train --config gpt2-small --steps 4 --dtype $d | sed -n 1p
 done
