@@ -1,5 +1,6 @@
 //! quill's f32 kernel (kernels/sgemm.rs) against the `gemm` crate on the training shapes of
-//! char, gpt2-mini and gpt2-small and nano: best GFLOP/s of five rounds each, alternating.
+//! char (every product of a step), gpt2-mini, gpt2-small and nano: best GFLOP/s of five
+//! rounds each, alternating.
 //! `cargo run --release -p quill --example sgbench [shape index]`.
 use quill::kernels::{packed::Fusion, sgemm};
 use std::time::Instant;
@@ -8,16 +9,27 @@ fn main() {
         eprintln!("this CPU has no AVX-512: quill's f32 products run on the gemm crate here");
         return;
     }
+    // (m, k, n, A transposed, B transposed): char's forward, dX and dW products, then
+    // gpt2-mini's and gpt2-small's largest, then nano's
     let shapes: &[(usize, usize, usize, bool, bool)] = &[
         (2048, 384, 1152, false, false),
-        (2048, 1536, 384, false, false),
-        (2048, 384, 65, false, true),
         (2048, 1152, 384, false, true),
         (384, 2048, 1152, true, false),
+        (2048, 384, 384, false, false),
+        (2048, 384, 384, false, true),
+        (384, 2048, 384, true, false),
+        (2048, 384, 1536, false, false),
+        (2048, 1536, 384, false, true),
+        (384, 2048, 1536, true, false),
+        (2048, 1536, 384, false, false),
+        (2048, 384, 1536, false, true),
+        (1536, 2048, 384, true, false),
+        (2048, 384, 65, false, true),
+        (2048, 65, 384, false, false),
+        (65, 2048, 384, true, false),
         (2048, 256, 50257, false, true),
         (2048, 50257, 256, false, false),
         (50257, 2048, 256, true, false),
-        (256, 2048, 50257, true, false),
         (1024, 768, 2304, false, false),
         (1024, 3072, 768, false, true),
         (768, 1024, 3072, true, false),

@@ -184,34 +184,73 @@ impl Problem<'_> {
             let by_panels = threads > 1
                 && panels >= threads
                 && (few_rows || (self.a_cs == 1 && (even || panels >= 4 * threads)));
-            for pc in (0..k).step_by(kstep) {
+            // when the whole column block of B fits the buffer, every depth block is packed
+            // in one parallel pass (depth block pc at pc * panels * NR) and computed in
+            // another, instead of two passes per depth block: small products are dominated
+            // by those waits
+            let whole = k * panels * NR <= buf.len();
+            let base = |pc: usize| if whole { pc * panels * NR } else { 0 };
+            let pack = |pc: usize, q0: usize, q1: usize| {
+                let kc = (k - pc).min(kstep);
+                // Safety: panels q0..q1 of this depth block's part of the buffer belong to
+                // this caller alone.
+                unsafe { self.pack_b(packed.get().add(base(pc)), jc, nb, pc, kc, q0, q1) }
+            };
+            let compute = |pc: usize, r0: usize, r1: usize, q0: usize, q1: usize| {
                 let kc = (k - pc).min(kstep);
                 let init = pc == 0 && !self.accumulate;
-                let pack = |q0: usize, q1: usize| {
-                    // Safety: panels q0..q1 of the buffer belong to this caller alone.
-                    unsafe { self.pack_b(packed.get(), jc, nb, pc, kc, q0, q1) }
-                };
-                let compute = |r0: usize, r1: usize, q0: usize, q1: usize| {
-                    // Safety: rows r0..r1 x panels q0..q1 of C belong to this caller alone.
-                    unsafe { self.compute(packed.get(), jc, nb, pc, kc, init, r0, r1, q0, q1) }
-                };
-                if threads == 1 {
-                    pack(0, panels);
-                    compute(0, m, 0, panels);
-                } else if by_panels {
+                // Safety: rows r0..r1 x panels q0..q1 of C belong to this caller alone; this
+                // depth block's panels are packed.
+                unsafe {
+                    let b = packed.get().add(base(pc)) as *const f32;
+                    self.compute(b, jc, nb, pc, kc, init, r0, r1, q0, q1)
+                }
+            };
+            let depths = || (0..k).step_by(kstep);
+            let panels_of = |t: usize| (panels * t / threads, panels * (t + 1) / threads);
+            let rows_of = |t: usize| {
+                let r0 = (row_tiles * t / threads * MR).min(m);
+                (r0, (row_tiles * (t + 1) / threads * MR).min(m))
+            };
+            if threads == 1 {
+                for pc in depths() {
+                    pack(pc, 0, panels);
+                    compute(pc, 0, m, 0, panels);
+                }
+            } else if by_panels && whole {
+                (0..threads).into_par_iter().for_each(|t| {
+                    let (q0, q1) = panels_of(t);
+                    for pc in depths() {
+                        pack(pc, q0, q1);
+                        compute(pc, 0, m, q0, q1);
+                    }
+                });
+            } else if by_panels {
+                for pc in depths() {
                     (0..threads).into_par_iter().for_each(|t| {
-                        let (q0, q1) = (panels * t / threads, panels * (t + 1) / threads);
-                        pack(q0, q1);
-                        compute(0, m, q0, q1);
+                        let (q0, q1) = panels_of(t);
+                        pack(pc, q0, q1);
+                        compute(pc, 0, m, q0, q1);
                     });
-                } else {
+                }
+            } else if whole {
+                (0..threads).into_par_iter().for_each(|t| {
+                    let (q0, q1) = panels_of(t);
+                    depths().for_each(|pc| pack(pc, q0, q1));
+                });
+                (0..threads).into_par_iter().for_each(|t| {
+                    let (r0, r1) = rows_of(t);
+                    depths().for_each(|pc| compute(pc, r0, r1, 0, panels));
+                });
+            } else {
+                for pc in depths() {
                     (0..threads).into_par_iter().for_each(|t| {
-                        pack(panels * t / threads, panels * (t + 1) / threads);
+                        let (q0, q1) = panels_of(t);
+                        pack(pc, q0, q1);
                     });
                     (0..threads).into_par_iter().for_each(|t| {
-                        let r0 = (row_tiles * t / threads * MR).min(m);
-                        let r1 = (row_tiles * (t + 1) / threads * MR).min(m);
-                        compute(r0, r1, 0, panels);
+                        let (r0, r1) = rows_of(t);
+                        compute(pc, r0, r1, 0, panels);
                     });
                 }
             }
@@ -646,6 +685,7 @@ mod tests {
             (40, 1100, 200),
             (130, 37, 1601),
             (300, 24, 130),
+            (20, 1100, 800),
         ] {
             for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
                 for way in 0..4 {
