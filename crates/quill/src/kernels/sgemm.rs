@@ -325,23 +325,11 @@ impl Problem<'_> {
             // A is not contiguous along the depth (each depth of a transposed A is another
             // line, often another page): its rows are copied, MC at a time, into micro-panels
             // [depth][MR], read from there by every panel
-            return ROWS.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut buf) => {
-                    self.compute_copied(&mut buf, packed, jc, nb, pc, kc, init, r0, r1, q0, q1)
-                }
-                Err(_) => self.compute_copied(
-                    &mut Vec::new(),
-                    packed,
-                    jc,
-                    nb,
-                    pc,
-                    kc,
-                    init,
-                    r0,
-                    r1,
-                    q0,
-                    q1,
-                ),
+            return ROWS.with(|cell| {
+                // (a nested product on this thread copies into a buffer of its own)
+                let (mut own, mut shared) = (Vec::new(), cell.try_borrow_mut());
+                let buf = shared.as_deref_mut().unwrap_or(&mut own);
+                self.compute_copied(buf, packed, jc, nb, pc, kc, init, r0, r1, q0, q1)
             });
         }
         for qb in (q0..q1).step_by(NB_PANELS) {
