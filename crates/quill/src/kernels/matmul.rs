@@ -84,6 +84,25 @@ pub struct Fused<'a> {
     pub col_sums: Option<&'a mut [f32]>,
 }
 
+/// The strided, fused entry point of quill's product kernels ([`super::packed::matmul_fused`],
+/// [`super::sgemm::matmul_fused`]).
+type StridedFused = for<'a> unsafe fn(
+    usize,
+    usize,
+    usize,
+    *mut f32,
+    usize,
+    *const f32,
+    usize,
+    usize,
+    *const f32,
+    usize,
+    usize,
+    bool,
+    bool,
+    super::packed::Fusion<'a>,
+);
+
 /// [`matmul_p`] with work fused into it (see [`Fused`]). A starting value (bias or residual)
 /// excludes `accumulate`.
 #[allow(clippy::too_many_arguments)]
@@ -115,8 +134,14 @@ pub fn matmul_fused(
     if let Some(s) = &fused.col_sums {
         assert!(s.len() >= n);
     }
-    match precision {
-        Precision::Bf16 => {
+    // quill's own kernels (bf16 always, f32 with AVX-512) share one strided signature
+    let kernel: Option<StridedFused> = match precision {
+        Precision::Bf16 => Some(super::packed::matmul_fused),
+        Precision::F32 if super::sgemm::available() => Some(super::sgemm::matmul_fused),
+        Precision::F32 => None,
+    };
+    match kernel {
+        Some(kernel) => {
             let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
             let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
             let fusion = super::packed::Fusion {
@@ -124,9 +149,10 @@ pub fn matmul_fused(
                 residual: fused.residual.map(|r| (r.as_ptr(), n)),
                 col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
             };
-            // Safety: the asserts above bound every index the strides reach.
+            // Safety: the asserts above bound every index the strides reach; sgemm is only
+            // chosen where the CPU has AVX-512.
             unsafe {
-                super::packed::matmul_fused(
+                kernel(
                     m,
                     k,
                     n,
@@ -144,36 +170,7 @@ pub fn matmul_fused(
                 )
             }
         }
-        Precision::F32 if super::sgemm::available() => {
-            let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
-            let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
-            let fusion = super::packed::Fusion {
-                bias: fused.bias,
-                residual: fused.residual.map(|r| (r.as_ptr(), n)),
-                col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
-            };
-            // Safety: the asserts above bound every index the strides reach; the CPU has
-            // AVX-512.
-            unsafe {
-                super::sgemm::matmul_fused(
-                    m,
-                    k,
-                    n,
-                    c.as_mut_ptr(),
-                    n,
-                    a.as_ptr(),
-                    a_rs,
-                    a_cs,
-                    b.as_ptr(),
-                    b_rs,
-                    b_cs,
-                    accumulate,
-                    true,
-                    fusion,
-                )
-            }
-        }
-        Precision::F32 => {
+        None => {
             let c = &mut c[..m * n];
             if init {
                 super::init_rows(c, fused.bias, fused.residual.map(|r| &r[..m * n]), n);

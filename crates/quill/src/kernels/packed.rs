@@ -59,6 +59,27 @@ pub struct Fusion<'a> {
     pub col_sums: Option<*mut f32>,
 }
 
+impl Fusion<'_> {
+    /// C [m, n] (row stride c_rs) <- its starting value alone: zero plus the bias and the
+    /// residual when given (a product with no depth).
+    ///
+    /// # Safety
+    /// C's rows are writable; the residual has m rows of n readable elements.
+    pub(crate) unsafe fn write_start(&self, c: *mut f32, c_rs: usize, m: usize, n: usize) {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
+            row.fill(0.0);
+            if let Some(bias) = self.bias {
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            }
+            if let Some((r, rs)) = self.residual {
+                let r = std::slice::from_raw_parts(r.add(i * rs), n);
+                row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+}
+
 // Safety: the raw pointers in a Fusion are read (residual) or written in disjoint parts
 // (col_sums, by the thread packing those columns) during the one product they belong to.
 unsafe impl Send for Fusion<'_> {}
@@ -169,21 +190,8 @@ impl Problem<'_> {
         }
         if self.k == 0 {
             if !self.accumulate {
-                for i in 0..m {
-                    // Safety: row i of C has n elements; so have the bias and the residual.
-                    unsafe {
-                        let row =
-                            std::slice::from_raw_parts_mut(self.c.get().add(i * self.c_rs), n);
-                        row.fill(0.0);
-                        if let Some(bias) = self.fusion.bias {
-                            row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-                        }
-                        if let Some((r, rs)) = self.fusion.residual {
-                            let r = std::slice::from_raw_parts(r.add(i * rs), n);
-                            row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
-                        }
-                    }
-                }
+                // Safety: C has m rows of n elements at row stride c_rs.
+                unsafe { self.fusion.write_start(self.c.get(), self.c_rs, m, n) };
             }
             return;
         }

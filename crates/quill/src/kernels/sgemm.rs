@@ -126,7 +126,10 @@ pub unsafe fn matmul_fused(
         fusion,
     };
     if k == 0 {
-        p.no_depth();
+        // C is its starting value (zero, bias, residual), or unchanged when accumulating
+        if !accumulate {
+            p.fusion.write_start(c, c_rs, m, n);
+        }
         return;
     }
     let threads = rayon::current_num_threads();
@@ -144,24 +147,6 @@ pub unsafe fn matmul_fused(
 }
 
 impl Problem<'_> {
-    /// k = 0: C is its starting value (zero, bias, residual), or unchanged when accumulating.
-    unsafe fn no_depth(&self) {
-        if self.accumulate {
-            return;
-        }
-        for i in 0..self.m {
-            let row = std::slice::from_raw_parts_mut(self.c.get().add(i * self.c_rs), self.n);
-            row.fill(0.0);
-            if let Some(bias) = self.fusion.bias {
-                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-            }
-            if let Some((r, rs)) = self.fusion.residual {
-                let r = std::slice::from_raw_parts(r.add(i * rs), self.n);
-                row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
-            }
-        }
-    }
-
     fn run(&self, buf: &mut Vec<f32>, threads: usize) {
         let (m, k, n) = (self.m, self.k, self.n);
         let depth_blocks = k.div_ceil(KC);
