@@ -36,8 +36,11 @@ const KC: usize = 512;
 const NC: usize = 1536;
 /// Rows of A copied at a time when A is not contiguous along the depth (a multiple of MR).
 const MC: usize = 96;
-/// Panels per L2 sub-block (KC x 384 floats, 768 KB).
+/// Panels per L2 sub-block (KC x 384 floats, 768 KB) for the tile rows to walk.
 const NB_PANELS: usize = 6;
+/// Depth blocks up to this deep walk one panel at a time instead (its KC x 64 floats, 32 KB,
+/// stay in L1 while every six rows of A pass by).
+const SHALLOW: usize = 128;
 
 /// Problems smaller than this many multiply-adds run on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
@@ -317,8 +320,9 @@ impl Problem<'_> {
                 self.compute_copied(buf, packed, jc, nb, pc, kc, init, r0, r1, q0, q1)
             });
         }
-        for qb in (q0..q1).step_by(NB_PANELS) {
-            let qe = (qb + NB_PANELS).min(q1);
+        let step = if kc <= SHALLOW { 1 } else { NB_PANELS };
+        for qb in (q0..q1).step_by(step) {
+            let qe = (qb + step).min(q1);
             for i in (r0..r1).step_by(MR) {
                 let rows = (r1 - i).min(MR);
                 let ai = a.add(i * self.a_rs + pc * self.a_cs);
@@ -359,8 +363,9 @@ impl Problem<'_> {
                 ie - ic,
                 kc,
             );
-            for qb in (q0..q1).step_by(NB_PANELS) {
-                let qe = (qb + NB_PANELS).min(q1);
+            let step = if kc <= SHALLOW { 1 } else { NB_PANELS };
+            for qb in (q0..q1).step_by(step) {
+                let qe = (qb + step).min(q1);
                 for i in (ic..ie).step_by(MR) {
                     let rows = (ie - i).min(MR);
                     let ai = buf.as_ptr().add((i - ic) / MR * kc * MR);
