@@ -60,6 +60,18 @@ pub struct Fusion<'a> {
 }
 
 impl Fusion<'_> {
+    /// Panics unless this work fits a product of n columns: a starting value (bias,
+    /// residual) excludes accumulation, and the bias has n elements.
+    pub(crate) fn check(&self, n: usize, accumulate: bool) {
+        assert!(
+            !(accumulate && (self.bias.is_some() || self.residual.is_some())),
+            "a starting value and accumulation exclude each other"
+        );
+        if let Some(bias) = self.bias {
+            assert!(bias.len() >= n);
+        }
+    }
+
     /// C [m, n] (row stride c_rs) <- its starting value alone: zero plus the bias and the
     /// residual when given (a product with no depth).
     ///
@@ -111,13 +123,7 @@ pub unsafe fn matmul_fused(
     parallel: bool,
     fusion: Fusion,
 ) {
-    assert!(
-        !(accumulate && (fusion.bias.is_some() || fusion.residual.is_some())),
-        "a starting value and accumulation exclude each other"
-    );
-    if let Some(bias) = fusion.bias {
-        assert!(bias.len() >= n);
-    }
+    fusion.check(n, accumulate);
     let p = Problem {
         fusion,
         native: has_bf16(),

@@ -103,13 +103,7 @@ pub unsafe fn matmul_fused(
     fusion: Fusion,
 ) {
     assert!(available(), "sgemm needs AVX-512");
-    assert!(
-        !(accumulate && (fusion.bias.is_some() || fusion.residual.is_some())),
-        "a starting value and accumulation exclude each other"
-    );
-    if let Some(bias) = fusion.bias {
-        assert!(bias.len() >= n);
-    }
+    fusion.check(n, accumulate);
     if m == 0 || n == 0 {
         return;
     }
@@ -149,6 +143,33 @@ pub unsafe fn matmul_fused(
     });
 }
 
+/// One depth block of one column block of B, packed: panel q of it at packed + q*kc*NR.
+struct Block {
+    packed: *mut f32,
+    /// First column of C.
+    jc: usize,
+    /// Columns in the block.
+    nb: usize,
+    /// First depth.
+    pc: usize,
+    /// Depths in the block.
+    kc: usize,
+    /// C starts from its starting value (the first depth block, not accumulating).
+    init: bool,
+}
+
+impl Block {
+    /// Panels a tile row walks before the next six rows of A: one when the block is shallow
+    /// enough for a panel (kc x 64 floats) to stay in L1, else an L2 sub-block.
+    fn walk(&self) -> usize {
+        if self.kc <= SHALLOW {
+            1
+        } else {
+            NB_PANELS
+        }
+    }
+}
+
 impl Problem<'_> {
     fn run(&self, buf: &mut Vec<f32>, threads: usize) {
         let (m, k, n) = (self.m, self.k, self.n);
@@ -177,95 +198,72 @@ impl Problem<'_> {
             // another, instead of two passes per depth block: small products are dominated
             // by those waits
             let whole = k * panels * NR <= buf.len();
-            let base = |pc: usize| if whole { pc * panels * NR } else { 0 };
-            let pack = |pc: usize, q0: usize, q1: usize| {
-                let kc = (k - pc).min(kstep);
-                // Safety: panels q0..q1 of this depth block's part of the buffer belong to
-                // this caller alone.
-                unsafe { self.pack_b(packed.get().add(base(pc)), jc, nb, pc, kc, q0, q1) }
+            let block = |pc: usize| Block {
+                packed: packed
+                    .get()
+                    .wrapping_add(if whole { pc * panels * NR } else { 0 }),
+                jc,
+                nb,
+                pc,
+                kc: (k - pc).min(kstep),
+                init: pc == 0 && !self.accumulate,
             };
-            let compute = |pc: usize, r0: usize, r1: usize, q0: usize, q1: usize| {
-                let kc = (k - pc).min(kstep);
-                let init = pc == 0 && !self.accumulate;
-                // Safety: rows r0..r1 x panels q0..q1 of C belong to this caller alone; this
-                // depth block's panels are packed.
-                unsafe {
-                    let b = packed.get().add(base(pc)) as *const f32;
-                    self.compute(b, jc, nb, pc, kc, init, r0, r1, q0, q1)
-                }
+            // Safety (both): panels q0..q1 of a depth block's part of the buffer, and rows
+            // r0..r1 x panels q0..q1 of C, belong to the caller alone; a block's panels are
+            // packed before they are computed with.
+            let pack = |pc: usize, q0: usize, q1: usize| unsafe { self.pack_b(&block(pc), q0, q1) };
+            let compute = |pc: usize, r0: usize, r1: usize, q0: usize, q1: usize| unsafe {
+                self.compute(&block(pc), r0, r1, q0, q1)
             };
-            let depths = || (0..k).step_by(kstep);
             let panels_of = |t: usize| (panels * t / threads, panels * (t + 1) / threads);
             let rows_of = |t: usize| {
                 let r0 = (row_tiles * t / threads * MR).min(m);
                 (r0, (row_tiles * (t + 1) / threads * MR).min(m))
             };
-            if threads == 1 {
-                for pc in depths() {
-                    pack(pc, 0, panels);
-                    compute(pc, 0, m, 0, panels);
-                }
-            } else if by_panels && whole {
-                (0..threads).into_par_iter().for_each(|t| {
-                    let (q0, q1) = panels_of(t);
+            // the depth blocks in groups that run between two waits: all of them at once
+            // when they fit the buffer together, else one at a time
+            let group = if whole { k } else { kstep };
+            for g in (0..k).step_by(group) {
+                let depths = || (g..(g + group).min(k)).step_by(kstep);
+                if threads == 1 {
                     for pc in depths() {
-                        pack(pc, q0, q1);
-                        compute(pc, 0, m, q0, q1);
+                        pack(pc, 0, panels);
+                        compute(pc, 0, m, 0, panels);
                     }
-                });
-            } else if by_panels {
-                for pc in depths() {
+                } else if by_panels {
                     (0..threads).into_par_iter().for_each(|t| {
                         let (q0, q1) = panels_of(t);
-                        pack(pc, q0, q1);
-                        compute(pc, 0, m, q0, q1);
+                        for pc in depths() {
+                            pack(pc, q0, q1);
+                            compute(pc, 0, m, q0, q1);
+                        }
                     });
-                }
-            } else if whole {
-                (0..threads).into_par_iter().for_each(|t| {
-                    let (q0, q1) = panels_of(t);
-                    depths().for_each(|pc| pack(pc, q0, q1));
-                });
-                (0..threads).into_par_iter().for_each(|t| {
-                    let (r0, r1) = rows_of(t);
-                    depths().for_each(|pc| compute(pc, r0, r1, 0, panels));
-                });
-            } else {
-                for pc in depths() {
+                } else {
                     (0..threads).into_par_iter().for_each(|t| {
                         let (q0, q1) = panels_of(t);
-                        pack(pc, q0, q1);
+                        depths().for_each(|pc| pack(pc, q0, q1));
                     });
                     (0..threads).into_par_iter().for_each(|t| {
                         let (r0, r1) = rows_of(t);
-                        compute(pc, r0, r1, 0, panels);
+                        depths().for_each(|pc| compute(pc, r0, r1, 0, panels));
                     });
                 }
             }
         }
     }
 
-    /// Packs panels q0..q1 of B's block (depths pc..pc+kc, columns jc..jc+nb) into
-    /// `packed`: panel q at q*kc*NR, [depth][NR], zero past column nb. Adds the block's
-    /// column sums into col_sums when asked.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_b(
-        &self,
-        packed: *mut f32,
-        jc: usize,
-        nb: usize,
-        pc: usize,
-        kc: usize,
-        q0: usize,
-        q1: usize,
-    ) {
+    /// Packs panels q0..q1 of B's block (depths pc..pc+kc, columns jc..jc+nb): panel q at
+    /// q*kc*NR, [depth][NR], zero past column nb. Adds the block's column sums into
+    /// col_sums when asked.
+    unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
         let b = self.b as *const f32;
+        let kc = blk.kc;
         for q in q0..q1 {
             let j0 = q * NR;
-            let cols = (nb - j0).min(NR);
-            let dst = packed.add(q * kc * NR);
-            let src = b.add(pc * self.b_rs + (jc + j0) * self.b_cs);
-            let sums = self.fusion.col_sums.map(|s| s.add(jc + j0));
+            let cols = (blk.nb - j0).min(NR);
+            let dst = blk.packed.add(q * kc * NR);
+            let src = b.add(blk.pc * self.b_rs + (blk.jc + j0) * self.b_cs);
+            let sums = self.fusion.col_sums.map(|s| s.add(blk.jc + j0));
             if self.b_cs == 1 {
                 pack_rows(dst, src, self.b_rs, kc, cols, sums);
             } else if self.b_rs == 1 {
@@ -293,22 +291,8 @@ impl Problem<'_> {
         }
     }
 
-    /// Rows r0..r1 x panels q0..q1 of C's block at column jc, over depths pc..pc+kc.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn compute(
-        &self,
-        packed: *const f32,
-        jc: usize,
-        nb: usize,
-        pc: usize,
-        kc: usize,
-        init: bool,
-        r0: usize,
-        r1: usize,
-        q0: usize,
-        q1: usize,
-    ) {
-        let a = self.a as *const f32;
+    /// Rows r0..r1 x panels q0..q1 of C's part of the block.
+    unsafe fn compute(&self, blk: &Block, r0: usize, r1: usize, q0: usize, q1: usize) {
         if self.a_cs != 1 {
             // A is not contiguous along the depth (each depth of a transposed A is another
             // line, often another page): its rows are copied, MC at a time, into micro-panels
@@ -317,33 +301,26 @@ impl Problem<'_> {
                 // (a nested product on this thread copies into a buffer of its own)
                 let (mut own, mut shared) = (Vec::new(), cell.try_borrow_mut());
                 let buf = shared.as_deref_mut().unwrap_or(&mut own);
-                self.compute_copied(buf, packed, jc, nb, pc, kc, init, r0, r1, q0, q1)
+                self.compute_copied(buf, blk, r0, r1, q0, q1)
             });
         }
-        let step = if kc <= SHALLOW { 1 } else { NB_PANELS };
-        for qb in (q0..q1).step_by(step) {
-            let qe = (qb + step).min(q1);
+        let a = (self.a as *const f32).add(blk.pc * self.a_cs);
+        let walk = blk.walk();
+        for qb in (q0..q1).step_by(walk) {
+            let qe = (qb + walk).min(q1);
             for i in (r0..r1).step_by(MR) {
                 let rows = (r1 - i).min(MR);
-                let ai = a.add(i * self.a_rs + pc * self.a_cs);
-                self.row_tiles(
-                    packed, jc, nb, kc, init, i, rows, ai, self.a_rs, self.a_cs, qb, qe,
-                );
+                let ai = a.add(i * self.a_rs);
+                self.row_tiles(blk, i, rows, (ai, self.a_rs, self.a_cs), qb, qe);
             }
         }
     }
 
     /// [`Self::compute`] with A's rows copied into `buf`, MC rows at a time.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn compute_copied(
         &self,
         buf: &mut Vec<f32>,
-        packed: *const f32,
-        jc: usize,
-        nb: usize,
-        pc: usize,
-        kc: usize,
-        init: bool,
+        blk: &Block,
         r0: usize,
         r1: usize,
         q0: usize,
@@ -352,52 +329,39 @@ impl Problem<'_> {
         if buf.len() < MC * KC {
             buf.resize(MC * KC, 0.0);
         }
-        let a = self.a as *const f32;
+        let (a, kc) = ((self.a as *const f32).add(blk.pc * self.a_cs), blk.kc);
+        let walk = blk.walk();
         for ic in (r0..r1).step_by(MC) {
             let ie = (ic + MC).min(r1);
-            copy_rows(
-                buf,
-                a.add(ic * self.a_rs + pc * self.a_cs),
-                self.a_rs,
-                self.a_cs,
-                ie - ic,
-                kc,
-            );
-            let step = if kc <= SHALLOW { 1 } else { NB_PANELS };
-            for qb in (q0..q1).step_by(step) {
-                let qe = (qb + step).min(q1);
+            let rows_ic = a.add(ic * self.a_rs);
+            copy_rows(buf, rows_ic, self.a_rs, self.a_cs, ie - ic, kc);
+            for qb in (q0..q1).step_by(walk) {
+                let qe = (qb + walk).min(q1);
                 for i in (ic..ie).step_by(MR) {
                     let rows = (ie - i).min(MR);
                     let ai = buf.as_ptr().add((i - ic) / MR * kc * MR);
-                    self.row_tiles(packed, jc, nb, kc, init, i, rows, ai, 1, MR, qb, qe);
+                    self.row_tiles(blk, i, rows, (ai, 1, MR), qb, qe);
                 }
             }
         }
     }
 
-    /// The tiles of rows i..i+rows (A's rows at `ai`, strides a_rs, a_cs) against panels
-    /// qb..qe.
-    #[allow(clippy::too_many_arguments)]
+    /// The tiles of rows i..i+rows against panels qb..qe; A's rows at `a` = (pointer to row
+    /// i at the block's first depth, row stride, depth stride).
     unsafe fn row_tiles(
         &self,
-        packed: *const f32,
-        jc: usize,
-        nb: usize,
-        kc: usize,
-        init: bool,
+        blk: &Block,
         i: usize,
         rows: usize,
-        ai: *const f32,
-        a_rs: usize,
-        a_cs: usize,
+        a: (*const f32, usize, usize),
         qb: usize,
         qe: usize,
     ) {
         let f = &self.fusion;
         for q in qb..qe {
-            let j = jc + q * NR;
-            let cols = (nb - q * NR).min(NR);
-            let start = if init {
+            let j = blk.jc + q * NR;
+            let cols = (blk.nb - q * NR).min(NR);
+            let start = if blk.init {
                 Start::Init(
                     f.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
                     f.residual
@@ -407,11 +371,11 @@ impl Problem<'_> {
                 Start::Add
             };
             let t = Tile {
-                kc,
-                a: ai,
-                a_rs,
-                a_cs,
-                b: packed.add(q * kc * NR),
+                kc: blk.kc,
+                a: a.0,
+                a_rs: a.1,
+                a_cs: a.2,
+                b: blk.packed.add(q * blk.kc * NR),
                 c: self.c.get().add(i * self.c_rs + j),
                 c_rs: self.c_rs,
                 rows,
