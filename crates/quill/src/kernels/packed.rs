@@ -731,6 +731,13 @@ unsafe fn kernel_avx512bf16(
     store: Store,
 ) {
     use std::arch::x86_64::*;
+    // C's lines (and a residual starting value's) are on their way while the tile computes
+    super::simd::prefetch_tile(c, c_rs, rows, cols, true);
+    if let Store::Init(_, (res, rs)) = store {
+        if !res.is_null() {
+            super::simd::prefetch_tile(res, rs, rows, cols, false);
+        }
+    }
     let z = _mm512_setzero_ps();
     let mut acc = [[z; 2]; MR];
     for p in 0..kp {

@@ -41,6 +41,8 @@ const NB_PANELS: usize = 6;
 /// Depth blocks up to this deep walk one panel at a time instead (its KC x 64 floats, 32 KB,
 /// stay in L1 while every six rows of A pass by).
 const SHALLOW: usize = 128;
+/// Floats kept spare in the packing buffer to start it on a cache line.
+const ALIGN: usize = 16;
 
 /// Problems smaller than this many multiply-adds run on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
@@ -176,11 +178,13 @@ impl Problem<'_> {
         let depth_blocks = k.div_ceil(KC);
         let kstep = k.div_ceil(depth_blocks);
         let ncols = n.min(NC).div_ceil(NR) * NR;
-        if buf.len() < kstep * ncols {
+        if buf.len() < kstep * ncols + ALIGN {
             // the largest block there can be, so the buffer is sized once
-            buf.resize(KC * NC, 0.0);
+            buf.resize(KC * NC + ALIGN, 0.0);
         }
-        let packed = SendPtr(buf.as_mut_ptr());
+        // panels start on a cache line, so no load of B straddles two
+        let start = buf.as_ptr().align_offset(64).min(ALIGN);
+        let packed = SendPtr(buf[start..].as_mut_ptr());
         let row_tiles = m.div_ceil(MR);
         for jc in (0..n).step_by(NC) {
             let nb = (n - jc).min(NC);
@@ -197,7 +201,7 @@ impl Problem<'_> {
             // in one parallel pass (depth block pc at pc * panels * NR) and computed in
             // another, instead of two passes per depth block: small products are dominated
             // by those waits
-            let whole = k * panels * NR <= buf.len();
+            let whole = k * panels * NR + ALIGN <= buf.len();
             let block = |pc: usize| Block {
                 packed: packed
                     .get()
@@ -486,6 +490,13 @@ unsafe fn tile<const V: usize>(t: &Tile) {
         *p = t.a.add(r * t.a_rs);
     }
     let a_cs = t.a_cs;
+    // C's lines (and a residual starting value's) are on their way while the tile computes
+    super::simd::prefetch_tile(t.c, t.c_rs, t.rows, t.cols, true);
+    if let Start::Init(_, (res, rs)) = t.start {
+        if !res.is_null() {
+            super::simd::prefetch_tile(res, rs, t.rows, t.cols, false);
+        }
+    }
     for p in 0..t.kc {
         let mut bv = [z; V];
         for (v, x) in bv.iter_mut().enumerate() {
