@@ -1,7 +1,7 @@
 //! quill's f32 kernel (kernels/sgemm.rs) against the `gemm` crate on the training shapes of
 //! char (every product of a step), gpt2-mini, gpt2-small and nano: best GFLOP/s of five
 //! rounds each, alternating.
-//! `cargo run --release -p quill --example sgbench [shape index]`.
+//! `cargo run --release -p quill --example sgbench [shape index | m k n [ta tb]]`.
 use quill::kernels::{packed::Fusion, sgemm};
 use std::time::Instant;
 fn main() {
@@ -36,7 +36,20 @@ fn main() {
         (768, 128, 384, false, false),
         (128, 768, 384, true, false),
     ];
-    let only: Option<usize> = std::env::args().nth(1).map(|x| x.parse().unwrap());
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|x| x.parse().expect("arguments are numbers"))
+        .collect();
+    let custom;
+    let (shapes, only) = match args[..] {
+        // one shape of your own: m k n [A transposed (0/1)] [B transposed (0/1)]
+        [m, k, n, ref t @ ..] => {
+            custom = [(m, k, n, t.first() == Some(&1), t.get(1) == Some(&1))];
+            (&custom[..], None)
+        }
+        [i] => (shapes, Some(i)),
+        _ => (shapes, None),
+    };
     for (idx, &(m, k, n, ta, tb)) in shapes.iter().enumerate() {
         if only.is_some_and(|o| o != idx) {
             continue;
