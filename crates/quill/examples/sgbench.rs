@@ -48,7 +48,11 @@ fn main() {
             (&custom[..], None)
         }
         [i] => (shapes, Some(i)),
-        _ => (shapes, None),
+        [] => (shapes, None),
+        _ => {
+            eprintln!("usage: sgbench [shape index | m k n [ta tb]]");
+            std::process::exit(2);
+        }
     };
     for (idx, &(m, k, n, ta, tb)) in shapes.iter().enumerate() {
         if only.is_some_and(|o| o != idx) {
