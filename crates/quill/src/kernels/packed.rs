@@ -294,15 +294,7 @@ impl Problem<'_> {
             // Safety: (i, j) is a tile of C inside this part; the starting values have the
             // shape of C.
             unsafe {
-                let store = if add {
-                    Store::Add
-                } else {
-                    Store::Init(
-                        f.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
-                        f.residual
-                            .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
-                    )
-                };
+                let store = Store::at(f, !add, i, j);
                 let cp = self.c.get().add(i * self.c_rs + j);
                 kernel(
                     kp,
@@ -612,13 +604,47 @@ unsafe fn pack_lines_contiguous(
     }
 }
 
-/// How a tile's accumulators reach C.
+/// How a tile's accumulators reach C (both product kernels' tiles, f32 and bf16).
 #[derive(Clone, Copy)]
-enum Store {
+pub(crate) enum Store {
     /// C += tile.
     Add,
     /// C = tile + bias[j] (unless null) + residual[i, j] (unless null; its row stride).
     Init(*const f32, (*const f32, usize)),
+}
+
+impl Store {
+    /// The store of the tile whose first element is C[i, j]: C's starting value from the
+    /// fused bias and residual when `init` (the first depth block, not accumulating), else
+    /// an addition to C.
+    ///
+    /// # Safety
+    /// (i, j) lies inside C, whose shape the bias and residual have.
+    pub(crate) unsafe fn at(fusion: &Fusion, init: bool, i: usize, j: usize) -> Store {
+        if !init {
+            return Store::Add;
+        }
+        Store::Init(
+            fusion.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
+            fusion
+                .residual
+                .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
+        )
+    }
+
+    /// Starts bringing in the lines a tile's store will touch (C's, for writing, and a
+    /// residual's), so they arrive while the tile computes; see
+    /// [`super::simd::prefetch_tile`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) fn prefetch(self, c: *const f32, c_rs: usize, rows: usize, cols: usize) {
+        super::simd::prefetch_tile(c, c_rs, rows, cols, true);
+        if let Store::Init(_, (res, rs)) = self {
+            if !res.is_null() {
+                super::simd::prefetch_tile(res, rs, rows, cols, false);
+            }
+        }
+    }
 }
 
 /// One MR x NR tile of C (+)= packed A panel · packed B panel over `kp` steps; only `rows` x
@@ -731,13 +757,7 @@ unsafe fn kernel_avx512bf16(
     store: Store,
 ) {
     use std::arch::x86_64::*;
-    // C's lines (and a residual starting value's) are on their way while the tile computes
-    super::simd::prefetch_tile(c, c_rs, rows, cols, true);
-    if let Store::Init(_, (res, rs)) = store {
-        if !res.is_null() {
-            super::simd::prefetch_tile(res, rs, rows, cols, false);
-        }
-    }
+    store.prefetch(c, c_rs, rows, cols);
     let z = _mm512_setzero_ps();
     let mut acc = [[z; 2]; MR];
     for p in 0..kp {

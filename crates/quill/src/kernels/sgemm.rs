@@ -21,7 +21,7 @@
 //! The one packing buffer is per calling thread and reused (sized for the largest block at
 //! the first call), so nothing allocates after the first product.
 
-use super::packed::{mask16, transpose16, Fusion};
+use super::packed::{mask16, transpose16, Fusion, Store};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -365,15 +365,6 @@ impl Problem<'_> {
         for q in qb..qe {
             let j = blk.jc + q * NR;
             let cols = (blk.nb - q * NR).min(NR);
-            let start = if blk.init {
-                Start::Init(
-                    f.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
-                    f.residual
-                        .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
-                )
-            } else {
-                Start::Add
-            };
             let t = Tile {
                 kc: blk.kc,
                 a: a.0,
@@ -384,7 +375,7 @@ impl Problem<'_> {
                 c_rs: self.c_rs,
                 rows,
                 cols,
-                start,
+                store: Store::at(f, blk.init, i, j),
             };
             match cols.div_ceil(16) {
                 1 => tile::<1>(&t),
@@ -450,15 +441,6 @@ unsafe fn copy_rows_avx512(dst: &mut [f32], a: *const f32, a_cs: usize, rows: us
     }
 }
 
-/// What a tile's store adds to the product.
-#[derive(Clone, Copy)]
-enum Start {
-    /// C's old value.
-    Add,
-    /// bias[j] (unless null) plus residual[i*rs + j] (unless null), instead of C's value.
-    Init(*const f32, (*const f32, usize)),
-}
-
 /// One register tile: rows x cols (at most MR x NR) of C over kc depths, A read in place,
 /// B from a packed panel.
 struct Tile {
@@ -471,7 +453,7 @@ struct Tile {
     c_rs: usize,
     rows: usize,
     cols: usize,
-    start: Start,
+    store: Store,
 }
 
 /// The tile with V column vectors (16 columns each; V = 4 is the full 64). Rows past `rows`
@@ -490,13 +472,7 @@ unsafe fn tile<const V: usize>(t: &Tile) {
         *p = t.a.add(r * t.a_rs);
     }
     let a_cs = t.a_cs;
-    // C's lines (and a residual starting value's) are on their way while the tile computes
-    super::simd::prefetch_tile(t.c, t.c_rs, t.rows, t.cols, true);
-    if let Start::Init(_, (res, rs)) = t.start {
-        if !res.is_null() {
-            super::simd::prefetch_tile(res, rs, t.rows, t.cols, false);
-        }
-    }
+    t.store.prefetch(t.c, t.c_rs, t.rows, t.cols);
     for p in 0..t.kc {
         let mut bv = [z; V];
         for (v, x) in bv.iter_mut().enumerate() {
@@ -514,9 +490,9 @@ unsafe fn tile<const V: usize>(t: &Tile) {
         for (v, &x) in acc_r.iter().enumerate() {
             let mask = mask16(t.cols.saturating_sub(16 * v));
             let at = 16 * v;
-            let out = match t.start {
-                Start::Add => _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, row.add(at))),
-                Start::Init(bias, (res, rs)) => {
+            let out = match t.store {
+                Store::Add => _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, row.add(at))),
+                Store::Init(bias, (res, rs)) => {
                     let mut y = x;
                     if !bias.is_null() {
                         y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias.add(at)));
