@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use quill::chat::{ChatTemplate, Message};
 use quill::io::hf::{GenerationConfig, Opened};
-use quill::model::Model;
 use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
@@ -797,7 +796,7 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     let (logits, v) = if a.model.is_file() {
         llama2c_logits(&a.model, &ids)?
     } else {
-        let model = Model::load(&a.model, true)?;
+        let model = quill::io::hf::load(&a.model, true)?;
         (model.logits_all(&ids)?, model.vocab_size())
     };
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
@@ -1142,7 +1141,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
         } => {
             let copy = quill::bench::peak().copy_gbs;
             quill::bench::reset_peak_rss();
-            let m = Model::load(&model, true)?;
+            let m = quill::io::hf::load(&model, true)?;
             let r = quill::bench::generate(
                 &m,
                 &model.display().to_string(),

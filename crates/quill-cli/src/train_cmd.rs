@@ -7,7 +7,7 @@ use quill::data::prepare::{
     Source,
 };
 use quill::kernels::matmul::Precision;
-use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
+use quill::model::{Config, Gpt2Config, LlamaConfig, Model};
 use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
@@ -195,7 +195,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let (mut model, tok) = match &a.init {
         Some(dir) => {
-            let model = Model::load(dir, false)?;
+            let model = quill::io::hf::load(dir, false)?;
             let tok = Tokenizer::load(dir)
                 .with_context(|| format!("--init {}: its tokenizer", dir.display()))?;
             for flag in [
@@ -231,13 +231,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     if a.kv_heads.is_some() {
                         bail!("--kv-heads needs --arch llama (GPT-2 has one kv head per head)");
                     }
-                    Model::Gpt2(Gpt2::new(Gpt2Config::new(
+                    Model::new(Config::Gpt2(Gpt2Config::new(
                         tok.vocab_size(),
                         ctx,
                         width,
                         layers,
                         heads,
-                    ))?)
+                    )))?
                 }
                 "llama" => {
                     if heads == 0 || !width.is_multiple_of(heads) {
@@ -251,7 +251,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         heads,
                         a.kv_heads.unwrap_or(heads),
                     );
-                    Model::Llama(Llama::new(cfg)?)
+                    Model::new(Config::Llama(cfg))?
                 }
                 other => bail!("--arch {other:?}: expected gpt2 or llama"),
             };
@@ -421,7 +421,7 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
             .or(info.dtype.as_deref())
             .unwrap_or("f32"),
     )?;
-    let mut model = Model::load(out, false)?;
+    let mut model = quill::io::hf::load(out, false)?;
     model.set_precision(precision);
     check_writable(out)?;
     let tok = Tokenizer::load(out)?;

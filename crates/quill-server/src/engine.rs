@@ -5,7 +5,7 @@
 //! Each request streams its text back through a channel; a dropped receiver (the client went
 //! away) ends it.
 
-use quill::model::{BatchScratch, Cache, Model};
+use quill::model::{Cache, Model, Rows, Scratch, Segment};
 use quill::sample::{apply_repetition_penalty, Sampler, SamplingParams};
 use quill::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::HashMap;
@@ -139,7 +139,7 @@ impl Drop for Seq {
 
 fn run(shared: &Shared, rx: Receiver<Job>, max_active: usize) {
     let mut active: Vec<Seq> = Vec::new();
-    let mut scratch = BatchScratch::default();
+    let mut scratch = Scratch::default();
     let mut logits = Vec::new();
     loop {
         while active.len() < max_active {
@@ -165,7 +165,7 @@ fn run(shared: &Shared, rx: Receiver<Job>, max_active: usize) {
 }
 
 /// One token for every running request, then one batched pass over the model.
-fn round(shared: &Shared, active: &mut [Seq], scratch: &mut BatchScratch, logits: &mut Vec<f32>) {
+fn round(shared: &Shared, active: &mut [Seq], scratch: &mut Scratch, logits: &mut Vec<f32>) {
     let mut next = Vec::with_capacity(active.len());
     for s in active.iter_mut() {
         match pick(shared, s) {
@@ -176,14 +176,18 @@ fn round(shared: &Shared, active: &mut [Seq], scratch: &mut BatchScratch, logits
     if next.is_empty() {
         return;
     }
-    let mut caches: Vec<&mut Cache> = active
+    // each running request is a segment of one token continuing its own cache
+    let mut segs: Vec<Segment> = active
         .iter_mut()
         .filter(|s| !s.done)
-        .map(|s| &mut s.cache)
+        .zip(next.chunks(1))
+        .map(|(s, ids)| Segment {
+            cache: &mut s.cache,
+            ids,
+        })
         .collect();
-    let result = shared
-        .model
-        .forward_batch(&mut caches, &next, logits, scratch);
+    let result = shared.model.step(&mut segs, Rows::Last, logits, scratch);
+    drop(segs);
     let v = shared.model.vocab_size();
     for (i, s) in active.iter_mut().filter(|s| !s.done).enumerate() {
         match &result {

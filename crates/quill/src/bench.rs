@@ -3,7 +3,7 @@
 //! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
 
 use crate::kernels::matmul::{matmul, Precision};
-use crate::model::{Activations, Gpt2, Gpt2Config, Model};
+use crate::model::{Batch, Config, Gpt2Config, Model};
 use crate::rng::Rng;
 use crate::train::optimizer::AdamW;
 use crate::{Error, Result};
@@ -181,10 +181,10 @@ pub fn train(
     reset_peak_rss();
     let baseline = current_rss().unwrap_or(0);
     let mc = Gpt2Config::new(cfg.vocab, seq, cfg.width, cfg.layers, cfg.heads);
-    let mut model = Gpt2::new(mc)?;
+    let mut model = Model::new(Config::Gpt2(mc))?;
     model.init(0);
     model.precision = precision;
-    let mut acts = Activations::new(&model.config, batch, seq);
+    let mut acts = model.new_acts(batch, seq);
     let mut grads = vec![0.0f32; model.num_params()];
     let mut opt = AdamW::new(model.num_params(), 0.9, 0.95, 1e-8, 0.1);
     let mut rng = Rng::new(0);
@@ -199,14 +199,19 @@ pub fn train(
         let t = Instant::now();
         grads.fill(0.0);
         model.forward(&mut acts, &ids)?;
-        model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+        let batch = Batch {
+            ids: &ids,
+            targets: &targets,
+            grad_scale: 1.0,
+        };
+        model.backward(&mut acts, &mut grads, batch);
         opt.step_clipped(&model.layout, &mut model.params, &grads, 3e-4, 1.0);
         if step >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
     }
     let tokens = (batch * seq) as f64;
-    let n = model.num_params() - model.wpe.len;
+    let n = model.num_params() - seq * cfg.width; // the position table is a lookup
     let flops_per_token = 6.0 * n as f64 + 12.0 * (cfg.layers * cfg.width * seq) as f64;
     let best = times.iter().cloned().fold(f64::MAX, f64::min);
     let tps = tokens / median(times);

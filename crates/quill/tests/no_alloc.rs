@@ -6,7 +6,7 @@
 //! non-zero) and reported, not failed.
 
 use quill::kernels::matmul::{Precision, GEMM_CALLS_ACTIVE};
-use quill::model::{Gpt2, Gpt2Config, Llama, LlamaConfig, Model};
+use quill::model::{Batch, Config, Gpt2Config, LlamaConfig, Model};
 use quill::train::optimizer::AdamW;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -58,11 +58,11 @@ fn count(what: &str, f: impl FnOnce()) -> usize {
 }
 
 fn models() -> Vec<Model> {
-    let mut g = Gpt2::new(Gpt2Config::new(50, 40, 32, 2, 4)).unwrap();
+    let mut g = Model::new(Config::Gpt2(Gpt2Config::new(50, 40, 32, 2, 4))).unwrap();
     g.init(1);
-    let mut l = Llama::new(LlamaConfig::new(50, 40, 32, 2, 4, 2)).unwrap();
+    let mut l = Model::new(Config::Llama(LlamaConfig::new(50, 40, 32, 2, 4, 2))).unwrap();
     l.init(1);
-    vec![Model::Gpt2(g), Model::Llama(l)]
+    vec![g, l]
 }
 
 #[test]
@@ -95,7 +95,15 @@ fn check_models() {
         let mut step = |model: &mut Model| {
             grads.fill(0.0);
             model.forward(&mut acts, &ids).unwrap();
-            model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+            model.backward(
+                &mut acts,
+                &mut grads,
+                Batch {
+                    ids: &ids,
+                    targets: &targets,
+                    grad_scale: 1.0,
+                },
+            );
             let (layout, params) = model.params_mut();
             // as the trainer does: the gradient norm, clipping and AdamW in one
             opt.step_clipped(layout, params, &grads, 1e-3, 0.5);

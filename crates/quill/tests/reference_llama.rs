@@ -8,11 +8,11 @@
 //! relative to its tensor's largest |value| (or 1e-5 abs), greedy ids exact, and the cached
 //! logits of every greedy step 1e-4 abs.
 
-use quill::io::hf::load_llama;
+use quill::io::hf::load;
 use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
 use quill::kernels::matmul::Precision;
-use quill::model::LlamaActivations;
+use quill::model::{Activations, Batch};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -60,10 +60,10 @@ fn check_training_pass(name: &str) {
 /// 5e-2 of each tensor's largest |value| with cosine similarity above 0.999, and logits that
 /// differ from the f32 ones (so the bf16 path is the one checked).
 fn check_pass(name: &str, precision: Precision) {
-    let mut model = load_llama(&fixture(name), false).unwrap();
+    let mut model = load(&fixture(name), false).unwrap();
     model.precision = precision;
     let bf16 = precision == Precision::Bf16;
-    assert!(model.mapped.is_none());
+    assert!(!model.is_mapped());
     let expected = SafetensorsFile::open(&fixture(name).join("expected.safetensors")).unwrap();
     let (shape, ids) = read(&expected, "input_ids");
     let (b, t) = (shape[0], shape[1]);
@@ -71,7 +71,7 @@ fn check_pass(name: &str, precision: Precision) {
     let targets: Vec<u32> = (0..b * t)
         .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
         .collect();
-    let mut acts = LlamaActivations::new(&model.config, b, t);
+    let mut acts = Activations::new(&model, b, t);
     model.forward(&mut acts, &ids).unwrap();
     let (_, want_logits) = read(&expected, "logits");
     let d = max_abs_diff(&acts.logits, &want_logits);
@@ -96,7 +96,15 @@ fn check_pass(name: &str, precision: Precision) {
     );
 
     let mut grads = vec![0.0; model.num_params()];
-    model.backward(&mut acts, &mut grads, &ids, &targets, 1.0);
+    model.backward(
+        &mut acts,
+        &mut grads,
+        Batch {
+            ids: &ids,
+            targets: &targets,
+            grad_scale: 1.0,
+        },
+    );
     let mut checked = 0;
     for spec in &model.layout.tensors {
         let (gshape, want) = read(&expected, &format!("grad.{}", spec.name));
@@ -145,13 +153,13 @@ fn check_pass(name: &str, precision: Precision) {
 }
 
 fn check_greedy(name: &str, map: bool) {
-    let model = load_llama(&fixture(name), map).unwrap();
-    assert_eq!(model.mapped.is_some(), map);
+    let model = load(&fixture(name), map).unwrap();
+    assert_eq!(model.is_mapped(), map);
     let expected = SafetensorsFile::open(&fixture(name).join("expected.safetensors")).unwrap();
     let (_, greedy) = read(&expected, "greedy_ids");
     let greedy: Vec<u32> = greedy.iter().map(|&x| x as u32).collect();
     let (_, want_logits) = read(&expected, "greedy_logits");
-    let v = model.config.vocab_size;
+    let v = model.vocab_size();
     let n_new = want_logits.len() / v;
     let prompt = &greedy[..greedy.len() - n_new];
     let mut cache = model.new_cache(64);
@@ -199,13 +207,13 @@ fn greedy_generation_with_kv_cache_matches_transformers() {
 #[test]
 fn cached_prefill_gives_the_training_logits() {
     for name in ["llama-tiny", "qwen2-tiny"] {
-        let model = load_llama(&fixture(name), true).unwrap();
+        let model = load(&fixture(name), true).unwrap();
         let expected = SafetensorsFile::open(&fixture(name).join("expected.safetensors")).unwrap();
         let (shape, ids) = read(&expected, "input_ids");
         let t = shape[1];
         let ids: Vec<u32> = ids[..t].iter().map(|&x| x as u32).collect();
         let (_, want) = read(&expected, "logits");
-        let v = model.config.vocab_size;
+        let v = model.vocab_size();
         // prefill of 5, then one token at a time
         let mut cache = model.new_cache(t);
         let mut logits = Vec::new();

@@ -2,8 +2,8 @@
 //! `model.safetensors.index.json`), under HF's weight names.
 
 use super::safetensors::{write_f32, SafetensorsFile};
-use crate::model::params::{Mapped, MappedDtype};
-use crate::model::{Gpt2, Gpt2Config, Llama, LlamaConfig};
+use crate::model::weight::{MappedDtype, Orient, Storage};
+use crate::model::{Config, Gpt2Config, LlamaConfig, Model, View, SUPPORTED_ARCHITECTURES};
 use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -104,33 +104,34 @@ fn nearest<'a>(name: &str, names: impl Iterator<Item = &'a String>) -> String {
         .join(", ")
 }
 
-/// Loads a GPT-2 folder. Accepts both `transformer.`-prefixed names (GPT2LMHeadModel) and
-/// bare names (GPT2Model, as in OpenAI's original upload); a stored `lm_head.weight` of a tied
-/// model is ignored (it equals the embedding).
-pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
-    if !dir.is_dir() {
-        return Err(Error::Input(format!(
-            "{}: no such model folder",
-            dir.display()
-        )));
-    }
-    let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::Input(format!(
-            "{}: no config.json in this folder",
-            dir.display()
-        )));
-    }
-    let config = Gpt2Config::load(&config_path)?;
+/// Opens a model folder, choosing the architecture from config.json's `model_type`. With
+/// `map` (for inference only), weight matrices stay in the files, memory-mapped in their
+/// stored precision (f32, bf16 or f16), and input-major matrices (GPT-2's) are turned around
+/// for decoding ([`Model::to_inference_layout`]); without it every tensor is read into f32
+/// and the model can train. GPT-2 folders may use `transformer.`-prefixed names
+/// (GPT2LMHeadModel) or bare ones (GPT2Model, as in OpenAI's original upload); a stored
+/// `lm_head.weight` of a tied model is ignored (it equals the embedding).
+pub fn load(dir: &Path, map: bool) -> Result<Model> {
+    let config_path = model_dir_config(dir)?;
+    let config = read_config(&config_path)?;
     let weights = Weights::open(dir)?;
-    let mut model = Gpt2::new(config)?;
-    let specs = model.layout.tensors.clone();
-    for spec in &specs {
+    let mut model = Model::new(config)?;
+    let mut mapped: Vec<(View, Storage)> = Vec::new();
+    let mappable: Vec<View> = {
+        let mut v = Vec::new();
+        model.for_each_weight(|w| {
+            if w.orient == Orient::OutIn {
+                v.push(w.view)
+            }
+        });
+        v
+    };
+    for spec in &model.layout.tensors.clone() {
         let bare = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
-        let stored = [spec.name.as_str(), bare]
+        let Some(stored) = [spec.name.as_str(), bare]
             .into_iter()
-            .find(|n| weights.contains(n));
-        let Some(stored) = stored else {
+            .find(|n| weights.contains(n))
+        else {
             return Err(Error::Input(format!(
                 "{}: missing tensor {} (nearest present: {})",
                 dir.display(),
@@ -141,87 +142,106 @@ pub fn load_gpt2(dir: &Path) -> Result<Gpt2> {
         if let Some(shape) = weights.shape(stored)? {
             if shape != spec.shape {
                 return Err(Error::Input(format!(
-                    "{}: tensor {} has shape {:?} but config.json implies {:?} (vocab_size={}, n_positions={}, n_embd={}, n_inner={})",
+                    "{}: tensor {} has shape {:?} but config.json implies {:?} ({})",
                     dir.display(),
                     stored,
                     shape,
                     spec.shape,
-                    model.config.vocab_size,
-                    model.config.n_positions,
-                    model.config.n_embd,
-                    model.config.mlp_dim()
+                    shape_fields(&model.config)
                 )));
+            }
+        }
+        if map && mappable.contains(&spec.view) {
+            if let Some(storage) = map_tensor(&weights, stored, spec.view.len)? {
+                mapped.push((spec.view, storage));
+                continue;
             }
         }
         weights.read_into(stored, &spec.shape, spec.view.of_mut(&mut model.params))?;
     }
+    model.for_each_weight(|w| {
+        if let Some((_, s)) = mapped.iter().find(|(v, _)| *v == w.view) {
+            w.storage = s.clone();
+        }
+    });
+    if map {
+        model.to_inference_layout();
+    }
     Ok(model)
 }
 
-/// Loads a Llama, Mistral or Qwen2 folder. With `map`, weight matrices stay in the files
-/// (memory-mapped, in their stored precision) and only vectors are converted to f32; without
-/// it every tensor is read into f32 (needed for training).
-pub fn load_llama(dir: &Path, map: bool) -> Result<Llama> {
-    let config_path = model_dir_config(dir)?;
-    let config = LlamaConfig::load(&config_path)?;
-    let weights = Weights::open(dir)?;
-    let mut model = Llama::new(config)?;
-    let mut mapped = Mapped::new(weights.files.iter().map(|f| f.map()).collect());
-    let specs = model.layout.tensors.clone();
-    for spec in &specs {
-        let name = spec.name.as_str();
-        if !weights.contains(name) {
-            return Err(Error::Input(format!(
-                "{}: missing tensor {} (nearest present: {})",
-                dir.display(),
-                name,
-                nearest(name, weights.names())
-            )));
-        }
-        if let Some(shape) = weights.shape(name)? {
-            if shape != spec.shape {
-                let c = &model.config;
-                return Err(Error::Input(format!(
-                    "{}: tensor {} has shape {:?} but config.json implies {:?} (vocab_size={}, hidden_size={}, intermediate_size={}, heads={}, kv_heads={}, head_dim={})",
-                    dir.display(),
-                    name,
-                    shape,
-                    spec.shape,
-                    c.vocab_size,
-                    c.hidden_size,
-                    c.intermediate_size,
-                    c.num_attention_heads,
-                    c.num_key_value_heads,
-                    c.head_dim
-                )));
-            }
-        }
-        if map && spec.is_matrix() {
-            let file = weights.file(name).expect("present");
-            let (dtype, bytes) = file.raw(name)?;
-            let (md, size) = match dtype {
-                ::safetensors::Dtype::F32 => (MappedDtype::F32, 4),
-                ::safetensors::Dtype::BF16 => (MappedDtype::Bf16, 2),
-                ::safetensors::Dtype::F16 => (MappedDtype::F16, 2),
-                other => {
-                    return Err(Error::format(
-                        &file.path,
-                        format!("tensor {name}: dtype {other:?} is not supported (supported: F32, F16, BF16)"),
-                    ))
-                }
-            };
-            if bytes.len() == spec.view.len * size && (bytes.as_ptr() as usize).is_multiple_of(size)
-            {
-                mapped.insert(spec.view, md, bytes);
-                continue;
-            }
-        }
-        weights.read_into(name, &spec.shape, spec.view.of_mut(&mut model.params))?;
+/// The config.json fields that set tensor shapes, for shape-mismatch messages.
+fn shape_fields(config: &Config) -> String {
+    match config {
+        Config::Gpt2(c) => format!(
+            "vocab_size={}, n_positions={}, n_embd={}, n_inner={}",
+            c.vocab_size,
+            c.n_positions,
+            c.n_embd,
+            c.mlp_dim()
+        ),
+        Config::Llama(c) => format!(
+            "vocab_size={}, hidden_size={}, intermediate_size={}, heads={}, kv_heads={}, head_dim={}",
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim
+        ),
     }
-    if !mapped.is_empty() {
-        model.mapped = Some(std::sync::Arc::new(mapped));
+}
+
+/// Tensor `name` left in its file: None when its bytes cannot be read in place (misaligned),
+/// an error for a dtype quill cannot multiply by.
+fn map_tensor(weights: &Weights, name: &str, len: usize) -> Result<Option<Storage>> {
+    let file = weights
+        .file(name)
+        .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
+    let (dtype, bytes) = file.raw(name)?;
+    let md =
+        match dtype {
+            ::safetensors::Dtype::F32 => MappedDtype::F32,
+            ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
+            ::safetensors::Dtype::F16 => MappedDtype::F16,
+            other => return Err(Error::format(
+                &file.path,
+                format!(
+                    "tensor {name}: dtype {other:?} is not supported (supported: F32, F16, BF16)"
+                ),
+            )),
+        };
+    let map = file.map();
+    if bytes.len() != len * md.bytes() {
+        return Ok(None);
     }
-    Ok(model)
+    let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
+    Ok(Storage::mapped(map, start, len, md))
+}
+
+/// Reads config.json into the architecture's configuration.
+fn read_config(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
+    match model_type {
+        "gpt2" => Ok(Config::Gpt2(Gpt2Config::load(path)?)),
+        "llama" | "mistral" | "qwen2" => Ok(Config::Llama(LlamaConfig::load(path)?)),
+        _ => {
+            let arch = v
+                .get("architectures")
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "none".into());
+            Err(Error::format(
+                path,
+                format!(
+                    "model_type {model_type:?} (architectures {arch}) is not supported; supported: {}",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 fn model_dir_config(dir: &Path) -> Result<PathBuf> {
@@ -241,64 +261,27 @@ fn model_dir_config(dir: &Path) -> Result<PathBuf> {
     Ok(config_path)
 }
 
-/// Writes a Llama-family model as `config.json` + `model.safetensors` (f32), atomically.
-pub fn save_llama(
-    dir: &Path,
-    model: &Llama,
-    extra_metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    if model.mapped.is_some() {
-        return Err(Error::Input(
-            "cannot save a memory-mapped model; materialize it first".into(),
-        ));
-    }
-    save_folder(
-        dir,
-        &model.layout,
-        &model.params,
-        &model.config.to_hf_json(),
-        extra_metadata,
-    )
-}
-
-/// Writes `config.json` and `model.safetensors` (each atomically) into `dir`.
-pub fn save_gpt2(
-    dir: &Path,
-    model: &Gpt2,
-    extra_metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    if model.inference_layout {
-        return Err(Error::Input(
-            "cannot save a model opened for generation (transposed weights)".into(),
-        ));
-    }
-    save_folder(
-        dir,
-        &model.layout,
-        &model.params,
-        &model.config.to_hf_json(),
-        extra_metadata,
-    )
-}
-
-/// The f32 tensors of `layout` as `model.safetensors` and `config` as `config.json`.
-fn save_folder(
-    dir: &Path,
-    layout: &crate::model::ParamLayout,
-    params: &[f32],
-    config: &serde_json::Value,
-    extra_metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+/// Writes the model as `config.json` + `model.safetensors` (f32) into `dir`, each atomically.
+pub fn save(dir: &Path, model: &Model, extra_metadata: &BTreeMap<String, String>) -> Result<()> {
+    model.check_trainable()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut meta = extra_metadata.clone();
     meta.insert("format".into(), "pt".into());
-    let tensors: Vec<(&str, &[usize], &[f32])> = layout
+    let tensors: Vec<(&str, &[usize], &[f32])> = model
+        .layout
         .tensors
         .iter()
-        .map(|t| (t.name.as_str(), t.shape.as_slice(), t.view.of(params)))
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.shape.as_slice(),
+                t.view.of(&model.params),
+            )
+        })
         .collect();
     write_f32(&dir.join("model.safetensors"), &tensors, &meta)?;
-    let config = serde_json::to_string_pretty(config).expect("config serializes");
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("config serializes");
     super::atomic::write_text(&dir.join("config.json"), &(config + "\n"))
 }
 
@@ -307,7 +290,7 @@ fn save_folder(
 /// reply (generation_config, config.json and tokenizer_config.json's `eos_token`, else
 /// `<|endoftext|>`).
 pub struct Opened {
-    pub model: crate::model::Model,
+    pub model: Model,
     pub tok: crate::tokenizer::Tokenizer,
     pub template: Option<crate::chat::ChatTemplate>,
     pub gen: GenerationConfig,
@@ -316,7 +299,7 @@ pub struct Opened {
 
 impl Opened {
     pub fn open(dir: &Path) -> Result<Self> {
-        let model = crate::model::Model::load(dir, true)?;
+        let model = load(dir, true)?;
         let p = dir.join("tokenizer.json");
         if !p.is_file() {
             return Err(Error::Input(format!(

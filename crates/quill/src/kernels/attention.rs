@@ -408,117 +408,127 @@ pub fn backward(
         });
 }
 
-/// Floats of `scores` scratch that [`forward_cached`] needs for `total` cached positions.
+/// Floats of `scores` scratch that [`CachedAttention::forward`] needs for `total` cached positions.
 pub fn cached_scratch_len(total: usize) -> usize {
     rayon::current_num_threads().max(1) * total
 }
 
-/// Attention for `n` new positions pos..pos+n against a cache holding keys and values of
-/// positions 0..pos+n. q [n, H·D] (row stride `q_rs`); k_cache/v_cache rows of n_kv·D
-/// (grouped-query: query head h reads kv head h / (H / n_kv)); out [n, H·D].
-/// Position i attends to the last `window` positions up to itself (usize::MAX: all).
-/// `scores` is scratch of at least [`cached_scratch_len`]`(pos + n)` floats.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_cached(
-    out: &mut [f32],
-    q: &[f32],
-    q_rs: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    n: usize,
-    pos: usize,
-    h: usize,
-    n_kv: usize,
-    d: usize,
-    scale: f32,
-    window: usize,
-    scores: &mut [f32],
-) {
-    let kv_rs = n_kv * d;
-    let total = pos + n;
-    assert!(k_cache.len() >= total * kv_rs && out.len() >= n * h * d);
-    let threads = rayon::current_num_threads().max(1);
-    assert!(scores.len() >= threads * total);
-    let out_p = SendPtr(out.as_mut_ptr());
-    let scores_p = SendPtr(scores.as_mut_ptr());
-    let group = h / n_kv;
-    (0..h * n).into_par_iter().for_each(|task| {
-        let (hi, i) = (task / n, task % n);
-        let kvh = hi / group;
-        let qrow = &q[i * q_rs + hi * d..i * q_rs + hi * d + d];
-        let len = pos + i + 1;
-        let first = len.saturating_sub(window);
-        // Safety: each pool thread owns its slice of `scores`, and the task body never
-        // yields to another task of this loop on the same thread.
-        let tid = rayon::current_thread_index().unwrap_or(0) % threads;
-        let scores =
-            unsafe { std::slice::from_raw_parts_mut(scores_p.get().add(tid * total), total) };
-        let mut mx = f32::NEG_INFINITY;
-        for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
-            let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-            *s = dot(qrow, krow) * scale;
-            mx = mx.max(*s);
-        }
-        let mut sum = 0.0;
-        for s in scores[first..len].iter_mut() {
-            *s = super::math::exp(*s - mx);
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
-        let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
-        o.fill(0.0);
-        for (j, &s) in scores[..len].iter().enumerate().skip(first) {
-            let w = s * inv;
-            let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-            for (o, &v) in o.iter_mut().zip(vrow) {
-                *o += w * v;
-            }
-        }
-    });
+/// One layer's attention for new positions `pos`, `pos + 1`, … against a KV cache holding
+/// the keys and values of every position up to the last new one. The typed operand of
+/// [`CachedAttention::forward`] and [`CachedAttention::weights`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CachedAttention {
+    pub heads: Heads,
+    pub scale: f32,
+    /// Each position attends to at most this many positions up to itself (None: all).
+    pub window: Option<usize>,
+    /// Position of the first new query.
+    pub pos: usize,
 }
 
-/// The attention weights of query head `head` for `n` new positions pos..pos+n against a
-/// cache (as [`forward_cached`] computes them), appended to `out` as rows of `pos + n`
-/// values (zero after each row's own position): for showing where attention looks.
-#[allow(clippy::too_many_arguments)]
-pub fn weights_cached(
-    out: &mut Vec<f32>,
-    q: &[f32],
-    q_rs: usize,
-    k_cache: &[f32],
-    n: usize,
-    pos: usize,
-    head: usize,
-    h: usize,
-    n_kv: usize,
-    d: usize,
-    scale: f32,
-    window: usize,
-) {
-    let kv_rs = n_kv * d;
-    let total = pos + n;
-    let kvh = head / (h / n_kv);
-    for i in 0..n {
-        let qrow = &q[i * q_rs + head * d..i * q_rs + head * d + d];
-        let len = pos + i + 1;
-        let first = len.saturating_sub(window);
-        let mut row = vec![0.0f32; total];
-        let mut mx = f32::NEG_INFINITY;
-        for (j, s) in row.iter_mut().enumerate().take(len).skip(first) {
-            let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-            *s = dot(qrow, krow) * scale;
-            mx = mx.max(*s);
+impl CachedAttention {
+    /// The first key position that query `i` (absolute position `len - 1`) may see.
+    fn first(&self, len: usize) -> usize {
+        self.window.map_or(0, |w| len.saturating_sub(w))
+    }
+
+    /// out [n, H·D] from q [n, ≥ H·D] (row stride `q_rs`; n = q.len() / q_rs) and the cache's
+    /// (keys, values), rows of KV·D (grouped-query: query head h reads kv head h / (H / KV)).
+    /// `scores` is scratch of at least [`cached_scratch_len`]`(pos + n)` floats.
+    pub fn forward(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        q_rs: usize,
+        kv: (&[f32], &[f32]),
+        scores: &mut [f32],
+    ) {
+        let Heads { h, kv: n_kv, d } = self.heads;
+        let (k_cache, v_cache) = kv;
+        let (n, pos, scale) = (q.len() / q_rs, self.pos, self.scale);
+        let kv_rs = n_kv * d;
+        let total = pos + n;
+        assert!(k_cache.len() >= total * kv_rs && v_cache.len() >= total * kv_rs);
+        assert!(out.len() >= n * h * d);
+        let threads = rayon::current_num_threads().max(1);
+        assert!(scores.len() >= threads * total);
+        let out_p = SendPtr(out.as_mut_ptr());
+        let scores_p = SendPtr(scores.as_mut_ptr());
+        let group = h / n_kv;
+        (0..h * n).into_par_iter().for_each(|task| {
+            let (hi, i) = (task / n, task % n);
+            let kvh = hi / group;
+            let qrow = &q[i * q_rs + hi * d..i * q_rs + hi * d + d];
+            let len = pos + i + 1;
+            let first = self.first(len);
+            // Safety: each pool thread owns its slice of `scores`, and the task body never
+            // yields to another task of this loop on the same thread.
+            let tid = rayon::current_thread_index().unwrap_or(0) % threads;
+            let scores =
+                unsafe { std::slice::from_raw_parts_mut(scores_p.get().add(tid * total), total) };
+            let mut mx = f32::NEG_INFINITY;
+            for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
+                let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+                *s = dot(qrow, krow) * scale;
+                mx = mx.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in scores[first..len].iter_mut() {
+                *s = super::math::exp(*s - mx);
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
+            o.fill(0.0);
+            for (j, &s) in scores[..len].iter().enumerate().skip(first) {
+                let w = s * inv;
+                let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+                for (o, &v) in o.iter_mut().zip(vrow) {
+                    *o += w * v;
+                }
+            }
+        });
+    }
+
+    /// The attention weights of query head `head` for the new positions (as
+    /// [`CachedAttention::forward`] computes them), appended to `out` as rows of `pos + n`
+    /// values (zero outside each row's window): for showing where attention looks.
+    pub fn weights(
+        &self,
+        out: &mut Vec<f32>,
+        q: &[f32],
+        q_rs: usize,
+        k_cache: &[f32],
+        head: usize,
+    ) {
+        let Heads { h, kv: n_kv, d } = self.heads;
+        let (n, pos) = (q.len() / q_rs, self.pos);
+        let kv_rs = n_kv * d;
+        let total = pos + n;
+        let kvh = head / (h / n_kv);
+        for i in 0..n {
+            let qrow = &q[i * q_rs + head * d..i * q_rs + head * d + d];
+            let len = pos + i + 1;
+            let first = self.first(len);
+            let mut row = vec![0.0f32; total];
+            let mut mx = f32::NEG_INFINITY;
+            for (j, s) in row.iter_mut().enumerate().take(len).skip(first) {
+                let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
+                *s = dot(qrow, krow) * self.scale;
+                mx = mx.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in row[first..len].iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            for s in row[first..len].iter_mut() {
+                *s /= sum;
+            }
+            out.extend_from_slice(&row);
         }
-        let mut sum = 0.0;
-        for s in row[first..len].iter_mut() {
-            *s = (*s - mx).exp();
-            sum += *s;
-        }
-        for s in row[first..len].iter_mut() {
-            *s /= sum;
-        }
-        out.extend_from_slice(&row);
     }
 }
 
@@ -622,38 +632,24 @@ mod tests {
         }
         // a prefill of 4 positions, then one position at a time
         let mut got = vec![0.0; t * c];
-        forward_cached(
-            &mut got[..4 * c],
-            &qkv,
-            3 * c,
-            &kc,
-            &vc,
-            4,
-            0,
-            h,
-            h,
-            d,
+        let at = |pos| CachedAttention {
+            heads: hs,
             scale,
-            usize::MAX,
-            &mut vec![0.0; cached_scratch_len(t)],
+            window: None,
+            pos,
+        };
+        let mut scores = vec![0.0; cached_scratch_len(t)];
+        at(0).forward(
+            &mut got[..4 * c],
+            &qkv[..4 * 3 * c],
+            3 * c,
+            (&kc, &vc),
+            &mut scores,
         );
         for p in 4..t {
             let mut o = vec![0.0; c];
-            forward_cached(
-                &mut o,
-                &qkv[p * 3 * c..],
-                3 * c,
-                &kc,
-                &vc,
-                1,
-                p,
-                h,
-                h,
-                d,
-                scale,
-                usize::MAX,
-                &mut vec![0.0; cached_scratch_len(t)],
-            );
+            let q = &qkv[p * 3 * c..(p + 1) * 3 * c];
+            at(p).forward(&mut o, q, 3 * c, (&kc, &vc), &mut scores);
             got[p * c..(p + 1) * c].copy_from_slice(&o);
         }
         for (a, b) in got.iter().zip(&full) {

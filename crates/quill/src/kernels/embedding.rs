@@ -1,4 +1,5 @@
-//! Token + learned position embedding (GPT-2): x[b,t] = wte[ids[b,t]] + wpe[t].
+//! Token embedding, with learned positions (GPT-2: x[b,t] = wte[ids[b,t]] + wpe[t]) or
+//! without (rotary models: x[r] = wte[ids[r]]).
 
 use rayon::prelude::*;
 
@@ -17,10 +18,17 @@ pub fn forward(out: &mut [f32], ids: &[u32], wte: &[f32], wpe: &[f32], t: usize,
         });
 }
 
-/// dwte[ids[r]] += dout[r]; dwpe[t] += sum over b of dout[b,t]. Sequential in row order for
-/// the token table (rows may share a token), so the sums do not depend on thread count.
-pub fn backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], t: usize, c: usize) {
-    let b = ids.len() / t;
+/// out [N, C] from ids [N] and wte [V, C]: each row a copy of its token's row.
+pub fn forward_tokens(out: &mut [f32], ids: &[u32], wte: &[f32], c: usize) {
+    assert_eq!(out.len(), ids.len() * c);
+    for (o, &id) in out.chunks_mut(c).zip(ids) {
+        o.copy_from_slice(&wte[id as usize * c..(id as usize + 1) * c]);
+    }
+}
+
+/// dwte[ids[r]] += dout[r], sequential in row order (rows may share a token), so the sums
+/// do not depend on the thread count.
+pub fn backward_tokens(dwte: &mut [f32], dout: &[f32], ids: &[u32], c: usize) {
     for (r, &id) in ids.iter().enumerate() {
         let d = &dout[r * c..(r + 1) * c];
         let g = &mut dwte[id as usize * c..(id as usize + 1) * c];
@@ -28,6 +36,13 @@ pub fn backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], t
             g[i] += d[i];
         }
     }
+}
+
+/// dwte[ids[r]] += dout[r]; dwpe[t] += sum over b of dout[b,t]. Sequential in row order for
+/// the token table (rows may share a token), so the sums do not depend on thread count.
+pub fn backward(dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], ids: &[u32], t: usize, c: usize) {
+    let b = ids.len() / t;
+    backward_tokens(dwte, dout, ids, c);
     dwpe[..t * c]
         .par_chunks_mut(c)
         .enumerate()

@@ -3,7 +3,7 @@
 //! grouped-query attention, SwiGLU) for generation, and the tokenizer as `run.c` encodes and
 //! prints. The byte layout is described in tests/fixtures/stories260K/FORMAT.md.
 
-use crate::kernels::attention::forward_cached;
+use crate::kernels::attention::{CachedAttention, Heads};
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -223,21 +223,17 @@ impl Llama2c {
                 &cache.v[layer..layer + c.seq_len * kv],
             );
             let scale = 1.0 / (head as f32).sqrt();
-            forward_cached(
-                &mut att,
-                &q,
-                d,
-                kc,
-                vc,
-                1,
-                pos,
-                c.n_heads,
-                c.n_kv_heads,
-                head,
+            let at = CachedAttention {
+                heads: Heads {
+                    h: c.n_heads,
+                    kv: c.n_kv_heads,
+                    d: head,
+                },
                 scale,
-                usize::MAX,
-                &mut scores,
-            );
+                window: None,
+                pos,
+            };
+            at.forward(&mut att, &q, d, (kc, vc), &mut scores);
             matvec(&mut tmp, &self.wo[l * d * d..(l + 1) * d * d], &att);
             x.iter_mut().zip(&tmp).for_each(|(a, b)| *a += b);
             rmsnorm(&mut xb, &x, &self.ffn_norm[l * d..(l + 1) * d]);

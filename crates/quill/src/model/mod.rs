@@ -1,17 +1,28 @@
-//! Models: the configuration (mirrors HF `config.json`), the flat parameter store with
-//! named views under the HF weight names, and the architectures.
+//! Models: the configurations (mirrors of HF `config.json`), the flat parameter store with
+//! named views under the HF weight names, the weights' storage, and the one decoder whose
+//! parts each architecture chooses.
+//!
+//! - `decoder.rs`: [`Model`], the parts (norm, positions, MLP, heads) and its weights
+//! - `training.rs`: the training forward and backward passes over a batch
+//! - `inference.rs`: one step over segments against KV caches (prompts, decoding, batches)
+//! - `weight.rs`: [`Weight`] (where a matrix lives) and [`Linear`] (one projection)
+//! - `gpt2.rs`, `llama.rs`: each architecture's weights under its Hugging Face names
 
-pub mod any;
 pub mod config;
+pub mod decoder;
 pub mod gpt2;
+pub mod inference;
 pub mod llama;
 pub mod llama2c;
 pub mod llama_config;
 pub mod params;
+pub mod training;
+pub mod weight;
 
-pub use any::{Acts, BatchScratch, Cache, Model, SUPPORTED_ARCHITECTURES};
 pub use config::Gpt2Config;
-pub use gpt2::{Activations, Gpt2, KvCache};
-pub use llama::{Llama, LlamaActivations, LlamaCache};
+pub use decoder::{Config, Model, SUPPORTED_ARCHITECTURES};
+pub use inference::{Cache, Rows, Scratch, Segment};
 pub use llama_config::LlamaConfig;
 pub use params::{ParamLayout, TensorSpec, View};
+pub use training::{Activations, Batch};
+pub use weight::{Linear, Weight};

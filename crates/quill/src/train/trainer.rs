@@ -9,7 +9,7 @@ use super::schedule::Schedule;
 use crate::data::{eval_batch, eval_windows, sample_batch, Split};
 use crate::io::atomic::write_text;
 use crate::kernels::crossentropy::IGNORE;
-use crate::model::{Acts, Model};
+use crate::model::{Activations, Batch, Model};
 use crate::rng::Rng;
 use crate::sample::{generate, Sampler, SamplingParams};
 use crate::{Error, Result};
@@ -148,7 +148,7 @@ pub struct Trainer<'a> {
     pub config: TrainConfig,
     state: State,
     grads: Vec<f32>,
-    acts: Acts,
+    acts: Activations,
     ids: Vec<u32>,
     targets: Vec<u32>,
     data: &'a Split,
@@ -362,7 +362,7 @@ impl<'a> Trainer<'a> {
         )?;
         let mut meta = BTreeMap::new();
         meta.insert("quill_step".to_string(), self.state.step.to_string());
-        self.model.save(out, &meta)?;
+        crate::io::hf::save(out, &self.model, &meta)?;
         let json = serde_json::to_string(&self.state).expect("state serializes");
         checkpoint::save(out, self.model.params(), &self.opt.m, &self.opt.v, &json)
     }
@@ -468,13 +468,12 @@ impl<'a> Trainer<'a> {
                     &mut self.targets,
                 );
                 self.model.forward(&mut self.acts, &self.ids)?;
-                let (sum, count) = self.model.backward(
-                    &mut self.acts,
-                    &mut self.grads,
-                    &self.ids,
-                    &self.targets,
-                    1.0 / accum as f32,
-                );
+                let batch = Batch {
+                    ids: &self.ids,
+                    targets: &self.targets,
+                    grad_scale: 1.0 / accum as f32,
+                };
+                let (sum, count) = self.model.backward(&mut self.acts, &mut self.grads, batch);
                 step_loss += sum / count as f64 / accum as f64;
             }
             let (layout, params) = self.model.params_mut();

@@ -1,0 +1,452 @@
+//! The decoder's training passes over a batch [B, T]: `forward` keeps every activation,
+//! `backward` walks the same layers in reverse, accumulating every parameter's gradient.
+
+use super::decoder::{Mlp, Model, Positions, RowStats, Saved};
+use super::weight::{BiasGrad, Train};
+use crate::kernels::attention;
+use crate::kernels::matmul::{matmul_p, Precision};
+use crate::kernels::{crossentropy, embedding, gelu, swiglu};
+use crate::{Error, Result};
+
+/// Layer `l`'s slice of a buffer holding `per` values for each layer.
+fn at(buf: &[f32], l: usize, per: usize) -> &[f32] {
+    &buf[l * per..(l + 1) * per]
+}
+
+fn at_mut(buf: &mut [f32], l: usize, per: usize) -> &mut [f32] {
+    &mut buf[l * per..(l + 1) * per]
+}
+
+/// Layer `l`'s rows of a norm's statistics (`mean` is empty for RMSNorm).
+fn row_stats<'a>(mean: &'a mut [f32], rstd: &'a mut [f32], l: usize, n: usize) -> RowStats<'a> {
+    let m = if mean.is_empty() { 0 } else { n };
+    RowStats {
+        mean: at_mut(mean, l, m),
+        rstd: at_mut(rstd, l, n),
+    }
+}
+
+/// A norm's input and layer `l`'s statistics, for its backward pass.
+fn saved<'a>(x: &'a [f32], mean: &'a [f32], rstd: &'a [f32], l: usize, n: usize) -> Saved<'a> {
+    let m = if mean.is_empty() { 0 } else { n };
+    Saved {
+        x,
+        mean: at(mean, l, m),
+        rstd: at(rstd, l, n),
+    }
+}
+
+impl Model {
+    /// Forward pass over ids [B, T] (row-major) for training; fills every activation and
+    /// the logits. Needs f32 weights in the checkpoint's layout.
+    pub fn forward(&self, a: &mut Activations, ids: &[u32]) -> Result<()> {
+        self.check_batch(a, ids)?;
+        let (n, c, t, hs) = (a.b * a.t, self.width, a.t, self.heads);
+        let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
+        let p = &self.params;
+        let tr = Train {
+            params: p,
+            precision: self.precision,
+        };
+        self.embed_batch(&mut a.x0, ids, t);
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let inp = if l == 0 {
+                &a.x0
+            } else {
+                at(&a.res3, l - 1, n * c)
+            };
+            let stats = row_stats(&mut a.mean1, &mut a.rstd1, l, n);
+            let ln1 = at_mut(&mut a.ln1, l, n * c);
+            blk.attn_norm.forward(p, ln1, stats, inp);
+            let qkv = at_mut(&mut a.qkv, l, n * w);
+            blk.qkv.forward(tr, qkv, ln1, None);
+            if let Positions::Rotary(rope) = &self.positions {
+                rope.apply(qkv, w, 0, hs.h, 0, t, false);
+                rope.apply(qkv, w, hd, hs.kv, 0, t, false);
+            }
+            let (lse, atty) = (
+                at_mut(&mut a.lse, l, n * hs.h),
+                at_mut(&mut a.atty, l, n * hd),
+            );
+            let scale = self.attention[l].scale;
+            attention::forward(
+                atty,
+                lse,
+                &mut a.attn_scratch,
+                qkv,
+                a.b,
+                t,
+                hs,
+                scale,
+                tr.precision,
+            );
+            let res2 = at_mut(&mut a.res2, l, n * c);
+            blk.o.forward(tr, res2, atty, Some(inp));
+            let stats = row_stats(&mut a.mean2, &mut a.rstd2, l, n);
+            let ln2 = at_mut(&mut a.ln2, l, n * c);
+            blk.mlp_norm.forward(p, ln2, stats, res2);
+            let (up_out, act) = (at_mut(&mut a.up, l, n * up), at_mut(&mut a.act, l, n * f));
+            blk.up.forward(tr, up_out, ln2, None);
+            match self.mlp {
+                Mlp::Gelu => gelu::forward(act, up_out),
+                Mlp::SwiGlu => swiglu::forward(act, up_out, f),
+            }
+            blk.down
+                .forward(tr, at_mut(&mut a.res3, l, n * c), act, Some(res2));
+        }
+        let last = at(&a.res3, self.blocks.len() - 1, n * c);
+        let stats = RowStats {
+            mean: &mut a.lnf_mean,
+            rstd: &mut a.lnf_rstd,
+        };
+        self.final_norm.forward(p, &mut a.lnf, stats, last);
+        // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
+        let (v, head) = (self.vocab, self.head.view.of(p));
+        matmul_p(
+            tr.precision,
+            &mut a.logits,
+            &a.lnf,
+            head,
+            n,
+            c,
+            v,
+            false,
+            true,
+            false,
+        );
+        Ok(())
+    }
+
+    /// Sum of the cross-entropy losses of the logits from the last `forward` against targets
+    /// [B·T] (`crossentropy::IGNORE` skips a position), and the positions counted.
+    pub fn loss(&self, acts: &mut Activations, targets: &[u32]) -> (f64, usize) {
+        crossentropy::forward(&mut acts.losses, &acts.logits, targets, self.vocab);
+        crossentropy::sum_counted(&acts.losses, targets)
+    }
+
+    /// Backward pass after `forward`: turns the logits into their gradient in place, then
+    /// pushes it back through every layer, adding d loss/d parameter · `grad_scale` into
+    /// `grads` (same layout as the parameters). The loss is the mean over counted targets,
+    /// times `grad_scale` (1/accumulation steps). Returns (sum of losses, counted positions).
+    pub fn backward(&self, a: &mut Activations, grads: &mut [f32], batch: Batch) -> (f64, usize) {
+        let (n, c, t, hs, v) = (a.b * a.t, self.width, a.t, self.heads, self.vocab);
+        let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
+        let p = &self.params;
+        let tr = Train {
+            params: p,
+            precision: self.precision,
+        };
+        let targets = batch.targets;
+        let counted = targets
+            .iter()
+            .filter(|&&x| x != crossentropy::IGNORE)
+            .count();
+        let scale = batch.grad_scale / counted.max(1) as f32;
+        crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
+        let result = crossentropy::sum_counted(&a.losses, targets);
+
+        // logits = lnf · headᵀ
+        let (d_logits, head) = (&a.logits, self.head.view);
+        matmul_p(
+            tr.precision,
+            &mut a.d_lnf,
+            d_logits,
+            head.of(p),
+            n,
+            v,
+            c,
+            false,
+            false,
+            false,
+        );
+        let g_head = head.of_mut(grads);
+        matmul_p(
+            tr.precision,
+            g_head,
+            d_logits,
+            &a.lnf,
+            v,
+            n,
+            c,
+            true,
+            false,
+            true,
+        );
+        a.d_res.fill(0.0);
+        let last = at(&a.res3, self.blocks.len() - 1, n * c);
+        let fin = Saved {
+            x: last,
+            mean: &a.lnf_mean,
+            rstd: &a.lnf_rstd,
+        };
+        self.final_norm
+            .backward(p, grads, &mut a.d_res, &a.d_lnf, fin);
+
+        for (l, blk) in self.blocks.iter().enumerate().rev() {
+            let inp = if l == 0 {
+                &a.x0
+            } else {
+                at(&a.res3, l - 1, n * c)
+            };
+            let (up_out, act) = (at(&a.up, l, n * up), at(&a.act, l, n * f));
+            let res2 = at(&a.res2, l, n * c);
+
+            // MLP: res3 = res2 + down(activation(up(norm(res2))))
+            let d_up = &mut a.d_up[..n * up];
+            let bias = match self.mlp {
+                Mlp::Gelu => {
+                    // GELU is elementwise: its input gradient overwrites its output's in place
+                    blk.down
+                        .backward(tr, grads, d_up, &a.d_res, act, BiasGrad::Sum);
+                    match (self.precision, blk.up.bias) {
+                        // in f32 the bias gradient is summed in GELU's sweep; in bf16, while
+                        // the gradient is packed for dW's product (free there)
+                        (Precision::F32, Some(b)) => {
+                            gelu::backward_inplace_col_sums(d_up, up_out, f, b.of_mut(grads));
+                            BiasGrad::Done
+                        }
+                        _ => {
+                            gelu::backward_inplace(d_up, up_out);
+                            BiasGrad::Sum
+                        }
+                    }
+                }
+                Mlp::SwiGlu => {
+                    blk.down
+                        .backward(tr, grads, &mut a.d_act, &a.d_res, act, BiasGrad::Sum);
+                    swiglu::backward(d_up, &a.d_act, up_out, f);
+                    BiasGrad::Sum
+                }
+            };
+            let ln2 = at(&a.ln2, l, n * c);
+            blk.up.backward(tr, grads, &mut a.d_ln, d_up, ln2, bias);
+            let norm2 = saved(res2, &a.mean2, &a.rstd2, l, n);
+            blk.mlp_norm
+                .backward(p, grads, &mut a.d_res, &a.d_ln, norm2);
+
+            // Attention: res2 = inp + o(attention(positions(qkv(norm(inp)))))
+            let (atty, qkv) = (at(&a.atty, l, n * hd), at(&a.qkv, l, n * w));
+            blk.o
+                .backward(tr, grads, &mut a.d_atty, &a.d_res, atty, BiasGrad::Sum);
+            let lse = at(&a.lse, l, n * hs.h);
+            let scale = self.attention[l].scale;
+            let (d_qkv, scratch) = (&mut a.d_qkv, &mut a.attn_scratch);
+            let (b, prec) = (a.b, tr.precision);
+            attention::backward(
+                d_qkv, scratch, &a.d_atty, qkv, atty, lse, b, t, hs, scale, prec,
+            );
+            if let Positions::Rotary(rope) = &self.positions {
+                rope.apply(&mut a.d_qkv, w, 0, hs.h, 0, t, true);
+                rope.apply(&mut a.d_qkv, w, hd, hs.kv, 0, t, true);
+            }
+            let ln1 = at(&a.ln1, l, n * c);
+            blk.qkv
+                .backward(tr, grads, &mut a.d_ln, &a.d_qkv, ln1, BiasGrad::Sum);
+            let norm1 = saved(inp, &a.mean1, &a.rstd1, l, n);
+            blk.attn_norm
+                .backward(p, grads, &mut a.d_res, &a.d_ln, norm1);
+        }
+        match self.positions {
+            Positions::Learned(wpe) => {
+                let (gte, gpe) = super::View::pair_mut(self.embed.view, wpe, grads);
+                embedding::backward(gte, gpe, &a.d_res, batch.ids, t, c);
+            }
+            Positions::Rotary(_) => {
+                embedding::backward_tokens(self.embed.view.of_mut(grads), &a.d_res, batch.ids, c)
+            }
+        }
+        result
+    }
+
+    /// x0 [B·T, C]: each token's embedding row, plus its position's row when learned.
+    fn embed_batch(&self, x0: &mut [f32], ids: &[u32], t: usize) {
+        let (c, p) = (self.width, &self.params);
+        match self.positions {
+            Positions::Learned(wpe) => {
+                embedding::forward(x0, ids, self.embed.view.of(p), wpe.of(p), t, c)
+            }
+            Positions::Rotary(_) => embedding::forward_tokens(x0, ids, self.embed.view.of(p), c),
+        }
+    }
+
+    fn check_batch(&self, a: &Activations, ids: &[u32]) -> Result<()> {
+        let (b, t) = (a.b, a.t);
+        if ids.len() != b * t {
+            return Err(Error::Input(format!(
+                "expected {} ids, got {}",
+                b * t,
+                ids.len()
+            )));
+        }
+        if t > self.context {
+            return Err(Error::Input(format!(
+                "sequence of {t} tokens is longer than the context ({} positions)",
+                self.context
+            )));
+        }
+        if let Some(w) = self
+            .attention
+            .iter()
+            .filter_map(|x| x.window)
+            .find(|&w| w < t)
+        {
+            return Err(Error::Input(format!(
+                "training on sequences longer than the sliding window ({w}) is not supported"
+            )));
+        }
+        if a.up_width != self.up_width() || a.layers != self.blocks.len() {
+            return Err(Error::Input("activations of another model".into()));
+        }
+        self.check_trainable()?;
+        self.check_ids(ids)
+    }
+
+    fn up_width(&self) -> usize {
+        match self.mlp {
+            Mlp::Gelu => self.mlp_width,
+            Mlp::SwiGlu => 2 * self.mlp_width,
+        }
+    }
+
+    /// Buffers for a training batch of `b` sequences of `t` tokens.
+    pub fn new_acts(&self, b: usize, t: usize) -> Activations {
+        Activations::new(self, b, t)
+    }
+}
+
+/// One batch's inputs to [`Model::backward`].
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub ids: &'a [u32],
+    pub targets: &'a [u32],
+    /// Multiplies the mean loss's gradient (1/accumulation steps).
+    pub grad_scale: f32,
+}
+
+/// Every activation of a training forward pass for a batch [B, T], plus backward scratch.
+/// Per-layer buffers hold all L layers back to back.
+pub struct Activations {
+    pub b: usize,
+    pub t: usize,
+    layers: usize,
+    up_width: usize,
+    x0: Vec<f32>,
+    ln1: Vec<f32>,
+    /// Row means of the two norms of each layer (LayerNorm only; empty for RMSNorm).
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    qkv: Vec<f32>,
+    /// Log-sum-exp of each attention row [L, B, H, T] (flash-style: no T x T matrix kept).
+    lse: Vec<f32>,
+    atty: Vec<f32>,
+    res2: Vec<f32>,
+    ln2: Vec<f32>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// The MLP's up projection [L, N, F or 2F] and its activation [L, N, F].
+    up: Vec<f32>,
+    act: Vec<f32>,
+    res3: Vec<f32>,
+    lnf: Vec<f32>,
+    lnf_mean: Vec<f32>,
+    lnf_rstd: Vec<f32>,
+    /// [B·T, V]: the logits after `forward`, their gradient after `backward`.
+    pub logits: Vec<f32>,
+    pub losses: Vec<f32>,
+    d_res: Vec<f32>,
+    d_ln: Vec<f32>,
+    d_qkv: Vec<f32>,
+    d_atty: Vec<f32>,
+    d_up: Vec<f32>,
+    /// The activation's output gradient (SwiGLU only: GELU's runs in place in `d_up`).
+    d_act: Vec<f32>,
+    attn_scratch: Vec<f32>,
+    d_lnf: Vec<f32>,
+}
+
+impl Activations {
+    pub fn new(m: &Model, b: usize, t: usize) -> Self {
+        let (n, c, l, v, f, hs) = (
+            b * t,
+            m.width,
+            m.blocks.len(),
+            m.vocab,
+            m.mlp_width,
+            m.heads,
+        );
+        let up = m.up_width();
+        let layer_norm = m.final_norm.b.is_some();
+        let z = |len: usize| vec![0.0f32; len];
+        let means = |len: usize| z(if layer_norm { len } else { 0 });
+        let (w, hd) = (hs.qkv_width(), hs.h * hs.d);
+        Activations {
+            b,
+            t,
+            layers: l,
+            up_width: up,
+            x0: z(n * c),
+            ln1: z(l * n * c),
+            mean1: means(l * n),
+            rstd1: z(l * n),
+            qkv: z(l * n * w),
+            lse: z(l * b * hs.h * t),
+            atty: z(l * n * hd),
+            res2: z(l * n * c),
+            ln2: z(l * n * c),
+            mean2: means(l * n),
+            rstd2: z(l * n),
+            up: z(l * n * up),
+            act: z(l * n * f),
+            res3: z(l * n * c),
+            lnf: z(n * c),
+            lnf_mean: means(n),
+            lnf_rstd: z(n),
+            logits: z(n * v),
+            losses: z(n),
+            d_res: z(n * c),
+            d_ln: z(n * c),
+            d_qkv: z(n * w),
+            d_atty: z(n * hd),
+            d_up: z(n * up),
+            d_act: z(if m.mlp == Mlp::SwiGlu { n * f } else { 0 }),
+            attn_scratch: z(attention::scratch_len(b, t, hs)),
+            d_lnf: z(n * c),
+        }
+    }
+
+    /// Number of f32 values held (for memory accounting).
+    pub fn floats(&self) -> usize {
+        [
+            &self.x0,
+            &self.ln1,
+            &self.mean1,
+            &self.rstd1,
+            &self.qkv,
+            &self.lse,
+            &self.atty,
+            &self.res2,
+            &self.ln2,
+            &self.mean2,
+            &self.rstd2,
+            &self.up,
+            &self.act,
+            &self.res3,
+            &self.lnf,
+            &self.lnf_mean,
+            &self.lnf_rstd,
+            &self.logits,
+            &self.losses,
+            &self.d_res,
+            &self.d_ln,
+            &self.d_qkv,
+            &self.d_atty,
+            &self.d_up,
+            &self.d_act,
+            &self.attn_scratch,
+            &self.d_lnf,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum()
+    }
+}

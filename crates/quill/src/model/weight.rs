@@ -1,0 +1,371 @@
+//! The matrices a model multiplies by. A [`Weight`] knows its shape, which way round it is
+//! stored and where its numbers live: in the model's flat f32 buffer, or memory-mapped from
+//! a file in f32, bf16 or f16. A [`Linear`] is one projection: a weight made of one or more
+//! stacked parts (q | k | v, gate | up) and an optional bias.
+//!
+//! The forward and backward passes call `Linear::forward`/`backward` (training) and
+//! `Linear::infer` (generation) and never look at the storage: a new storage type (a block-
+//! quantized format, say) is a new [`Storage`] variant and a new arm in [`Weight::mat`] /
+//! [`Linear::infer`], and no model code changes.
+
+use super::params::View;
+use crate::kernels::linear::{self, MatRef};
+use crate::kernels::matmul::{matmul_fused, matmul_p, Fused, Precision};
+use crate::kernels::reduce;
+use memmap2::Mmap;
+use std::sync::Arc;
+
+/// Which way round a matrix is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Orient {
+    /// [out, in], as `nn.Linear` (Llama family): y = x · Wᵀ.
+    OutIn,
+    /// [in, out], as GPT-2's `Conv1D`: y = x · W.
+    InOut,
+}
+
+/// Element type of a memory-mapped matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappedDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl MappedDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            MappedDtype::F32 => 4,
+            MappedDtype::Bf16 | MappedDtype::F16 => 2,
+        }
+    }
+}
+
+/// Where a weight's numbers live.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// In the model's flat f32 parameter buffer (trainable).
+    Params(View),
+    /// In a read-only memory map, in the file's precision; `start` is the byte offset of the
+    /// first element inside `map` (checked in bounds and aligned by [`Storage::mapped`]).
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        dtype: MappedDtype,
+    },
+}
+
+impl Storage {
+    /// A memory-mapped matrix of `len` elements at byte `start` of `map`; None when the bytes
+    /// are out of bounds or misaligned for the element type (the caller then copies them).
+    pub fn mapped(map: Arc<Mmap>, start: usize, len: usize, dtype: MappedDtype) -> Option<Self> {
+        let size = dtype.bytes();
+        let end = len.checked_mul(size)?.checked_add(start)?;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(size);
+        (end <= map.len() && aligned).then_some(Storage::Mapped { map, start, dtype })
+    }
+}
+
+/// A matrix of `rows` outputs by `cols` inputs.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub rows: usize,
+    pub cols: usize,
+    pub orient: Orient,
+    pub storage: Storage,
+    /// Its place in the parameter layout (and so in every gradient and optimizer buffer).
+    pub view: View,
+}
+
+impl Weight {
+    pub fn new(view: View, rows: usize, cols: usize, orient: Orient) -> Self {
+        Weight {
+            rows,
+            cols,
+            orient,
+            storage: Storage::Params(view),
+            view,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    /// The stored numbers, in their stored precision and layout.
+    pub fn mat<'a>(&'a self, params: &'a [f32]) -> MatRef<'a> {
+        match &self.storage {
+            Storage::Params(v) => MatRef::F32(v.of(params)),
+            Storage::Mapped { map, start, dtype } => {
+                let bytes = &map[*start..*start + self.len() * dtype.bytes()];
+                // Safety: `Storage::mapped` checked bounds and alignment; the map is
+                // read-only and lives as long as `self` (files are replaced by rename,
+                // never written in place).
+                unsafe {
+                    match dtype {
+                        MappedDtype::F32 => MatRef::F32(std::slice::from_raw_parts(
+                            bytes.as_ptr() as *const f32,
+                            self.len(),
+                        )),
+                        MappedDtype::Bf16 => MatRef::Bf16(std::slice::from_raw_parts(
+                            bytes.as_ptr() as *const u16,
+                            self.len(),
+                        )),
+                        MappedDtype::F16 => MatRef::F16(std::slice::from_raw_parts(
+                            bytes.as_ptr() as *const u16,
+                            self.len(),
+                        )),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stored row `r` in f32 (an embedding lookup).
+    pub fn row_into(&self, params: &[f32], r: usize, dst: &mut [f32]) {
+        debug_assert_eq!(self.orient, Orient::OutIn);
+        self.mat(params).row_into(r, self.cols, dst)
+    }
+
+    /// Bytes one pass over the matrix reads.
+    pub fn bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Params(_) => self.len() * 4,
+            Storage::Mapped { dtype, .. } => self.len() * dtype.bytes(),
+        }
+    }
+
+    /// y [n, rows] (row stride `y_rs`, overwritten) = x [n, cols] · W for inference: one row
+    /// of x (decoding) takes a matrix-vector kernel that reads W once in its stored
+    /// precision; several rows take register tiles or the product kernel.
+    pub(crate) fn infer(
+        &self,
+        params: &[f32],
+        y: &mut [f32],
+        y_rs: usize,
+        x: &[f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let n = x.len() / self.cols;
+        match (self.orient, self.mat(params)) {
+            (Orient::OutIn, w) => linear::linear(y, y_rs, x, n, self.cols, w, self.rows, scratch),
+            (Orient::InOut, MatRef::F32(w)) if n == 1 => {
+                linear::matvec_in_out(&mut y[..self.rows], x, w)
+            }
+            (Orient::InOut, MatRef::F32(w)) => {
+                debug_assert_eq!(y_rs, self.rows);
+                let y = &mut y[..n * self.rows];
+                matmul_p(
+                    Precision::F32,
+                    y,
+                    x,
+                    w,
+                    n,
+                    self.cols,
+                    self.rows,
+                    false,
+                    false,
+                    false,
+                )
+            }
+            (Orient::InOut, _) => unreachable!("input-major weights are never mapped"),
+        }
+    }
+}
+
+/// Whether a linear layer's backward pass sums its bias gradient itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasGrad {
+    /// Sum it (fused into dW's product where the layout allows).
+    Sum,
+    /// The caller summed it already (GELU's backward sweep does, in f32).
+    Done,
+}
+
+/// The parameters and operand precision a training pass reads.
+#[derive(Clone, Copy)]
+pub struct Train<'a> {
+    pub params: &'a [f32],
+    pub precision: Precision,
+}
+
+/// One projection y = x · W (+ b): a weight stored as one or more stacked parts (q | k | v,
+/// gate | up) that lie next to each other in the parameter layout, and an optional bias.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub parts: Vec<Weight>,
+    pub bias: Option<View>,
+    /// All parts as one matrix (the parameter layout keeps them adjacent).
+    pub whole: View,
+    /// Outputs (the parts' rows together) and inputs.
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Linear {
+    /// A projection over `parts`, which must be adjacent in the layout, in order.
+    pub fn new(parts: Vec<Weight>, bias: Option<View>) -> Self {
+        let first = parts[0].view;
+        let cols = parts[0].cols;
+        let mut end = first.offset;
+        for p in &parts {
+            assert!(
+                p.view.offset == end && p.cols == cols,
+                "parts must be adjacent"
+            );
+            end += p.view.len;
+        }
+        Linear {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            whole: View {
+                offset: first.offset,
+                len: end - first.offset,
+            },
+            parts,
+            bias,
+        }
+    }
+
+    fn orient(&self) -> Orient {
+        self.parts[0].orient
+    }
+
+    /// Training forward: y [n, rows] = x [n, cols] · W + b (+ residual), the bias and the
+    /// residual fused into the product as its starting value.
+    pub fn forward(&self, tr: Train, y: &mut [f32], x: &[f32], residual: Option<&[f32]>) {
+        let n = x.len() / self.cols;
+        let fused = Fused {
+            bias: self.bias.map(|b| b.of(tr.params)),
+            residual,
+            col_sums: None,
+        };
+        let trans_b = self.orient() == Orient::OutIn;
+        let (w, out) = (self.whole.of(tr.params), &mut y[..n * self.rows]);
+        let (m, k, nn) = (n, self.cols, self.rows);
+        matmul_fused(
+            tr.precision,
+            out,
+            x,
+            w,
+            m,
+            k,
+            nn,
+            false,
+            trans_b,
+            false,
+            fused,
+        );
+    }
+
+    /// Training backward of [`Linear::forward`]: dx [n, cols] = dy · Wᵀ (overwritten),
+    /// dW += the product of x and dy, and with [`BiasGrad::Sum`] db += Σ rows of dy (fused into
+    /// dW's product for input-major weights, whose product takes dy as its right operand).
+    pub fn backward(
+        &self,
+        tr: Train,
+        grads: &mut [f32],
+        dx: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        bias: BiasGrad,
+    ) {
+        let (n, inp, out, prec) = (x.len() / self.cols, self.cols, self.rows, tr.precision);
+        let w = self.whole;
+        let bias = self.bias.filter(|_| bias == BiasGrad::Sum);
+        match self.orient() {
+            Orient::InOut => {
+                matmul_p(
+                    prec,
+                    dx,
+                    dy,
+                    w.of(tr.params),
+                    n,
+                    out,
+                    inp,
+                    false,
+                    true,
+                    false,
+                );
+                match bias {
+                    Some(b) => {
+                        let (gw, gb) = View::pair_mut(w, b, grads);
+                        let fused = Fused {
+                            col_sums: Some(gb),
+                            ..Fused::default()
+                        };
+                        matmul_fused(prec, gw, x, dy, inp, n, out, true, false, true, fused);
+                    }
+                    None => matmul_p(prec, w.of_mut(grads), x, dy, inp, n, out, true, false, true),
+                }
+            }
+            Orient::OutIn => {
+                matmul_p(
+                    prec,
+                    dx,
+                    dy,
+                    w.of(tr.params),
+                    n,
+                    out,
+                    inp,
+                    false,
+                    false,
+                    false,
+                );
+                matmul_p(prec, w.of_mut(grads), dy, x, out, n, inp, true, false, true);
+                if let Some(b) = bias {
+                    reduce::col_sum_acc(b.of_mut(grads), dy, n);
+                }
+            }
+        }
+    }
+
+    /// Inference: y [n, rows] = x [n, cols] · W + b, each part read in its stored precision.
+    pub fn infer(&self, params: &[f32], y: &mut [f32], x: &[f32], scratch: &mut Vec<f32>) {
+        let n = x.len() / self.cols;
+        let out = self.rows;
+        if self.orient() == Orient::InOut && n > 1 {
+            // a few rows through an input-major f32 matrix: the bias is the product's start
+            let fused = Fused {
+                bias: self.bias.map(|b| b.of(params)),
+                ..Fused::default()
+            };
+            let w = self.whole.of(params);
+            let y = &mut y[..n * out];
+            return matmul_fused(
+                Precision::F32,
+                y,
+                x,
+                w,
+                n,
+                self.cols,
+                out,
+                false,
+                false,
+                false,
+                fused,
+            );
+        }
+        let mut col = 0;
+        for part in &self.parts {
+            part.infer(params, &mut y[col..], out, x, scratch);
+            col += part.rows;
+        }
+        if let Some(b) = self.bias {
+            let b = b.of(params);
+            for row in y[..n * out].chunks_mut(out) {
+                for (v, bv) in row.iter_mut().zip(b) {
+                    *v += bv;
+                }
+            }
+        }
+    }
+}
