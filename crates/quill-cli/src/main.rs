@@ -257,9 +257,13 @@ struct GenerateArgs {
 
 #[derive(clap::Args)]
 struct ExplainArgs {
-    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c
+    /// checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Text to explain (and continue).
     #[arg(long)]
     prompt: String,
@@ -282,9 +286,12 @@ struct ExplainArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json; a chat template for
-    /// /v1/chat/completions).
+    /// /v1/chat/completions), or a llama2.c checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -304,9 +311,14 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct ChatArgs {
-    /// Model folder with a chat template (tokenizer_config.json's chat_template or chat_template.jinja).
+    /// Model folder, ideally with a chat template (tokenizer_config.json's chat_template or
+    /// chat_template.jinja; without one each line is text the model continues), or a
+    /// llama2.c checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// System message placed before the conversation.
     #[arg(long)]
     system: Option<String>,
@@ -332,9 +344,13 @@ struct LogitsArgs {
 
 #[derive(clap::Args)]
 struct ScoreArgs {
-    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c
+    /// checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Text to score.
     #[arg(long)]
     text: String,
@@ -421,8 +437,8 @@ fn run(cli: Cli) -> Result<()> {
     })
 }
 
-fn open_model(dir: &Path) -> Result<Opened> {
-    Ok(Opened::open(dir)?)
+fn open_model(dir: &Path, tokenizer: Option<&Path>) -> Result<Opened> {
+    Ok(Opened::open(dir, tokenizer)?)
 }
 
 /// Sampling settings: the flags, then generation_config.json, then quill's defaults; only
@@ -449,7 +465,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         let mut sampler = Sampler::new(params)?;
         return run_generate_llama2c(&a, &mut sampler);
     }
-    let o = open_model(&a.model)?;
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
     let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(500);
     let (model, tok) = (&o.model, &o.tok);
@@ -519,7 +535,7 @@ fn bar(p: f32, width: usize) -> String {
 }
 
 fn run_explain(a: ExplainArgs) -> Result<()> {
-    let o = open_model(&a.model)?;
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
     let ids = o.tok.encode_with_special(&a.prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
@@ -648,6 +664,7 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
 fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
     let opts = quill_server::Options {
         model_dir: a.model.clone(),
+        tokenizer: a.tokenizer.clone(),
         host: a.host,
         port: a.port,
         api_key: a.api_key,
@@ -666,10 +683,13 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
 
 fn run_chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
-    let o = open_model(&a.model)?;
-    let template = require_template(&o, &a.model)?;
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let template = o.template.as_ref();
     let (model, tok) = (&o.model, &o.tok);
     let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
+    if template.is_none() {
+        eprintln!("(the model has no chat template: each line you write is text it continues)");
+    }
     let ctx = model.context();
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(512);
     // room kept free for the reply when old turns are dropped
@@ -709,8 +729,18 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         let mut dropped = 0;
         let ids = loop {
             let msgs: Vec<Message> = system.iter().chain(&history).cloned().collect();
-            let rendered = template.render(&msgs, true)?;
-            let ids = tok.encode(&rendered)?;
+            let (rendered, ids) = match template {
+                Some(t) => {
+                    let r = t.render(&msgs, true)?;
+                    let ids = tok.encode(&r)?;
+                    (r, ids)
+                }
+                None => {
+                    let r = plain_transcript(&msgs);
+                    let ids = tok.encode_with_special(&r)?;
+                    (r, ids)
+                }
+            };
             if ids.len() + reserve <= ctx || history.len() <= 1 {
                 if a.show_prompt {
                     eprintln!("{}", serde_json::json!({ "prompt": rendered }));
@@ -774,6 +804,19 @@ fn run_chat(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+/// A conversation as plain text, for models without a chat template: turns on lines of
+/// their own, each reply continuing the line before it.
+fn plain_transcript(msgs: &[Message]) -> String {
+    let mut text = String::new();
+    for m in msgs {
+        if m.role != "assistant" && !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&m.content);
+    }
+    text
+}
+
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     let ids: Result<Vec<u32>> = s
         .split(',')
@@ -793,12 +836,12 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let (logits, v) = if a.model.is_file() {
-        llama2c_logits(&a.model, &ids)?
+    let model = if a.model.is_file() {
+        quill::io::llama2c::load(&a.model)?
     } else {
-        let model = quill::io::hf::load(&a.model, true)?;
-        (model.logits_all(&ids)?, model.vocab_size())
+        quill::io::hf::load(&a.model, true)?
     };
+    let (logits, v) = (model.logits_all(&ids)?, model.vocab_size());
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });
     let stdout = std::io::stdout();
@@ -808,26 +851,8 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Logits [T, V] of a llama2.c checkpoint, one position at a time.
-fn llama2c_logits(path: &Path, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
-    let model = quill::model::llama2c::Llama2c::load(path)?;
-    let (v, ctx) = (model.config.vocab_size, model.config.seq_len);
-    if ids.len() > ctx {
-        bail!(
-            "{} tokens are more than the model's context of {ctx} positions",
-            ids.len()
-        );
-    }
-    let mut cache = model.new_cache();
-    let mut all = Vec::with_capacity(ids.len() * v);
-    for &id in ids {
-        all.extend(model.forward(&mut cache, id)?);
-    }
-    Ok((all, v))
-}
-
 fn run_score(a: ScoreArgs) -> Result<()> {
-    let o = open_model(&a.model)?;
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
     let (model, tok) = (&o.model, &o.tok);
     let ids = tok.encode_with_special(&a.text)?;
     if ids.len() < 2 {
@@ -929,7 +954,7 @@ fn run_tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let path = a.out.join("tokenizer.json");
-    quill::io::atomic::write_text(&path, &tok.to_json())?;
+    quill::io::atomic::write_text(&path, &tok.to_json()?)?;
     println!(
         "trained a byte-level BPE with {} tokens: {}",
         tok.vocab_size(),
@@ -990,32 +1015,33 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 /// Generation from a llama2.c checkpoint, printed as llama2.c's `run.c` prints it: BOS first,
 /// the prompt's tokens forced, then sampled tokens until BOS, --max-new-tokens or the context.
 fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
-    use quill::model::llama2c::{Llama2c, Llama2cTokenizer, BOS};
-    let model = Llama2c::load(&a.model)?;
-    let Some(tok_path) = &a.tokenizer else {
-        bail!("a llama2.c checkpoint needs --tokenizer (its tokenizer.bin)");
+    use quill::tokenizer::llama2c::BOS;
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let (model, Tokenizer::Llama2c(tok)) = (&o.model, &o.tok) else {
+        bail!("a llama2.c checkpoint needs a llama2.c tokenizer");
     };
-    let tok = Llama2cTokenizer::load(tok_path, model.config.vocab_size)?;
+    let ctx = model.context();
     let prompt = if a.prompt == "\n" {
         String::new()
     } else {
         a.prompt.clone()
     };
     let ids = tok.encode(&prompt, true);
-    if ids.len() > model.config.seq_len {
+    if ids.len() > ctx {
         bail!(
             "the prompt has {} tokens; the model's context is {}",
             ids.len(),
-            model.config.seq_len
+            ctx
         );
     }
     let mut out = std::io::stdout().lock();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(ctx);
+    let mut logits = Vec::new();
     let mut token = ids[0];
     let mut generated = 0;
     let mut pos = 0;
-    while pos < model.config.seq_len {
-        let logits = model.forward(&mut cache, token)?;
+    while pos < ctx {
+        model.forward_cached(&mut cache, &[token], &mut logits, false)?;
         let next = if pos + 1 < ids.len() {
             ids[pos + 1]
         } else {
@@ -1038,11 +1064,8 @@ fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
         token = next;
         pos += 1;
     }
-    if pos == model.config.seq_len {
-        eprintln!(
-            "note: stopped at the model's context of {} positions",
-            model.config.seq_len
-        );
+    if pos == ctx {
+        eprintln!("note: stopped at the model's context of {} positions", ctx);
     }
     writeln!(out)?;
     Ok(())

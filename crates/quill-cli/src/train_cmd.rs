@@ -328,20 +328,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
     model.set_precision(precision);
     quill::io::atomic::write_text(&out.join("run.json"), &serde_json::to_string_pretty(&info)?)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
-    let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode))?;
+    let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode)?)?;
     drive(trainer, &a, &out, &source, &data)
 }
 
 /// Some(()) when two tokenizers are the same (same tokenizer.json content).
 fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> Option<()> {
-    let va: serde_json::Value = serde_json::from_str(&a.to_json()).ok()?;
-    let vb: serde_json::Value = serde_json::from_str(&b.to_json()).ok()?;
+    let va: serde_json::Value = serde_json::from_str(&a.to_json().ok()?).ok()?;
+    let vb: serde_json::Value = serde_json::from_str(&b.to_json().ok()?).ok()?;
     (va == vb).then_some(())
 }
 
-fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> TokenizerInfo<'a> {
-    TokenizerInfo {
-        json: tok.to_json(),
+fn tok_info<'a>(
+    tok: &Tokenizer,
+    decode: &'a dyn Fn(&[u32]) -> String,
+) -> Result<TokenizerInfo<'a>> {
+    Ok(TokenizerInfo {
+        json: tok.to_json()?,
         token_bytes: tok.token_bytes(),
         decode,
         sample_prompt: tok
@@ -349,7 +352,7 @@ fn tok_info<'a>(tok: &Tokenizer, decode: &'a dyn Fn(&[u32]) -> String) -> Tokeni
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or(vec![0]),
-    }
+    })
 }
 
 /// The tokenizer of a new model, from `--tokenizer`.
@@ -427,7 +430,7 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     let tok = Tokenizer::load(out)?;
     let (_, data) = load_prepared(&info.data_dir)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
-    let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode))?;
+    let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode)?)?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());
     drive(trainer, &a, out, "", &data)
 }

@@ -1377,3 +1377,96 @@ fn llama_folders_with_problems_get_clear_errors() {
     let e = run_err(quill().args(["chat", "--model"]).arg(&m));
     assert!(e.contains("tokenizer"), "{e}");
 }
+
+/// chat, explain and score open a llama2.c checkpoint with `--tokenizer`, as generate does:
+/// greedy text is run.c's (its reference output), explain draws run.c's tokens, and score's
+/// numbers obey their definitions (greedy tokens are each position's most likely; mean loss
+/// and bits per byte from the per-token log-probabilities).
+#[test]
+fn chat_explain_and_score_open_a_llama2c_checkpoint() {
+    let dir = fixture_named("stories260K");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).unwrap())
+            .unwrap();
+    let case = &reference["cases"][0];
+    let (prompt, stdout) = (
+        case["prompt"].as_str().unwrap(),
+        case["stdout"].as_str().unwrap(),
+    );
+    let with_bin = |args: &[&str]| {
+        let mut c = quill();
+        c.args(args)
+            .arg("--model")
+            .arg(dir.join("stories260K.bin"))
+            .arg("--tokenizer")
+            .arg(dir.join("tok512.bin"));
+        c
+    };
+    // chat: one line in, the greedy continuation out
+    let mut c = with_bin(&["chat", "--temperature", "0", "--max-new-tokens", "30"]);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write as _;
+    writeln!(child.stdin.take().unwrap(), "{prompt}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        reply.len() > 20 && stdout.starts_with(&format!("{prompt}{}", reply.trim_end())),
+        "{reply:?}"
+    );
+
+    // explain: the drawn tokens are run.c's
+    let seq: Vec<u64> = case["sequence_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let n_prompt = case["prompt_tokens"].as_array().unwrap().len();
+    let o = run_ok(&mut with_bin(&[
+        "explain",
+        "--json",
+        "--temperature",
+        "0",
+        "--steps",
+        "5",
+        "--prompt",
+        prompt,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let drawn: Vec<u64> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["chosen"].as_u64().unwrap())
+        .collect();
+    assert_eq!(drawn, seq[n_prompt..n_prompt + 5]);
+
+    // score: the greedy text's tokens are each the most likely, so each log-probability is
+    // the largest candidate's; the totals follow from the rows
+    let text = &stdout[..200];
+    let o = run_ok(&mut with_bin(&["score", "--json", "--text", text]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let lps: Vec<f64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    assert!(lps.iter().all(|&l| l <= 0.0 && l > -20.0));
+    let mean = -lps.iter().sum::<f64>() / lps.len() as f64;
+    assert!((v["mean_loss"].as_f64().unwrap() - mean).abs() < 1e-9);
+    let bytes = text.len() - text.split(' ').next().unwrap().len(); // the first word is not scored
+    let bpb = mean * lps.len() as f64 / std::f64::consts::LN_2 / bytes as f64;
+    assert!(
+        (v["bits_per_byte"].as_f64().unwrap() - bpb).abs() < 0.05 * bpb,
+        "{v}"
+    );
+}

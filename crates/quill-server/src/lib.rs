@@ -27,7 +27,10 @@ use std::sync::Arc;
 pub const MAX_BODY: usize = 4 << 20;
 
 pub struct Options {
+    /// A model folder, or a llama2.c checkpoint file (with `tokenizer`).
     pub model_dir: std::path::PathBuf,
+    /// A llama2.c checkpoint's tokenizer.bin.
+    pub tokenizer: Option<std::path::PathBuf>,
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
@@ -117,9 +120,9 @@ fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Opens the model folder for serving.
-pub fn open(dir: &std::path::Path) -> Result<Served, String> {
-    let o = quill::io::hf::Opened::open(dir).map_err(|e| e.to_string())?;
+/// Opens the model folder (or llama2.c checkpoint and its tokenizer) for serving.
+pub fn open(dir: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Result<Served, String> {
+    let o = quill::io::hf::Opened::open(dir, tokenizer).map_err(|e| e.to_string())?;
     let model_id = std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
@@ -138,7 +141,7 @@ pub fn open(dir: &std::path::Path) -> Result<Served, String> {
 
 /// Serves until the process is stopped. `on_ready` gets the bound address.
 pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
-    let served = open(&opts.model_dir)?;
+    let served = open(&opts.model_dir, opts.tokenizer.as_deref())?;
     let handle = engine::spawn(
         served.shared.clone(),
         opts.threads,

@@ -538,7 +538,7 @@ pub fn prepare(
         train: train.finish()?,
         val: val.finish()?,
     };
-    write_text(&out.join("tokenizer.json"), &tok.to_json())?;
+    write_text(&out.join("tokenizer.json"), &tok.to_json()?)?;
     write_text(
         &meta_path,
         &(serde_json::to_string_pretty(&meta).expect("meta serializes") + "\n"),

@@ -199,18 +199,19 @@ fn map_tensor(weights: &Weights, name: &str, len: usize) -> Result<Option<Storag
         .file(name)
         .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
     let (dtype, bytes) = file.raw(name)?;
-    let md =
-        match dtype {
-            ::safetensors::Dtype::F32 => MappedDtype::F32,
-            ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
-            ::safetensors::Dtype::F16 => MappedDtype::F16,
-            other => return Err(Error::format(
+    let md = match dtype {
+        ::safetensors::Dtype::F32 => MappedDtype::F32,
+        ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
+        ::safetensors::Dtype::F16 => MappedDtype::F16,
+        other => {
+            return Err(Error::format(
                 &file.path,
                 format!(
                     "tensor {name}: dtype {other:?} is not supported (supported: F32, F16, BF16)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let map = file.map();
     if bytes.len() != len * md.bytes() {
         return Ok(None);
@@ -298,7 +299,18 @@ pub struct Opened {
 }
 
 impl Opened {
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens a model folder, or a llama2.c checkpoint file with `tokenizer` naming its
+    /// `tokenizer.bin` (a folder's own tokenizer.json is used otherwise).
+    pub fn open(dir: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        if dir.is_file() {
+            return Self::open_llama2c(dir, tokenizer);
+        }
+        if tokenizer.is_some() {
+            return Err(Error::Input(format!(
+                "{}: --tokenizer is for llama2.c checkpoints; a model folder brings its tokenizer.json",
+                dir.display()
+            )));
+        }
         let model = load(dir, true)?;
         let p = dir.join("tokenizer.json");
         if !p.is_file() {
@@ -339,6 +351,26 @@ impl Opened {
             template,
             gen,
             eos,
+        })
+    }
+}
+
+impl Opened {
+    fn open_llama2c(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        let Some(tok_path) = tokenizer else {
+            return Err(Error::Input(format!(
+                "{}: a llama2.c checkpoint needs --tokenizer (its tokenizer.bin)",
+                path.display()
+            )));
+        };
+        let model = super::llama2c::load(path)?;
+        let tok = crate::tokenizer::Llama2cTokenizer::load(tok_path, model.vocab_size())?;
+        Ok(Opened {
+            eos: model.eos_token_ids(),
+            model,
+            tok: crate::tokenizer::Tokenizer::Llama2c(Box::new(tok)),
+            template: None,
+            gen: GenerationConfig::default(),
         })
     }
 }

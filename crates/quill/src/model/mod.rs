@@ -13,7 +13,6 @@ pub mod decoder;
 pub mod gpt2;
 pub mod inference;
 pub mod llama;
-pub mod llama2c;
 pub mod llama_config;
 pub mod params;
 pub mod training;

@@ -4,15 +4,19 @@
 //! - Any Hugging Face `tokenizer.json` (byte-level BPE as GPT-2, Llama 3, Qwen2; SentencePiece
 //!   style BPE; with added and special tokens), through the `tokenizers` crate.
 //!
-//! [`Tokenizer`] is either; `Tokenizer::load` picks by the file's content.
+//! - llama2.c's `tokenizer.bin` ([`Llama2cTokenizer`]), for llama2.c checkpoints.
+//!
+//! [`Tokenizer`] is any of them; `Tokenizer::load` picks by the file's content.
 
 mod bpe;
 mod bytebpe;
 mod char;
+pub mod llama2c;
 mod stream;
 
 pub use self::char::CharTokenizer;
 pub use bpe::{train_byte_level_bpe, END_OF_TEXT};
+pub use llama2c::Llama2cTokenizer;
 pub use stream::StreamDecoder;
 
 use crate::{Error, Result};
@@ -26,6 +30,7 @@ pub const GPT2_TOKENIZER_JSON: &str =
 pub enum Tokenizer {
     Char(CharTokenizer),
     Hf(Box<HfTokenizer>),
+    Llama2c(Box<Llama2cTokenizer>),
 }
 
 /// A `tokenizers` tokenizer, plus a twin without added tokens for plain-text encoding
@@ -110,6 +115,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Char(t) => t.encode(text),
             Tokenizer::Hf(t) => hf_ids(&t.inner, text, false),
+            Tokenizer::Llama2c(t) => Ok(t.encode(text, false)),
         }
     }
 
@@ -119,6 +125,8 @@ impl Tokenizer {
         match self {
             Tokenizer::Char(t) => t.encode(text),
             Tokenizer::Hf(t) => hf_ids(&t.inner, text, true),
+            // SentencePiece Llama tokenizers add BOS
+            Tokenizer::Llama2c(t) => Ok(t.encode(text, true)),
         }
     }
 
@@ -134,6 +142,7 @@ impl Tokenizer {
                 }
                 None => hf_ids(&t.plain, text, false),
             },
+            Tokenizer::Llama2c(t) => Ok(t.encode(text, false)),
         }
     }
 
@@ -151,6 +160,7 @@ impl Tokenizer {
                 .inner
                 .decode(ids, false)
                 .map_err(|e| Error::Input(format!("cannot decode: {e}"))),
+            Tokenizer::Llama2c(t) => Ok(t.decode(ids)),
         }
     }
 
@@ -158,6 +168,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Char(t) => t.vocab_size(),
             Tokenizer::Hf(t) => t.vocab_size,
+            Tokenizer::Llama2c(t) => t.vocab_size(),
         }
     }
 
@@ -171,6 +182,7 @@ impl Tokenizer {
                 }
             }
             Tokenizer::Hf(t) => t.inner.token_to_id(token),
+            Tokenizer::Llama2c(t) => t.token_to_id(token),
         }
     }
 
@@ -189,14 +201,20 @@ impl Tokenizer {
                         .unwrap_or(1),
                 })
                 .collect(),
+            Tokenizer::Llama2c(t) => (0..self.vocab_size() as u32)
+                .map(|id| t.bytes_of(id).len() as u32)
+                .collect(),
         }
     }
 
-    /// The `tokenizer.json` text.
-    pub fn to_json(&self) -> String {
+    /// The `tokenizer.json` text (a llama2.c tokenizer has none).
+    pub fn to_json(&self) -> Result<String> {
         match self {
-            Tokenizer::Char(t) => t.to_json(),
-            Tokenizer::Hf(t) => t.json.clone(),
+            Tokenizer::Char(t) => Ok(t.to_json()),
+            Tokenizer::Hf(t) => Ok(t.json.clone()),
+            Tokenizer::Llama2c(_) => Err(Error::Input(
+                "a llama2.c tokenizer.bin cannot be written as tokenizer.json".into(),
+            )),
         }
     }
 }
