@@ -286,3 +286,19 @@ def test_serves_a_llama2c_checkpoint_with_its_tokenizer(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_min_p_and_penalties_work_over_http(server):
+    """The sampler's options over HTTP, as on the command line: min_p = 1 keeps only the most
+    likely token (so sampling equals greedy); penalties are accepted and range-checked."""
+    c = client(server)
+    greedy = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0).choices[0].text
+    only_best = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=1.0, seed=3,
+                                     extra_body={"min_p": 1.0}).choices[0].text
+    assert only_best == greedy
+    r = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0,
+                             presence_penalty=2.0, frequency_penalty=2.0, extra_body={"repetition_penalty": 1.5})
+    assert r.usage.completion_tokens > 0
+    for field, value in [("min_p", 1.5), ("presence_penalty", 3), ("repetition_penalty", 0)]:
+        status, body = raw(server, "/v1/completions", json.dumps({"prompt": "x", field: value}).encode())
+        assert status == 400 and body["error"]["param"] == field, body

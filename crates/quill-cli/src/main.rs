@@ -194,6 +194,18 @@ struct SamplingArgs {
     /// (0, 1] [default: generation_config.json's, else 1].
     #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
+    /// Min-p: only tokens at least this fraction as likely as the most likely one, in [0, 1]
+    /// (0 is off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    min_p: f32,
+    /// Subtract this from the logit of every token already generated (OpenAI's presence
+    /// penalty, in [-2, 2]).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtract this times the count of each token generated so far from its logit (OpenAI's
+    /// frequency penalty, in [-2, 2]).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
     /// Divide the logits of tokens already in the text by this (transformers' repetition
     /// penalty; 1 is off) [default: generation_config.json's, else 1].
     #[arg(long)]
@@ -223,6 +235,9 @@ impl SamplingArgs {
             repetition_penalty: self
                 .repetition_penalty
                 .unwrap_or(gen.repetition_penalty.unwrap_or(1.0)),
+            min_p: self.min_p,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
             vocab_limit: 0,
             seed: self.seed,
         }
@@ -311,9 +326,9 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct ChatArgs {
-    /// Model folder, ideally with a chat template (tokenizer_config.json's chat_template or
-    /// chat_template.jinja; without one each line is text the model continues), or a
-    /// llama2.c checkpoint (.bin, with --tokenizer).
+    /// Model folder with a chat template (tokenizer_config.json's chat_template or
+    /// chat_template.jinja), or a llama2.c checkpoint (.bin, with --tokenizer; it has no
+    /// template, so each line is text the model continues).
     #[arg(long)]
     model: PathBuf,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -577,14 +592,14 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
     println!("{:>5}  {:<20} {:>9} {:>7}", "pos", "token", "p", "bits");
     let mut total = 0.0;
     for (i, t) in ex.prompt.iter().enumerate() {
-        match (t.logprob, t.surprisal_bits) {
-            (Some(lp), Some(bits)) => {
+        match (t.prob, t.surprisal_bits) {
+            (Some(prob), Some(bits)) => {
                 total += bits;
                 println!(
                     "{:>5}  {:<20} {:>9.5} {:>7.2}  {}",
                     i,
                     format!("{:?}", t.text),
-                    lp.exp(),
+                    prob,
                     bits,
                     bar(bits / 20.0, 20)
                 );
@@ -607,13 +622,14 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
     let p = &ex.params;
     for (n, st) in ex.steps.iter().enumerate() {
         println!(
-            "\nstep {}: drew {:?} (p = {:.4} at temperature 1); the cut (temperature {}, top-k {}, top-p {}) kept {} token{}",
+            "\nstep {}: drew {:?} (p = {:.4} at temperature 1); the cut (temperature {}, top-k {}, top-p {}, min-p {}) kept {} token{}",
             n + 1,
             st.chosen_text,
             st.chosen_prob,
             p.temperature,
             if p.top_k == 0 { "off".to_string() } else { p.top_k.to_string() },
             p.top_p,
+            if p.min_p == 0.0 { "off".to_string() } else { p.min_p.to_string() },
             st.kept_count,
             if st.kept_count == 1 { "" } else { "s" }
         );
@@ -634,8 +650,7 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
                 if c.id == st.chosen { "  <- drawn" } else { "" }
             );
         }
-        let rest = (st.rest_logsumexp - st.logsumexp).exp();
-        println!("{:>5}  {:<20} {:>9.5}", "", "(all others)", rest);
+        println!("{:>5}  {:<20} {:>9.5}", "", "(all others)", st.rest_prob);
     }
     if let Some((l, h, map)) = &attention {
         let t = ids.len();
@@ -684,11 +699,16 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
 fn run_chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     let o = open_model(&a.model, a.tokenizer.as_deref())?;
-    let template = o.template.as_ref();
+    // a llama2.c checkpoint has no chat template: each line is text the model continues;
+    // a model folder without one is refused, as transformers refuses it
+    let template = match a.model.is_file() {
+        true => None,
+        false => Some(require_template(&o, &a.model)?),
+    };
     let (model, tok) = (&o.model, &o.tok);
     let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
     if template.is_none() {
-        eprintln!("(the model has no chat template: each line you write is text it continues)");
+        eprintln!("(a llama2.c checkpoint has no chat template: each line you write is text it continues)");
     }
     let ctx = model.context();
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(512);
@@ -855,31 +875,13 @@ fn run_score(a: ScoreArgs) -> Result<()> {
     let o = open_model(&a.model, a.tokenizer.as_deref())?;
     let (model, tok) = (&o.model, &o.tok);
     let ids = tok.encode_with_special(&a.text)?;
-    if ids.len() < 2 {
-        bail!("the text needs at least two tokens to score (the first has nothing before it)");
-    }
-    let logits_all = model.logits_all(&ids)?;
-    let v = model.vocab_size();
-    let bytes = tok.token_bytes();
-    let mut rows = Vec::new();
-    let (mut total, mut total_bytes) = (0.0f64, 0u64);
-    for i in 1..ids.len() {
-        let logits = &logits_all[(i - 1) * v..i * v];
-        let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let lse = logits
-            .iter()
-            .map(|&x| (x as f64 - mx).exp())
-            .sum::<f64>()
-            .ln()
-            + mx;
-        let logprob = logits[ids[i] as usize] as f64 - lse;
-        total -= logprob;
-        total_bytes += bytes[ids[i] as usize] as u64;
-        rows.push((tok.decode(&ids[i..i + 1])?, ids[i], logprob));
-    }
-    let n = rows.len() as f64;
-    let mean = total / n;
-    let bpb = total / std::f64::consts::LN_2 / total_bytes as f64;
+    let sc = quill::sample::score(model, &ids, &tok.token_bytes())?;
+    let rows: Vec<(String, u32, f64)> = sc
+        .tokens
+        .iter()
+        .map(|&(id, lp)| Ok((tok.decode(&[id])?, id, lp)))
+        .collect::<Result<_>>()?;
+    let (mean, bpb) = (sc.mean_loss, sc.bits_per_byte);
     if a.json {
         let tokens: Vec<_> = rows
             .iter()
@@ -1037,6 +1039,7 @@ fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut cache = model.new_cache(ctx);
     let mut logits = Vec::new();
+    sampler.start(&ids);
     let mut token = ids[0];
     let mut generated = 0;
     let mut pos = 0;
@@ -1049,7 +1052,7 @@ fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
                 break;
             }
             generated += 1;
-            sampler.sample(&logits)
+            sampler.draw(&logits).token
         };
         if next == BOS {
             break;

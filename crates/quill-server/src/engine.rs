@@ -6,9 +6,8 @@
 //! away) ends it.
 
 use quill::model::{Cache, Model, Rows, Scratch, Segment};
-use quill::sample::{apply_repetition_penalty, Sampler, SamplingParams};
+use quill::sample::{top_logprobs, Sampler, SamplingParams};
 use quill::tokenizer::{StreamDecoder, Tokenizer};
-use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
@@ -21,9 +20,8 @@ pub struct Job {
     pub id: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
+    /// Every logits processor's settings (penalties, temperature, top-k/p, min-p, seed).
     pub sampling: SamplingParams,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
     pub stop: Vec<String>,
     /// Some(k): report each token's log-probability and the k most likely alternatives.
     pub logprobs: Option<usize>,
@@ -108,8 +106,6 @@ struct Seq {
     cache: Cache,
     logits: Vec<f32>,
     sampler: Sampler,
-    history: Vec<u32>,
-    counts: HashMap<u32, usize>,
     generated: usize,
     decoder: StreamDecoder,
     text: String,
@@ -229,19 +225,20 @@ fn start(shared: &Shared, job: Job) -> Option<Seq> {
         return None;
     }
     let sampler = match Sampler::new(job.sampling.clone()) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            s.start(&job.prompt);
+            s
+        }
         Err(e) => {
             let _ = job.events.send(Event::Error(e.to_string()));
             return None;
         }
     };
     Some(Seq {
-        history: job.prompt.clone(),
         job,
         cache,
         logits,
         sampler,
-        counts: HashMap::new(),
         generated: 0,
         decoder: StreamDecoder::new(),
         text: String::new(),
@@ -254,33 +251,6 @@ fn start(shared: &Shared, job: Job) -> Option<Seq> {
     })
 }
 
-/// log-softmax of `logits` at `id`, and the `k` most likely tokens with theirs.
-fn logprobs(tok: &Tokenizer, logits: &[f32], id: u32, k: usize) -> (f32, Vec<(String, f32)>) {
-    let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let lse = logits
-        .iter()
-        .map(|&v| ((v - mx) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
-        + mx;
-    let mut top: Vec<(u32, f32)> = Vec::new();
-    if k > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let kk = k.min(idx.len());
-        idx.select_nth_unstable_by(kk - 1, |a, b| {
-            logits[*b as usize].total_cmp(&logits[*a as usize])
-        });
-        idx.truncate(kk);
-        idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
-        top = idx.iter().map(|&i| (i, logits[i as usize] - lse)).collect();
-    }
-    let top = top
-        .into_iter()
-        .map(|(i, lp)| (tok.decode(&[i]).unwrap_or_default(), lp))
-        .collect();
-    (logits[id as usize] - lse, top)
-}
-
 /// Draws the next token of `s` from its logits and sends the text it completes. Some(token)
 /// when the request goes on (the token must then run through the model), None when it has
 /// finished (or its client left).
@@ -289,45 +259,27 @@ fn pick(shared: &Shared, s: &mut Seq) -> Option<u32> {
         return None;
     }
     let j = &s.job;
-    // log-probabilities are the model's own (before penalties and temperature)
-    let raw = if j.logprobs.is_some() {
-        Some(s.logits.clone())
-    } else {
-        None
-    };
-    apply_repetition_penalty(
-        &mut s.logits,
-        &s.history,
-        s.sampler.params.repetition_penalty,
-    );
-    if j.presence_penalty != 0.0 || j.frequency_penalty != 0.0 {
-        for (&id, &c) in &s.counts {
-            if let Some(l) = s.logits.get_mut(id as usize) {
-                *l -= j.presence_penalty + j.frequency_penalty * c as f32;
-            }
-        }
-    }
-    let limit = s.sampler.params.vocab_limit;
-    if limit > 0 && limit < s.logits.len() {
-        s.logits[limit..].fill(f32::NEG_INFINITY);
-    }
-    let next = s.sampler.sample(&s.logits);
+    let draw = s.sampler.draw(&s.logits);
+    let next = draw.token;
     if shared.eos.contains(&next) {
         return finish(shared, s, "stop");
     }
     s.generated += 1;
-    s.history.push(next);
-    *s.counts.entry(next).or_insert(0) += 1;
     let piece = s.decoder.push(&shared.tok, next).unwrap_or_default();
     s.text.push_str(&piece);
-    if let Some(raw) = raw {
-        let (lp, top) = logprobs(&shared.tok, &raw, next, j.logprobs.unwrap_or(0));
+    if let Some(k) = j.logprobs {
+        // log-probabilities are the model's own (before penalties and temperature)
+        let limit = s.sampler.params.vocab_limit.clamp(1, s.logits.len());
+        let top = top_logprobs(&s.logits[..limit], k)
+            .into_iter()
+            .map(|(i, lp)| (shared.tok.decode(&[i]).unwrap_or_default(), lp))
+            .collect();
         let text = shared.tok.decode(&[next]).unwrap_or_default();
         s.pending.push(TokenInfo {
             id: next,
             bytes: text.as_bytes().to_vec(),
             text,
-            logprob: lp,
+            logprob: draw.logprob,
             top,
         });
     }

@@ -270,8 +270,6 @@ struct Common {
     include_usage: bool,
     max_tokens: Option<usize>,
     sampling: SamplingParams,
-    presence: f32,
-    frequency: f32,
     stop: Vec<String>,
 }
 
@@ -336,8 +334,9 @@ fn parse_common(app: &AppState, m: &Map<String, Value>) -> Result<Common, ApiErr
     let repetition_penalty = f
         .f32_in("repetition_penalty", 0.01, 100.0)?
         .unwrap_or(gen.repetition_penalty.unwrap_or(1.0));
-    let presence = f.f32_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0);
-    let frequency = f.f32_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0);
+    let presence_penalty = f.f32_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0);
+    let frequency_penalty = f.f32_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0);
+    let min_p = f.f32_in("min_p", 0.0, 1.0)?.unwrap_or(0.0);
     let stop = match f.get("stop") {
         None => vec![],
         Some(Value::String(s)) => vec![s.clone()],
@@ -372,12 +371,13 @@ fn parse_common(app: &AppState, m: &Map<String, Value>) -> Result<Common, ApiErr
             temperature,
             top_k,
             top_p,
+            min_p,
             repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
             vocab_limit: app.served.shared.tok.vocab_size(),
             seed,
         },
-        presence,
-        frequency,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
     })
 }
@@ -434,8 +434,6 @@ fn submit(
         prompt,
         max_tokens,
         sampling: c.sampling.clone(),
-        presence_penalty: c.presence,
-        frequency_penalty: c.frequency,
         stop: c.stop.clone(),
         logprobs,
         events: tx,

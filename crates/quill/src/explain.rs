@@ -1,11 +1,12 @@
 //! How a model decides: for a prompt, each token's surprisal (−log₂ p under the model given
 //! the tokens before it); for each generated token, the softmax distribution it was drawn
 //! from (the top candidates at temperature 1, the rest summed), the set the
-//! temperature/top-k/top-p cut kept, and the token drawn. Shared by `quill explain` and the
+//! temperature/top-k/top-p/min-p cut kept, and the token drawn: all read from the
+//! [`Sampler`] that drew it. Shared by `quill explain` and the
 //! server's explain view.
 
 use crate::model::Model;
-use crate::sample::{apply_repetition_penalty, Sampler, SamplingParams};
+use crate::sample::{log_softmax_at, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::Result;
 use serde::Serialize;
@@ -16,6 +17,8 @@ pub struct PromptToken {
     pub text: String,
     /// ln p(token | tokens before it); None for the first token (nothing predicts it).
     pub logprob: Option<f32>,
+    /// p(token | tokens before it).
+    pub prob: Option<f32>,
     /// −log₂ p: bits of surprise.
     pub surprisal_bits: Option<f32>,
 }
@@ -37,6 +40,8 @@ pub struct Step {
     /// log Σ exp(logit) over every token not among the candidates (the tail), and over all.
     pub rest_logsumexp: f32,
     pub logsumexp: f32,
+    /// The probability of every token not among the candidates (at temperature 1).
+    pub rest_prob: f32,
     /// Ids the cut (temperature, top-k, top-p) kept, with their renormalised probabilities
     /// (the 200 most likely of them), and how many it kept in all.
     pub kept: Vec<(u32, f32)>,
@@ -58,14 +63,7 @@ pub struct SamplingParamsView {
     pub temperature: f32,
     pub top_k: usize,
     pub top_p: f32,
-}
-
-fn logsumexp(xs: impl Iterator<Item = f32> + Clone) -> f32 {
-    let mx = xs.clone().fold(f32::NEG_INFINITY, f32::max);
-    if mx == f32::NEG_INFINITY {
-        return mx;
-    }
-    (xs.map(|x| ((x - mx) as f64).exp()).sum::<f64>().ln() as f32) + mx
+    pub min_p: f32,
 }
 
 /// The prompt's surprisal and `steps` generated tokens with their distributions.
@@ -89,66 +87,48 @@ pub fn explain(
         v
     };
     let mut sampler = Sampler::new(params.clone())?;
+    sampler.start(prompt);
     let mut cache = model.new_cache((prompt.len() + steps).min(ctx));
     let mut all = Vec::new();
     model.forward_cached(&mut cache, prompt, &mut all, true)?;
     let text_of = |id: u32| tok.decode(&[id]).unwrap_or_default();
     let mut out_prompt = Vec::with_capacity(prompt.len());
     for (i, &id) in prompt.iter().enumerate() {
-        let lp = (i > 0).then(|| {
-            let row = &all[(i - 1) * v..i * v];
-            row[id as usize] - logsumexp(row[..limit].iter().copied())
-        });
+        let lp = (i > 0).then(|| log_softmax_at(&all[(i - 1) * v..(i - 1) * v + limit], id));
         out_prompt.push(PromptToken {
             id,
             text: text_of(id),
             logprob: lp,
+            prob: lp.map(f32::exp),
             surprisal_bits: lp.map(|l| -l / std::f32::consts::LN_2),
         });
     }
     let mut logits = all[(prompt.len() - 1) * v..prompt.len() * v].to_vec();
-    let mut history = prompt.to_vec();
     let mut out_steps = Vec::new();
     for _ in 0..steps {
-        apply_repetition_penalty(&mut logits, &history, params.repetition_penalty);
-        logits[limit..].fill(f32::NEG_INFINITY);
-        let lse = logsumexp(logits.iter().copied());
-        let mut order: Vec<u32> = (0..limit as u32).collect();
-        let k = top.clamp(1, order.len());
-        order.select_nth_unstable_by(k - 1, |a, b| {
-            logits[*b as usize].total_cmp(&logits[*a as usize])
-        });
-        order.truncate(k);
-        order.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
-        let in_top = |i: u32| order.contains(&i);
-        let rest = logsumexp(
-            (0..limit as u32)
-                .filter(|&i| !in_top(i))
-                .map(|i| logits[i as usize])
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
-        let kept = sampler.candidates(&logits);
-        let chosen = sampler.sample(&logits);
+        let chosen = sampler.draw(&logits).token;
+        let top_k = sampler.top(top);
+        let kept = sampler.kept();
         out_steps.push(Step {
-            candidates: order
+            candidates: top_k
+                .candidates
                 .iter()
-                .map(|&i| Candidate {
-                    id: i,
-                    text: text_of(i),
-                    logit: logits[i as usize],
-                    prob: (logits[i as usize] - lse).exp(),
+                .map(|&(id, logit, prob)| Candidate {
+                    id,
+                    text: text_of(id),
+                    logit,
+                    prob,
                 })
                 .collect(),
-            rest_logsumexp: rest,
-            logsumexp: lse,
+            rest_logsumexp: top_k.rest_logsumexp,
+            logsumexp: top_k.logsumexp,
+            rest_prob: top_k.rest_prob,
             kept_count: kept.len(),
             kept: kept.into_iter().take(200).collect(),
             chosen,
             chosen_text: text_of(chosen),
-            chosen_prob: (logits[chosen as usize] - lse).exp(),
+            chosen_prob: sampler.prob_t1(chosen),
         });
-        history.push(chosen);
         if eos.contains(&chosen) || cache.len() >= cache.capacity() {
             break;
         }
@@ -161,6 +141,7 @@ pub fn explain(
             temperature: params.temperature,
             top_k: params.top_k,
             top_p: params.top_p,
+            min_p: params.min_p,
         },
     })
 }

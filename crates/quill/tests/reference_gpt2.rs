@@ -385,3 +385,26 @@ fn bare_tensor_names_load_the_same_model() {
     assert_eq!(bare.params, model.params);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `sample::score` gives each token's log-probability given the tokens before it: over the
+/// fixture's rows (equal lengths), the mean of the rows' mean losses is transformers' loss.
+#[test]
+fn score_matches_transformers_loss() {
+    let model = load(&fixture(), true).unwrap();
+    let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    let (shape, ids) = read(&expected, "input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let ones = vec![1u32; model.vocab_size()];
+    let mut total = 0.0;
+    for r in 0..b {
+        let s = quill::sample::score(&model, &ids[r * t..(r + 1) * t], &ones).unwrap();
+        assert_eq!(s.tokens.len(), t - 1);
+        let nats: f64 = -s.tokens.iter().map(|x| x.1).sum::<f64>();
+        assert!((s.bits_per_byte - nats / std::f64::consts::LN_2 / (t - 1) as f64).abs() < 1e-9);
+        total += s.mean_loss;
+    }
+    let (_, want) = read(&expected, "loss");
+    let got = total / b as f64;
+    assert!((got - want[0] as f64).abs() < 1e-5, "{got} vs {}", want[0]);
+}

@@ -191,11 +191,16 @@ impl Gpt2Config {
             "eos_token_id",
             self.eos_token_id.map(Value::from).unwrap_or(Value::Null),
         );
-        put("use_cache", true.into());
-        put("torch_dtype", "float32".into());
-        put("dtype", "float32".into());
-        Value::Object(m)
+        hf_json_common(m)
     }
+}
+
+/// The fields every config.json quill writes ends with: f32 weights, a KV cache.
+pub(super) fn hf_json_common(mut m: Map<String, Value>) -> Value {
+    m.insert("use_cache".into(), true.into());
+    m.insert("torch_dtype".into(), "float32".into());
+    m.insert("dtype".into(), "float32".into());
+    Value::Object(m)
 }
 
 #[cfg(test)]

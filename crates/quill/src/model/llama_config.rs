@@ -1,6 +1,7 @@
 //! Configuration of the Llama family (Llama, Mistral, Qwen2) with Hugging Face field names,
 //! read from and written to `config.json`.
 
+use super::config::hf_json_common;
 use crate::kernels::rope::RopeScaling;
 use crate::{Error, Result};
 use serde_json::{json, Map, Value};
@@ -373,10 +374,7 @@ impl LlamaConfig {
                 many => json!(many),
             },
         );
-        put("use_cache", true.into());
-        put("torch_dtype", "float32".into());
-        put("dtype", "float32".into());
-        Value::Object(m)
+        hf_json_common(m)
     }
 }
 

@@ -39,14 +39,9 @@ pub fn generate(
     let mut logits = Vec::new();
     model.forward_cached(&mut cache, &tokens, &mut logits, false)?;
     let mut out = Vec::with_capacity(max_new);
+    sampler.start(&tokens);
     while out.len() < max_new {
-        let penalty = sampler.params.repetition_penalty;
-        super::apply_repetition_penalty(&mut logits, &tokens, penalty);
-        let limit = sampler.params.vocab_limit;
-        if limit > 0 && limit < logits.len() {
-            logits[limit..].fill(f32::NEG_INFINITY);
-        }
-        let next = sampler.sample(&logits);
+        let next = sampler.draw(&logits).token;
         out.push(next);
         tokens.push(next);
         if !on_token(next)? || eos.contains(&next) || out.len() == max_new {
