@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Training speed of quill (f32 and bf16) and of PyTorch (fp32 eager and bf16 autocast) on the
 # four `quill bench train` configurations, each pair run back to back on an otherwise idle
-# machine (BENCHMARKS.md records the results). PyTorch's side is the performance issue's peer
-# script, train_bench.py; pass its path:
-#   scripts/bench_train_vs_pytorch.sh PATH/TO/train_bench.py
+# machine (BENCHMARKS.md records the results). PyTorch's side is scripts/peers/train_bench.py
+# (or the path given):
+#   scripts/bench_train_vs_pytorch.sh [PATH/TO/train_bench.py]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEER=${1:?usage: $0 PATH/TO/train_bench.py}
+PEER=${1:-scripts/peers/train_bench.py}
 cargo build --release --bin quill
 Q=./target/release/quill
 $Q bench peak

@@ -1,5 +1,5 @@
 //! The sampler against references made elsewhere: `transformers`' logits processors
-//! (tests/fixtures/sampling/reference.json, made by scripts/make_sampling_reference.py),
+//! (tests/fixtures/sampling/reference.json, made by scripts/fixtures/make_sampling_reference.py),
 //! OpenAI's published presence/frequency formula, and the definitions of min-p and of
 //! drawing from a distribution.
 
