@@ -1,6 +1,6 @@
 //! f32 (`gemm`) against quill's bf16 product on the shapes the training configs use:
 //! `cargo run --release -p quill --example bfbench [shape index, to profile one]`.
-use quill::kernels::{bf16, matmul};
+use quill::kernels::matmul::{self, Accumulate, Operand, Precision};
 use std::time::Instant;
 fn main() {
     let shapes: &[(usize, usize, usize, bool, bool)] = &[
@@ -27,7 +27,13 @@ fn main() {
         let b = vec![0.25f32; k * n];
         let mut c = vec![0f32; m * n];
         for _ in 0..300 {
-            bf16::matmul(&mut c, &a, &b, m, k, n, ta, tb, false);
+            quill::kernels::matmul::matmul(
+                Precision::Bf16,
+                &mut c,
+                Operand::op(&a, m, k, ta),
+                Operand::op(&b, k, n, tb),
+                Accumulate::Overwrite,
+            );
         }
         return;
     }
@@ -48,8 +54,24 @@ fn main() {
             ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
             flops / ts[3] / 1e9
         };
-        let f32r = run(&mut |c| matmul::matmul(c, &a, &b, m, k, n, ta, tb, false));
-        let bfr = run(&mut |c| bf16::matmul(c, &a, &b, m, k, n, ta, tb, false));
+        let f32r = run(&mut |c| {
+            matmul::matmul(
+                Precision::F32,
+                c,
+                Operand::op(&a, m, k, ta),
+                Operand::op(&b, k, n, tb),
+                Accumulate::Overwrite,
+            )
+        });
+        let bfr = run(&mut |c| {
+            quill::kernels::matmul::matmul(
+                Precision::Bf16,
+                c,
+                Operand::op(&a, m, k, ta),
+                Operand::op(&b, k, n, tb),
+                Accumulate::Overwrite,
+            )
+        });
         println!(
             "{m:5}x{k:5}x{n:5} ta={ta:5} tb={tb:5}  gemm f32 {f32r:6.1}  bf16 {bfr:6.1}  x{:.2}",
             bfr / f32r

@@ -1,6 +1,7 @@
 //! Times the kernels of one training step of a small GPT-2 in isolation:
 //! `cargo run --release --example kbench -- WIDTH HEADS CONTEXT BATCH`.
-use quill::kernels::{attention, matmul::matmul, matmul::Precision};
+use quill::kernels::attention;
+use quill::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use std::time::Instant;
 
 fn time(name: &str, flops: f64, reps: usize, mut f: impl FnMut()) {
@@ -34,13 +35,31 @@ fn main() {
         ("fc2  N x 4C x C", 4 * c, c),
     ] {
         time(name, 2.0 * (n * k * m) as f64, 20, || {
-            matmul(&mut y, &x, &w, n, k, m, false, false, false)
+            matmul(
+                Precision::F32,
+                &mut y,
+                Operand::new(&x, n, k),
+                Operand::new(&w, k, m),
+                Accumulate::Overwrite,
+            )
         });
         time("  dX = dY Wt", 2.0 * (n * k * m) as f64, 20, || {
-            matmul(&mut y, &x, &w, n, m, k, false, true, false)
+            matmul(
+                Precision::F32,
+                &mut y,
+                Operand::new(&x, n, m),
+                Operand::new(&w, k, m).t(),
+                Accumulate::Overwrite,
+            )
         });
         time("  dW = Xt dY", 2.0 * (n * k * m) as f64, 20, || {
-            matmul(&mut y, &x, &w, k, n, m, true, false, true)
+            matmul(
+                Precision::F32,
+                &mut y,
+                Operand::new(&x, n, k).t(),
+                Operand::new(&w, n, m),
+                Accumulate::Add,
+            )
         });
     }
     let qkv = vec![0.01f32; n * 3 * c];

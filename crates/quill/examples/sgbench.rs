@@ -2,7 +2,8 @@
 //! char (every product of a step), gpt2-mini, gpt2-small and nano: best GFLOP/s of five
 //! rounds each, alternating.
 //! `cargo run --release -p quill --example sgbench [shape index | m k n [ta tb]]`.
-use quill::kernels::{packed::Fusion, sgemm};
+use quill::kernels::product::{Accumulate, Dims, Fusion, Strided, View, ViewMut};
+use quill::kernels::sgemm;
 use std::time::Instant;
 fn main() {
     if !sgemm::available() {
@@ -70,22 +71,26 @@ fn main() {
             let t = Instant::now();
             for _ in 0..reps {
                 unsafe {
-                    sgemm::matmul_fused(
-                        m,
-                        k,
-                        n,
-                        c.as_mut_ptr(),
-                        n,
-                        a.as_ptr(),
-                        a_rs,
-                        a_cs,
-                        b.as_ptr(),
-                        b_rs,
-                        b_cs,
-                        false,
-                        true,
-                        Fusion::default(),
-                    )
+                    sgemm::matmul_fused(Strided {
+                        dims: Dims { m, k, n },
+                        c: ViewMut {
+                            ptr: c.as_mut_ptr(),
+                            rs: n,
+                        },
+                        a: View {
+                            ptr: a.as_ptr(),
+                            rs: a_rs,
+                            cs: a_cs,
+                        },
+                        b: View {
+                            ptr: b.as_ptr(),
+                            rs: b_rs,
+                            cs: b_cs,
+                        },
+                        accumulate: Accumulate::from(false),
+                        parallel: true,
+                        fusion: Fusion::default(),
+                    })
                 }
             }
             bs = bs.max(reps as f64 * fl / t.elapsed().as_secs_f64() / 1e9);

@@ -2,7 +2,7 @@
 //! whole training steps (forward, backward, AdamW) for standard configurations. Figures, not
 //! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
 
-use crate::kernels::matmul::{matmul, Precision};
+use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::model::{Batch, Config, Gpt2Config, Model};
 use crate::rng::Rng;
 use crate::train::optimizer::AdamW;
@@ -35,12 +35,24 @@ pub fn peak() -> Peak {
         let a = vec![1.0f32; n * n];
         let b = vec![0.5f32; n * n];
         let mut c = vec![0.0f32; n * n];
-        matmul(&mut c, &a, &b, n, n, n, false, false, false);
+        matmul(
+            Precision::F32,
+            &mut c,
+            Operand::new(&a, n, n),
+            Operand::new(&b, n, n),
+            Accumulate::Overwrite,
+        );
         let reps = if n <= 1024 { 8 } else { 3 };
         let times: Vec<f64> = (0..reps)
             .map(|_| {
                 let t = Instant::now();
-                matmul(&mut c, &a, &b, n, n, n, false, false, false);
+                matmul(
+                    Precision::F32,
+                    &mut c,
+                    Operand::new(&a, n, n),
+                    Operand::new(&b, n, n),
+                    Accumulate::Overwrite,
+                );
                 t.elapsed().as_secs_f64()
             })
             .collect();
@@ -69,11 +81,23 @@ pub fn peak() -> Peak {
             let a = vec![1.0f32; n * n];
             let b = vec![0.5f32; n * n];
             let mut c = vec![0.0f32; n * n];
-            crate::kernels::bf16::matmul(&mut c, &a, &b, n, n, n, false, false, false);
+            crate::kernels::matmul::matmul(
+                Precision::Bf16,
+                &mut c,
+                Operand::new(&a, n, n),
+                Operand::new(&b, n, n),
+                Accumulate::Overwrite,
+            );
             let times: Vec<f64> = (0..3)
                 .map(|_| {
                     let t = Instant::now();
-                    crate::kernels::bf16::matmul(&mut c, &a, &b, n, n, n, false, false, false);
+                    crate::kernels::matmul::matmul(
+                        Precision::Bf16,
+                        &mut c,
+                        Operand::new(&a, n, n),
+                        Operand::new(&b, n, n),
+                        Accumulate::Overwrite,
+                    );
                     t.elapsed().as_secs_f64()
                 })
                 .collect();

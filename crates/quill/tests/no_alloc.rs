@@ -5,7 +5,7 @@
 //! packing buffers inside its calls; those are counted apart (while `GEMM_CALLS_ACTIVE` is
 //! non-zero) and reported, not failed.
 
-use quill::kernels::matmul::{Precision, GEMM_CALLS_ACTIVE};
+use quill::kernels::matmul::{Accumulate, Operand, Precision, GEMM_CALLS_ACTIVE};
 use quill::model::{Batch, Config, Gpt2Config, LlamaConfig, Model};
 use quill::train::optimizer::AdamW;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -77,9 +77,21 @@ fn steps_do_not_allocate() {
     // sit out whole steps, and would size them inside a counted one)
     pool.broadcast(|_| {
         let (a, b, mut c) = (vec![1.0f32; 64], vec![1.0f32; 64], vec![0.0f32; 64]);
-        quill::kernels::bf16::matmul(&mut c, &a, &b, 8, 8, 8, false, false, false);
+        quill::kernels::matmul::matmul(
+            Precision::Bf16,
+            &mut c,
+            Operand::new(&a, 8, 8),
+            Operand::new(&b, 8, 8),
+            Accumulate::Overwrite,
+        );
         // f32: B's packing buffer, and the copy of a transposed A's rows
-        quill::kernels::matmul::matmul(&mut c, &a, &b, 8, 8, 8, true, false, false);
+        quill::kernels::matmul::matmul(
+            Precision::F32,
+            &mut c,
+            Operand::new(&a, 8, 8).t(),
+            Operand::new(&b, 8, 8),
+            Accumulate::Overwrite,
+        );
     });
     pool.install(check_models);
 }

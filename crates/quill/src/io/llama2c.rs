@@ -231,7 +231,8 @@ mod tests {
             let next = if pos + 1 < ids.len() {
                 ids[pos + 1]
             } else {
-                crate::sample::argmax(&logits)
+                // greedy: the first of the largest logits, as run.c's argmax
+                (0..logits.len()).fold(0, |b, j| if logits[j] > logits[b] { j } else { b }) as u32
             };
             if next == BOS {
                 break;

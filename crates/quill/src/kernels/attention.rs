@@ -5,6 +5,7 @@
 //! Tasks run in parallel over (batch, head); inside a task the products run on one thread.
 
 use super::matmul::Precision;
+use super::product::{Accumulate, Dims, Strided, View, ViewMut};
 use super::tile::Causal;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -12,48 +13,21 @@ use rayon::prelude::*;
 /// One-thread strided product (the tasks already run in parallel over batch and heads), in
 /// the training precision. f32 products whose B has contiguous columns run on the in-place
 /// tile kernel ([`super::tile`]) where the CPU has AVX-512, skipping the tiles that `causal`
-/// leaves out; otherwise on the `gemm` crate (or quill's bf16 kernel), computing them all.
+/// leaves out; otherwise on the product entry ([`super::matmul::matmul_strided`]), computing
+/// them all.
 ///
 /// # Safety
 /// As [`super::matmul::matmul_strided`].
-#[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn mm(
-    prec: Precision,
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-    causal: Causal,
-) {
+unsafe fn mm(prec: Precision, s: Strided, causal: Causal) {
     match prec {
-        Precision::F32 if b_cs == 1 && super::simd::has_avx512() => {
-            super::tile::gemm(m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, accumulate, causal)
-        }
-        Precision::F32 => super::matmul::matmul_strided_serial(
-            m,
-            k,
-            n,
-            c,
-            c_rs as isize,
-            a,
-            a_rs as isize,
-            a_cs as isize,
-            b,
-            b_rs as isize,
-            b_cs as isize,
-            accumulate,
-        ),
-        Precision::Bf16 => super::bf16::matmul_strided(
-            m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, b_cs, accumulate, false,
+        Precision::F32 if s.b.cs == 1 && super::simd::has_avx512() => super::tile::gemm(s, causal),
+        _ => super::matmul::matmul_strided(
+            prec,
+            Strided {
+                parallel: false,
+                ..s
+            },
         ),
     }
 }
@@ -149,18 +123,25 @@ pub fn forward(
                     // S = Q[i0..i1] · K[0..i1]ᵀ: the strip only needs keys up to its last row
                     mm(
                         prec,
-                        i1 - i0,
-                        d,
-                        i1,
-                        sp,
-                        t,
-                        q.add(i0 * w),
-                        w,
-                        1,
-                        kb,
-                        kb_rs,
-                        kb_cs,
-                        false,
+                        Strided::new(
+                            Dims {
+                                m: i1 - i0,
+                                k: d,
+                                n: i1,
+                            },
+                            ViewMut { ptr: sp, rs: t },
+                            View {
+                                ptr: q.add(i0 * w),
+                                rs: w,
+                                cs: 1,
+                            },
+                            View {
+                                ptr: kb,
+                                rs: kb_rs,
+                                cs: kb_cs,
+                            },
+                            Accumulate::from(false),
+                        ),
                         Causal::ColsUpTo(i0),
                     );
                     for r in 0..i1 - i0 {
@@ -170,18 +151,28 @@ pub fn forward(
                     // O[i0..i1] = P · V[0..i1]
                     mm(
                         prec,
-                        i1 - i0,
-                        i1,
-                        d,
-                        out_p.get().add(bi * t * oc + hi * d + i0 * oc),
-                        oc,
-                        sp,
-                        t,
-                        1,
-                        v,
-                        w,
-                        1,
-                        false,
+                        Strided::new(
+                            Dims {
+                                m: i1 - i0,
+                                k: i1,
+                                n: d,
+                            },
+                            ViewMut {
+                                ptr: out_p.get().add(bi * t * oc + hi * d + i0 * oc),
+                                rs: oc,
+                            },
+                            View {
+                                ptr: sp,
+                                rs: t,
+                                cs: 1,
+                            },
+                            View {
+                                ptr: v,
+                                rs: w,
+                                cs: 1,
+                            },
+                            Accumulate::from(false),
+                        ),
                         Causal::DepthUpTo(i0),
                     );
                 }
@@ -314,34 +305,48 @@ pub fn backward(
                         // S = Q[j0..t] · K[j0..j1]ᵀ, dP = dO[j0..t] · V[j0..j1]ᵀ
                         mm(
                             prec,
-                            rows,
-                            d,
-                            cols,
-                            sp,
-                            bs,
-                            q.add(jo),
-                            w,
-                            1,
-                            kb,
-                            kb_rs,
-                            kb_cs,
-                            false,
+                            Strided::new(
+                                Dims {
+                                    m: rows,
+                                    k: d,
+                                    n: cols,
+                                },
+                                ViewMut { ptr: sp, rs: bs },
+                                View {
+                                    ptr: q.add(jo),
+                                    rs: w,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: kb,
+                                    rs: kb_rs,
+                                    cs: kb_cs,
+                                },
+                                Accumulate::from(false),
+                            ),
                             Causal::ColsUpTo(0),
                         );
                         mm(
                             prec,
-                            rows,
-                            d,
-                            cols,
-                            dpp,
-                            bs,
-                            dy.add(yo),
-                            oc,
-                            1,
-                            vb,
-                            vb_rs,
-                            vb_cs,
-                            false,
+                            Strided::new(
+                                Dims {
+                                    m: rows,
+                                    k: d,
+                                    n: cols,
+                                },
+                                ViewMut { ptr: dpp, rs: bs },
+                                View {
+                                    ptr: dy.add(yo),
+                                    rs: oc,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: vb,
+                                    rs: vb_rs,
+                                    cs: vb_cs,
+                                },
+                                Accumulate::from(false),
+                            ),
                             Causal::ColsUpTo(0),
                         );
                         strip_softmax_backward(
@@ -355,51 +360,81 @@ pub fn backward(
                         // dV[j0..j1] (+)= Pᵀ · dO[j0..t]; dK[j0..j1] (+)= dSᵀ · Q[j0..t]
                         mm(
                             prec,
-                            cols,
-                            rows,
-                            d,
-                            dv.add(jo),
-                            w,
-                            sp,
-                            1,
-                            bs,
-                            dy.add(yo),
-                            oc,
-                            1,
-                            acc,
+                            Strided::new(
+                                Dims {
+                                    m: cols,
+                                    k: rows,
+                                    n: d,
+                                },
+                                ViewMut {
+                                    ptr: dv.add(jo),
+                                    rs: w,
+                                },
+                                View {
+                                    ptr: sp,
+                                    rs: 1,
+                                    cs: bs,
+                                },
+                                View {
+                                    ptr: dy.add(yo),
+                                    rs: oc,
+                                    cs: 1,
+                                },
+                                Accumulate::from(acc),
+                            ),
                             Causal::DepthFrom,
                         );
                         mm(
                             prec,
-                            cols,
-                            rows,
-                            d,
-                            dk.add(jo),
-                            w,
-                            dpp,
-                            1,
-                            bs,
-                            q.add(jo),
-                            w,
-                            1,
-                            acc,
+                            Strided::new(
+                                Dims {
+                                    m: cols,
+                                    k: rows,
+                                    n: d,
+                                },
+                                ViewMut {
+                                    ptr: dk.add(jo),
+                                    rs: w,
+                                },
+                                View {
+                                    ptr: dpp,
+                                    rs: 1,
+                                    cs: bs,
+                                },
+                                View {
+                                    ptr: q.add(jo),
+                                    rs: w,
+                                    cs: 1,
+                                },
+                                Accumulate::from(acc),
+                            ),
                             Causal::DepthFrom,
                         );
                         // dQ[j0..t] (+)= dS · K[j0..j1]; the first strip reaches every row
                         mm(
                             prec,
-                            rows,
-                            cols,
-                            d,
-                            dq.add(jo),
-                            w,
-                            dpp,
-                            bs,
-                            1,
-                            k.add(jo),
-                            w,
-                            1,
-                            j0 > 0,
+                            Strided::new(
+                                Dims {
+                                    m: rows,
+                                    k: cols,
+                                    n: d,
+                                },
+                                ViewMut {
+                                    ptr: dq.add(jo),
+                                    rs: w,
+                                },
+                                View {
+                                    ptr: dpp,
+                                    rs: bs,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: k.add(jo),
+                                    rs: w,
+                                    cs: 1,
+                                },
+                                Accumulate::from(j0 > 0),
+                            ),
                             Causal::DepthUpTo(0),
                         );
                     }

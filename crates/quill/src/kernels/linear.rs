@@ -3,7 +3,8 @@
 //! product that reads each weight once, in its stored precision, with f32 accumulation;
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
-use super::matmul::{matmul_strided, parallelism};
+use super::matmul::{matmul_strided, Precision};
+use super::product::{Accumulate, Dims, Strided, View, ViewMut};
 use super::simd::multiversion;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -87,19 +88,29 @@ pub fn linear(
         // Safety: the asserts above bound every index.
         MatRef::F32(w) => unsafe {
             matmul_strided(
-                n,
-                inp,
-                out,
-                yp,
-                y_rs as isize,
-                x.as_ptr(),
-                inp as isize,
-                1,
-                w.as_ptr(),
-                1,
-                inp as isize,
-                false,
-                parallelism(n, inp, out),
+                Precision::F32,
+                Strided {
+                    parallel: true,
+                    ..Strided::new(
+                        Dims {
+                            m: n,
+                            k: inp,
+                            n: out,
+                        },
+                        ViewMut { ptr: yp, rs: y_rs },
+                        View {
+                            ptr: x.as_ptr(),
+                            rs: inp,
+                            cs: 1,
+                        },
+                        View {
+                            ptr: w.as_ptr(),
+                            rs: 1,
+                            cs: inp,
+                        },
+                        Accumulate::from(false),
+                    )
+                },
             )
         },
         _ => {
@@ -114,19 +125,32 @@ pub fn linear(
                 // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
                 unsafe {
                     matmul_strided(
-                        n,
-                        inp,
-                        r1 - r0,
-                        yp.add(r0),
-                        y_rs as isize,
-                        x.as_ptr(),
-                        inp as isize,
-                        1,
-                        blk.as_ptr(),
-                        1,
-                        inp as isize,
-                        false,
-                        parallelism(n, inp, r1 - r0),
+                        Precision::F32,
+                        Strided {
+                            parallel: true,
+                            ..Strided::new(
+                                Dims {
+                                    m: n,
+                                    k: inp,
+                                    n: r1 - r0,
+                                },
+                                ViewMut {
+                                    ptr: yp.add(r0),
+                                    rs: y_rs,
+                                },
+                                View {
+                                    ptr: x.as_ptr(),
+                                    rs: inp,
+                                    cs: 1,
+                                },
+                                View {
+                                    ptr: blk.as_ptr(),
+                                    rs: 1,
+                                    cs: inp,
+                                },
+                                Accumulate::from(false),
+                            )
+                        },
                     )
                 }
             }
@@ -386,11 +410,8 @@ mod tests {
                 &mut want,
                 &to_f64(&x),
                 &to_f64(&w),
-                1,
-                inp,
-                out,
-                false,
-                false,
+                (1, inp, out),
+                (false, false),
             );
             let mut y = vec![7.0; out];
             matvec_in_out(&mut y, &x, &w);
@@ -434,7 +455,7 @@ mod tests {
                 (MatRef::F16(&hf), wh),
             ] {
                 let mut want = vec![0.0; n * out];
-                reference::matmul(&mut want, &to_f64(&x), &w64, n, inp, out, false, true);
+                reference::matmul(&mut want, &to_f64(&x), &w64, (n, inp, out), (false, true));
                 // written at a row stride wider than `out`: the gaps must stay untouched
                 let rs = out + 3;
                 let mut y = vec![42.0f32; n * rs];

@@ -1,7 +1,12 @@
-//! Matrix multiply: C (+)= op(A) · op(B), row-major. f32 products run on quill's own kernel
-//! ([`super::sgemm`]) where the CPU has AVX-512, and on the `gemm` crate's cache-blocked SIMD
-//! kernels (AVX2, chosen at run time) elsewhere; bf16 operands on [`super::packed`].
+//! Matrix multiply, the one product entry: C (+)= op(A) · op(B), row-major, with typed
+//! operands ([`Operand`], [`Accumulate`], [`Fused`]; [`Strided`] for views into larger
+//! buffers). f32 products run on quill's own kernel ([`super::sgemm`]) where the CPU has
+//! AVX-512, and on the `gemm` crate's cache-blocked SIMD kernels (AVX2, chosen at run time)
+//! elsewhere; bf16 operands on [`super::packed`]. The kernels below this file import none of
+//! each other (their shared types are in [`super::product`]).
 
+pub use super::product::Accumulate;
+use super::product::{Dims, Fusion, Strided, View, ViewMut};
 use gemm::Parallelism;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -49,23 +54,74 @@ impl Precision {
     }
 }
 
-/// [`matmul`] with operands in the given precision (f32 accumulation and output either way).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_p(
-    precision: Precision,
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-) {
-    match precision {
-        Precision::F32 => matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate),
-        Precision::Bf16 => super::bf16::matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate),
+/// Whether a product reads an operand as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    No,
+    Yes,
+}
+
+/// A dense row-major operand of a product: `data` holds `rows` x `cols` as stored, and the
+/// product reads it as stored or transposed.
+#[derive(Clone, Copy, Debug)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub transpose: Transpose,
+}
+
+impl<'a> Operand<'a> {
+    /// `data` as a rows x cols matrix, read as stored.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            data.len() >= rows * cols,
+            "operand smaller than {rows} x {cols}"
+        );
+        Operand {
+            data,
+            rows,
+            cols,
+            transpose: Transpose::No,
+        }
+    }
+
+    /// An operand the product reads as rows x cols, stored that way or, when `transposed`,
+    /// stored cols x rows.
+    pub fn op(data: &'a [f32], rows: usize, cols: usize, transposed: bool) -> Self {
+        match transposed {
+            false => Operand::new(data, rows, cols),
+            true => Operand::new(data, cols, rows).t(),
+        }
+    }
+
+    /// The same matrix, read transposed.
+    pub fn t(self) -> Self {
+        let transpose = match self.transpose {
+            Transpose::No => Transpose::Yes,
+            Transpose::Yes => Transpose::No,
+        };
+        Operand { transpose, ..self }
+    }
+
+    /// Rows and columns as the product reads it.
+    pub fn shape(&self) -> (usize, usize) {
+        match self.transpose {
+            Transpose::No => (self.rows, self.cols),
+            Transpose::Yes => (self.cols, self.rows),
+        }
+    }
+
+    fn view(&self) -> View {
+        let (rs, cs) = match self.transpose {
+            Transpose::No => (self.cols, 1),
+            Transpose::Yes => (1, self.cols),
+        };
+        View {
+            ptr: self.data.as_ptr(),
+            rs,
+            cs,
+        }
     }
 }
 
@@ -84,45 +140,28 @@ pub struct Fused<'a> {
     pub col_sums: Option<&'a mut [f32]>,
 }
 
-/// The strided, fused entry point of quill's product kernels ([`super::packed::matmul_fused`],
-/// [`super::sgemm::matmul_fused`]).
-type StridedFused = for<'a> unsafe fn(
-    usize,
-    usize,
-    usize,
-    *mut f32,
-    usize,
-    *const f32,
-    usize,
-    usize,
-    *const f32,
-    usize,
-    usize,
-    bool,
-    bool,
-    super::packed::Fusion<'a>,
-);
+/// c [m, n] (+)= op(a) [m, k] · op(b) [k, n], with operands in the given precision (f32
+/// accumulation and output either way).
+pub fn matmul(precision: Precision, c: &mut [f32], a: Operand, b: Operand, acc: Accumulate) {
+    matmul_fused(precision, c, a, b, acc, Fused::default())
+}
 
-/// [`matmul_p`] with work fused into it (see [`Fused`]). A starting value (bias or residual)
-/// excludes `accumulate`.
-#[allow(clippy::too_many_arguments)]
+/// [`matmul`] with work fused into it (see [`Fused`]). A starting value (bias or residual)
+/// excludes accumulation.
 pub fn matmul_fused(
     precision: Precision,
     c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    acc: Accumulate,
     fused: Fused,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    let ((m, k), (kb, n)) = (a.shape(), b.shape());
+    assert!(k == kb, "inner sizes differ: {k} and {kb}");
+    assert!(c.len() >= m * n);
     let init = fused.bias.is_some() || fused.residual.is_some();
     assert!(
-        !(init && accumulate),
+        !(init && acc == Accumulate::Add),
         "a starting value and accumulation exclude each other"
     );
     if let Some(r) = fused.residual {
@@ -134,180 +173,113 @@ pub fn matmul_fused(
     if let Some(s) = &fused.col_sums {
         assert!(s.len() >= n);
     }
-    // quill's own kernels (bf16 always, f32 with AVX-512) share one strided signature
-    let kernel: Option<StridedFused> = match precision {
-        Precision::Bf16 => Some(super::packed::matmul_fused),
-        Precision::F32 if super::sgemm::available() => Some(super::sgemm::matmul_fused),
-        Precision::F32 => None,
+    let dims = Dims { m, k, n };
+    let c_view = ViewMut {
+        ptr: c.as_mut_ptr(),
+        rs: n,
     };
-    match kernel {
-        Some(kernel) => {
-            let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
-            let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
-            let fusion = super::packed::Fusion {
-                bias: fused.bias,
-                residual: fused.residual.map(|r| (r.as_ptr(), n)),
-                col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
-            };
-            // Safety: the asserts above bound every index the strides reach; sgemm is only
-            // chosen where the CPU has AVX-512.
-            unsafe {
-                kernel(
-                    m,
-                    k,
-                    n,
-                    c.as_mut_ptr(),
-                    n,
-                    a.as_ptr(),
-                    a_rs,
-                    a_cs,
-                    b.as_ptr(),
-                    b_rs,
-                    b_cs,
-                    accumulate,
-                    true,
-                    fusion,
-                )
-            }
-        }
-        None => {
-            let c = &mut c[..m * n];
-            if init {
-                super::init_rows(c, fused.bias, fused.residual.map(|r| &r[..m * n]), n);
-            }
-            if let Some(sums) = fused.col_sums {
-                if trans_b {
-                    for (j, s) in sums[..n].iter_mut().enumerate() {
-                        *s += b[j * k..(j + 1) * k].iter().fold(0.0, |acc, &x| acc + x);
-                    }
-                } else {
-                    super::reduce::col_sum_acc(&mut sums[..n], b, k);
+    let quill_kernel = precision == Precision::Bf16 || super::sgemm::available();
+    if quill_kernel {
+        let fusion = Fusion {
+            bias: fused.bias,
+            residual: fused.residual.map(|r| (r.as_ptr(), n)),
+            col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
+        };
+        let s = Strided {
+            dims,
+            c: c_view,
+            a: a.view(),
+            b: b.view(),
+            accumulate: acc,
+            parallel: true,
+            fusion,
+        };
+        // Safety: the asserts above bound every index the views reach.
+        return unsafe { matmul_strided(precision, s) };
+    }
+    // the `gemm` crate's path: the fused work as passes around the product
+    let c = &mut c[..m * n];
+    if init {
+        super::init_rows(c, fused.bias, fused.residual.map(|r| &r[..m * n]), n);
+    }
+    if let Some(sums) = fused.col_sums {
+        match b.transpose {
+            Transpose::Yes => {
+                for (j, s) in sums[..n].iter_mut().enumerate() {
+                    *s += b.data[j * k..(j + 1) * k]
+                        .iter()
+                        .fold(0.0, |acc, &x| acc + x);
                 }
             }
-            matmul(c, a, b, m, k, n, trans_a, trans_b, accumulate || init);
+            Transpose::No => super::reduce::col_sum_acc(&mut sums[..n], b.data, k),
         }
     }
+    let s = Strided {
+        dims,
+        c: c_view,
+        a: a.view(),
+        b: b.view(),
+        accumulate: if init { Accumulate::Add } else { acc },
+        parallel: true,
+        fusion: Fusion::default(),
+    };
+    // Safety: as above.
+    unsafe { matmul_strided(precision, s) }
 }
 
-/// c[m,n] (+)= op(a)[m,k] · op(b)[k,n].
-/// `a` is stored [m,k], or [k,m] when `trans_a`; `b` is stored [k,n], or [n,k] when `trans_b`.
-/// With `accumulate` the product is added to `c`, otherwise it overwrites `c`.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let (a_rs, a_cs) = if trans_a {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    let (b_rs, b_cs) = if trans_b {
-        (1, k as isize)
-    } else {
-        (n as isize, 1)
-    };
-    // Safety: the asserts above bound every index the strides reach.
-    unsafe {
-        matmul_strided(
-            m,
-            k,
-            n,
-            c.as_mut_ptr(),
-            n as isize,
-            a.as_ptr(),
-            a_rs,
-            a_cs,
-            b.as_ptr(),
-            b_rs,
-            b_cs,
-            accumulate,
-            parallelism(m, k, n),
-        );
-    }
-}
-
-/// The strided form, for views into larger buffers (attention heads inside a qkv matrix).
-/// Row stride `c_rs` for c (column stride 1); a[i,p] at a + i*a_rs + p*a_cs; b[p,j] at b + p*b_rs + j*b_cs.
+/// The strided form, for views into larger buffers (attention heads inside a qkv matrix):
+/// bf16 operands on [`super::packed`], f32 on [`super::sgemm`] where the CPU has AVX-512 and
+/// on the `gemm` crate elsewhere (which takes no fused work).
 ///
 /// # Safety
-/// Every element reached through the strides must lie inside live allocations, and `c`'s
-/// elements must not be written by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_strided(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: isize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
+/// Every element reached through the views lies inside live allocations, `c`'s elements are
+/// written by nobody else during the call, and the fused work's buffers fit the product.
+pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
+    let Dims { m, k, n } = s.dims;
     if m == 0 || n == 0 {
         return;
     }
+    match precision {
+        Precision::Bf16 => return super::packed::matmul_fused(s),
+        Precision::F32 if super::sgemm::available() => return super::sgemm::matmul_fused(s),
+        Precision::F32 => {}
+    }
+    let no_fusion = s.fusion.bias.is_none() && s.fusion.residual.is_none();
+    assert!(
+        no_fusion && s.fusion.col_sums.is_none(),
+        "the gemm crate fuses no work"
+    );
+    let c = s.c.ptr;
     if k == 0 {
-        if !accumulate {
+        if !s.adds() {
             for i in 0..m {
-                std::ptr::write_bytes(c.offset(i as isize * c_rs), 0, n);
+                std::ptr::write_bytes(c.add(i * s.c.rs), 0, n);
             }
         }
         return;
     }
-    if super::sgemm::available() && c_rs >= 0 && a_rs >= 0 && a_cs >= 0 && b_rs >= 0 && b_cs >= 0 {
-        let parallel = matches!(parallelism, Parallelism::Rayon(_));
-        super::sgemm::matmul_fused(
-            m,
-            k,
-            n,
-            c,
-            c_rs as usize,
-            a,
-            a_rs as usize,
-            a_cs as usize,
-            b,
-            b_rs as usize,
-            b_cs as usize,
-            accumulate,
-            parallel,
-            super::packed::Fusion::default(),
-        );
-        return;
-    }
+    let parallelism = match s.parallel {
+        true => parallelism(m, k, n),
+        false => Parallelism::None,
+    };
     // the gemm crate allocates small packing buffers inside each call; the count lets the
     // allocation test tell them from quill's own (tests/no_alloc.rs)
     GEMM_CALLS_ACTIVE.fetch_add(1, Ordering::SeqCst);
+    let (a, b) = (s.a, s.b);
     gemm::gemm(
         m,
         n,
         k,
         c,
         1,
-        c_rs,
-        accumulate,
-        a,
-        a_cs,
-        a_rs,
-        b,
-        b_cs,
-        b_rs,
+        s.c.rs as isize,
+        s.adds(),
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
         1.0,
         1.0,
         false,
@@ -318,45 +290,10 @@ pub unsafe fn matmul_strided(
     GEMM_CALLS_ACTIVE.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// One-thread strided product, for callers that parallelise over heads themselves.
-///
-/// # Safety
-/// As [`matmul_strided`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul_strided_serial(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: isize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    b_rs: isize,
-    b_cs: isize,
-    accumulate: bool,
-) {
-    matmul_strided(
-        m,
-        k,
-        n,
-        c,
-        c_rs,
-        a,
-        a_rs,
-        a_cs,
-        b,
-        b_rs,
-        b_cs,
-        accumulate,
-        Parallelism::None,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::bf16::{bf16_to_f32, round_bf16};
     use crate::kernels::reference;
     use crate::kernels::testutil::*;
     use crate::rng::Rng;
@@ -368,7 +305,6 @@ mod tests {
     /// everywhere shows.
     #[test]
     fn fused_work_matches_its_definition() {
-        use super::super::bf16::{bf16_to_f32, round_bf16};
         let mut rng = Rng::new(77);
         let q = |v: &[f32]| -> Vec<f64> {
             v.iter()
@@ -401,7 +337,7 @@ mod tests {
                         (q(&a), q(&b))
                     };
                     let mut want = vec![0.0; m * n];
-                    reference::matmul(&mut want, &qa, &qb, m, k, n, ta, tb);
+                    reference::matmul(&mut want, &qa, &qb, (m, k, n), (ta, tb));
                     for i in 0..m {
                         for j in 0..n {
                             want[i * n + j] += bias[j] as f64 + res[i * n + j] as f64;
@@ -421,39 +357,29 @@ mod tests {
                             residual: Some(&res),
                             col_sums: Some(&mut sums),
                         };
-                        matmul_fused(prec, &mut c, &a, &b, m, k, n, ta, tb, false, fused);
+                        matmul_fused(
+                            prec,
+                            &mut c,
+                            Operand::op(&a, m, k, ta),
+                            Operand::op(&b, k, n, tb),
+                            Accumulate::Overwrite,
+                            fused,
+                        );
                     } else {
-                        let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
-                        let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
-                        let fusion = super::super::packed::Fusion {
+                        let fusion = super::super::product::Fusion {
                             bias: Some(&bias),
                             residual: Some((res.as_ptr(), n)),
                             col_sums: Some(sums.as_mut_ptr()),
                         };
+                        let s = Strided {
+                            fusion,
+                            ..strided(&mut c, &a, &b, (m, k, n), (ta, tb))
+                        };
                         if way == 2 {
                             // Safety: the shapes match the buffers.
-                            unsafe {
-                                super::super::packed::matmul_fused(
-                                    m,
-                                    k,
-                                    n,
-                                    c.as_mut_ptr(),
-                                    n,
-                                    a.as_ptr(),
-                                    a_rs,
-                                    a_cs,
-                                    b.as_ptr(),
-                                    b_rs,
-                                    b_cs,
-                                    false,
-                                    false,
-                                    fusion,
-                                )
-                            }
+                            unsafe { super::super::packed::matmul_fused(s) }
                         } else {
-                            super::super::packed::tests::plain_fused(
-                                &mut c, &a, &b, m, k, n, ta, tb, false, fusion,
-                            );
+                            super::super::packed::tests::plain(s);
                         }
                     }
                     let tol = if prec == Precision::F32 { 1e-5 } else { 2e-5 };
@@ -483,13 +409,110 @@ mod tests {
                 let c0 = randn(&mut rng, m * n, 1.0);
                 for &acc in &[false, true] {
                     let mut c = c0.clone();
-                    matmul(&mut c, &a, &b, m, k, n, ta, tb, acc);
+                    matmul(
+                        Precision::F32,
+                        &mut c,
+                        Operand::op(&a, m, k, ta),
+                        Operand::op(&b, k, n, tb),
+                        Accumulate::from(acc),
+                    );
                     let mut want = if acc { to_f64(&c0) } else { vec![0.0; m * n] };
-                    reference::matmul(&mut want, &to_f64(&a), &to_f64(&b), m, k, n, ta, tb);
+                    reference::matmul(&mut want, &to_f64(&a), &to_f64(&b), (m, k, n), (ta, tb));
                     let err = max_rel_err(&c, &want, 1.0);
                     assert!(err < 1e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
                 }
             }
         }
+    }
+
+    /// Both paths against float64 products of the bf16-rounded operands, on awkward sizes
+    /// (odd depth, fewer rows/columns than a tile, several blocks), every transpose, with and
+    /// without accumulation, on one thread and split between threads.
+    #[test]
+    fn products_match_float64_of_rounded_operands() {
+        let mut rng = Rng::new(42);
+        let q = |v: &[f32]| -> Vec<f64> {
+            v.iter()
+                .map(|&x| bf16_to_f32(round_bf16(x)) as f64)
+                .collect()
+        };
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (13, 31, 33),
+            (12, 32, 32),
+            (17, 257, 1),
+            (1, 300, 65),
+            (130, 515, 70),
+            (250, 64, 1600),
+        ] {
+            for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
+                let a = randn(&mut rng, m * k, 1.0);
+                let b = randn(&mut rng, k * n, 1.0);
+                let c0 = randn(&mut rng, m * n, 1.0);
+                for &acc in &[false, true] {
+                    let mut want = if acc { to_f64(&c0) } else { vec![0.0; m * n] };
+                    crate::kernels::reference::matmul(
+                        &mut want,
+                        &q(&a),
+                        &q(&b),
+                        (m, k, n),
+                        (ta, tb),
+                    );
+                    let mut got = c0.clone();
+                    matmul(
+                        Precision::Bf16,
+                        &mut got,
+                        Operand::op(&a, m, k, ta),
+                        Operand::op(&b, k, n, tb),
+                        Accumulate::from(acc),
+                    );
+                    let err = max_rel_err(&got, &want, 1.0);
+                    assert!(err < 2e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
+                    let mut plain = c0.clone();
+                    crate::kernels::packed::tests::plain(Strided {
+                        accumulate: Accumulate::from(acc),
+                        ..strided(&mut plain, &a, &b, (m, k, n), (ta, tb))
+                    });
+                    let err = max_rel_err(&plain, &want, 1.0);
+                    assert!(
+                        err < 2e-5,
+                        "plain {m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}"
+                    );
+                    // and the f32 product itself within bf16's rounding (8 bits of mantissa)
+                    let mut exact = if acc { to_f64(&c0) } else { vec![0.0; m * n] };
+                    crate::kernels::reference::matmul(
+                        &mut exact,
+                        &to_f64(&a),
+                        &to_f64(&b),
+                        (m, k, n),
+                        (ta, tb),
+                    );
+                    let err = max_rel_err(&got, &exact, 1.0);
+                    assert!(err < 3e-2, "vs f32 {m}x{k}x{n}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_depth_clears_or_keeps() {
+        let mut c = vec![1.0f32; 6];
+        matmul(
+            Precision::Bf16,
+            &mut c,
+            Operand::new(&[], 2, 0),
+            Operand::new(&[], 0, 3),
+            Accumulate::Add,
+        );
+        assert_eq!(c, vec![1.0; 6]);
+        matmul(
+            Precision::Bf16,
+            &mut c,
+            Operand::new(&[], 2, 0),
+            Operand::new(&[], 0, 3),
+            Accumulate::Overwrite,
+        );
+        assert_eq!(c, vec![0.0; 6]);
     }
 }

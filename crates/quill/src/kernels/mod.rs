@@ -14,6 +14,7 @@ pub mod linear;
 pub mod math;
 pub mod matmul;
 pub mod packed;
+pub mod product;
 pub mod reduce;
 pub mod reference;
 pub mod rmsnorm;
@@ -106,7 +107,42 @@ simd::multiversion! {
 
 #[cfg(test)]
 pub(crate) mod testutil {
+    use super::product::{Accumulate, Dims, Fusion, Strided, View, ViewMut};
     use crate::rng::Rng;
+
+    /// C [m, n] (+)= op(A) · op(B) over dense buffers as a strided product: A stored [m, k]
+    /// (or [k, m] when transposed), B [k, n] (or [n, k]); one thread, nothing fused.
+    pub fn strided<'a>(
+        c: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+        (m, k, n): (usize, usize, usize),
+        (ta, tb): (bool, bool),
+    ) -> Strided<'a> {
+        assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+        let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+        Strided {
+            dims: Dims { m, k, n },
+            c: ViewMut {
+                ptr: c.as_mut_ptr(),
+                rs: n,
+            },
+            a: View {
+                ptr: a.as_ptr(),
+                rs: a_rs,
+                cs: a_cs,
+            },
+            b: View {
+                ptr: b.as_ptr(),
+                rs: b_rs,
+                cs: b_cs,
+            },
+            accumulate: Accumulate::Overwrite,
+            parallel: false,
+            fusion: Fusion::default(),
+        }
+    }
 
     pub fn randn(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
         (0..n).map(|_| (rng.normal() * scale) as f32).collect()

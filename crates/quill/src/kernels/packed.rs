@@ -23,6 +23,9 @@
 //! loops; the tests check one path against the other and both against float64.
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
+use super::product::{Dims, Fusion, Store, Strided, View, ViewMut};
+#[cfg(target_arch = "x86_64")]
+use super::simd::{mask16, transpose16};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -46,83 +49,32 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// Problems smaller than this many multiply-adds run on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// Work fused into a product (bf16 path), so it costs no pass of its own over memory.
-#[derive(Clone, Copy, Default)]
-pub struct Fusion<'a> {
-    /// Added to the product as C's starting value (instead of C's old value; not with
-    /// `accumulate`): bias[j] on every row.
-    pub bias: Option<&'a [f32]>,
-    /// Also added as C's starting value: residual[i, j] at residual + i*rs + j.
-    pub residual: Option<(*const f32, usize)>,
-    /// Σ over k of op(b)[k, j] is added into col_sums[j] (f32 values, in k order) while B is
-    /// packed: a bias gradient, when B is the output gradient.
-    pub col_sums: Option<*mut f32>,
-}
-
-impl Fusion<'_> {
-    /// Panics unless this work fits a product of n columns: a starting value (bias,
-    /// residual) excludes accumulation, and the bias has n elements.
-    pub(crate) fn check(&self, n: usize, accumulate: bool) {
-        assert!(
-            !(accumulate && (self.bias.is_some() || self.residual.is_some())),
-            "a starting value and accumulation exclude each other"
-        );
-        if let Some(bias) = self.bias {
-            assert!(bias.len() >= n);
-        }
-    }
-
-    /// C [m, n] (row stride c_rs) <- its starting value alone: zero plus the bias and the
-    /// residual when given (a product with no depth).
-    ///
-    /// # Safety
-    /// C's rows are writable; the residual has m rows of n readable elements.
-    pub(crate) unsafe fn write_start(&self, c: *mut f32, c_rs: usize, m: usize, n: usize) {
-        for i in 0..m {
-            let row = std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
-            row.fill(0.0);
-            if let Some(bias) = self.bias {
-                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-            }
-            if let Some((r, rs)) = self.residual {
-                let r = std::slice::from_raw_parts(r.add(i * rs), n);
-                row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
-            }
-        }
-    }
-}
-
-// Safety: the raw pointers in a Fusion are read (residual) or written in disjoint parts
-// (col_sums, by the thread packing those columns) during the one product they belong to.
-unsafe impl Send for Fusion<'_> {}
-unsafe impl Sync for Fusion<'_> {}
-
-/// The strided form, with work fused into it (see [`Fusion`]; `Fusion::default()` for none):
-/// c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs, op(b)[p,j] at
-/// b + p*b_rs + j*b_cs. With `parallel`, the output is split between the threads of the
+/// One strided product ([`Strided`]) with its fused work (`Fusion::default()` for none). With `parallel`, the output is split between the threads of the
 /// current rayon pool when the product is large enough.
 ///
 /// # Safety
 /// Every element reached through the strides lies inside live allocations, and nobody else
 /// touches `c`'s elements during the call; the residual has m rows of n readable elements,
 /// col_sums n writable ones, and bias n elements.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_fused(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-    parallel: bool,
-    fusion: Fusion,
-) {
+pub unsafe fn matmul_fused(s: Strided) {
+    let Strided {
+        dims: Dims { m, k, n },
+        c: ViewMut { ptr: c, rs: c_rs },
+        a: View {
+            ptr: a,
+            rs: a_rs,
+            cs: a_cs,
+        },
+        b: View {
+            ptr: b,
+            rs: b_rs,
+            cs: b_cs,
+        },
+        parallel,
+        fusion,
+        ..
+    } = s;
+    let accumulate = s.adds();
     fusion.check(n, accumulate);
     let p = Problem {
         fusion,
@@ -491,52 +443,6 @@ unsafe fn pack_k_contiguous(
     }
 }
 
-/// Mask of the first min(n, 16) lanes.
-#[inline]
-pub(crate) fn mask16(n: usize) -> u16 {
-    if n >= 16 {
-        0xffff
-    } else {
-        ((1u32 << n) - 1) as u16
-    }
-}
-
-/// 16 x 16 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn transpose16(
-    r: [std::arch::x86_64::__m512i; 16],
-) -> [std::arch::x86_64::__m512i; 16] {
-    use std::arch::x86_64::*;
-    // within each 128-bit lane: pairs of rows interleaved, then quads
-    let mut t = [_mm512_setzero_si512(); 16];
-    for g in 0..4 {
-        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
-        let ab_lo = _mm512_unpacklo_epi32(a, b);
-        let ab_hi = _mm512_unpackhi_epi32(a, b);
-        let cd_lo = _mm512_unpacklo_epi32(c, d);
-        let cd_hi = _mm512_unpackhi_epi32(c, d);
-        // u[4g + j], lane L = rows 4g..4g+4 at column 4L + j
-        t[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
-        t[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
-        t[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
-        t[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
-    }
-    let mut out = [_mm512_setzero_si512(); 16];
-    for j in 0..4 {
-        let (a, b, c, d) = (t[j], t[4 + j], t[8 + j], t[12 + j]);
-        let v0 = _mm512_shuffle_i32x4::<0x88>(a, b);
-        let v1 = _mm512_shuffle_i32x4::<0xdd>(a, b);
-        let w0 = _mm512_shuffle_i32x4::<0x88>(c, d);
-        let w1 = _mm512_shuffle_i32x4::<0xdd>(c, d);
-        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
-        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
-        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
-        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
-    }
-    out
-}
-
 /// Panel packing when lines are contiguous at fixed depth (A stored [k, m], B row-major): two
 /// depths' rows of 16 lines round and interleave into 16 consecutive pairs. Unless `sums` is
 /// null, each line's values are added into sums[line], in depth order.
@@ -600,49 +506,6 @@ unsafe fn pack_lines_contiguous(
             let m = mask16(n_lines.saturating_sub(16 * g));
             let sp = sums.add(16 * g);
             _mm512_mask_storeu_ps(sp, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sp), *a));
-        }
-    }
-}
-
-/// How a tile's accumulators reach C (both product kernels' tiles, f32 and bf16).
-#[derive(Clone, Copy)]
-pub(crate) enum Store {
-    /// C += tile.
-    Add,
-    /// C = tile + bias[j] (unless null) + residual[i, j] (unless null; its row stride).
-    Init(*const f32, (*const f32, usize)),
-}
-
-impl Store {
-    /// The store of the tile whose first element is C[i, j]: C's starting value from the
-    /// fused bias and residual when `init` (the first depth block, not accumulating), else
-    /// an addition to C.
-    ///
-    /// # Safety
-    /// (i, j) lies inside C, whose shape the bias and residual have.
-    pub(crate) unsafe fn at(fusion: &Fusion, init: bool, i: usize, j: usize) -> Store {
-        if !init {
-            return Store::Add;
-        }
-        Store::Init(
-            fusion.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
-            fusion
-                .residual
-                .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
-        )
-    }
-
-    /// Starts bringing in the lines a tile's store will touch (C's, for writing, and a
-    /// residual's), so they arrive while the tile computes; see
-    /// [`super::simd::prefetch_tile`].
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    pub(crate) fn prefetch(self, c: *const f32, c_rs: usize, rows: usize, cols: usize) {
-        super::simd::prefetch_tile(c, c_rs, rows, cols, true);
-        if let Store::Init(_, (res, rs)) = self {
-            if !res.is_null() {
-                super::simd::prefetch_tile(res, rs, rows, cols, false);
-            }
         }
     }
 }
@@ -777,64 +640,41 @@ unsafe fn kernel_avx512bf16(
 pub(crate) mod tests {
     use super::*;
 
-    /// The product forced down the plain path (no SIMD packing, plain kernel).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn plain(
-        c: &mut [f32],
-        a: &[f32],
-        b: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
-    ) {
-        plain_fused(
-            c,
-            a,
-            b,
-            m,
-            k,
-            n,
-            trans_a,
-            trans_b,
-            accumulate,
-            Fusion::default(),
-        );
-    }
-
-    /// As [`plain`], with fused work.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn plain_fused(
-        c: &mut [f32],
-        a: &[f32],
-        b: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
-        fusion: Fusion,
-    ) {
-        let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
-        let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+    /// The product forced down the plain path (no SIMD packing, plain kernel), one thread.
+    pub(crate) fn plain(s: Strided) {
+        let Strided {
+            dims: Dims { m, k, n },
+            c: ViewMut { ptr: c, rs: c_rs },
+            a:
+                View {
+                    ptr: a,
+                    rs: a_rs,
+                    cs: a_cs,
+                },
+            b:
+                View {
+                    ptr: b,
+                    rs: b_rs,
+                    cs: b_cs,
+                },
+            fusion,
+            ..
+        } = s;
         let p = Problem {
             fusion,
             native: false,
             m,
             k,
             n,
-            c: SendPtr(c.as_mut_ptr()),
-            c_rs: n,
-            a: a.as_ptr() as usize,
+            c: SendPtr(c),
+            c_rs,
+            a: a as usize,
             a_rs,
             a_cs,
-            b: b.as_ptr() as usize,
+            b: b as usize,
             b_rs,
             b_cs,
-            accumulate,
+            accumulate: s.adds(),
         };
         p.run(1);
     }

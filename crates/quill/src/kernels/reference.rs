@@ -1,17 +1,14 @@
 //! Plain float64 twins of every kernel: written for clarity, not speed. Tests compare the
 //! fast f32 kernels with these, and these with finite differences.
-#![allow(clippy::too_many_arguments)]
 
-/// c[m,n] += op(a) · op(b) (see [`super::matmul::matmul`] for the layouts).
+/// c[m,n] += op(a) · op(b): `a` stored [m, k], or [k, m] when `ta`; `b` stored [k, n], or
+/// [n, k] when `tb`.
 pub fn matmul(
     c: &mut [f64],
     a: &[f64],
     b: &[f64],
-    m: usize,
-    k: usize,
-    n: usize,
-    ta: bool,
-    tb: bool,
+    (m, k, n): (usize, usize, usize),
+    (ta, tb): (bool, bool),
 ) {
     for i in 0..m {
         for j in 0..n {

@@ -21,7 +21,10 @@
 //! The one packing buffer is per calling thread and reused (sized for the largest block at
 //! the first call), so nothing allocates after the first product.
 
-use super::packed::{mask16, transpose16, Fusion, Store};
+#[cfg(test)]
+use super::product::Accumulate;
+use super::product::{Dims, Fusion, Store, Strided, View, ViewMut};
+use super::simd::{mask16, transpose16};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -78,32 +81,32 @@ struct Problem<'a> {
     fusion: Fusion<'a>,
 }
 
-/// The strided form with work fused into it (see [`Fusion`]; `Fusion::default()` for none):
-/// c[i,j] at c + i*c_rs + j, op(a)[i,p] at a + i*a_rs + p*a_cs, op(b)[p,j] at
-/// b + p*b_rs + j*b_cs. With `parallel`, the work is split between the threads of the
+/// One strided product ([`Strided`]) with its fused work (`Fusion::default()` for none). With `parallel`, the work is split between the threads of the
 /// current rayon pool when the product is large enough. Needs [`available`].
 ///
 /// # Safety
 /// [`available`] is true; every element reached through the strides lies inside live
 /// allocations, and nobody else touches `c`'s elements during the call; the residual has m
 /// rows of n readable elements, col_sums n writable ones, and bias n elements.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_fused(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-    parallel: bool,
-    fusion: Fusion,
-) {
+pub unsafe fn matmul_fused(s: Strided) {
+    let Strided {
+        dims: Dims { m, k, n },
+        c: ViewMut { ptr: c, rs: c_rs },
+        a: View {
+            ptr: a,
+            rs: a_rs,
+            cs: a_cs,
+        },
+        b: View {
+            ptr: b,
+            rs: b_rs,
+            cs: b_cs,
+        },
+        parallel,
+        fusion,
+        ..
+    } = s;
+    let accumulate = s.adds();
     assert!(available(), "sgemm needs AVX-512");
     fusion.check(n, accumulate);
     if m == 0 || n == 0 {
@@ -668,22 +671,26 @@ mod tests {
                         };
                         // Safety: the strides stay inside the buffers (sized for the padding).
                         pool.install(|| unsafe {
-                            matmul_fused(
-                                m,
-                                k,
-                                n,
-                                c.as_mut_ptr(),
-                                c_rs,
-                                a.as_ptr(),
-                                a_rs,
-                                a_cs,
-                                b.as_ptr(),
-                                b_rs,
-                                b_cs,
-                                way == 1,
+                            matmul_fused(Strided {
+                                dims: Dims { m, k, n },
+                                c: ViewMut {
+                                    ptr: c.as_mut_ptr(),
+                                    rs: c_rs,
+                                },
+                                a: View {
+                                    ptr: a.as_ptr(),
+                                    rs: a_rs,
+                                    cs: a_cs,
+                                },
+                                b: View {
+                                    ptr: b.as_ptr(),
+                                    rs: b_rs,
+                                    cs: b_cs,
+                                },
+                                accumulate: Accumulate::from(way == 1),
                                 parallel,
                                 fusion,
-                            )
+                            })
                         });
                         let got: Vec<f32> = (0..m * n).map(|x| c[x / n * c_rs + x % n]).collect();
                         let what = format!("{m}x{k}x{n} ta={ta} tb={tb} way={way} par={parallel}");
@@ -722,22 +729,26 @@ mod tests {
         };
         // Safety: k = 0 reads nothing from A or B; C has 2 x 3 elements.
         unsafe {
-            matmul_fused(
-                2,
-                0,
-                3,
-                c.as_mut_ptr(),
-                3,
-                std::ptr::null(),
-                0,
-                1,
-                std::ptr::null(),
-                3,
-                1,
-                false,
-                false,
-                f,
-            )
+            matmul_fused(Strided {
+                dims: Dims { m: 2, k: 0, n: 3 },
+                c: ViewMut {
+                    ptr: c.as_mut_ptr(),
+                    rs: 3,
+                },
+                a: View {
+                    ptr: std::ptr::null(),
+                    rs: 0,
+                    cs: 1,
+                },
+                b: View {
+                    ptr: std::ptr::null(),
+                    rs: 3,
+                    cs: 1,
+                },
+                accumulate: Accumulate::from(false),
+                parallel: false,
+                fusion: f,
+            })
         };
         assert_eq!(c, [11.0, 22.0, 33.0, 41.0, 52.0, 63.0]);
     }

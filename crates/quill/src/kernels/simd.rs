@@ -124,3 +124,50 @@ mod tests {
         assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
     }
 }
+
+/// Mask of the first min(n, 16) lanes.
+#[inline]
+pub fn mask16(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
+/// 16 x 16 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn transpose16(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // within each 128-bit lane: pairs of rows interleaved, then quads
+    let mut t = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        let ab_lo = _mm512_unpacklo_epi32(a, b);
+        let ab_hi = _mm512_unpackhi_epi32(a, b);
+        let cd_lo = _mm512_unpacklo_epi32(c, d);
+        let cd_hi = _mm512_unpackhi_epi32(c, d);
+        // u[4g + j], lane L = rows 4g..4g+4 at column 4L + j
+        t[4 * g] = _mm512_unpacklo_epi64(ab_lo, cd_lo);
+        t[4 * g + 1] = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+        t[4 * g + 2] = _mm512_unpacklo_epi64(ab_hi, cd_hi);
+        t[4 * g + 3] = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let (a, b, c, d) = (t[j], t[4 + j], t[8 + j], t[12 + j]);
+        let v0 = _mm512_shuffle_i32x4::<0x88>(a, b);
+        let v1 = _mm512_shuffle_i32x4::<0xdd>(a, b);
+        let w0 = _mm512_shuffle_i32x4::<0x88>(c, d);
+        let w1 = _mm512_shuffle_i32x4::<0xdd>(c, d);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v0, w0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v1, w1);
+    }
+    out
+}

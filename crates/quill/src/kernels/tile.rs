@@ -9,6 +9,8 @@
 //! with `QUILL_SIMD=scalar`) the same product runs as plain loops, which the tests check the
 //! SIMD path against on awkward sizes.
 
+use super::product::{Dims, Strided, View, ViewMut};
+
 /// Which part of a causal (triangular) product is needed, so that whole tiles of the masked
 /// part are skipped. Work inside a tile that straddles the diagonal is still done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,49 +32,39 @@ pub enum Causal {
 /// # Safety
 /// Every element named lies inside a live allocation; nobody else touches C's elements during
 /// the call, and C does not overlap A or B.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    accumulate: bool,
-    causal: Causal,
-) {
+pub unsafe fn gemm(s: Strided, causal: Causal) {
+    debug_assert_eq!(s.b.cs, 1, "B's columns are contiguous");
+    let Dims { m, n, .. } = s.dims;
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx512() {
-        return avx512::gemm(m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, accumulate, causal);
+        return avx512::gemm(s, causal);
     }
-    plain(m, k, n, c, c_rs, a, a_rs, a_cs, b, b_rs, accumulate);
+    plain(s);
 }
 
 /// The plain loops (the fallback, and what the SIMD path is tested against).
 ///
 /// # Safety
 /// As [`gemm`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn plain(
-    m: usize,
-    k: usize,
-    n: usize,
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    a_cs: usize,
-    b: *const f32,
-    b_rs: usize,
-    accumulate: bool,
-) {
+pub unsafe fn plain(s: Strided) {
+    let Strided {
+        dims: Dims { m, k, n },
+        c: ViewMut { ptr: c, rs: c_rs },
+        a: View {
+            ptr: a,
+            rs: a_rs,
+            cs: a_cs,
+        },
+        b: View {
+            ptr: b, rs: b_rs, ..
+        },
+        ..
+    } = s;
+    debug_assert_eq!(s.b.cs, 1, "B's columns are contiguous");
+    let accumulate = s.adds();
     for i in 0..m {
         let row = std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
         if !accumulate {
@@ -107,8 +99,8 @@ pub unsafe fn transpose(dst: &mut [f32], src: *const f32, src_rs: usize, rows: u
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Causal;
-    use crate::kernels::packed::{mask16, transpose16};
+    use super::{Causal, Dims, Strided, View, ViewMut};
+    use crate::kernels::simd::{mask16, transpose16};
     use std::arch::x86_64::*;
 
     /// Columns per tile: four zmm.
@@ -117,22 +109,24 @@ mod avx512 {
     /// As [`super::gemm`], on a CPU with AVX-512F. Column blocks of up to 64 (V zmm) outer,
     /// so a block of B stays in cache while the row tiles (8 rows for V ≤ 2, else 4) pass
     /// over it; `causal` trims each tile's columns or depth.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm(
-        m: usize,
-        k: usize,
-        n: usize,
-        c: *mut f32,
-        c_rs: usize,
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
-        b: *const f32,
-        b_rs: usize,
-        accumulate: bool,
-        causal: Causal,
-    ) {
+    pub(super) unsafe fn gemm(s: Strided, causal: Causal) {
+        let Strided {
+            dims: Dims { m, k, n },
+            c: ViewMut { ptr: c, rs: c_rs },
+            a:
+                View {
+                    ptr: a,
+                    rs: a_rs,
+                    cs: a_cs,
+                },
+            b: View {
+                ptr: b, rs: b_rs, ..
+            },
+            ..
+        } = s;
+        debug_assert_eq!(s.b.cs, 1, "B's columns are contiguous");
+        let accumulate = s.adds();
         let mut j = 0;
         while j < n {
             let block = (n - j).min(NB);
@@ -274,6 +268,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::product::Accumulate;
     use crate::kernels::testutil::*;
     use crate::rng::Rng;
 
@@ -347,32 +342,44 @@ mod tests {
                     // Safety: the strides stay inside the buffers.
                     unsafe {
                         gemm(
-                            m,
-                            k,
-                            n,
-                            fast.as_mut_ptr(),
-                            c_rs,
-                            a.as_ptr(),
-                            a_rs,
-                            a_cs,
-                            b.as_ptr(),
-                            b_rs,
-                            accumulate,
+                            Strided::new(
+                                Dims { m, k, n },
+                                ViewMut {
+                                    ptr: fast.as_mut_ptr(),
+                                    rs: c_rs,
+                                },
+                                View {
+                                    ptr: a.as_ptr(),
+                                    rs: a_rs,
+                                    cs: a_cs,
+                                },
+                                View {
+                                    ptr: b.as_ptr(),
+                                    rs: b_rs,
+                                    cs: 1,
+                                },
+                                Accumulate::from(accumulate),
+                            ),
                             causal,
                         );
-                        plain(
-                            m,
-                            k,
-                            n,
-                            slow.as_mut_ptr(),
-                            c_rs,
-                            a.as_ptr(),
-                            a_rs,
-                            a_cs,
-                            b.as_ptr(),
-                            b_rs,
-                            accumulate,
-                        );
+                        plain(Strided::new(
+                            Dims { m, k, n },
+                            ViewMut {
+                                ptr: slow.as_mut_ptr(),
+                                rs: c_rs,
+                            },
+                            View {
+                                ptr: a.as_ptr(),
+                                rs: a_rs,
+                                cs: a_cs,
+                            },
+                            View {
+                                ptr: b.as_ptr(),
+                                rs: b_rs,
+                                cs: 1,
+                            },
+                            Accumulate::from(accumulate),
+                        ));
                     }
                     let scale = (k as f64).sqrt().max(1.0);
                     for i in 0..m {

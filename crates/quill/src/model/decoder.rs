@@ -11,7 +11,7 @@
 //! sliding window. [`Model`] holds those choices and the weights; the block body is written
 //! once for training (`training.rs`) and once for inference (`inference.rs`). Each
 //! architecture's file (`gpt2.rs`, `llama.rs`) only lays its weights out under its Hugging
-//! Face names.
+//! Face names, and `Model::new` (in `mod.rs`) picks the file the configuration names.
 
 use super::config::Gpt2Config;
 use super::llama_config::LlamaConfig;
@@ -191,14 +191,6 @@ pub struct Model {
 }
 
 impl Model {
-    /// A model of this configuration with every parameter zero (see [`Model::init`]).
-    pub fn new(config: Config) -> Result<Model> {
-        match config {
-            Config::Gpt2(c) => super::gpt2::build(c),
-            Config::Llama(c) => super::llama::build(c),
-        }
-    }
-
     /// Initialisation for training from scratch (GPT-2's recipe, used for both families):
     /// N(0, 0.02) for matrices and embeddings, N(0, 0.02/√(2L)) for the projections that
     /// write into the residual stream (o, down), zero biases, unit norm weights.

@@ -25,3 +25,14 @@ pub use llama_config::LlamaConfig;
 pub use params::{ParamLayout, TensorSpec, View};
 pub use training::{Activations, Batch};
 pub use weight::{Linear, Weight};
+
+impl Model {
+    /// A model of this configuration with every parameter zero (see [`Model::init`]): the
+    /// architecture's file lays its weights out under its Hugging Face names.
+    pub fn new(config: Config) -> crate::Result<Model> {
+        match config {
+            Config::Gpt2(c) => gpt2::build(c),
+            Config::Llama(c) => llama::build(c),
+        }
+    }
+}

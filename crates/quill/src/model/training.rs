@@ -4,7 +4,7 @@
 use super::decoder::{Mlp, Model, Positions, RowStats, Saved};
 use super::weight::{BiasGrad, Train};
 use crate::kernels::attention;
-use crate::kernels::matmul::{matmul_p, Precision};
+use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::kernels::{crossentropy, embedding, gelu, swiglu};
 use crate::{Error, Result};
 
@@ -102,17 +102,12 @@ impl Model {
         self.final_norm.forward(p, &mut a.lnf, stats, last);
         // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
         let (v, head) = (self.vocab, self.head.view.of(p));
-        matmul_p(
+        matmul(
             tr.precision,
             &mut a.logits,
-            &a.lnf,
-            head,
-            n,
-            c,
-            v,
-            false,
-            true,
-            false,
+            Operand::new(&a.lnf, n, c),
+            Operand::new(head, v, c).t(),
+            Accumulate::Overwrite,
         );
         Ok(())
     }
@@ -147,30 +142,20 @@ impl Model {
 
         // logits = lnf · headᵀ
         let (d_logits, head) = (&a.logits, self.head.view);
-        matmul_p(
+        matmul(
             tr.precision,
             &mut a.d_lnf,
-            d_logits,
-            head.of(p),
-            n,
-            v,
-            c,
-            false,
-            false,
-            false,
+            Operand::new(d_logits, n, v),
+            Operand::new(head.of(p), v, c),
+            Accumulate::Overwrite,
         );
         let g_head = head.of_mut(grads);
-        matmul_p(
+        matmul(
             tr.precision,
             g_head,
-            d_logits,
-            &a.lnf,
-            v,
-            n,
-            c,
-            true,
-            false,
-            true,
+            Operand::new(d_logits, n, v).t(),
+            Operand::new(&a.lnf, n, c),
+            Accumulate::Add,
         );
         a.d_res.fill(0.0);
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
@@ -248,7 +233,7 @@ impl Model {
         }
         match self.positions {
             Positions::Learned(wpe) => {
-                let (gte, gpe) = super::View::pair_mut(self.embed.view, wpe, grads);
+                let (gte, gpe) = super::params::View::pair_mut(self.embed.view, wpe, grads);
                 embedding::backward(gte, gpe, &a.d_res, batch.ids, t, c);
             }
             Positions::Rotary(_) => {

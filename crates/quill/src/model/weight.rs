@@ -10,7 +10,7 @@
 
 use super::params::View;
 use crate::kernels::linear::{self, MatRef};
-use crate::kernels::matmul::{matmul_fused, matmul_p, Fused, Precision};
+use crate::kernels::matmul::{matmul, matmul_fused, Accumulate, Fused, Operand, Precision};
 use crate::kernels::reduce;
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -163,17 +163,12 @@ impl Weight {
             (Orient::InOut, MatRef::F32(w)) => {
                 debug_assert_eq!(y_rs, self.rows);
                 let y = &mut y[..n * self.rows];
-                matmul_p(
+                matmul(
                     Precision::F32,
                     y,
-                    x,
-                    w,
-                    n,
-                    self.cols,
-                    self.rows,
-                    false,
-                    false,
-                    false,
+                    Operand::new(x, n, self.cols),
+                    Operand::new(w, self.cols, self.rows),
+                    Accumulate::Overwrite,
                 )
             }
             (Orient::InOut, _) => unreachable!("input-major weights are never mapped"),
@@ -254,14 +249,9 @@ impl Linear {
         matmul_fused(
             tr.precision,
             out,
-            x,
-            w,
-            m,
-            k,
-            nn,
-            false,
-            trans_b,
-            false,
+            Operand::new(x, m, k),
+            Operand::op(w, k, nn, trans_b),
+            Accumulate::Overwrite,
             fused,
         );
     }
@@ -283,17 +273,12 @@ impl Linear {
         let bias = self.bias.filter(|_| bias == BiasGrad::Sum);
         match self.orient() {
             Orient::InOut => {
-                matmul_p(
+                matmul(
                     prec,
                     dx,
-                    dy,
-                    w.of(tr.params),
-                    n,
-                    out,
-                    inp,
-                    false,
-                    true,
-                    false,
+                    Operand::new(dy, n, out),
+                    Operand::new(w.of(tr.params), inp, out).t(),
+                    Accumulate::Overwrite,
                 );
                 match bias {
                     Some(b) => {
@@ -302,25 +287,39 @@ impl Linear {
                             col_sums: Some(gb),
                             ..Fused::default()
                         };
-                        matmul_fused(prec, gw, x, dy, inp, n, out, true, false, true, fused);
+                        matmul_fused(
+                            prec,
+                            gw,
+                            Operand::new(x, n, inp).t(),
+                            Operand::new(dy, n, out),
+                            Accumulate::Add,
+                            fused,
+                        );
                     }
-                    None => matmul_p(prec, w.of_mut(grads), x, dy, inp, n, out, true, false, true),
+                    None => matmul(
+                        prec,
+                        w.of_mut(grads),
+                        Operand::new(x, n, inp).t(),
+                        Operand::new(dy, n, out),
+                        Accumulate::Add,
+                    ),
                 }
             }
             Orient::OutIn => {
-                matmul_p(
+                matmul(
                     prec,
                     dx,
-                    dy,
-                    w.of(tr.params),
-                    n,
-                    out,
-                    inp,
-                    false,
-                    false,
-                    false,
+                    Operand::new(dy, n, out),
+                    Operand::new(w.of(tr.params), out, inp),
+                    Accumulate::Overwrite,
                 );
-                matmul_p(prec, w.of_mut(grads), dy, x, out, n, inp, true, false, true);
+                matmul(
+                    prec,
+                    w.of_mut(grads),
+                    Operand::new(dy, n, out).t(),
+                    Operand::new(x, n, inp),
+                    Accumulate::Add,
+                );
                 if let Some(b) = bias {
                     reduce::col_sum_acc(b.of_mut(grads), dy, n);
                 }
@@ -343,14 +342,9 @@ impl Linear {
             return matmul_fused(
                 Precision::F32,
                 y,
-                x,
-                w,
-                n,
-                self.cols,
-                out,
-                false,
-                false,
-                false,
+                Operand::new(x, n, self.cols),
+                Operand::new(w, self.cols, out),
+                Accumulate::Overwrite,
                 fused,
             );
         }

@@ -1,7 +1,7 @@
 //! Generation: run the prompt once through the model (filling the KV cache), then sample one
 //! token at a time, each costing one position of compute.
 
-use super::Sampler;
+use super::sampler::Sampler;
 use crate::model::Model;
 use crate::{Error, Result};
 

@@ -1,7 +1,7 @@
 //! Scoring a text: each token's log-probability under the model given the tokens before it,
 //! the mean loss and bits per byte.
 
-use super::logsumexp;
+use super::sampler::logsumexp;
 use crate::model::Model;
 use crate::{Error, Result};
 

@@ -1,7 +1,7 @@
 //! Training a byte-level BPE tokenizer (GPT-2 style: byte alphabet, GPT-2 pre-tokenisation
 //! pattern, `<|endoftext|>` as the special token) with the `tokenizers` library.
 
-use super::Tokenizer;
+use super::any::Tokenizer;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;

@@ -1,7 +1,7 @@
 //! Streaming detokenisation: byte-level BPE tokens can end in the middle of a UTF-8
 //! character, so text is released only once it decodes cleanly.
 
-use super::Tokenizer;
+use super::any::Tokenizer;
 use crate::Result;
 
 #[derive(Default)]

@@ -1,0 +1,170 @@
+//! What quill's two product kernels ([`super::sgemm`], f32; [`super::packed`], bf16) share:
+//! the strided operands of one product ([`Strided`]), the work fused into it ([`Fusion`]) and
+//! how a register tile reaches C ([`Store`]). A leaf: it imports no other kernel file but
+//! `simd`, so the kernels below [`super::matmul`] (the one product entry) never import each
+//! other.
+
+/// The sizes of C [m, n] (+)= op(A) [m, k] · op(B) [k, n].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// A read-only strided matrix: element (i, j) at ptr + i·rs + j·cs.
+#[derive(Clone, Copy, Debug)]
+pub struct View {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// A writable matrix of unit column stride: element (i, j) at ptr + i·rs + j.
+#[derive(Clone, Copy, Debug)]
+pub struct ViewMut {
+    pub ptr: *mut f32,
+    pub rs: usize,
+}
+
+/// Whether a product adds into C or overwrites it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    Overwrite,
+    Add,
+}
+
+impl From<bool> for Accumulate {
+    fn from(add: bool) -> Self {
+        match add {
+            true => Accumulate::Add,
+            false => Accumulate::Overwrite,
+        }
+    }
+}
+
+/// One strided product: C (+)= op(A) · op(B) with the fused work, on the threads of the
+/// current rayon pool when `parallel` and large enough.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub dims: Dims,
+    pub c: ViewMut,
+    pub a: View,
+    pub b: View,
+    pub accumulate: Accumulate,
+    pub parallel: bool,
+    pub fusion: Fusion<'a>,
+}
+
+impl Strided<'_> {
+    /// A product on one thread with nothing fused: C (+)= A · B for the views given.
+    pub fn new(dims: Dims, c: ViewMut, a: View, b: View, accumulate: Accumulate) -> Self {
+        Strided {
+            dims,
+            c,
+            a,
+            b,
+            accumulate,
+            parallel: false,
+            fusion: Fusion::default(),
+        }
+    }
+
+    pub fn adds(&self) -> bool {
+        self.accumulate == Accumulate::Add
+    }
+}
+
+/// Work fused into a product, so it costs no pass of its own over memory.
+#[derive(Clone, Copy, Default)]
+pub struct Fusion<'a> {
+    /// Added to the product as C's starting value (instead of C's old value; not with
+    /// `accumulate`): bias[j] on every row.
+    pub bias: Option<&'a [f32]>,
+    /// Also added as C's starting value: residual[i, j] at residual + i*rs + j.
+    pub residual: Option<(*const f32, usize)>,
+    /// Σ over k of op(b)[k, j] is added into col_sums[j] (f32 values, in k order) while B is
+    /// packed: a bias gradient, when B is the output gradient.
+    pub col_sums: Option<*mut f32>,
+}
+
+impl Fusion<'_> {
+    /// Panics unless this work fits a product of n columns: a starting value (bias,
+    /// residual) excludes accumulation, and the bias has n elements.
+    pub fn check(&self, n: usize, accumulate: bool) {
+        assert!(
+            !(accumulate && (self.bias.is_some() || self.residual.is_some())),
+            "a starting value and accumulation exclude each other"
+        );
+        if let Some(bias) = self.bias {
+            assert!(bias.len() >= n);
+        }
+    }
+
+    /// C [m, n] (row stride c_rs) <- its starting value alone: zero plus the bias and the
+    /// residual when given (a product with no depth).
+    ///
+    /// # Safety
+    /// C's rows are writable; the residual has m rows of n readable elements.
+    pub unsafe fn write_start(&self, c: *mut f32, c_rs: usize, m: usize, n: usize) {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
+            row.fill(0.0);
+            if let Some(bias) = self.bias {
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            }
+            if let Some((r, rs)) = self.residual {
+                let r = std::slice::from_raw_parts(r.add(i * rs), n);
+                row.iter_mut().zip(r).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+}
+
+// Safety: the raw pointers in a Fusion are read (residual) or written in disjoint parts
+// (col_sums, by the thread packing those columns) during the one product they belong to.
+unsafe impl Send for Fusion<'_> {}
+unsafe impl Sync for Fusion<'_> {}
+
+/// How a tile's accumulators reach C (both product kernels' tiles, f32 and bf16).
+#[derive(Clone, Copy)]
+pub enum Store {
+    /// C += tile.
+    Add,
+    /// C = tile + bias[j] (unless null) + residual[i, j] (unless null; its row stride).
+    Init(*const f32, (*const f32, usize)),
+}
+
+impl Store {
+    /// The store of the tile whose first element is C[i, j]: C's starting value from the
+    /// fused bias and residual when `init` (the first depth block, not accumulating), else
+    /// an addition to C.
+    ///
+    /// # Safety
+    /// (i, j) lies inside C, whose shape the bias and residual have.
+    pub unsafe fn at(fusion: &Fusion, init: bool, i: usize, j: usize) -> Store {
+        if !init {
+            return Store::Add;
+        }
+        Store::Init(
+            fusion.bias.map_or(std::ptr::null(), |b| b.as_ptr().add(j)),
+            fusion
+                .residual
+                .map_or((std::ptr::null(), 0), |(r, rs)| (r.add(i * rs + j), rs)),
+        )
+    }
+
+    /// Starts bringing in the lines a tile's store will touch (C's, for writing, and a
+    /// residual's), so they arrive while the tile computes; see
+    /// [`super::simd::prefetch_tile`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub fn prefetch(self, c: *const f32, c_rs: usize, rows: usize, cols: usize) {
+        super::simd::prefetch_tile(c, c_rs, rows, cols, true);
+        if let Store::Init(_, (res, rs)) = self {
+            if !res.is_null() {
+                super::simd::prefetch_tile(res, rs, rows, cols, false);
+            }
+        }
+    }
+}
