@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use quill::chat::{ChatTemplate, Message};
 use quill::io::hf::{GenerationConfig, Opened};
-use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams};
+use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams, Stop};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -516,9 +516,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     generate(
         model,
         &prompt,
-        max_new,
+        Stop { max_new, eos },
         &mut sampler,
-        eos,
         |ev| match ev {
             GenerateEvent::PromptTruncated { dropped, kept } => eprintln!(
                 "warning: the prompt has {} tokens, more than the context; using its last {kept}",
@@ -570,9 +569,11 @@ fn run_explain(a: ExplainArgs) -> Result<()> {
         &o.model,
         &o.tok,
         &ids,
-        a.steps,
         params,
-        a.top.max(1),
+        quill::explain::Size {
+            steps: a.steps,
+            top: a.top.max(1),
+        },
         &o.eos,
     )?;
     if a.json {
@@ -802,9 +803,11 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         generate(
             model,
             &ids,
-            budget,
+            Stop {
+                max_new: budget,
+                eos,
+            },
             &mut sampler,
-            eos,
             |_| {},
             |id| {
                 if eos.contains(&id) {

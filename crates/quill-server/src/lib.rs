@@ -865,7 +865,14 @@ async fn explain(State(app): State<App>, headers: HeaderMap, body: Body) -> Resp
         let app2 = app.clone();
         let ex = tokio::task::spawn_blocking(move || {
             let sh = &app2.served.shared;
-            quill::explain::explain(&sh.model, &sh.tok, &ids, steps, c.sampling, top, &sh.eos)
+            quill::explain::explain(
+                &sh.model,
+                &sh.tok,
+                &ids,
+                c.sampling,
+                quill::explain::Size { steps, top },
+                &sh.eos,
+            )
         })
         .await
         .map_err(|e| {

@@ -71,22 +71,38 @@ fn main() {
     for prec in [Precision::F32, Precision::Bf16] {
         let aflops = 4.0 * (b * t * t * c) as f64;
         time(&format!("attention fwd {prec:?}"), aflops, 20, || {
-            attention::forward(&mut out, &mut lse, &mut scratch, &qkv, b, t, hs, 0.1, prec)
+            attention::forward(
+                attention::Layer {
+                    b,
+                    t,
+                    heads: hs,
+                    scale: 0.1,
+                    precision: prec,
+                },
+                &mut out,
+                &mut lse,
+                &mut scratch,
+                &qkv,
+            )
         });
         let dout = vec![0.01f32; n * c];
         time(&format!("attention bwd {prec:?}"), 2.0 * aflops, 20, || {
             attention::backward(
+                attention::Layer {
+                    b,
+                    t,
+                    heads: hs,
+                    scale: 0.1,
+                    precision: prec,
+                },
                 &mut dqkv,
                 &mut scratch,
                 &dout,
-                &qkv,
-                &out,
-                &lse,
-                b,
-                t,
-                hs,
-                0.1,
-                prec,
+                attention::Saved {
+                    qkv: &qkv,
+                    out: &out,
+                    lse: &lse,
+                },
             )
         });
     }

@@ -66,16 +66,24 @@ pub struct SamplingParamsView {
     pub min_p: f32,
 }
 
-/// The prompt's surprisal and `steps` generated tokens with their distributions.
+/// How much an explanation shows: generated tokens, and candidates per token.
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    pub steps: usize,
+    pub top: usize,
+}
+
+/// The prompt's surprisal and `steps` generated tokens with their distributions (until an
+/// id in `eos`).
 pub fn explain(
     model: &Model,
     tok: &Tokenizer,
     prompt: &[u32],
-    steps: usize,
     params: SamplingParams,
-    top: usize,
+    size: Size,
     eos: &[u32],
 ) -> Result<Explanation> {
+    let Size { steps, top } = size;
     let ctx = model.context();
     let prompt = &prompt[prompt
         .len()

@@ -12,7 +12,7 @@ use quill::kernels::crossentropy::IGNORE;
 use quill::kernels::matmul::Precision;
 use quill::model::Activations;
 use quill::model::{Batch, Model};
-use quill::sample::{generate, Sampler, SamplingParams};
+use quill::sample::{generate, Sampler, SamplingParams, Stop};
 use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
@@ -219,9 +219,11 @@ fn check_greedy(model: Model) {
     let out = generate(
         &model,
         prompt,
-        n_new,
+        Stop {
+            max_new: n_new,
+            eos: &[],
+        },
         &mut sampler,
-        &[],
         |_| {},
         |_| Ok(true),
     )
@@ -318,9 +320,11 @@ fn generation_stops_at_eos_and_continues_past_the_context() {
     let out = generate(
         &model,
         prompt,
-        20,
+        Stop {
+            max_new: 20,
+            eos: &[greedy[4]],
+        },
         &mut sampler,
-        &[greedy[4]],
         |_| {},
         |_| Ok(true),
     )
@@ -337,9 +341,11 @@ fn generation_stops_at_eos_and_continues_past_the_context() {
     let out = generate(
         &model,
         prompt,
-        150,
+        Stop {
+            max_new: 150,
+            eos: &[],
+        },
         &mut sampler,
-        &[],
         |e| {
             if let quill::sample::GenerateEvent::ContextShifted { kept } = e {
                 assert_eq!(kept, 32);

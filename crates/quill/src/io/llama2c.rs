@@ -253,7 +253,7 @@ mod tests {
     /// it equals rotating halves after it (checked with the rotary kernel on random rows).
     #[test]
     fn permuted_rows_turn_pair_rotation_into_half_rotation() {
-        use crate::kernels::rope::{inv_freq, Rope};
+        use crate::kernels::rope::{inv_freq, Direction, HeadCols, Rope, RowPositions};
         let (heads, hd, cols, pos) = (3, 8, 5, 7);
         let w: Vec<f32> = (0..heads * hd * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
@@ -277,7 +277,20 @@ mod tests {
         }
         let mut halves = project(&pairs_to_halves(&w, heads, hd, cols));
         let rope = Rope::new(inv_freq(hd, 10000.0, &RopeScaling::None), 16);
-        rope.apply(&mut halves, heads * hd, 0, heads, pos, usize::MAX, false);
+        let cols = HeadCols {
+            stride: heads * hd,
+            col0: 0,
+            heads,
+        };
+        rope.apply(
+            &mut halves,
+            cols,
+            RowPositions {
+                first: pos,
+                period: None,
+            },
+            Direction::Forward,
+        );
         let back = pairs_to_halves(&pairs, heads, hd, 1);
         for (a, b) in halves.iter().zip(&back) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

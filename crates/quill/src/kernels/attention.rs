@@ -58,6 +58,26 @@ impl Heads {
     }
 }
 
+/// One attention layer's training pass: `b` sequences of `t` positions, the heads, the score
+/// scale and the products' precision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layer {
+    pub b: usize,
+    pub t: usize,
+    pub heads: Heads,
+    pub scale: f32,
+    pub precision: Precision,
+}
+
+/// What [`backward`] reads of its [`forward`] pass: the input, the output and the
+/// log-sum-exp of each row.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    pub qkv: &'a [f32],
+    pub out: &'a [f32],
+    pub lse: &'a [f32],
+}
+
 /// Scratch floats that [`forward`] and [`backward`] need for a batch: per (batch, head)
 /// task, two strips of CAUSAL_BLOCK x T scores, T row sums, and the head's keys and values
 /// transposed (for the f32 products). Never a T x T matrix.
@@ -77,18 +97,14 @@ fn task_scratch(t: usize, d: usize) -> usize {
 /// Flash-style: queries go in strips of CAUSAL_BLOCK rows; a strip's scores against the keys
 /// it may see (causal) are computed, soft-maxed and applied to the values at once, in
 /// `scratch` (see [`scratch_len`]); no T x T matrix is stored.
-#[allow(clippy::too_many_arguments)]
-pub fn forward(
-    out: &mut [f32],
-    lse: &mut [f32],
-    scratch: &mut [f32],
-    qkv: &[f32],
-    b: usize,
-    t: usize,
-    hs: Heads,
-    scale: f32,
-    prec: Precision,
-) {
+pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32]) {
+    let Layer {
+        b,
+        t,
+        heads: hs,
+        scale,
+        precision: prec,
+    } = layer;
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
     assert!(out.len() == b * t * oc && qkv.len() == b * t * w && lse.len() >= b * h * t);
@@ -230,20 +246,15 @@ fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], lse: &[f32], dsum: &[f3
 /// Keys go in column strips of CAUSAL_BLOCK: the strip's scores against every query that
 /// sees it are recomputed and turned back into probabilities with the saved log-sum-exp;
 /// they give the strip's dK and dV in one product each, and a rank-CAUSAL_BLOCK update of dQ.
-#[allow(clippy::too_many_arguments)]
-pub fn backward(
-    dqkv: &mut [f32],
-    scratch: &mut [f32],
-    dout: &[f32],
-    qkv: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    b: usize,
-    t: usize,
-    hs: Heads,
-    scale: f32,
-    prec: Precision,
-) {
+pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32], saved: Saved) {
+    let Layer {
+        b,
+        t,
+        heads: hs,
+        scale,
+        precision: prec,
+    } = layer;
+    let Saved { qkv, out, lse } = saved;
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
     let g = hs.group();
@@ -612,24 +623,40 @@ mod tests {
                 let mut y = vec![0.0; b * t * h * d];
                 let mut lse = vec![0.0; b * h * t];
                 let mut scratch = vec![f32::NAN; scratch_len(b, t, hs)];
-                forward(&mut y, &mut lse, &mut scratch, &qkv, b, t, hs, scale, prec);
+                forward(
+                    Layer {
+                        b,
+                        t,
+                        heads: hs,
+                        scale,
+                        precision: prec,
+                    },
+                    &mut y,
+                    &mut lse,
+                    &mut scratch,
+                    &qkv,
+                );
                 let err = max_rel_err(&y, &want, 1.0);
                 assert!(err < tol_f, "forward {prec:?} {hs:?} {b},{t}: {err}");
 
                 let mut dqkv = vec![7.0; qkv.len()];
                 scratch.fill(f32::NAN);
                 backward(
+                    Layer {
+                        b,
+                        t,
+                        heads: hs,
+                        scale,
+                        precision: prec,
+                    },
                     &mut dqkv,
                     &mut scratch,
                     &r,
-                    &qkv,
-                    &y,
-                    &lse,
-                    b,
-                    t,
-                    hs,
-                    scale,
-                    prec,
+                    Saved {
+                        qkv: &qkv,
+                        out: &y,
+                        lse: &lse,
+                    },
                 );
                 let err = max_rel_err(&dqkv, &fd, 1.0);
                 assert!(err < tol_b, "backward {prec:?} {hs:?} {b},{t}: {err}");
@@ -649,15 +676,17 @@ mod tests {
         let hs = Heads::mha(c, h);
         let mut scratch = vec![0.0; scratch_len(1, t, hs)];
         forward(
+            Layer {
+                b: 1,
+                t,
+                heads: hs,
+                scale,
+                precision: Precision::F32,
+            },
             &mut full,
             &mut lse,
             &mut scratch,
             &qkv,
-            1,
-            t,
-            hs,
-            scale,
-            Precision::F32,
         );
         let mut kc = vec![0.0; t * c];
         let mut vc = vec![0.0; t * c];

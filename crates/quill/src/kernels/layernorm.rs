@@ -1,21 +1,21 @@
 //! LayerNorm over the last dimension, with the biased variance (as PyTorch and GPT-2).
 
-use super::rows_per_task;
 use super::simd::multiversion;
+use super::{rows_per_task, RowStats, Stats};
 use rayon::prelude::*;
 
-/// out [N,C] = (inp - mean) * rstd * weight + bias; saves mean [N] and rstd [N] for backward.
-#[allow(clippy::too_many_arguments)]
+/// out [N,C] = (inp - mean) * rstd * weight + bias (C = weight's length); saves mean [N]
+/// and rstd [N] for backward.
 pub fn forward(
     out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
+    stats: RowStats,
     inp: &[f32],
     weight: &[f32],
     bias: &[f32],
-    c: usize,
     eps: f32,
 ) {
+    let c = weight.len();
+    let RowStats { mean, rstd } = stats;
     let n = inp.len() / c;
     assert!(out.len() == n * c && mean.len() >= n && rstd.len() >= n);
     let rpt = rows_per_task(n, c);
@@ -26,11 +26,14 @@ pub fn forward(
                 .zip(rstd[..n].par_chunks_mut(rpt)),
         )
         .zip(inp.par_chunks(rpt * c))
-        .for_each(|((o, (mu, rs)), x)| forward_rows(o, mu, rs, x, weight, bias, c, eps));
+        .for_each(|((o, (mean, rstd)), x)| {
+            forward_rows(o, RowStats { mean, rstd }, x, weight, bias, eps)
+        });
 }
 
 multiversion! {
-    fn forward_rows(o: &mut [f32], mu: &mut [f32], rs: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], c: usize, eps: f32) {
+    fn forward_rows(o: &mut [f32], stats: RowStats, x: &[f32], weight: &[f32], bias: &[f32], eps: f32) {
+        let (c, mu, rs) = (weight.len(), stats.mean, stats.rstd);
         for r in 0..mu.len() {
             let row = &x[r * c..(r + 1) * c];
             let m = super::math::sum(row) / c as f32;
@@ -46,42 +49,42 @@ multiversion! {
     }
 }
 
-/// Accumulates gradients: dinp += d/dinp, dweight += d/dweight, dbias += d/dbias, given
+/// Accumulates gradients: dinp += d/dinp, (dweight, dbias) += (d/dweight, d/dbias), given
 /// dout [N,C] and the saved mean/rstd.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     dinp: &mut [f32],
-    dweight: &mut [f32],
-    dbias: &mut [f32],
+    grads: (&mut [f32], &mut [f32]),
     dout: &[f32],
     inp: &[f32],
     weight: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    c: usize,
+    saved: Stats,
 ) {
+    let (c, (dweight, dbias), Stats { mean, rstd }) = (weight.len(), grads, saved);
     let n = inp.len() / c;
     assert!(dinp.len() == n * c && dout.len() == n * c);
     assert!(dweight.len() == c && dbias.len() == c && mean.len() >= n && rstd.len() >= n);
     // one sweep: dx rows, and per chunk of rows the partial sums of dweight and dbias
     super::reduce::rows_with_col_sums(dinp, c, &mut [dweight, dbias], |r0, dx, partial| {
         let r1 = r0 + dx.len() / c;
+        let saved = Stats {
+            mean: &mean[r0..r1],
+            rstd: &rstd[r0..r1],
+        };
         backward_rows(
             dx,
             &dout[r0 * c..r1 * c],
             &inp[r0 * c..r1 * c],
-            &mean[r0..r1],
-            &rstd[r0..r1],
+            saved,
             weight,
             partial,
-            c,
         )
     });
 }
 
 multiversion! {
     /// dx rows, and into partial [2C]: Σ rows of dy·norm (dweight), then Σ rows of dy (dbias).
-    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], mu: &[f32], rs: &[f32], weight: &[f32], partial: &mut [f32], c: usize) {
+    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], saved: Stats, weight: &[f32], partial: &mut [f32]) {
+            let (c, mu, rs) = (weight.len(), saved.mean, saved.rstd);
             let (pw, pb) = partial.split_at_mut(c);
             for r in 0..mu.len() {
                 let (m, s) = (mu[r], rs[r]);
@@ -147,11 +150,31 @@ mod tests {
             let b = randn(&mut rng, c, 1.0);
             let dy = randn(&mut rng, n * c, 1.0);
             let (mut y, mut mu, mut rs) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-            forward(&mut y, &mut mu, &mut rs, &x, &w, &b, c, 1e-5);
+            forward(
+                &mut y,
+                RowStats {
+                    mean: &mut mu,
+                    rstd: &mut rs,
+                },
+                &x,
+                &w,
+                &b,
+                1e-5,
+            );
             let want = reference::layernorm_forward(&to_f64(&x), &to_f64(&w), &to_f64(&b), c, 1e-5);
             assert!(max_rel_err(&y, &want, 1.0) < 1e-5);
             let (mut dx, mut dw, mut db) = (vec![0.5; n * c], vec![0.25; c], vec![-0.5; c]);
-            backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mu, &rs, c);
+            backward(
+                &mut dx,
+                (&mut dw, &mut db),
+                &dy,
+                &x,
+                &w,
+                Stats {
+                    mean: &mu,
+                    rstd: &rs,
+                },
+            );
             let (rdx, rdw, rdb) =
                 reference::layernorm_backward(&to_f64(&dy), &to_f64(&x), &to_f64(&w), c, 1e-5);
             let add = |v: Vec<f64>, k: f64| v.into_iter().map(|x| x + k).collect::<Vec<_>>();

@@ -59,19 +59,19 @@ multiversion! {
 /// Rows of W converted per block when x has several rows.
 const BLOCK_ELEMS: usize = 1 << 18;
 
-/// y[i, j] = Σ_k x[i, k] · W[j, k] for i < n, j < out, written (overwriting) at row stride
-/// `y_rs`. x is [n, inp]. `scratch` holds converted blocks of W (grown as needed).
-#[allow(clippy::too_many_arguments)]
+/// y[i, j] = Σ_k x[i, k] · W[j, k] for the n rows of x [n, inp] and the `out` rows of W
+/// [out, inp] (inp = W's length / out), written (overwriting) at row stride `y_rs`.
+/// `scratch` holds converted blocks of W (grown as needed).
 pub fn linear(
     y: &mut [f32],
     y_rs: usize,
     x: &[f32],
-    n: usize,
-    inp: usize,
     w: MatRef<'_>,
     out: usize,
     scratch: &mut Vec<f32>,
 ) {
+    let inp = w.len() / out.max(1);
+    let n = x.len() / inp.max(1);
     assert!(w.len() == out * inp && x.len() >= n * inp);
     assert!(n == 0 || y.len() >= (n - 1) * y_rs + out);
     if n == 0 || out == 0 {
@@ -84,7 +84,9 @@ pub fn linear(
     match w {
         // Safety: the asserts above bound every index.
         // a few rows (batched decoding): tiles of dot products; many rows (a prompt): gemm
-        MatRef::F32(w) if n <= X_BLOCK => rows_times_rows(y, y_rs, x, n, inp, w, out),
+        MatRef::F32(w) if n <= X_BLOCK => {
+            rows_times_rows(y, y_rs, &x[..n * inp], &w[..out * inp], inp)
+        }
         // Safety: the asserts above bound every index.
         MatRef::F32(w) => unsafe {
             matmul_strided(
@@ -164,19 +166,13 @@ const X_BLOCK: usize = 64;
 /// Weight rows per parallel task of [`rows_times_rows`].
 const W_TASK: usize = 16;
 
-/// y[i, j] = x[i] · W[j] for x [n, inp] and W [out, inp], both row-major (rows times rows).
+/// y[i, j] = x[i] · W[j] for x [n, inp] and W [out, inp], both row-major (rows times rows;
+/// n and out from the lengths).
 /// For a few rows (batched decoding, prompts) of an [out, in] weight this beats packing
 /// W for a general GEMM: each weight row is read once per block of 64 x rows, and a 4 x 4
 /// register tile of (weight row, x row) dot products uses every load four times.
-fn rows_times_rows(
-    y: &mut [f32],
-    y_rs: usize,
-    x: &[f32],
-    n: usize,
-    inp: usize,
-    w: &[f32],
-    out: usize,
-) {
+fn rows_times_rows(y: &mut [f32], y_rs: usize, x: &[f32], w: &[f32], inp: usize) {
+    let (n, out) = (x.len() / inp, w.len() / inp);
     let yp = SendPtr(y.as_mut_ptr());
     for i0 in (0..n).step_by(X_BLOCK) {
         let i1 = (i0 + X_BLOCK).min(n);
@@ -186,7 +182,7 @@ fn rows_times_rows(
             let j1 = (j0 + W_TASK).min(out);
             // Safety: this task alone writes columns j0..j1 of rows i0..i1 of y.
             let yb = unsafe { yp.get().add(i0 * y_rs) };
-            tile_dots(yb, y_rs, xb, i1 - i0, inp, &w[j0 * inp..j1 * inp], j0);
+            tile_dots(yb, y_rs, xb, inp, &w[j0 * inp..j1 * inp], j0);
         });
     }
 }
@@ -249,7 +245,8 @@ fn tile4_plain(w: [&[f32]; 4], x: [&[f32]; 4], full: usize) -> [f32; 16] {
 }
 
 /// y[i, j0 + j] = x[i] · w[j] for the rows of x and of w given, in 4 x 4 tiles.
-fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], n: usize, inp: usize, w: &[f32], j0: usize) {
+fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], inp: usize, w: &[f32], j0: usize) {
+    let n = x.len() / inp;
     let m = w.len() / inp;
     let full = inp - inp % LANES;
     let avx512 = super::simd::has_avx512();
@@ -459,7 +456,7 @@ mod tests {
                 // written at a row stride wider than `out`: the gaps must stay untouched
                 let rs = out + 3;
                 let mut y = vec![42.0f32; n * rs];
-                linear(&mut y, rs, &x, n, inp, m, out, &mut scratch);
+                linear(&mut y, rs, &x[..n * inp], m, out, &mut scratch);
                 let got: Vec<f32> = (0..n)
                     .flat_map(|i| y[i * rs..i * rs + out].to_vec())
                     .collect();

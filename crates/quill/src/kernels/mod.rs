@@ -24,6 +24,20 @@ pub mod simd;
 pub mod swiglu;
 pub mod tile;
 
+/// Where a norm's forward pass writes each row's statistics for its backward pass: the mean
+/// (LayerNorm; RMSNorm leaves it alone, and it may be empty) and 1/std.
+pub struct RowStats<'a> {
+    pub mean: &'a mut [f32],
+    pub rstd: &'a mut [f32],
+}
+
+/// The statistics a norm's forward pass kept, as its backward pass reads them.
+#[derive(Clone, Copy)]
+pub struct Stats<'a> {
+    pub mean: &'a [f32],
+    pub rstd: &'a [f32],
+}
+
 /// A raw pointer that may be shared between threads that write disjoint regions.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);

@@ -97,6 +97,24 @@ pub unsafe fn matmul_fused(s: Strided) {
     p.run(if parallel { threads } else { 1 });
 }
 
+/// Rows lo..hi of C (`split_m`) or columns lo..hi: one thread's part of a product.
+#[derive(Clone, Copy)]
+struct Part {
+    lo: usize,
+    hi: usize,
+    split_m: bool,
+}
+
+/// One depth block: depths pc..pc + kc (kp steps of two), added into C unless it is the
+/// first and the product overwrites.
+#[derive(Clone, Copy)]
+struct DepthBlock {
+    pc: usize,
+    kc: usize,
+    kp: usize,
+    add: bool,
+}
+
 struct Problem<'a> {
     fusion: Fusion<'a>,
     native: bool,
@@ -202,7 +220,19 @@ impl Problem<'_> {
                         Some(p) if split_m => p.add(q0 * w),
                         _ => std::ptr::null_mut(),
                     };
-                    pack(dst, s, l_s, k_s, n_lines, kc, w, self.native, sums);
+                    pack(
+                        dst,
+                        Lines {
+                            ptr: s,
+                            l_s,
+                            k_s,
+                            lines: n_lines,
+                            kc,
+                        },
+                        w,
+                        self.native,
+                        sums,
+                    );
                 }
             };
             // phase 2: each part of C against the shared panels
@@ -211,7 +241,8 @@ impl Problem<'_> {
                 let lo = (tiles * t / parts * unit).min(len);
                 let hi = (tiles * (t + 1) / parts * unit).min(len);
                 let shared = shared.ptr() as *const u32;
-                self.run_part(lo, hi, pc, kc, kp, add, split_m, shared);
+                let block = DepthBlock { pc, kc, kp, add };
+                self.run_part(Part { lo, hi, split_m }, block, shared);
             };
             if parts == 1 {
                 pack_shared(0);
@@ -225,18 +256,8 @@ impl Problem<'_> {
 
     /// Rows lo..hi of C (when `split_m`; the packed B panels of all columns are `shared`) or
     /// columns lo..hi (the packed A panels of all rows are `shared`), for one depth block.
-    #[allow(clippy::too_many_arguments)]
-    fn run_part(
-        &self,
-        lo: usize,
-        hi: usize,
-        pc: usize,
-        kc: usize,
-        kp: usize,
-        add: bool,
-        split_m: bool,
-        shared: *const u32,
-    ) {
+    fn run_part(&self, part: Part, block: DepthBlock, shared: *const u32) {
+        let (Part { lo, hi, split_m }, DepthBlock { pc, kc, kp, add }) = (part, block);
         if lo >= hi {
             return;
         }
@@ -249,14 +270,18 @@ impl Problem<'_> {
                 let store = Store::at(f, !add, i, j);
                 let cp = self.c.get().add(i * self.c_rs + j);
                 kernel(
-                    kp,
-                    apan,
-                    bpan,
-                    cp,
-                    self.c_rs,
-                    rows,
-                    cols,
-                    store,
+                    Panels {
+                        kp,
+                        a: apan,
+                        b: bpan,
+                    },
+                    TileOut {
+                        c: cp,
+                        c_rs: self.c_rs,
+                        rows,
+                        cols,
+                        store,
+                    },
                     self.native,
                 );
             }
@@ -280,11 +305,13 @@ impl Problem<'_> {
                     if split_m {
                         pack(
                             ap,
-                            a.add(x0 * self.a_rs + pc * self.a_cs),
-                            self.a_rs,
-                            self.a_cs,
-                            xc,
-                            kc,
+                            Lines {
+                                ptr: a.add(x0 * self.a_rs + pc * self.a_cs),
+                                l_s: self.a_rs,
+                                k_s: self.a_cs,
+                                lines: xc,
+                                kc,
+                            },
                             MR,
                             self.native,
                             std::ptr::null_mut(),
@@ -301,11 +328,13 @@ impl Problem<'_> {
                     } else {
                         pack(
                             bp,
-                            b.add(pc * self.b_rs + x0 * self.b_cs),
-                            self.b_cs,
-                            self.b_rs,
-                            xc,
-                            kc,
+                            Lines {
+                                ptr: b.add(pc * self.b_rs + x0 * self.b_cs),
+                                l_s: self.b_cs,
+                                k_s: self.b_rs,
+                                lines: xc,
+                                kc,
+                            },
                             NR,
                             self.native,
                             f.col_sums.map_or(std::ptr::null_mut(), |p| p.add(x0)),
@@ -329,6 +358,17 @@ impl Problem<'_> {
     }
 }
 
+/// `lines` lines x `kc` depth of a strided operand: element (line l, depth k) at
+/// ptr + l·l_s + k·k_s.
+#[derive(Clone, Copy)]
+struct Lines {
+    ptr: *const f32,
+    l_s: usize,
+    k_s: usize,
+    lines: usize,
+    kc: usize,
+}
+
 /// Packs `lines` lines x `kc` depth of a strided operand into panels of `w` lines: element
 /// (line l, depth k) is at src + l*l_s + k*k_s. Panel q holds lines q*w.. as [step][w] u32;
 /// lines past the end (and, for bf16, the odd depth's missing partner) are zero. Unless
@@ -337,18 +377,14 @@ impl Problem<'_> {
 /// # Safety
 /// Every (l, k) with l < lines, k < kc is readable; sums (when not null) has `lines`
 /// writable elements.
-#[allow(clippy::too_many_arguments)]
-unsafe fn pack(
-    dst: &mut [u32],
-    src: *const f32,
-    l_s: usize,
-    k_s: usize,
-    lines: usize,
-    kc: usize,
-    w: usize,
-    native: bool,
-    sums: *mut f32,
-) {
+unsafe fn pack(dst: &mut [u32], src: Lines, w: usize, native: bool, sums: *mut f32) {
+    let Lines {
+        ptr: src,
+        l_s,
+        k_s,
+        lines,
+        kc,
+    } = src;
     let kp = kc.div_ceil(2);
     let panels = lines.div_ceil(w);
     let dst = &mut dst[..panels * kp * w];
@@ -376,7 +412,14 @@ unsafe fn pack(
                 } else {
                     sums.add(q * w)
                 };
-                pack_lines_contiguous(panel, s, k_s, n_lines, kc, w, sums);
+                let lines = Lines {
+                    ptr: s,
+                    l_s,
+                    k_s,
+                    lines: n_lines,
+                    kc,
+                };
+                pack_lines_contiguous(panel, lines, w, sums);
             }
         }
         return;
@@ -448,15 +491,14 @@ unsafe fn pack_k_contiguous(
 /// null, each line's values are added into sums[line], in depth order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_lines_contiguous(
-    panel: &mut [u32],
-    src: *const f32,
-    k_s: usize,
-    n_lines: usize,
-    kc: usize,
-    w: usize,
-    sums: *mut f32,
-) {
+unsafe fn pack_lines_contiguous(panel: &mut [u32], src: Lines, w: usize, sums: *mut f32) {
+    let Lines {
+        ptr: src,
+        k_s,
+        lines: n_lines,
+        kc,
+        ..
+    } = src;
     use std::arch::x86_64::*;
     let kp = kc.div_ceil(2);
     // lane 2j <- bf16(x0[j]) (in lanes 0..16), lane 2j+1 <- bf16(x1[j]) (in lanes 16..32)
@@ -510,28 +552,46 @@ unsafe fn pack_lines_contiguous(
     }
 }
 
-/// One MR x NR tile of C (+)= packed A panel · packed B panel over `kp` steps; only `rows` x
-/// `cols` of it are stored.
-///
-/// # Safety
-/// The panels hold kp steps; C's tile is writable.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn kernel(
+/// A packed A panel (MR rows) and B panel (NR columns) of `kp` steps.
+#[derive(Clone, Copy)]
+struct Panels {
     kp: usize,
     a: *const u32,
     b: *const u32,
+}
+
+/// Where a tile goes: its first element of C, C's row stride, the rows and columns of it
+/// that are stored, and how.
+#[derive(Clone, Copy)]
+struct TileOut {
     c: *mut f32,
     c_rs: usize,
     rows: usize,
     cols: usize,
     store: Store,
-    native: bool,
-) {
+}
+
+/// One MR x NR tile of C (+)= packed A panel · packed B panel over `kp` steps; only `rows` x
+/// `cols` of it are stored.
+///
+/// # Safety
+/// The panels hold kp steps; C's tile is writable.
+#[inline]
+unsafe fn kernel(panels: Panels, out: TileOut, native: bool) {
     #[cfg(target_arch = "x86_64")]
     if native {
-        return kernel_avx512bf16(kp, a, b, c, c_rs, rows, cols, store);
+        return kernel_avx512bf16(panels, out);
     }
+    let (
+        Panels { kp, a, b },
+        TileOut {
+            c,
+            c_rs,
+            rows,
+            cols,
+            store,
+        },
+    ) = (panels, out);
     let _ = native;
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kp {
@@ -608,17 +668,17 @@ macro_rules! store_tile {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512bf16(
-    kp: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    c_rs: usize,
-    rows: usize,
-    cols: usize,
-    store: Store,
-) {
+unsafe fn kernel_avx512bf16(panels: Panels, out: TileOut) {
+    let (
+        Panels { kp, a, b },
+        TileOut {
+            c,
+            c_rs,
+            rows,
+            cols,
+            store,
+        },
+    ) = (panels, out);
     use std::arch::x86_64::*;
     store.prefetch(c, c_rs, rows, cols);
     let z = _mm512_setzero_ps();

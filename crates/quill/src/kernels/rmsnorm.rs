@@ -33,7 +33,6 @@ multiversion! {
 
 /// Accumulates gradients: dinp += d/dinp and dweight += d/dweight, given dout [N,C] and the
 /// saved rstd. With g = dout · w and n = x · rstd: dx = rstd · (g - n · mean(g · n)).
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     dinp: &mut [f32],
     dweight: &mut [f32],
@@ -41,8 +40,8 @@ pub fn backward(
     inp: &[f32],
     weight: &[f32],
     rstd: &[f32],
-    c: usize,
 ) {
+    let c = weight.len();
     let n = inp.len() / c;
     assert!(dinp.len() == n * c && dout.len() == n * c && rstd.len() >= n);
     assert_eq!(dweight.len(), c);
@@ -56,14 +55,14 @@ pub fn backward(
             &rstd[r0..r1],
             weight,
             partial,
-            c,
         )
     });
 }
 
 multiversion! {
     /// dx rows, and Σ rows of dy · x · rstd (dweight) into partial [C].
-    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], rs: &[f32], weight: &[f32], partial: &mut [f32], c: usize) {
+    fn backward_rows(dx: &mut [f32], dy: &[f32], x: &[f32], rs: &[f32], weight: &[f32], partial: &mut [f32]) {
+        let c = weight.len();
         for r in 0..rs.len() {
             let s = rs[r];
             let xr = &x[r * c..(r + 1) * c];
@@ -110,7 +109,7 @@ mod tests {
 
             let mut dx = vec![0.5; n * c];
             let mut dw = vec![0.25; c];
-            backward(&mut dx, &mut dw, &r, &x, &w, &rstd, c);
+            backward(&mut dx, &mut dw, &r, &x, &w, &rstd);
             let loss = |xx: &[f64], ww: &[f64]| {
                 let y = reference::rmsnorm_forward(xx, ww, c, eps as f64);
                 y.iter().zip(&r64).map(|(a, b)| a * b).sum::<f64>()

@@ -112,21 +112,15 @@ impl Rope {
         self.inv_freq.len()
     }
 
-    /// Rotates `heads` heads of width 2·half that start at column `col0` of each row of `x`
-    /// (row stride `rs`); row r sits at position `pos0 + r % period` (period = T for a batch
-    /// [B, T] of sequences, or usize::MAX for one sequence). `inverse` applies the transposed
-    /// rotation (the backward pass).
-    #[allow(clippy::too_many_arguments)]
-    pub fn apply(
-        &self,
-        x: &mut [f32],
-        rs: usize,
-        col0: usize,
-        heads: usize,
-        pos0: usize,
-        period: usize,
-        inverse: bool,
-    ) {
+    /// Rotates the heads `cols` names in each row of `x`; row r sits at the position `at`
+    /// gives it. [`Direction::Inverse`] applies the transposed rotation (the backward pass).
+    pub fn apply(&self, x: &mut [f32], cols: HeadCols, at: RowPositions, direction: Direction) {
+        let HeadCols {
+            stride: rs,
+            col0,
+            heads,
+        } = cols;
+        let inverse = direction == Direction::Inverse;
         let half = self.half();
         let rows_per_task = (4096 / rs.max(1)).max(1);
         x.par_chunks_mut(rs * rows_per_task)
@@ -137,7 +131,7 @@ impl Rope {
                 let mut sbuf = [0.0f32; MAX_HALF];
                 for (k, row) in chunk.chunks_mut(rs).enumerate() {
                     let r = task * rows_per_task + k;
-                    let pos = pos0 + if period == usize::MAX { r } else { r % period };
+                    let pos = at.first + at.period.map_or(r, |p| r % p);
                     let (c, s): (&[f32], &[f32]) = if pos < self.positions {
                         (
                             &self.cos[pos * half..(pos + 1) * half],
@@ -154,6 +148,30 @@ impl Rope {
                 }
             });
     }
+}
+
+/// Where the heads to rotate lie in each row: `heads` heads of width 2·half from column
+/// `col0`, in rows `stride` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadCols {
+    pub stride: usize,
+    pub col0: usize,
+    pub heads: usize,
+}
+
+/// The position of each row: `first + r` for one sequence (`period` None), or
+/// `first + r % period` for a batch [B, T] of sequences (period T).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowPositions {
+    pub first: usize,
+    pub period: Option<usize>,
+}
+
+/// The rotation (forward pass) or its transpose (backward pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Inverse,
 }
 
 fn angles(inv_freq: &[f32], pos: usize, cos: &mut [f32], sin: &mut [f32]) {
@@ -200,7 +218,19 @@ mod tests {
             let rope = Rope::new(inv.clone(), max_pos);
             let x = randn(&mut rng, b * t * rs, 1.0);
             let mut y = x.clone();
-            rope.apply(&mut y, rs, 2, heads, pos0, t, false);
+            rope.apply(
+                &mut y,
+                HeadCols {
+                    stride: rs,
+                    col0: 2,
+                    heads,
+                },
+                RowPositions {
+                    first: pos0,
+                    period: Some(t),
+                },
+                Direction::Forward,
+            );
             let inv64: Vec<f64> = inv.iter().map(|&f| f as f64).collect();
             for r in 0..b * t {
                 let row = &x[r * rs..(r + 1) * rs];
@@ -215,7 +245,19 @@ mod tests {
                     assert!(max_rel_err(&y[r * rs + c0..r * rs + c0 + d], &want, 1.0) < 2e-4);
                 }
             }
-            rope.apply(&mut y, rs, 2, heads, pos0, t, true);
+            rope.apply(
+                &mut y,
+                HeadCols {
+                    stride: rs,
+                    col0: 2,
+                    heads,
+                },
+                RowPositions {
+                    first: pos0,
+                    period: Some(t),
+                },
+                Direction::Inverse,
+            );
             assert!(max_rel_err(&y, &to_f64(&x), 1.0) < 1e-5);
         }
     }

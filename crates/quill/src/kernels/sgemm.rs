@@ -28,6 +28,7 @@ use super::simd::{mask16, transpose16};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::ops::Range;
 
 /// Rows of the register tile.
 pub const MR: usize = 6;
@@ -308,7 +309,7 @@ impl Problem<'_> {
                 // (a nested product on this thread copies into a buffer of its own)
                 let (mut own, mut shared) = (Vec::new(), cell.try_borrow_mut());
                 let buf = shared.as_deref_mut().unwrap_or(&mut own);
-                self.compute_copied(buf, blk, r0, r1, q0, q1)
+                self.compute_copied(buf, blk, r0..r1, q0..q1)
             });
         }
         let a = (self.a as *const f32).add(blk.pc * self.a_cs);
@@ -318,7 +319,7 @@ impl Problem<'_> {
             for i in (r0..r1).step_by(MR) {
                 let rows = (r1 - i).min(MR);
                 let ai = a.add(i * self.a_rs);
-                self.row_tiles(blk, i, rows, (ai, self.a_rs, self.a_cs), qb, qe);
+                self.row_tiles(blk, i..i + rows, (ai, self.a_rs, self.a_cs), qb..qe);
             }
         }
     }
@@ -328,11 +329,10 @@ impl Problem<'_> {
         &self,
         buf: &mut Vec<f32>,
         blk: &Block,
-        r0: usize,
-        r1: usize,
-        q0: usize,
-        q1: usize,
+        rows: Range<usize>,
+        panels: Range<usize>,
     ) {
+        let (Range { start: r0, end: r1 }, Range { start: q0, end: q1 }) = (rows, panels);
         if buf.len() < MC * KC {
             buf.resize(MC * KC, 0.0);
         }
@@ -347,7 +347,7 @@ impl Problem<'_> {
                 for i in (ic..ie).step_by(MR) {
                     let rows = (ie - i).min(MR);
                     let ai = buf.as_ptr().add((i - ic) / MR * kc * MR);
-                    self.row_tiles(blk, i, rows, (ai, 1, MR), qb, qe);
+                    self.row_tiles(blk, i..i + rows, (ai, 1, MR), qb..qe);
                 }
             }
         }
@@ -358,12 +358,11 @@ impl Problem<'_> {
     unsafe fn row_tiles(
         &self,
         blk: &Block,
-        i: usize,
-        rows: usize,
+        rows: Range<usize>,
         a: (*const f32, usize, usize),
-        qb: usize,
-        qe: usize,
+        panels: Range<usize>,
     ) {
+        let (i, rows, qb, qe) = (rows.start, rows.len(), panels.start, panels.end);
         let f = &self.fusion;
         for q in qb..qe {
             let j = blk.jc + q * NR;

@@ -50,18 +50,14 @@ fn forced_scalar() -> bool {
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 if $crate::kernels::simd::has_avx512() {
                     // Safety: the CPU has the features v4 was compiled for.

@@ -19,8 +19,8 @@ use super::params::{ParamLayout, View};
 use super::weight::{Linear, Orient, Storage, Weight};
 use crate::kernels::attention::Heads;
 use crate::kernels::matmul::Precision;
-use crate::kernels::rope::Rope;
-use crate::kernels::{layernorm, rmsnorm};
+use crate::kernels::rope::{Direction, HeadCols, Rope, RowPositions};
+use crate::kernels::{layernorm, rmsnorm, RowStats, Stats};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -77,18 +77,16 @@ pub struct Norm {
 impl Norm {
     /// out [N, C] = norm(x [N, C]); keeps each row's mean (LayerNorm) and 1/std for backward.
     pub fn forward(&self, p: &[f32], out: &mut [f32], stats: RowStats, x: &[f32]) {
-        let c = self.w.len;
+        let w = self.w.of(p);
         match (self.kind, self.b) {
-            (NormKind::Layer, Some(b)) => {
-                let (w, b) = (self.w.of(p), b.of(p));
-                layernorm::forward(out, stats.mean, stats.rstd, x, w, b, c, self.eps)
-            }
-            _ => rmsnorm::forward(out, stats.rstd, x, self.w.of(p), c, self.eps),
+            (NormKind::Layer, Some(b)) => layernorm::forward(out, stats, x, w, b.of(p), self.eps),
+            _ => rmsnorm::forward(out, stats.rstd, x, w, w.len(), self.eps),
         }
     }
 
-    /// dx [N, C] += the gradient through the norm of dout; the weight (and bias) gradients
-    /// accumulate into `grads`.
+    /// dx [N, C] += the gradient through the norm of dout, given its input `x` and the
+    /// statistics of its forward pass; the weight (and bias) gradients accumulate into
+    /// `grads`.
     pub fn backward(
         &self,
         p: &[f32],
@@ -97,31 +95,22 @@ impl Norm {
         dout: &[f32],
         saved: Saved,
     ) {
-        let c = self.w.len;
         let w = self.w.of(p);
         match (self.kind, self.b) {
             (NormKind::Layer, Some(b)) => {
-                let (gw, gb) = View::pair_mut(self.w, b, grads);
-                let (x, mean, rstd) = (saved.x, saved.mean, saved.rstd);
-                layernorm::backward(dx, gw, gb, dout, x, w, mean, rstd, c)
+                let gw_gb = View::pair_mut(self.w, b, grads);
+                layernorm::backward(dx, gw_gb, dout, saved.x, w, saved.stats)
             }
-            _ => rmsnorm::backward(dx, self.w.of_mut(grads), dout, saved.x, w, saved.rstd, c),
+            _ => rmsnorm::backward(dx, self.w.of_mut(grads), dout, saved.x, w, saved.stats.rstd),
         }
     }
-}
-
-/// Where a norm's forward pass writes its per-row statistics (`mean` is unused by RMSNorm).
-pub struct RowStats<'a> {
-    pub mean: &'a mut [f32],
-    pub rstd: &'a mut [f32],
 }
 
 /// What a norm's backward pass reads: its input and the statistics of its forward pass.
 #[derive(Clone, Copy)]
 pub struct Saved<'a> {
     pub x: &'a [f32],
-    pub mean: &'a [f32],
-    pub rstd: &'a [f32],
+    pub stats: Stats<'a>,
 }
 
 /// How positions enter the model.
@@ -131,6 +120,30 @@ pub enum Positions {
     Learned(View),
     /// Rotary embeddings applied to queries and keys (Llama family).
     Rotary(Rope),
+}
+
+/// Rotates the query and key heads of rows of q | k | v (`heads`; row width their
+/// `qkv_width`) at the positions `at` gives them.
+pub(super) fn rotate_qk(
+    rope: &Rope,
+    qkv: &mut [f32],
+    heads: Heads,
+    at: RowPositions,
+    dir: Direction,
+) {
+    let (stride, hd) = (heads.qkv_width(), heads.h * heads.d);
+    for (col0, heads) in [(0, heads.h), (hd, heads.kv)] {
+        rope.apply(
+            qkv,
+            HeadCols {
+                stride,
+                col0,
+                heads,
+            },
+            at,
+            dir,
+        );
+    }
 }
 
 /// The MLP's activation.

@@ -3,7 +3,9 @@
 //! (continuous batching in the server) is n segments of one token each. The weights are
 //! read once per step for all of them.
 
-use super::decoder::{Mlp, Model, Positions, RowStats};
+use super::decoder::{rotate_qk, Mlp, Model, Positions};
+use crate::kernels::rope::{Direction, RowPositions};
+use crate::kernels::RowStats;
 use crate::kernels::{add_inplace, attention, gelu, swiglu};
 use crate::{Error, Result};
 
@@ -150,8 +152,11 @@ impl Model {
                 let (k, pos) = (g.ids.len(), g.cache.len);
                 let qkv = &mut s.qkv[r0 * w..(r0 + k) * w];
                 if let Positions::Rotary(rope) = &self.positions {
-                    rope.apply(qkv, w, 0, hs.h, pos, usize::MAX, false);
-                    rope.apply(qkv, w, hd, hs.kv, pos, usize::MAX, false);
+                    let at = RowPositions {
+                        first: pos,
+                        period: None,
+                    };
+                    rotate_qk(rope, qkv, hs, at, Direction::Forward);
                 }
                 let cache = &mut *g.cache;
                 let layer = l * cache.capacity * kvd..(l + 1) * cache.capacity * kvd;

@@ -1,11 +1,13 @@
 //! The decoder's training passes over a batch [B, T]: `forward` keeps every activation,
 //! `backward` walks the same layers in reverse, accumulating every parameter's gradient.
 
-use super::decoder::{Mlp, Model, Positions, RowStats, Saved};
+use super::decoder::{rotate_qk, Mlp, Model, Positions, Saved};
 use super::weight::{BiasGrad, Train};
 use crate::kernels::attention;
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
+use crate::kernels::rope::{Direction, RowPositions};
 use crate::kernels::{crossentropy, embedding, gelu, swiglu};
+use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
 
 /// Layer `l`'s slice of a buffer holding `per` values for each layer.
@@ -15,6 +17,14 @@ fn at(buf: &[f32], l: usize, per: usize) -> &[f32] {
 
 fn at_mut(buf: &mut [f32], l: usize, per: usize) -> &mut [f32] {
     &mut buf[l * per..(l + 1) * per]
+}
+
+/// Rows of a batch [B, T]: row r at position r % T.
+fn batch_positions(t: usize) -> RowPositions {
+    RowPositions {
+        first: 0,
+        period: Some(t),
+    }
 }
 
 /// Layer `l`'s rows of a norm's statistics (`mean` is empty for RMSNorm).
@@ -31,8 +41,10 @@ fn saved<'a>(x: &'a [f32], mean: &'a [f32], rstd: &'a [f32], l: usize, n: usize)
     let m = if mean.is_empty() { 0 } else { n };
     Saved {
         x,
-        mean: at(mean, l, m),
-        rstd: at(rstd, l, n),
+        stats: Stats {
+            mean: at(mean, l, m),
+            rstd: at(rstd, l, n),
+        },
     }
 }
 
@@ -61,25 +73,14 @@ impl Model {
             let qkv = at_mut(&mut a.qkv, l, n * w);
             blk.qkv.forward(tr, qkv, ln1, None);
             if let Positions::Rotary(rope) = &self.positions {
-                rope.apply(qkv, w, 0, hs.h, 0, t, false);
-                rope.apply(qkv, w, hd, hs.kv, 0, t, false);
+                rotate_qk(rope, qkv, hs, batch_positions(t), Direction::Forward);
             }
             let (lse, atty) = (
                 at_mut(&mut a.lse, l, n * hs.h),
                 at_mut(&mut a.atty, l, n * hd),
             );
-            let scale = self.attention[l].scale;
-            attention::forward(
-                atty,
-                lse,
-                &mut a.attn_scratch,
-                qkv,
-                a.b,
-                t,
-                hs,
-                scale,
-                tr.precision,
-            );
+            let layer = self.attention_layer(l, a.b, t);
+            attention::forward(layer, atty, lse, &mut a.attn_scratch, qkv);
             let res2 = at_mut(&mut a.res2, l, n * c);
             blk.o.forward(tr, res2, atty, Some(inp));
             let stats = row_stats(&mut a.mean2, &mut a.rstd2, l, n);
@@ -161,8 +162,10 @@ impl Model {
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
         let fin = Saved {
             x: last,
-            mean: &a.lnf_mean,
-            rstd: &a.lnf_rstd,
+            stats: Stats {
+                mean: &a.lnf_mean,
+                rstd: &a.lnf_rstd,
+            },
         };
         self.final_norm
             .backward(p, grads, &mut a.d_res, &a.d_lnf, fin);
@@ -182,7 +185,7 @@ impl Model {
                 Mlp::Gelu => {
                     // GELU is elementwise: its input gradient overwrites its output's in place
                     blk.down
-                        .backward(tr, grads, d_up, &a.d_res, act, BiasGrad::Sum);
+                        .backward(tr, grads, d_up, (&a.d_res, act), BiasGrad::Sum);
                     match (self.precision, blk.up.bias) {
                         // in f32 the bias gradient is summed in GELU's sweep; in bf16, while
                         // the gradient is packed for dW's product (free there)
@@ -198,13 +201,13 @@ impl Model {
                 }
                 Mlp::SwiGlu => {
                     blk.down
-                        .backward(tr, grads, &mut a.d_act, &a.d_res, act, BiasGrad::Sum);
+                        .backward(tr, grads, &mut a.d_act, (&a.d_res, act), BiasGrad::Sum);
                     swiglu::backward(d_up, &a.d_act, up_out, f);
                     BiasGrad::Sum
                 }
             };
             let ln2 = at(&a.ln2, l, n * c);
-            blk.up.backward(tr, grads, &mut a.d_ln, d_up, ln2, bias);
+            blk.up.backward(tr, grads, &mut a.d_ln, (d_up, ln2), bias);
             let norm2 = saved(res2, &a.mean2, &a.rstd2, l, n);
             blk.mlp_norm
                 .backward(p, grads, &mut a.d_res, &a.d_ln, norm2);
@@ -212,21 +215,28 @@ impl Model {
             // Attention: res2 = inp + o(attention(positions(qkv(norm(inp)))))
             let (atty, qkv) = (at(&a.atty, l, n * hd), at(&a.qkv, l, n * w));
             blk.o
-                .backward(tr, grads, &mut a.d_atty, &a.d_res, atty, BiasGrad::Sum);
+                .backward(tr, grads, &mut a.d_atty, (&a.d_res, atty), BiasGrad::Sum);
             let lse = at(&a.lse, l, n * hs.h);
-            let scale = self.attention[l].scale;
             let (d_qkv, scratch) = (&mut a.d_qkv, &mut a.attn_scratch);
-            let (b, prec) = (a.b, tr.precision);
-            attention::backward(
-                d_qkv, scratch, &a.d_atty, qkv, atty, lse, b, t, hs, scale, prec,
-            );
+            let fwd = attention::Saved {
+                qkv,
+                out: atty,
+                lse,
+            };
+            let layer = self.attention_layer(l, a.b, t);
+            attention::backward(layer, d_qkv, scratch, &a.d_atty, fwd);
             if let Positions::Rotary(rope) = &self.positions {
-                rope.apply(&mut a.d_qkv, w, 0, hs.h, 0, t, true);
-                rope.apply(&mut a.d_qkv, w, hd, hs.kv, 0, t, true);
+                rotate_qk(
+                    rope,
+                    &mut a.d_qkv,
+                    hs,
+                    batch_positions(t),
+                    Direction::Inverse,
+                );
             }
             let ln1 = at(&a.ln1, l, n * c);
             blk.qkv
-                .backward(tr, grads, &mut a.d_ln, &a.d_qkv, ln1, BiasGrad::Sum);
+                .backward(tr, grads, &mut a.d_ln, (&a.d_qkv, ln1), BiasGrad::Sum);
             let norm1 = saved(inp, &a.mean1, &a.rstd1, l, n);
             blk.attn_norm
                 .backward(p, grads, &mut a.d_res, &a.d_ln, norm1);
@@ -251,6 +261,17 @@ impl Model {
                 embedding::forward(x0, ids, self.embed.view.of(p), wpe.of(p), t, c)
             }
             Positions::Rotary(_) => embedding::forward_tokens(x0, ids, self.embed.view.of(p), c),
+        }
+    }
+
+    /// Layer `l`'s attention over a batch of `b` sequences of `t` positions.
+    fn attention_layer(&self, l: usize, b: usize, t: usize) -> attention::Layer {
+        attention::Layer {
+            b,
+            t,
+            heads: self.heads,
+            scale: self.attention[l].scale,
+            precision: self.precision,
         }
     }
 

@@ -156,7 +156,7 @@ impl Weight {
     ) {
         let n = x.len() / self.cols;
         match (self.orient, self.mat(params)) {
-            (Orient::OutIn, w) => linear::linear(y, y_rs, x, n, self.cols, w, self.rows, scratch),
+            (Orient::OutIn, w) => linear::linear(y, y_rs, x, w, self.rows, scratch),
             (Orient::InOut, MatRef::F32(w)) if n == 1 => {
                 linear::matvec_in_out(&mut y[..self.rows], x, w)
             }
@@ -256,7 +256,8 @@ impl Linear {
         );
     }
 
-    /// Training backward of [`Linear::forward`]: dx [n, cols] = dy · Wᵀ (overwritten),
+    /// Training backward of [`Linear::forward`], given the output gradient and the input
+    /// (dy, x): dx [n, cols] = dy · Wᵀ (overwritten),
     /// dW += the product of x and dy, and with [`BiasGrad::Sum`] db += Σ rows of dy (fused into
     /// dW's product for input-major weights, whose product takes dy as its right operand).
     pub fn backward(
@@ -264,8 +265,7 @@ impl Linear {
         tr: Train,
         grads: &mut [f32],
         dx: &mut [f32],
-        dy: &[f32],
-        x: &[f32],
+        (dy, x): (&[f32], &[f32]),
         bias: BiasGrad,
     ) {
         let (n, inp, out, prec) = (x.len() / self.cols, self.cols, self.rows, tr.precision);

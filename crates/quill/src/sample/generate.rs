@@ -5,6 +5,13 @@ use super::sampler::Sampler;
 use crate::model::Model;
 use crate::{Error, Result};
 
+/// When generation stops: after `max_new` tokens, or at any id in `eos` (which is returned).
+#[derive(Clone, Copy, Debug)]
+pub struct Stop<'a> {
+    pub max_new: usize,
+    pub eos: &'a [u32],
+}
+
 pub enum GenerateEvent {
     /// The prompt was longer than the context: only its last `kept` tokens are used.
     PromptTruncated { dropped: usize, kept: usize },
@@ -12,17 +19,17 @@ pub enum GenerateEvent {
     ContextShifted { kept: usize },
 }
 
-/// Generates up to `max_new` tokens after `prompt`, calling `on_token` with each new id as it
-/// is drawn (return false to stop). Stops early at any id in `eos`. Returns the new ids.
+/// Generates tokens after `prompt` until `stop` says, calling `on_token` with each new id as
+/// it is drawn (return false to stop). Returns the new ids.
 pub fn generate(
     model: &Model,
     prompt: &[u32],
-    max_new: usize,
+    stop: Stop,
     sampler: &mut Sampler,
-    eos: &[u32],
     mut on_event: impl FnMut(GenerateEvent),
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Vec<u32>> {
+    let Stop { max_new, eos } = stop;
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty (no tokens)".into()));
     }

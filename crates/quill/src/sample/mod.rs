@@ -15,7 +15,7 @@
 mod generate;
 mod sampler;
 mod score;
-pub use generate::{generate, GenerateEvent};
+pub use generate::{generate, GenerateEvent, Stop};
 pub use sampler::{
     argmax, log_softmax_at, logsumexp, top_logprobs, Draw, Sampler, SamplingParams, Top,
 };

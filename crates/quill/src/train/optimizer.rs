@@ -185,7 +185,14 @@ mod tests {
     use super::*;
 
     /// One scalar AdamW step written out from the paper's algorithm, in f64.
-    fn reference_step(p: f64, g: f64, m: &mut f64, v: &mut f64, t: i32, lr: f64, wd: f64) -> f64 {
+    fn reference_step(
+        p: f64,
+        g: f64,
+        (m, v): (&mut f64, &mut f64),
+        t: i32,
+        lr: f64,
+        wd: f64,
+    ) -> f64 {
         let (b1, b2, eps) = (0.9, 0.95, 1e-8);
         *m = b1 * *m + (1.0 - b1) * g;
         *v = b2 * *v + (1.0 - b2) * g * g;
@@ -208,8 +215,14 @@ mod tests {
             opt.step(&layout, &mut params, &grads, 0.01);
             for i in 0..7 {
                 let wd = if i < 4 { 0.1 } else { 0.0 };
-                want[i] =
-                    reference_step(want[i], grads[i] as f64, &mut m[i], &mut v[i], t, 0.01, wd);
+                want[i] = reference_step(
+                    want[i],
+                    grads[i] as f64,
+                    (&mut m[i], &mut v[i]),
+                    t,
+                    0.01,
+                    wd,
+                );
             }
         }
         for i in 0..7 {
@@ -257,7 +270,8 @@ mod tests {
                 let wd = if spec.is_matrix() { 0.1 } else { 0.0 };
                 for i in spec.view.offset..spec.view.offset + spec.view.len {
                     let gi = g2[i] as f64;
-                    want[i] = reference_step(want[i], gi, &mut m[i], &mut v[i], t as i32, 0.01, wd);
+                    want[i] =
+                        reference_step(want[i], gi, (&mut m[i], &mut v[i]), t as i32, 0.01, wd);
                 }
             }
         }

@@ -11,7 +11,7 @@ use crate::io::atomic::write_text;
 use crate::kernels::crossentropy::IGNORE;
 use crate::model::{Activations, Batch, Model};
 use crate::rng::Rng;
-use crate::sample::{generate, Sampler, SamplingParams};
+use crate::sample::{generate, Sampler, SamplingParams, Stop};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,6 +20,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// AdamW's first and second moments (a resumed run's).
+type Moments = (Vec<f32>, Vec<f32>);
 
 /// Everything that decides the numbers of a run (saved with each checkpoint).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -182,7 +185,7 @@ impl<'a> Trainer<'a> {
             data_fingerprint: fingerprint(data),
             config: config.clone(),
         };
-        Self::build(model, config, state, None, data, out, tok)
+        Self::build(model, config, (state, None), data, out, tok)
     }
 
     /// Continues the run saved in `out`; `model` gives the architecture (its parameters are
@@ -209,18 +212,19 @@ impl<'a> Trainer<'a> {
         *model.params_mut().1 = saved.params;
         let config = state.config.clone();
         let opt_state = (saved.exp_avg, saved.exp_avg_sq);
-        Self::build(model, config, state, Some(opt_state), data, out, tok)
+        Self::build(model, config, (state, Some(opt_state)), data, out, tok)
     }
 
+    /// `start`: the trainer state, and AdamW's moments when resuming.
     fn build(
         model: Model,
         config: TrainConfig,
-        state: State,
-        moments: Option<(Vec<f32>, Vec<f32>)>,
+        start: (State, Option<Moments>),
         data: &'a Split,
         out: &Path,
         tok: TokenizerInfo<'a>,
     ) -> Result<Self> {
+        let (state, moments) = start;
         let mut model = model;
         model.materialize();
         if config.seq_len > model.context() {
@@ -398,9 +402,11 @@ impl<'a> Trainer<'a> {
         let ids = generate(
             &self.model,
             &self.tok.sample_prompt,
-            n,
+            Stop {
+                max_new: n,
+                eos: &[],
+            },
             &mut sampler,
-            &[],
             |_| {},
             |_| Ok(true),
         )?;
