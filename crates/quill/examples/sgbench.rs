@@ -87,7 +87,7 @@ fn main() {
                             rs: b_rs,
                             cs: b_cs,
                         },
-                        accumulate: Accumulate::from(false),
+                        accumulate: Accumulate::Overwrite,
                         parallel: true,
                         fusion: Fusion::default(),
                     })

@@ -140,23 +140,11 @@ pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f3
                     mm(
                         prec,
                         Strided::new(
-                            Dims {
-                                m: i1 - i0,
-                                k: d,
-                                n: i1,
-                            },
-                            ViewMut { ptr: sp, rs: t },
-                            View {
-                                ptr: q.add(i0 * w),
-                                rs: w,
-                                cs: 1,
-                            },
-                            View {
-                                ptr: kb,
-                                rs: kb_rs,
-                                cs: kb_cs,
-                            },
-                            Accumulate::from(false),
+                            Dims::new(i1 - i0, d, i1),
+                            ViewMut::new(sp, t),
+                            View::new(q.add(i0 * w), w, 1),
+                            View::new(kb, kb_rs, kb_cs),
+                            Accumulate::Overwrite,
                         ),
                         Causal::ColsUpTo(i0),
                     );
@@ -168,26 +156,11 @@ pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f3
                     mm(
                         prec,
                         Strided::new(
-                            Dims {
-                                m: i1 - i0,
-                                k: i1,
-                                n: d,
-                            },
-                            ViewMut {
-                                ptr: out_p.get().add(bi * t * oc + hi * d + i0 * oc),
-                                rs: oc,
-                            },
-                            View {
-                                ptr: sp,
-                                rs: t,
-                                cs: 1,
-                            },
-                            View {
-                                ptr: v,
-                                rs: w,
-                                cs: 1,
-                            },
-                            Accumulate::from(false),
+                            Dims::new(i1 - i0, i1, d),
+                            ViewMut::new(out_p.get().add(bi * t * oc + hi * d + i0 * oc), oc),
+                            View::new(sp, t, 1),
+                            View::new(v, w, 1),
+                            Accumulate::Overwrite,
                         ),
                         Causal::DepthUpTo(i0),
                     );
@@ -317,46 +290,22 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
                         mm(
                             prec,
                             Strided::new(
-                                Dims {
-                                    m: rows,
-                                    k: d,
-                                    n: cols,
-                                },
-                                ViewMut { ptr: sp, rs: bs },
-                                View {
-                                    ptr: q.add(jo),
-                                    rs: w,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: kb,
-                                    rs: kb_rs,
-                                    cs: kb_cs,
-                                },
-                                Accumulate::from(false),
+                                Dims::new(rows, d, cols),
+                                ViewMut::new(sp, bs),
+                                View::new(q.add(jo), w, 1),
+                                View::new(kb, kb_rs, kb_cs),
+                                Accumulate::Overwrite,
                             ),
                             Causal::ColsUpTo(0),
                         );
                         mm(
                             prec,
                             Strided::new(
-                                Dims {
-                                    m: rows,
-                                    k: d,
-                                    n: cols,
-                                },
-                                ViewMut { ptr: dpp, rs: bs },
-                                View {
-                                    ptr: dy.add(yo),
-                                    rs: oc,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: vb,
-                                    rs: vb_rs,
-                                    cs: vb_cs,
-                                },
-                                Accumulate::from(false),
+                                Dims::new(rows, d, cols),
+                                ViewMut::new(dpp, bs),
+                                View::new(dy.add(yo), oc, 1),
+                                View::new(vb, vb_rs, vb_cs),
+                                Accumulate::Overwrite,
                             ),
                             Causal::ColsUpTo(0),
                         );
@@ -372,25 +321,10 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
                         mm(
                             prec,
                             Strided::new(
-                                Dims {
-                                    m: cols,
-                                    k: rows,
-                                    n: d,
-                                },
-                                ViewMut {
-                                    ptr: dv.add(jo),
-                                    rs: w,
-                                },
-                                View {
-                                    ptr: sp,
-                                    rs: 1,
-                                    cs: bs,
-                                },
-                                View {
-                                    ptr: dy.add(yo),
-                                    rs: oc,
-                                    cs: 1,
-                                },
+                                Dims::new(cols, rows, d),
+                                ViewMut::new(dv.add(jo), w),
+                                View::new(sp, 1, bs),
+                                View::new(dy.add(yo), oc, 1),
                                 Accumulate::from(acc),
                             ),
                             Causal::DepthFrom,
@@ -398,25 +332,10 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
                         mm(
                             prec,
                             Strided::new(
-                                Dims {
-                                    m: cols,
-                                    k: rows,
-                                    n: d,
-                                },
-                                ViewMut {
-                                    ptr: dk.add(jo),
-                                    rs: w,
-                                },
-                                View {
-                                    ptr: dpp,
-                                    rs: 1,
-                                    cs: bs,
-                                },
-                                View {
-                                    ptr: q.add(jo),
-                                    rs: w,
-                                    cs: 1,
-                                },
+                                Dims::new(cols, rows, d),
+                                ViewMut::new(dk.add(jo), w),
+                                View::new(dpp, 1, bs),
+                                View::new(q.add(jo), w, 1),
                                 Accumulate::from(acc),
                             ),
                             Causal::DepthFrom,
@@ -425,25 +344,10 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
                         mm(
                             prec,
                             Strided::new(
-                                Dims {
-                                    m: rows,
-                                    k: cols,
-                                    n: d,
-                                },
-                                ViewMut {
-                                    ptr: dq.add(jo),
-                                    rs: w,
-                                },
-                                View {
-                                    ptr: dpp,
-                                    rs: bs,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: k.add(jo),
-                                    rs: w,
-                                    cs: 1,
-                                },
+                                Dims::new(rows, cols, d),
+                                ViewMut::new(dq.add(jo), w),
+                                View::new(dpp, bs, 1),
+                                View::new(k.add(jo), w, 1),
                                 Accumulate::from(j0 > 0),
                             ),
                             Causal::DepthUpTo(0),

@@ -94,23 +94,11 @@ pub fn linear(
                 Strided {
                     parallel: true,
                     ..Strided::new(
-                        Dims {
-                            m: n,
-                            k: inp,
-                            n: out,
-                        },
-                        ViewMut { ptr: yp, rs: y_rs },
-                        View {
-                            ptr: x.as_ptr(),
-                            rs: inp,
-                            cs: 1,
-                        },
-                        View {
-                            ptr: w.as_ptr(),
-                            rs: 1,
-                            cs: inp,
-                        },
-                        Accumulate::from(false),
+                        Dims::new(n, inp, out),
+                        ViewMut::new(yp, y_rs),
+                        View::new(x.as_ptr(), inp, 1),
+                        View::new(w.as_ptr(), 1, inp),
+                        Accumulate::Overwrite,
                     )
                 },
             )
@@ -131,26 +119,11 @@ pub fn linear(
                         Strided {
                             parallel: true,
                             ..Strided::new(
-                                Dims {
-                                    m: n,
-                                    k: inp,
-                                    n: r1 - r0,
-                                },
-                                ViewMut {
-                                    ptr: yp.add(r0),
-                                    rs: y_rs,
-                                },
-                                View {
-                                    ptr: x.as_ptr(),
-                                    rs: inp,
-                                    cs: 1,
-                                },
-                                View {
-                                    ptr: blk.as_ptr(),
-                                    rs: 1,
-                                    cs: inp,
-                                },
-                                Accumulate::from(false),
+                                Dims::new(n, inp, r1 - r0),
+                                ViewMut::new(yp.add(r0), y_rs),
+                                View::new(x.as_ptr(), inp, 1),
+                                View::new(blk.as_ptr(), 1, inp),
+                                Accumulate::Overwrite,
                             )
                         },
                     )

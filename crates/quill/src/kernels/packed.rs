@@ -23,10 +23,9 @@
 //! loops; the tests check one path against the other and both against float64.
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
-use super::product::{Dims, Fusion, Store, Strided, View, ViewMut};
+use super::product::{Dims, Store, Strided};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{mask16, transpose16};
-use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -57,40 +56,12 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// touches `c`'s elements during the call; the residual has m rows of n readable elements,
 /// col_sums n writable ones, and bias n elements.
 pub unsafe fn matmul_fused(s: Strided) {
-    let Strided {
-        dims: Dims { m, k, n },
-        c: ViewMut { ptr: c, rs: c_rs },
-        a: View {
-            ptr: a,
-            rs: a_rs,
-            cs: a_cs,
-        },
-        b: View {
-            ptr: b,
-            rs: b_rs,
-            cs: b_cs,
-        },
-        parallel,
-        fusion,
-        ..
-    } = s;
-    let accumulate = s.adds();
-    fusion.check(n, accumulate);
+    let Dims { m, k, n } = s.dims;
+    s.fusion.check(n, s.adds());
+    let parallel = s.parallel;
     let p = Problem {
-        fusion,
+        s,
         native: has_bf16(),
-        m,
-        k,
-        n,
-        c: SendPtr(c),
-        c_rs,
-        a: a as usize,
-        a_rs,
-        a_cs,
-        b: b as usize,
-        b_rs,
-        b_cs,
-        accumulate,
     };
     let threads = rayon::current_num_threads();
     let parallel = parallel && threads > 1 && m * k * n >= PARALLEL_MIN_MACS;
@@ -116,20 +87,9 @@ struct DepthBlock {
 }
 
 struct Problem<'a> {
-    fusion: Fusion<'a>,
+    s: Strided<'a>,
+    /// Whether the CPU runs `vdpbf16ps` (else the plain kernel).
     native: bool,
-    m: usize,
-    k: usize,
-    n: usize,
-    c: SendPtr,
-    c_rs: usize,
-    a: usize,
-    a_rs: usize,
-    a_cs: usize,
-    b: usize,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
 }
 
 /// A u32 pointer that threads may share (they write disjoint panels, or only read).
@@ -160,14 +120,14 @@ impl Problem<'_> {
     /// together) into a shared buffer, then each part packs its own share of the split
     /// operand and runs its tiles.
     fn run(&self, threads: usize) {
-        let (m, n) = (self.m, self.n);
+        let (m, n) = (self.s.dims.m, self.s.dims.n);
         if m == 0 || n == 0 {
             return;
         }
-        if self.k == 0 {
-            if !self.accumulate {
+        if self.s.dims.k == 0 {
+            if !self.s.adds() {
                 // Safety: C has m rows of n elements at row stride c_rs.
-                unsafe { self.fusion.write_start(self.c.get(), self.c_rs, m, n) };
+                unsafe { self.s.fusion.write_start(self.s.c.ptr, self.s.c.rs, m, n) };
             }
             return;
         }
@@ -180,12 +140,12 @@ impl Problem<'_> {
     }
 
     fn run_with(&self, buf: &mut Vec<u32>, threads: usize) {
-        let (m, n) = (self.m, self.n);
+        let (m, n) = (self.s.dims.m, self.s.dims.n);
         let split_m = m > n;
         let (lines, w, l_s, k_s, src) = if split_m {
-            (n, NR, self.b_cs, self.b_rs, self.b)
+            (n, NR, self.s.b.cs, self.s.b.rs, self.s.b.ptr as usize)
         } else {
-            (m, MR, self.a_rs, self.a_cs, self.a)
+            (m, MR, self.s.a.rs, self.s.a.cs, self.s.a.ptr as usize)
         };
         let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
         let tiles = len.div_ceil(unit);
@@ -198,8 +158,8 @@ impl Problem<'_> {
             buf.resize((panels * w).max(NC) * STEPS, 0);
         }
         let shared = SharedPanels(buf.as_mut_ptr());
-        for pc in (0..self.k).step_by(2 * STEPS) {
-            let kc = (self.k - pc).min(2 * STEPS);
+        for pc in (0..self.s.dims.k).step_by(2 * STEPS) {
+            let kc = (self.s.dims.k - pc).min(2 * STEPS);
             let kp = kc.div_ceil(2);
             // phase 1: the shared operand's panels, split between the parts
             let pack_shared = |t: usize| {
@@ -216,7 +176,7 @@ impl Problem<'_> {
                         (q1 - q0) * kp * w,
                     );
                     let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
-                    let sums = match self.fusion.col_sums {
+                    let sums = match self.s.fusion.col_sums {
                         Some(p) if split_m => p.add(q0 * w),
                         _ => std::ptr::null_mut(),
                     };
@@ -236,7 +196,7 @@ impl Problem<'_> {
                 }
             };
             // phase 2: each part of C against the shared panels
-            let add = self.accumulate || pc > 0;
+            let add = self.s.adds() || pc > 0;
             let compute = |t: usize| {
                 let lo = (tiles * t / parts * unit).min(len);
                 let hi = (tiles * (t + 1) / parts * unit).min(len);
@@ -261,14 +221,14 @@ impl Problem<'_> {
         if lo >= hi {
             return;
         }
-        let f = &self.fusion;
+        let f = &self.s.fusion;
         // the tile at (i, j) of C, stored as the depth block says
         let tile = |i: usize, j: usize, rows: usize, cols: usize, apan, bpan| {
             // Safety: (i, j) is a tile of C inside this part; the starting values have the
             // shape of C.
             unsafe {
                 let store = Store::at(f, !add, i, j);
-                let cp = self.c.get().add(i * self.c_rs + j);
+                let cp = self.s.c.ptr.add(i * self.s.c.rs + j);
                 kernel(
                     Panels {
                         kp,
@@ -277,7 +237,7 @@ impl Problem<'_> {
                     },
                     TileOut {
                         c: cp,
-                        c_rs: self.c_rs,
+                        c_rs: self.s.c.rs,
                         rows,
                         cols,
                         store,
@@ -286,7 +246,7 @@ impl Problem<'_> {
                 );
             }
         };
-        let (a, b) = (self.a as *const f32, self.b as *const f32);
+        let (a, b) = (self.s.a.ptr, self.s.b.ptr);
         PACK.with(|bufs| {
             let mut bufs = bufs.borrow_mut();
             let (ap, bp) = &mut *bufs;
@@ -306,9 +266,9 @@ impl Problem<'_> {
                         pack(
                             ap,
                             Lines {
-                                ptr: a.add(x0 * self.a_rs + pc * self.a_cs),
-                                l_s: self.a_rs,
-                                k_s: self.a_cs,
+                                ptr: a.add(x0 * self.s.a.rs + pc * self.s.a.cs),
+                                l_s: self.s.a.rs,
+                                k_s: self.s.a.cs,
                                 lines: xc,
                                 kc,
                             },
@@ -316,8 +276,8 @@ impl Problem<'_> {
                             self.native,
                             std::ptr::null_mut(),
                         );
-                        for jr in (0..self.n).step_by(NR) {
-                            let cols = (self.n - jr).min(NR);
+                        for jr in (0..self.s.dims.n).step_by(NR) {
+                            let cols = (self.s.dims.n - jr).min(NR);
                             let bpan = shared.add(jr / NR * kp * NR);
                             for ir in (0..xc).step_by(MR) {
                                 let apan = ap.as_ptr().add(ir / MR * kp * MR);
@@ -329,9 +289,9 @@ impl Problem<'_> {
                         pack(
                             bp,
                             Lines {
-                                ptr: b.add(pc * self.b_rs + x0 * self.b_cs),
-                                l_s: self.b_cs,
-                                k_s: self.b_rs,
+                                ptr: b.add(pc * self.s.b.rs + x0 * self.s.b.cs),
+                                l_s: self.s.b.cs,
+                                k_s: self.s.b.rs,
                                 lines: xc,
                                 kc,
                             },
@@ -339,8 +299,8 @@ impl Problem<'_> {
                             self.native,
                             f.col_sums.map_or(std::ptr::null_mut(), |p| p.add(x0)),
                         );
-                        for ic in (0..self.m).step_by(MC) {
-                            let mc = (self.m - ic).min(MC);
+                        for ic in (0..self.s.dims.m).step_by(MC) {
+                            let mc = (self.s.dims.m - ic).min(MC);
                             for jr in (0..xc).step_by(NR) {
                                 let cols = (xc - jr).min(NR);
                                 let bpan = bp.as_ptr().add(jr / NR * kp * NR);
@@ -702,40 +662,7 @@ pub(crate) mod tests {
 
     /// The product forced down the plain path (no SIMD packing, plain kernel), one thread.
     pub(crate) fn plain(s: Strided) {
-        let Strided {
-            dims: Dims { m, k, n },
-            c: ViewMut { ptr: c, rs: c_rs },
-            a:
-                View {
-                    ptr: a,
-                    rs: a_rs,
-                    cs: a_cs,
-                },
-            b:
-                View {
-                    ptr: b,
-                    rs: b_rs,
-                    cs: b_cs,
-                },
-            fusion,
-            ..
-        } = s;
-        let p = Problem {
-            fusion,
-            native: false,
-            m,
-            k,
-            n,
-            c: SendPtr(c),
-            c_rs,
-            a: a as usize,
-            a_rs,
-            a_cs,
-            b: b as usize,
-            b_rs,
-            b_cs,
-            accumulate: s.adds(),
-        };
+        let p = Problem { s, native: false };
         p.run(1);
     }
 }

@@ -12,6 +12,12 @@ pub struct Dims {
     pub n: usize,
 }
 
+impl Dims {
+    pub fn new(m: usize, k: usize, n: usize) -> Self {
+        Dims { m, k, n }
+    }
+}
+
 /// A read-only strided matrix: element (i, j) at ptr + i·rs + j·cs.
 #[derive(Clone, Copy, Debug)]
 pub struct View {
@@ -20,11 +26,23 @@ pub struct View {
     pub cs: usize,
 }
 
+impl View {
+    pub fn new(ptr: *const f32, rs: usize, cs: usize) -> Self {
+        View { ptr, rs, cs }
+    }
+}
+
 /// A writable matrix of unit column stride: element (i, j) at ptr + i·rs + j.
 #[derive(Clone, Copy, Debug)]
 pub struct ViewMut {
     pub ptr: *mut f32,
     pub rs: usize,
+}
+
+impl ViewMut {
+    pub fn new(ptr: *mut f32, rs: usize) -> Self {
+        ViewMut { ptr, rs }
+    }
 }
 
 /// Whether a product adds into C or overwrites it.
@@ -55,6 +73,11 @@ pub struct Strided<'a> {
     pub parallel: bool,
     pub fusion: Fusion<'a>,
 }
+
+// Safety: a Strided names memory that the one product it describes reads (A, B, the
+// residual) or writes in parts that never overlap between threads (C, the column sums).
+unsafe impl Send for Strided<'_> {}
+unsafe impl Sync for Strided<'_> {}
 
 impl Strided<'_> {
     /// A product on one thread with nothing fused: C (+)= A · B for the views given.

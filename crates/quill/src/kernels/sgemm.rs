@@ -22,8 +22,8 @@
 //! the first call), so nothing allocates after the first product.
 
 #[cfg(test)]
-use super::product::Accumulate;
-use super::product::{Dims, Fusion, Store, Strided, View, ViewMut};
+use super::product::{Accumulate, Fusion, View, ViewMut};
+use super::product::{Dims, Store, Strided};
 use super::simd::{mask16, transpose16};
 use super::SendPtr;
 use rayon::prelude::*;
@@ -67,19 +67,7 @@ thread_local! {
 
 /// The problem, with raw pointers as addresses so the closures that split it are Send.
 struct Problem<'a> {
-    m: usize,
-    k: usize,
-    n: usize,
-    c: SendPtr,
-    c_rs: usize,
-    a: usize,
-    a_rs: usize,
-    a_cs: usize,
-    b: usize,
-    b_rs: usize,
-    b_cs: usize,
-    accumulate: bool,
-    fusion: Fusion<'a>,
+    s: Strided<'a>,
 }
 
 /// One strided product ([`Strided`]) with its fused work (`Fusion::default()` for none). With `parallel`, the work is split between the threads of the
@@ -90,51 +78,20 @@ struct Problem<'a> {
 /// allocations, and nobody else touches `c`'s elements during the call; the residual has m
 /// rows of n readable elements, col_sums n writable ones, and bias n elements.
 pub unsafe fn matmul_fused(s: Strided) {
-    let Strided {
-        dims: Dims { m, k, n },
-        c: ViewMut { ptr: c, rs: c_rs },
-        a: View {
-            ptr: a,
-            rs: a_rs,
-            cs: a_cs,
-        },
-        b: View {
-            ptr: b,
-            rs: b_rs,
-            cs: b_cs,
-        },
-        parallel,
-        fusion,
-        ..
-    } = s;
-    let accumulate = s.adds();
     assert!(available(), "sgemm needs AVX-512");
-    fusion.check(n, accumulate);
+    let Dims { m, k, n } = s.dims;
+    s.fusion.check(n, s.adds());
     if m == 0 || n == 0 {
         return;
     }
-    let p = Problem {
-        m,
-        k,
-        n,
-        c: SendPtr(c),
-        c_rs,
-        a: a as usize,
-        a_rs,
-        a_cs,
-        b: b as usize,
-        b_rs,
-        b_cs,
-        accumulate,
-        fusion,
-    };
     if k == 0 {
         // C is its starting value (zero, bias, residual), or unchanged when accumulating
-        if !accumulate {
-            p.fusion.write_start(c, c_rs, m, n);
+        if !s.adds() {
+            s.fusion.write_start(s.c.ptr, s.c.rs, m, n);
         }
         return;
     }
+    let (parallel, p) = (s.parallel, Problem { s });
     let threads = rayon::current_num_threads();
     let threads = if parallel && threads > 1 && m * k * n >= PARALLEL_MIN_MACS {
         threads
@@ -178,7 +135,7 @@ impl Block {
 
 impl Problem<'_> {
     fn run(&self, buf: &mut Vec<f32>, threads: usize) {
-        let (m, k, n) = (self.m, self.k, self.n);
+        let (m, k, n) = (self.s.dims.m, self.s.dims.k, self.s.dims.n);
         let depth_blocks = k.div_ceil(KC);
         let kstep = k.div_ceil(depth_blocks);
         let ncols = n.min(NC).div_ceil(NR) * NR;
@@ -200,7 +157,7 @@ impl Problem<'_> {
             let few_rows = row_tiles < 2 * threads;
             let by_panels = threads > 1
                 && panels >= threads
-                && (few_rows || (self.a_cs == 1 && (even || panels >= 4 * threads)));
+                && (few_rows || (self.s.a.cs == 1 && (even || panels >= 4 * threads)));
             // when the whole column block of B fits the buffer, every depth block is packed
             // in one parallel pass (depth block pc at pc * panels * NR) and computed in
             // another, instead of two passes per depth block: small products are dominated
@@ -214,7 +171,7 @@ impl Problem<'_> {
                 nb,
                 pc,
                 kc: (k - pc).min(kstep),
-                init: pc == 0 && !self.accumulate,
+                init: pc == 0 && !self.s.adds(),
             };
             // Safety (both): panels q0..q1 of a depth block's part of the buffer, and rows
             // r0..r1 x panels q0..q1 of C, belong to the caller alone; a block's panels are
@@ -264,23 +221,23 @@ impl Problem<'_> {
     /// q*kc*NR, [depth][NR], zero past column nb. Adds the block's column sums into
     /// col_sums when asked.
     unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
-        let b = self.b as *const f32;
+        let b = self.s.b.ptr;
         let kc = blk.kc;
         for q in q0..q1 {
             let j0 = q * NR;
             let cols = (blk.nb - j0).min(NR);
             let dst = blk.packed.add(q * kc * NR);
-            let src = b.add(blk.pc * self.b_rs + (blk.jc + j0) * self.b_cs);
-            let sums = self.fusion.col_sums.map(|s| s.add(blk.jc + j0));
-            if self.b_cs == 1 {
-                pack_rows(dst, src, self.b_rs, kc, cols, sums);
-            } else if self.b_rs == 1 {
-                pack_columns(dst, src, self.b_cs, kc, cols, sums);
+            let src = b.add(blk.pc * self.s.b.rs + (blk.jc + j0) * self.s.b.cs);
+            let sums = self.s.fusion.col_sums.map(|s| s.add(blk.jc + j0));
+            if self.s.b.cs == 1 {
+                pack_rows(dst, src, self.s.b.rs, kc, cols, sums);
+            } else if self.s.b.rs == 1 {
+                pack_columns(dst, src, self.s.b.cs, kc, cols, sums);
             } else {
                 for p in 0..kc {
                     for j in 0..NR {
                         *dst.add(p * NR + j) = if j < cols {
-                            *src.add(p * self.b_rs + j * self.b_cs)
+                            *src.add(p * self.s.b.rs + j * self.s.b.cs)
                         } else {
                             0.0
                         };
@@ -290,7 +247,7 @@ impl Problem<'_> {
                     for j in 0..cols {
                         let mut acc = 0.0;
                         for p in 0..kc {
-                            acc += *src.add(p * self.b_rs + j * self.b_cs);
+                            acc += *src.add(p * self.s.b.rs + j * self.s.b.cs);
                         }
                         *s.add(j) += acc;
                     }
@@ -301,7 +258,7 @@ impl Problem<'_> {
 
     /// Rows r0..r1 x panels q0..q1 of C's part of the block.
     unsafe fn compute(&self, blk: &Block, r0: usize, r1: usize, q0: usize, q1: usize) {
-        if self.a_cs != 1 {
+        if self.s.a.cs != 1 {
             // A is not contiguous along the depth (each depth of a transposed A is another
             // line, often another page): its rows are copied, MC at a time, into micro-panels
             // [depth][MR], read from there by every panel
@@ -312,14 +269,14 @@ impl Problem<'_> {
                 self.compute_copied(buf, blk, r0..r1, q0..q1)
             });
         }
-        let a = (self.a as *const f32).add(blk.pc * self.a_cs);
+        let a = (self.s.a.ptr).add(blk.pc * self.s.a.cs);
         let walk = blk.walk();
         for qb in (q0..q1).step_by(walk) {
             let qe = (qb + walk).min(q1);
             for i in (r0..r1).step_by(MR) {
                 let rows = (r1 - i).min(MR);
-                let ai = a.add(i * self.a_rs);
-                self.row_tiles(blk, i..i + rows, (ai, self.a_rs, self.a_cs), qb..qe);
+                let ai = a.add(i * self.s.a.rs);
+                self.row_tiles(blk, i..i + rows, (ai, self.s.a.rs, self.s.a.cs), qb..qe);
             }
         }
     }
@@ -336,12 +293,12 @@ impl Problem<'_> {
         if buf.len() < MC * KC {
             buf.resize(MC * KC, 0.0);
         }
-        let (a, kc) = ((self.a as *const f32).add(blk.pc * self.a_cs), blk.kc);
+        let (a, kc) = ((self.s.a.ptr).add(blk.pc * self.s.a.cs), blk.kc);
         let walk = blk.walk();
         for ic in (r0..r1).step_by(MC) {
             let ie = (ic + MC).min(r1);
-            let rows_ic = a.add(ic * self.a_rs);
-            copy_rows(buf, rows_ic, self.a_rs, self.a_cs, ie - ic, kc);
+            let rows_ic = a.add(ic * self.s.a.rs);
+            copy_rows(buf, rows_ic, self.s.a.rs, self.s.a.cs, ie - ic, kc);
             for qb in (q0..q1).step_by(walk) {
                 let qe = (qb + walk).min(q1);
                 for i in (ic..ie).step_by(MR) {
@@ -363,7 +320,7 @@ impl Problem<'_> {
         panels: Range<usize>,
     ) {
         let (i, rows, qb, qe) = (rows.start, rows.len(), panels.start, panels.end);
-        let f = &self.fusion;
+        let f = &self.s.fusion;
         for q in qb..qe {
             let j = blk.jc + q * NR;
             let cols = (blk.nb - q * NR).min(NR);
@@ -373,8 +330,8 @@ impl Problem<'_> {
                 a_rs: a.1,
                 a_cs: a.2,
                 b: blk.packed.add(q * blk.kc * NR),
-                c: self.c.get().add(i * self.c_rs + j),
-                c_rs: self.c_rs,
+                c: self.s.c.ptr.add(i * self.s.c.rs + j),
+                c_rs: self.s.c.rs,
                 rows,
                 cols,
                 store: Store::at(f, blk.init, i, j),
@@ -744,7 +701,7 @@ mod tests {
                     rs: 3,
                     cs: 1,
                 },
-                accumulate: Accumulate::from(false),
+                accumulate: Accumulate::Overwrite,
                 parallel: false,
                 fusion: f,
             })

@@ -344,40 +344,18 @@ mod tests {
                         gemm(
                             Strided::new(
                                 Dims { m, k, n },
-                                ViewMut {
-                                    ptr: fast.as_mut_ptr(),
-                                    rs: c_rs,
-                                },
-                                View {
-                                    ptr: a.as_ptr(),
-                                    rs: a_rs,
-                                    cs: a_cs,
-                                },
-                                View {
-                                    ptr: b.as_ptr(),
-                                    rs: b_rs,
-                                    cs: 1,
-                                },
+                                ViewMut::new(fast.as_mut_ptr(), c_rs),
+                                View::new(a.as_ptr(), a_rs, a_cs),
+                                View::new(b.as_ptr(), b_rs, 1),
                                 Accumulate::from(accumulate),
                             ),
                             causal,
                         );
                         plain(Strided::new(
                             Dims { m, k, n },
-                            ViewMut {
-                                ptr: slow.as_mut_ptr(),
-                                rs: c_rs,
-                            },
-                            View {
-                                ptr: a.as_ptr(),
-                                rs: a_rs,
-                                cs: a_cs,
-                            },
-                            View {
-                                ptr: b.as_ptr(),
-                                rs: b_rs,
-                                cs: 1,
-                            },
+                            ViewMut::new(slow.as_mut_ptr(), c_rs),
+                            View::new(a.as_ptr(), a_rs, a_cs),
+                            View::new(b.as_ptr(), b_rs, 1),
                             Accumulate::from(accumulate),
                         ));
                     }

@@ -143,54 +143,18 @@ impl Gpt2Config {
     /// The full HF `config.json` object: loadable by `transformers.AutoConfig`.
     /// Dropout probabilities are 0: quill trains without dropout.
     pub fn to_hf_json(&self) -> Value {
-        let mut m = Map::new();
-        let mut put = |k: &str, v: Value| {
-            m.insert(k.to_string(), v);
+        let mut m = match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
         };
-        put("architectures", serde_json::json!(["GPT2LMHeadModel"]));
-        put("model_type", "gpt2".into());
-        put("vocab_size", self.vocab_size.into());
-        put("n_positions", self.n_positions.into());
-        put("n_ctx", self.n_positions.into());
-        put("n_embd", self.n_embd.into());
-        put("n_layer", self.n_layer.into());
-        put("n_head", self.n_head.into());
-        put(
-            "n_inner",
-            self.n_inner.map(Value::from).unwrap_or(Value::Null),
-        );
-        put(
-            "activation_function",
-            self.activation_function.clone().into(),
-        );
-        put(
-            "layer_norm_epsilon",
-            (self.layer_norm_epsilon as f64).into(),
-        );
-        put("tie_word_embeddings", self.tie_word_embeddings.into());
-        put("scale_attn_weights", self.scale_attn_weights.into());
-        put(
-            "scale_attn_by_inverse_layer_idx",
-            self.scale_attn_by_inverse_layer_idx.into(),
-        );
-        put("reorder_and_upcast_attn", false.into());
-        for k in [
-            "attn_pdrop",
-            "embd_pdrop",
-            "resid_pdrop",
-            "summary_first_dropout",
-        ] {
-            put(k, 0.0.into());
+        let extra = serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": self.n_positions,
+            "reorder_and_upcast_attn": false, "initializer_range": 0.02, "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0, "resid_pdrop": 0.0, "summary_first_dropout": 0.0,
+        });
+        if let Value::Object(extra) = extra {
+            m.extend(extra);
         }
-        put("initializer_range", 0.02.into());
-        put(
-            "bos_token_id",
-            self.bos_token_id.map(Value::from).unwrap_or(Value::Null),
-        );
-        put(
-            "eos_token_id",
-            self.eos_token_id.map(Value::from).unwrap_or(Value::Null),
-        );
         hf_json_common(m)
     }
 }

@@ -203,7 +203,51 @@ pub struct Model {
     pub precision: Precision,
 }
 
+/// What an architecture's file reads off its configuration: (vocabulary, width, context,
+/// heads, MLP width, MLP activation).
+pub(super) type Shape = (usize, usize, usize, Heads, usize, Mlp);
+
+/// The weights an architecture's file lays out: (token embedding, positions, blocks,
+/// per-layer attention settings, final norm, LM head).
+pub(super) type Layers = (
+    Weight,
+    Positions,
+    Vec<Block>,
+    Vec<LayerAttention>,
+    Norm,
+    Weight,
+);
+
 impl Model {
+    /// A model with every parameter zero, from what an architecture's file laid out.
+    pub(super) fn assemble(
+        config: Config,
+        layout: ParamLayout,
+        shape: Shape,
+        layers: Layers,
+    ) -> Model {
+        let (vocab, width, context, heads, mlp_width, mlp) = shape;
+        let (embed, positions, blocks, attention, final_norm, head) = layers;
+        Model {
+            params: vec![0.0; layout.total],
+            layout,
+            config,
+            vocab,
+            width,
+            context,
+            heads,
+            mlp_width,
+            mlp,
+            positions,
+            embed,
+            blocks,
+            attention,
+            final_norm,
+            head,
+            precision: Precision::F32,
+        }
+    }
+
     /// Initialisation for training from scratch (GPT-2's recipe, used for both families):
     /// N(0, 0.02) for matrices and embeddings, N(0, 0.02/√(2L)) for the projections that
     /// write into the residual stream (o, down), zero biases, unit norm weights.

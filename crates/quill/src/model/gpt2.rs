@@ -10,7 +10,6 @@ use super::decoder::{Block, Config, LayerAttention, Mlp, Model, Norm, NormKind, 
 use super::params::ParamLayout;
 use super::weight::{Linear, Orient, Weight};
 use crate::kernels::attention::Heads;
-use crate::kernels::matmul::Precision;
 use crate::Result;
 
 /// A GPT-2 of this configuration with every parameter zero.
@@ -62,24 +61,11 @@ pub fn build(config: Gpt2Config) -> Result<Model> {
             window: None,
         })
         .collect();
-    Ok(Model {
-        params: vec![0.0; l.total],
-        layout: l,
-        vocab: v,
-        width: c,
-        context: config.n_positions,
-        heads: Heads::mha(c, config.n_head),
-        mlp_width: f,
-        mlp: Mlp::Gelu,
-        positions: Positions::Learned(wpe),
-        embed,
-        blocks,
-        attention,
-        final_norm,
-        head,
-        precision: Precision::F32,
-        config: Config::Gpt2(config),
-    })
+    let heads = Heads::mha(c, config.n_head);
+    let shape = (v, c, config.n_positions, heads, f, Mlp::Gelu);
+    let positions = Positions::Learned(wpe);
+    let layers = (embed, positions, blocks, attention, final_norm, head);
+    Ok(Model::assemble(Config::Gpt2(config), l, shape, layers))
 }
 
 /// 1/√D (unless `scale_attn_weights` is off), divided by the layer number when

@@ -11,7 +11,6 @@ use super::llama_config::LlamaConfig;
 use super::params::{ParamLayout, View};
 use super::weight::{Linear, Orient, Weight};
 use crate::kernels::attention::Heads;
-use crate::kernels::matmul::Precision;
 use crate::kernels::rope::{self, Rope};
 use crate::Result;
 
@@ -84,22 +83,9 @@ pub fn build(config: LlamaConfig) -> Result<Model> {
         .collect();
     let inv = rope::inv_freq(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
     let rope = Rope::new(inv, cfg.max_position_embeddings);
-    Ok(Model {
-        params: vec![0.0; l.total],
-        layout: l,
-        vocab: v,
-        width: c,
-        context: cfg.max_position_embeddings,
-        heads,
-        mlp_width: f,
-        mlp: Mlp::SwiGlu,
-        positions: Positions::Rotary(rope),
-        embed,
-        blocks,
-        attention,
-        final_norm,
-        head,
-        precision: Precision::F32,
-        config: Config::Llama(config),
-    })
+    let context = cfg.max_position_embeddings;
+    let shape = (v, c, context, heads, f, Mlp::SwiGlu);
+    let positions = Positions::Rotary(rope);
+    let layers = (embed, positions, blocks, attention, final_norm, head);
+    Ok(Model::assemble(Config::Llama(config), l, shape, layers))
 }
