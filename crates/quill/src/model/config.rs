@@ -16,6 +16,16 @@ fn yes() -> bool {
     true
 }
 
+/// The config.json fields that size the model (each must be positive).
+const SIZE_FIELDS: [&str; 6] = [
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+];
+
 /// Activation names that mean GELU with the tanh approximation in `transformers`.
 const TANH_GELUS: [&str; 3] = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
 
@@ -81,16 +91,14 @@ impl Gpt2Config {
 
     /// Checks what the math relies on; the message names the field.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("n_positions", self.n_positions),
-            ("n_embd", self.n_embd),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_inner", self.mlp_dim()),
-        ];
-        for (name, v) in positive {
-            if v == 0 {
+        // the fields under their config.json names (this struct serializes as config.json)
+        let fields = serde_json::to_value(self).unwrap_or_default();
+        for name in SIZE_FIELDS {
+            let zero = match name {
+                "n_inner" => self.mlp_dim() == 0,
+                _ => fields.get(name).and_then(Value::as_u64) == Some(0),
+            };
+            if zero {
                 return Err(Error::Config(format!(
                     "config field {name} must be positive"
                 )));
@@ -193,6 +201,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_fields() {
+        // each size field at zero, set in the config.json form
+        for field in SIZE_FIELDS {
+            let mut v = serde_json::to_value(Gpt2Config::new(10, 8, 12, 1, 4)).unwrap();
+            v[field] = 0.into();
+            let c: Gpt2Config = serde_json::from_value(v).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("positive"), "{e}");
+        }
         let mut c = Gpt2Config::new(10, 8, 12, 1, 5);
         assert!(c.validate().unwrap_err().to_string().contains("divisible"));
         c.n_head = 4;
