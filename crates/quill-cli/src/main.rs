@@ -195,9 +195,9 @@ struct SamplingArgs {
     #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Min-p: only tokens at least this fraction as likely as the most likely one, in [0, 1]
-    /// (0 is off).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    min_p: f32,
+    /// (0 is off) [default: generation_config.json's, else 0].
+    #[arg(long, allow_negative_numbers = true)]
+    min_p: Option<f32>,
     /// Subtract this from the logit of every token already generated (OpenAI's presence
     /// penalty, in [-2, 2]).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
@@ -235,7 +235,7 @@ impl SamplingArgs {
             repetition_penalty: self
                 .repetition_penalty
                 .unwrap_or(gen.repetition_penalty.unwrap_or(1.0)),
-            min_p: self.min_p,
+            min_p: self.min_p.unwrap_or(gen.min_p.unwrap_or(0.0)),
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             vocab_limit: 0,

@@ -336,7 +336,9 @@ fn parse_common(app: &AppState, m: &Map<String, Value>) -> Result<Common, ApiErr
         .unwrap_or(gen.repetition_penalty.unwrap_or(1.0));
     let presence_penalty = f.f32_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0);
     let frequency_penalty = f.f32_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0);
-    let min_p = f.f32_in("min_p", 0.0, 1.0)?.unwrap_or(0.0);
+    let min_p = f
+        .f32_in("min_p", 0.0, 1.0)?
+        .unwrap_or(gen.min_p.unwrap_or(0.0));
     let stop = match f.get("stop") {
         None => vec![],
         Some(Value::String(s)) => vec![s.clone()],
