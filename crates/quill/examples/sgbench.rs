@@ -2,7 +2,7 @@
 //! char (every product of a step), gpt2-mini, gpt2-small and nano: best GFLOP/s of five
 //! rounds each, alternating.
 //! `cargo run --release -p quill --example sgbench [shape index | m k n [ta tb]]`.
-use quill::kernels::product::{Accumulate, Dims, Fusion, Strided, View, ViewMut};
+use quill::kernels::product::{Accumulate, Dims, Strided, View, ViewMut};
 use quill::kernels::sgemm;
 use std::time::Instant;
 fn main() {
@@ -71,25 +71,16 @@ fn main() {
             let t = Instant::now();
             for _ in 0..reps {
                 unsafe {
+                    let s = Strided::new(
+                        Dims::new(m, k, n),
+                        ViewMut::new(c.as_mut_ptr(), n),
+                        View::new(a.as_ptr(), a_rs, a_cs),
+                        View::new(b.as_ptr(), b_rs, b_cs),
+                        Accumulate::Overwrite,
+                    );
                     sgemm::matmul_fused(Strided {
-                        dims: Dims { m, k, n },
-                        c: ViewMut {
-                            ptr: c.as_mut_ptr(),
-                            rs: n,
-                        },
-                        a: View {
-                            ptr: a.as_ptr(),
-                            rs: a_rs,
-                            cs: a_cs,
-                        },
-                        b: View {
-                            ptr: b.as_ptr(),
-                            rs: b_rs,
-                            cs: b_cs,
-                        },
-                        accumulate: Accumulate::Overwrite,
                         parallel: true,
-                        fusion: Fusion::default(),
+                        ..s
                     })
                 }
             }

@@ -35,24 +35,13 @@ pub fn peak() -> Peak {
         let a = vec![1.0f32; n * n];
         let b = vec![0.5f32; n * n];
         let mut c = vec![0.0f32; n * n];
-        matmul(
-            Precision::F32,
-            &mut c,
-            Operand::new(&a, n, n),
-            Operand::new(&b, n, n),
-            Accumulate::Overwrite,
-        );
+        let ab = (Operand::new(&a, n, n), Operand::new(&b, n, n));
+        matmul(Precision::F32, &mut c, ab.0, ab.1, Accumulate::Overwrite);
         let reps = if n <= 1024 { 8 } else { 3 };
         let times: Vec<f64> = (0..reps)
             .map(|_| {
                 let t = Instant::now();
-                matmul(
-                    Precision::F32,
-                    &mut c,
-                    Operand::new(&a, n, n),
-                    Operand::new(&b, n, n),
-                    Accumulate::Overwrite,
-                );
+                matmul(Precision::F32, &mut c, ab.0, ab.1, Accumulate::Overwrite);
                 t.elapsed().as_secs_f64()
             })
             .collect();
@@ -81,23 +70,12 @@ pub fn peak() -> Peak {
             let a = vec![1.0f32; n * n];
             let b = vec![0.5f32; n * n];
             let mut c = vec![0.0f32; n * n];
-            crate::kernels::matmul::matmul(
-                Precision::Bf16,
-                &mut c,
-                Operand::new(&a, n, n),
-                Operand::new(&b, n, n),
-                Accumulate::Overwrite,
-            );
+            let ab = (Operand::new(&a, n, n), Operand::new(&b, n, n));
+            matmul(Precision::Bf16, &mut c, ab.0, ab.1, Accumulate::Overwrite);
             let times: Vec<f64> = (0..3)
                 .map(|_| {
                     let t = Instant::now();
-                    crate::kernels::matmul::matmul(
-                        Precision::Bf16,
-                        &mut c,
-                        Operand::new(&a, n, n),
-                        Operand::new(&b, n, n),
-                        Accumulate::Overwrite,
-                    );
+                    matmul(Precision::Bf16, &mut c, ab.0, ab.1, Accumulate::Overwrite);
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
@@ -223,11 +201,7 @@ pub fn train(
         let t = Instant::now();
         grads.fill(0.0);
         model.forward(&mut acts, &ids)?;
-        let batch = Batch {
-            ids: &ids,
-            targets: &targets,
-            grad_scale: 1.0,
-        };
+        let batch = Batch::new(&ids, &targets, 1.0);
         model.backward(&mut acts, &mut grads, batch);
         opt.step_clipped(&model.layout, &mut model.params, &grads, 3e-4, 1.0);
         if step >= 2 {

@@ -107,15 +107,7 @@ fn check_models() {
         let mut step = |model: &mut Model| {
             grads.fill(0.0);
             model.forward(&mut acts, &ids).unwrap();
-            model.backward(
-                &mut acts,
-                &mut grads,
-                Batch {
-                    ids: &ids,
-                    targets: &targets,
-                    grad_scale: 1.0,
-                },
-            );
+            model.backward(&mut acts, &mut grads, Batch::new(&ids, &targets, 1.0));
             let (layout, params) = model.params_mut();
             // as the trainer does: the gradient norm, clipping and AdamW in one
             opt.step_clipped(layout, params, &grads, 1e-3, 0.5);

@@ -39,13 +39,17 @@ fn read(f: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
+/// The reference batch: (B, T, ids [B·T]).
+fn input_ids(expected: &SafetensorsFile) -> (usize, usize, Vec<u32>) {
+    let (shape, ids) = read(expected, "input_ids");
+    (shape[0], shape[1], ids.iter().map(|&x| x as u32).collect())
+}
+
 #[test]
 fn logits_loss_and_every_gradient_match_transformers() {
     let model = load(&fixture(), false).unwrap();
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
-    let (shape, ids) = read(&expected, "input_ids");
-    let (b, t) = (shape[0], shape[1]);
-    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let (b, t, ids) = input_ids(&expected);
     // HF convention: labels = input_ids, shifted inside the model; the last position has no target.
     let targets: Vec<u32> = (0..b * t)
         .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
@@ -72,15 +76,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
     );
 
     let mut grads = vec![0.0; model.num_params()];
-    let (sum2, _) = model.backward(
-        &mut acts,
-        &mut grads,
-        Batch {
-            ids: &ids,
-            targets: &targets,
-            grad_scale: 1.0,
-        },
-    );
+    let (sum2, _) = model.backward(&mut acts, &mut grads, Batch::new(&ids, &targets, 1.0));
     assert!((sum2 - sum).abs() < 1e-9);
     let mut checked = 0;
     for spec in &model.layout.tensors {
@@ -121,9 +117,7 @@ fn logits_loss_and_every_gradient_match_transformers() {
 fn bf16_mixed_precision_tracks_transformers() {
     let mut model = load(&fixture(), false).unwrap();
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
-    let (shape, ids) = read(&expected, "input_ids");
-    let (b, t) = (shape[0], shape[1]);
-    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let (b, t, ids) = input_ids(&expected);
     let targets: Vec<u32> = (0..b * t)
         .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
         .collect();
@@ -149,15 +143,7 @@ fn bf16_mixed_precision_tracks_transformers() {
         want_loss[0]
     );
     let mut grads = vec![0.0; model.num_params()];
-    model.backward(
-        &mut acts,
-        &mut grads,
-        Batch {
-            ids: &ids,
-            targets: &targets,
-            grad_scale: 1.0,
-        },
-    );
+    model.backward(&mut acts, &mut grads, Batch::new(&ids, &targets, 1.0));
     for spec in &model.layout.tensors {
         let (_, want) = read(&expected, &format!("grad.{}", spec.name));
         check_bf16_gradient(&spec.name, spec.view.of(&grads), &want);
@@ -257,38 +243,20 @@ fn check_greedy(model: Model) {
 fn accumulated_micro_batches_equal_the_full_batch() {
     let model = load(&fixture(), false).unwrap();
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
-    let (shape, ids) = read(&expected, "input_ids");
-    let (b, t) = (shape[0], shape[1]);
-    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let (b, t, ids) = input_ids(&expected);
     let targets: Vec<u32> = (0..b * t)
         .map(|k| if k % t == t - 1 { IGNORE } else { ids[k + 1] })
         .collect();
     let mut full = vec![0.0; model.num_params()];
     let mut acts = Activations::new(&model, b, t);
     model.forward(&mut acts, &ids).unwrap();
-    model.backward(
-        &mut acts,
-        &mut full,
-        Batch {
-            ids: &ids,
-            targets: &targets,
-            grad_scale: 1.0,
-        },
-    );
+    model.backward(&mut acts, &mut full, Batch::new(&ids, &targets, 1.0));
     let mut accum = vec![0.0; model.num_params()];
     let mut one = Activations::new(&model, 1, t);
     for r in 0..b {
         let (i, tg) = (&ids[r * t..(r + 1) * t], &targets[r * t..(r + 1) * t]);
         model.forward(&mut one, i).unwrap();
-        model.backward(
-            &mut one,
-            &mut accum,
-            Batch {
-                ids: i,
-                targets: tg,
-                grad_scale: 1.0 / b as f32,
-            },
-        );
+        model.backward(&mut one, &mut accum, Batch::new(i, tg, 1.0 / b as f32));
     }
     let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let diff = full
@@ -398,9 +366,7 @@ fn bare_tensor_names_load_the_same_model() {
 fn score_matches_transformers_loss() {
     let model = load(&fixture(), true).unwrap();
     let expected = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
-    let (shape, ids) = read(&expected, "input_ids");
-    let (b, t) = (shape[0], shape[1]);
-    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let (b, t, ids) = input_ids(&expected);
     let ones = vec![1u32; model.vocab_size()];
     let mut total = 0.0;
     for r in 0..b {

@@ -96,15 +96,7 @@ fn check_pass(name: &str, precision: Precision) {
     );
 
     let mut grads = vec![0.0; model.num_params()];
-    model.backward(
-        &mut acts,
-        &mut grads,
-        Batch {
-            ids: &ids,
-            targets: &targets,
-            grad_scale: 1.0,
-        },
-    );
+    model.backward(&mut acts, &mut grads, Batch::new(&ids, &targets, 1.0));
     let mut checked = 0;
     for spec in &model.layout.tensors {
         let (gshape, want) = read(&expected, &format!("grad.{}", spec.name));

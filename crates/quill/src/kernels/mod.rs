@@ -121,7 +121,7 @@ simd::multiversion! {
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    use super::product::{Accumulate, Dims, Fusion, Strided, View, ViewMut};
+    use super::product::{Accumulate, Dims, Strided, View, ViewMut};
     use crate::rng::Rng;
 
     /// C [m, n] (+)= op(A) · op(B) over dense buffers as a strided product: A stored [m, k]
@@ -136,26 +136,12 @@ pub(crate) mod testutil {
         assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
         let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
-        Strided {
-            dims: Dims { m, k, n },
-            c: ViewMut {
-                ptr: c.as_mut_ptr(),
-                rs: n,
-            },
-            a: View {
-                ptr: a.as_ptr(),
-                rs: a_rs,
-                cs: a_cs,
-            },
-            b: View {
-                ptr: b.as_ptr(),
-                rs: b_rs,
-                cs: b_cs,
-            },
-            accumulate: Accumulate::Overwrite,
-            parallel: false,
-            fusion: Fusion::default(),
-        }
+        let c = ViewMut::new(c.as_mut_ptr(), n);
+        let (a, b) = (
+            View::new(a.as_ptr(), a_rs, a_cs),
+            View::new(b.as_ptr(), b_rs, b_cs),
+        );
+        Strided::new(Dims::new(m, k, n), c, a, b, Accumulate::Overwrite)
     }
 
     pub fn randn(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {

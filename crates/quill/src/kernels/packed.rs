@@ -542,16 +542,8 @@ unsafe fn kernel(panels: Panels, out: TileOut, native: bool) {
     if native {
         return kernel_avx512bf16(panels, out);
     }
-    let (
-        Panels { kp, a, b },
-        TileOut {
-            c,
-            c_rs,
-            rows,
-            cols,
-            store,
-        },
-    ) = (panels, out);
+    let (kp, a, b) = (panels.kp, panels.a, panels.b);
+    let (c, c_rs, rows, cols, store) = (out.c, out.c_rs, out.rows, out.cols, out.store);
     let _ = native;
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kp {
@@ -629,16 +621,8 @@ macro_rules! store_tile {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn kernel_avx512bf16(panels: Panels, out: TileOut) {
-    let (
-        Panels { kp, a, b },
-        TileOut {
-            c,
-            c_rs,
-            rows,
-            cols,
-            store,
-        },
-    ) = (panels, out);
+    let (kp, a, b) = (panels.kp, panels.a, panels.b);
+    let (c, c_rs, rows, cols, store) = (out.c, out.c_rs, out.rows, out.cols, out.store);
     use std::arch::x86_64::*;
     store.prefetch(c, c_rs, rows, cols);
     let z = _mm512_setzero_ps();

@@ -218,19 +218,16 @@ mod tests {
             let rope = Rope::new(inv.clone(), max_pos);
             let x = randn(&mut rng, b * t * rs, 1.0);
             let mut y = x.clone();
-            rope.apply(
-                &mut y,
-                HeadCols {
-                    stride: rs,
-                    col0: 2,
-                    heads,
-                },
-                RowPositions {
-                    first: pos0,
-                    period: Some(t),
-                },
-                Direction::Forward,
-            );
+            let cols = HeadCols {
+                stride: rs,
+                col0: 2,
+                heads,
+            };
+            let at = RowPositions {
+                first: pos0,
+                period: Some(t),
+            };
+            rope.apply(&mut y, cols, at, Direction::Forward);
             let inv64: Vec<f64> = inv.iter().map(|&f| f as f64).collect();
             for r in 0..b * t {
                 let row = &x[r * rs..(r + 1) * rs];
@@ -245,19 +242,7 @@ mod tests {
                     assert!(max_rel_err(&y[r * rs + c0..r * rs + c0 + d], &want, 1.0) < 2e-4);
                 }
             }
-            rope.apply(
-                &mut y,
-                HeadCols {
-                    stride: rs,
-                    col0: 2,
-                    heads,
-                },
-                RowPositions {
-                    first: pos0,
-                    period: Some(t),
-                },
-                Direction::Inverse,
-            );
+            rope.apply(&mut y, cols, at, Direction::Inverse);
             assert!(max_rel_err(&y, &to_f64(&x), 1.0) < 1e-5);
         }
     }

@@ -627,25 +627,18 @@ mod tests {
                         };
                         // Safety: the strides stay inside the buffers (sized for the padding).
                         pool.install(|| unsafe {
+                            let views = (
+                                ViewMut::new(c.as_mut_ptr(), c_rs),
+                                View::new(a.as_ptr(), a_rs, a_cs),
+                                View::new(b.as_ptr(), b_rs, b_cs),
+                            );
+                            let acc = Accumulate::from(way == 1);
+                            let s =
+                                Strided::new(Dims::new(m, k, n), views.0, views.1, views.2, acc);
                             matmul_fused(Strided {
-                                dims: Dims { m, k, n },
-                                c: ViewMut {
-                                    ptr: c.as_mut_ptr(),
-                                    rs: c_rs,
-                                },
-                                a: View {
-                                    ptr: a.as_ptr(),
-                                    rs: a_rs,
-                                    cs: a_cs,
-                                },
-                                b: View {
-                                    ptr: b.as_ptr(),
-                                    rs: b_rs,
-                                    cs: b_cs,
-                                },
-                                accumulate: Accumulate::from(way == 1),
                                 parallel,
                                 fusion,
+                                ..s
                             })
                         });
                         let got: Vec<f32> = (0..m * n).map(|x| c[x / n * c_rs + x % n]).collect();

@@ -9,7 +9,7 @@
 //! with `QUILL_SIMD=scalar`) the same product runs as plain loops, which the tests check the
 //! SIMD path against on awkward sizes.
 
-use super::product::{Dims, Strided, View, ViewMut};
+use super::product::{Dims, Strided};
 
 /// Which part of a causal (triangular) product is needed, so that whole tiles of the masked
 /// part are skipped. Work inside a tile that straddles the diagonal is still done.
@@ -50,19 +50,9 @@ pub unsafe fn gemm(s: Strided, causal: Causal) {
 /// # Safety
 /// As [`gemm`].
 pub unsafe fn plain(s: Strided) {
-    let Strided {
-        dims: Dims { m, k, n },
-        c: ViewMut { ptr: c, rs: c_rs },
-        a: View {
-            ptr: a,
-            rs: a_rs,
-            cs: a_cs,
-        },
-        b: View {
-            ptr: b, rs: b_rs, ..
-        },
-        ..
-    } = s;
+    let Dims { m, k, n } = s.dims;
+    let (c, c_rs, a, a_rs, a_cs) = (s.c.ptr, s.c.rs, s.a.ptr, s.a.rs, s.a.cs);
+    let (b, b_rs) = (s.b.ptr, s.b.rs);
     debug_assert_eq!(s.b.cs, 1, "B's columns are contiguous");
     let accumulate = s.adds();
     for i in 0..m {
@@ -99,7 +89,7 @@ pub unsafe fn transpose(dst: &mut [f32], src: *const f32, src_rs: usize, rows: u
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Causal, Dims, Strided, View, ViewMut};
+    use super::{Causal, Dims, Strided};
     use crate::kernels::simd::{mask16, transpose16};
     use std::arch::x86_64::*;
 
@@ -111,20 +101,9 @@ mod avx512 {
     /// over it; `causal` trims each tile's columns or depth.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm(s: Strided, causal: Causal) {
-        let Strided {
-            dims: Dims { m, k, n },
-            c: ViewMut { ptr: c, rs: c_rs },
-            a:
-                View {
-                    ptr: a,
-                    rs: a_rs,
-                    cs: a_cs,
-                },
-            b: View {
-                ptr: b, rs: b_rs, ..
-            },
-            ..
-        } = s;
+        let Dims { m, k, n } = s.dims;
+        let (c, c_rs, a, a_rs, a_cs) = (s.c.ptr, s.c.rs, s.a.ptr, s.a.rs, s.a.cs);
+        let (b, b_rs) = (s.b.ptr, s.b.rs);
         debug_assert_eq!(s.b.cs, 1, "B's columns are contiguous");
         let accumulate = s.adds();
         let mut j = 0;
@@ -268,7 +247,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::product::Accumulate;
+    use crate::kernels::product::{Accumulate, View, ViewMut};
     use crate::kernels::testutil::*;
     use crate::rng::Rng;
 

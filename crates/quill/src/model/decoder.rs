@@ -367,16 +367,19 @@ impl Model {
     pub fn materialize(&mut self) {
         use rayon::prelude::*;
         let mut params = std::mem::take(&mut self.params);
+        let mut done: Vec<View> = Vec::new();
         self.for_each_weight(|w| {
-            if w.is_mapped() {
+            // a tied head is the embedding's view: its rows are copied once
+            if w.is_mapped() && !done.contains(&w.view) {
                 let (mat, cols) = (w.mat(&[]), w.cols);
                 w.view
                     .of_mut(&mut params)
                     .par_chunks_mut(cols)
                     .enumerate()
                     .for_each(|(i, row)| mat.row_into(i, cols, row));
-                w.storage = Storage::Params(w.view);
+                done.push(w.view);
             }
+            w.storage = Storage::Params(w.view);
         });
         self.params = params;
     }

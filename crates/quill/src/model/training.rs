@@ -329,6 +329,16 @@ pub struct Batch<'a> {
     pub grad_scale: f32,
 }
 
+impl<'a> Batch<'a> {
+    pub fn new(ids: &'a [u32], targets: &'a [u32], grad_scale: f32) -> Self {
+        Batch {
+            ids,
+            targets,
+            grad_scale,
+        }
+    }
+}
+
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.
 /// Per-layer buffers hold all L layers back to back.
 pub struct Activations {

@@ -474,11 +474,7 @@ impl<'a> Trainer<'a> {
                     &mut self.targets,
                 );
                 self.model.forward(&mut self.acts, &self.ids)?;
-                let batch = Batch {
-                    ids: &self.ids,
-                    targets: &self.targets,
-                    grad_scale: 1.0 / accum as f32,
-                };
+                let batch = Batch::new(&self.ids, &self.targets, 1.0 / accum as f32);
                 let (sum, count) = self.model.backward(&mut self.acts, &mut self.grads, batch);
                 step_loss += sum / count as f64 / accum as f64;
             }
