@@ -302,3 +302,28 @@ def test_min_p_and_penalties_work_over_http(server):
     for field, value in [("min_p", 1.5), ("presence_penalty", 3), ("repetition_penalty", 0)]:
         status, body = raw(server, "/v1/completions", json.dumps({"prompt": "x", field: value}).encode())
         assert status == 400 and body["error"]["param"] == field, body
+
+
+def test_explain_cut_under_other_settings(server):
+    """`/v1/quill/cut` (what the explain view's sliders ask): the first explained step's cut
+    again, then under top_k = 3 (three kept, renormalised); bad ids get a 400 naming them."""
+    status, ex = raw(server, "/v1/quill/explain", json.dumps(
+        {"prompt": "ROMEO:", "max_tokens": 2, "temperature": 0.7, "top_k": 5, "seed": 2}).encode())
+    assert status == 200, ex
+    ids = [t["id"] for t in ex["prompt"]]
+    step = ex["steps"][1]
+    status, cut = raw(server, "/v1/quill/cut", json.dumps(
+        {"ids": ids, "generated": [ex["steps"][0]["chosen"]], "temperature": 0.7, "top_k": 5}).encode())
+    assert status == 200, cut
+    assert cut["kept_count"] == step["kept_count"] == 5
+    assert [c["id"] for c in cut["candidates"] if c["kept"]] == [k[0] for k in step["kept"]]
+    status, cut = raw(server, "/v1/quill/cut", json.dumps({"ids": ids, "top_k": 3, "top": 10}).encode())
+    assert status == 200, cut
+    kept = [c for c in cut["candidates"] if c["kept"]]
+    assert len(cut["candidates"]) == 10 and len(kept) == 3 and cut["rest_kept"] == 0
+    mass = sum(c["prob"] for c in kept)
+    for c in kept:
+        assert abs(c["kept_prob"] - c["prob"] / mass) < 1e-5
+    for body in ({"ids": []}, {"ids": [10**9]}, {"ids": "x"}, {"ids": ids, "generated": [-1]}):
+        status, err = raw(server, "/v1/quill/cut", json.dumps(body).encode())
+        assert status == 400 and err["error"]["param"] in ("ids", "generated"), (body, err)

@@ -2,7 +2,8 @@
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions` (the model's chat template applied), each streamed as
-//! server-sent events (ending `data: [DONE]`) or not. Errors use OpenAI's shape,
+//! server-sent events (ending `data: [DONE]`) or not. The web page at `/` reads
+//! `POST /v1/quill/{explain,cut,attention}`. Errors use OpenAI's shape,
 //! `{"error": {"message", "type", "param", "code"}}`. The numerics run on one engine thread
 //! (see [`engine`]); handlers only parse, tokenize and relay.
 
@@ -105,6 +106,7 @@ fn router(app: App) -> Router {
         .route("/v1/quill/info", get(info))
         .route("/v1/quill/explain", post(explain))
         .route("/v1/quill/attention", post(attention))
+        .route("/v1/quill/cut", post(cut))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -892,6 +894,54 @@ async fn explain(State(app): State<App>, headers: HeaderMap, body: Body) -> Resp
     r.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
+/// An array of token ids under `name` (absent: none).
+fn token_ids(f: &Fields, name: &'static str) -> Result<Vec<u32>, ApiError> {
+    let bad = || ApiError::bad(format!("{name} must be an array of token ids"), Some(name));
+    match f.get(name) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_u64().and_then(|v| u32::try_from(v).ok()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// `POST /v1/quill/cut` {ids, generated, temperature, top_k, top_p, min_p, penalties, top}:
+/// the distribution a draw after the prompt `ids` and the tokens `generated` after it would
+/// choose from under these settings, and what the cut keeps (what the explain view's
+/// sliders show; the page computes no probabilities itself).
+async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        check_auth(&app, &headers)?;
+        let m = read_json(body).await?;
+        let c = parse_common(&app, &m)?;
+        let f = Fields(&m);
+        let ids = token_ids(&f, "ids")?;
+        let generated = token_ids(&f, "generated")?;
+        let top = f.int("top", 1, 100)?.unwrap_or(20) as usize;
+        let app2 = app.clone();
+        let cut = tokio::task::spawn_blocking(move || {
+            let sh = &app2.served.shared;
+            quill::explain::recut(&sh.model, &sh.tok, &ids, &generated, c.sampling, top)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "cut_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::bad(e.to_string(), Some("ids")))?;
+        Ok(Json(serde_json::to_value(&cut).unwrap_or(Value::Null)).into_response())
+    }
+    .await;
+    r.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
 /// `POST /v1/quill/attention` {prompt | messages | ids, layer, head}: the attention weights
 /// [T, T] of one head, with the tokens.
 async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
@@ -900,11 +950,7 @@ async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
         let m = read_json(body).await?;
         let f = Fields(&m);
         let ids: Vec<u32> = match f.get("ids") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| x.as_u64().map(|v| v as u32))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::bad("ids must be token ids", Some("ids")))?,
+            Some(_) => token_ids(&f, "ids")?,
             _ => prompt_ids(&app, &f)?,
         };
         let v = app.served.shared.model.vocab_size();

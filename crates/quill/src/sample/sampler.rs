@@ -228,18 +228,33 @@ impl Sampler {
 
     /// Processes `logits` (the next position's, [V]), draws a token and adds it to the text.
     pub fn draw(&mut self, logits: &[f32]) -> Draw {
-        let limit = match self.params.vocab_limit {
-            0 => logits.len(),
-            l => l.min(logits.len()),
-        };
-        let logits = &logits[..limit];
-        self.process(logits);
+        let logits = self.look(logits);
         let token = self.choose();
         self.record(token);
         Draw {
             token,
             logprob: log_softmax_at(logits, token),
         }
+    }
+
+    /// Processes `logits` as a draw would (penalties, temperature, the cut) without drawing:
+    /// afterwards [`distribution`](Self::distribution), [`top`](Self::top) and
+    /// [`kept`](Self::kept) describe what a draw would choose from. Returns the drawable ids'
+    /// logits.
+    pub fn look<'a>(&mut self, logits: &'a [f32]) -> &'a [f32] {
+        let limit = match self.params.vocab_limit {
+            0 => logits.len(),
+            l => l.min(logits.len()),
+        };
+        let logits = &logits[..limit];
+        self.process(logits);
+        logits
+    }
+
+    /// Adds a token to the text as if it had been drawn (for the penalties): replays a
+    /// generation made earlier.
+    pub fn accept(&mut self, token: u32) {
+        self.record(token);
     }
 
     /// Adds a drawn token to the text.
