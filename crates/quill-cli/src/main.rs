@@ -5,7 +5,8 @@ mod train_cmd;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use quill::chat::{ChatTemplate, Message};
-use quill::io::hf::{GenerationConfig, Opened};
+use quill::io::hf::GenerationConfig;
+use quill::io::Opened;
 use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams, Stop};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
@@ -155,7 +156,7 @@ struct PrepareArgs {
 
 #[derive(clap::Args)]
 struct TokenizeArgs {
-    /// A tokenizer.json file, a model folder holding one, or `gpt2` (OpenAI's GPT-2 tokenizer, built in).
+    /// A tokenizer.json file, a model folder holding one, a GGUF file (its tokenizer inside), or `gpt2` (OpenAI's GPT-2 tokenizer, built in).
     #[arg(long)]
     tokenizer: String,
     /// Text to tokenize.
@@ -171,7 +172,7 @@ struct TokenizeArgs {
 
 #[derive(clap::Args)]
 struct DetokenizeArgs {
-    /// A tokenizer.json file, a model folder holding one, or `gpt2`.
+    /// A tokenizer.json file, a model folder holding one, a GGUF file, or `gpt2`.
     #[arg(long)]
     tokenizer: String,
     /// Comma-separated token ids, e.g. 15496,995.
@@ -453,7 +454,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn open_model(dir: &Path, tokenizer: Option<&Path>) -> Result<Opened> {
-    Ok(Opened::open(dir, tokenizer)?)
+    Ok(quill::io::open(dir, tokenizer)?)
 }
 
 /// Sampling settings: the flags, then generation_config.json, then quill's defaults; only
@@ -475,7 +476,7 @@ fn require_template<'a>(o: &'a Opened, dir: &Path) -> Result<&'a ChatTemplate> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    if a.model.is_file() {
+    if a.model.is_file() && !quill::io::gguf::load::is_gguf(&a.model) {
         let params = a.sampling.params(&GenerationConfig::default());
         let mut sampler = Sampler::new(params)?;
         return run_generate_llama2c(&a, &mut sampler);
@@ -701,8 +702,9 @@ fn run_chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
     let o = open_model(&a.model, a.tokenizer.as_deref())?;
     // a llama2.c checkpoint has no chat template: each line is text the model continues;
-    // a model folder without one is refused, as transformers refuses it
-    let template = match a.model.is_file() {
+    // a model folder or GGUF file without one is refused, as transformers refuses it
+    let llama2c = a.model.is_file() && !quill::io::gguf::load::is_gguf(&a.model);
+    let template = match llama2c {
         true => None,
         false => Some(require_template(&o, &a.model)?),
     };
@@ -859,11 +861,7 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = if a.model.is_file() {
-        quill::io::llama2c::load(&a.model)?
-    } else {
-        quill::io::hf::load(&a.model, true)?
-    };
+    let model = quill::io::load_model(&a.model)?;
     let (logits, v) = (model.logits_all(&ids)?, model.vocab_size());
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });
@@ -925,6 +923,11 @@ fn tokenizer_from_spec(spec: &str) -> Result<Tokenizer> {
     if spec == "char" {
         bail!("a character-level tokenizer is built from a corpus: give its tokenizer.json or model folder");
     }
+    let path = Path::new(spec);
+    if path.is_file() && quill::io::gguf::load::is_gguf(path) {
+        let g = quill::io::gguf::Gguf::open(path)?;
+        return Ok(quill::io::gguf::load::tokenizer(&g)?.0);
+    }
     Ok(Tokenizer::from_spec(spec)?)
 }
 
@@ -980,7 +983,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
     let tok = if a.tokenizer == "char" {
         Tokenizer::Char(char_vocabulary(&sources, a.lossy)?)
     } else {
-        Tokenizer::from_spec(&a.tokenizer)?
+        tokenizer_from_spec(&a.tokenizer)?
     };
     let opts = Options {
         val_fraction: a.val_fraction,
@@ -1170,7 +1173,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
         } => {
             let copy = quill::bench::peak().copy_gbs;
             quill::bench::reset_peak_rss();
-            let m = quill::io::hf::load(&model, true)?;
+            let m = quill::io::load_model(&model)?;
             let r = quill::bench::generate(
                 &m,
                 &model.display().to_string(),

@@ -124,7 +124,7 @@ fn router(app: App) -> Router {
 
 /// Opens the model folder (or llama2.c checkpoint and its tokenizer) for serving.
 pub fn open(dir: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Result<Served, String> {
-    let o = quill::io::hf::Opened::open(dir, tokenizer).map_err(|e| e.to_string())?;
+    let o = quill::io::open(dir, tokenizer).map_err(|e| e.to_string())?;
     let model_id = std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))

@@ -70,6 +70,15 @@ impl ChatTemplate {
         }
     }
 
+    /// A template with the special-token strings it is given (bos_token, eos_token, ...);
+    /// an error when it does not parse.
+    pub fn with_special(source: &str, special: serde_json::Map<String, Value>) -> Result<Self> {
+        let mut t = ChatTemplate::new(source);
+        t.special = special;
+        t.env()?;
+        Ok(t)
+    }
+
     /// The chat template of a model folder: `chat_template.jinja`, or `chat_template` in
     /// tokenizer_config.json (a string, or a list of named templates, of which "default").
     /// Ok(None) when the folder has none.

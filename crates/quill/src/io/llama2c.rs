@@ -84,7 +84,7 @@ pub fn load(path: &Path) -> Result<Model> {
 
 /// Rows of each head reordered from adjacent rotary pairs to rotate-half order: row 2m+s of
 /// a head of width `hd` moves to s·hd/2 + m.
-fn pairs_to_halves(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn pairs_to_halves(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; w.len()];
     for h in 0..heads {
         for m in 0..hd / 2 {

@@ -1,9 +1,16 @@
-//! Files: atomic writes, safetensors, Hugging Face model folders, llama2.c checkpoints. The
+//! Files: atomic writes, safetensors, Hugging Face model folders, GGUF files, llama2.c
+//! checkpoints. The
 //! model room imports none of this: loaders build models through their public constructors.
 
 pub mod atomic;
+pub mod generation;
+pub mod gguf;
 pub mod hf;
 pub mod llama2c;
+pub mod open;
+pub mod opened;
 pub mod safetensors;
 
 pub use atomic::write_atomic;
+pub use open::{load_model, open};
+pub use opened::Opened;

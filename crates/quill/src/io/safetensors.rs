@@ -170,7 +170,7 @@ pub fn write_f32(
     while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
-    crate::io::write_atomic(path, |w| {
+    crate::io::atomic::write_atomic(path, |w| {
         w.write_all(&(json.len() as u64).to_le_bytes())?;
         w.write_all(json.as_bytes())?;
         let mut buf = Vec::with_capacity(1 << 16);

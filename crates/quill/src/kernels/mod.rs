@@ -15,6 +15,7 @@ pub mod math;
 pub mod matmul;
 pub mod packed;
 pub mod product;
+pub mod quant;
 pub mod reduce;
 pub mod reference;
 pub mod rmsnorm;

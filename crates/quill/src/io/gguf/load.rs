@@ -1,0 +1,484 @@
+//! A GGUF file opened as a quill model: the architecture and hyper-parameters from its
+//! metadata (`general.architecture` = `llama`, `qwen2` or `gpt2`, and `<arch>.*`), every
+//! tensor under its Hugging Face name, the tokenizer stored in the file and its chat
+//! template.
+//!
+//! llama.cpp's converter reorders the rows of each `llama` head's q and k projections from
+//! Hugging Face's rotate-half convention to adjacent pairs; they are put back here (as for
+//! llama2.c checkpoints). `qwen2` files keep Hugging Face's order.
+
+use super::reader::{Gguf, TensorInfo, ValueType};
+use crate::chat::ChatTemplate;
+use crate::io::generation::GenerationConfig;
+use crate::io::llama2c::pairs_to_halves;
+use crate::io::opened::Opened;
+use crate::kernels::rope::RopeScaling;
+use crate::model::{Config, Gpt2Config, LlamaConfig, Model};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// Architectures read from `general.architecture`.
+pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gpt2"];
+
+/// Whether `path` starts with GGUF's magic number.
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Opens a GGUF file with its tokenizer, chat template and end-of-text ids.
+pub fn open(path: &Path) -> Result<Opened> {
+    let g = Gguf::open(path)?;
+    let model = load(&g)?;
+    let (tok, special) = tokenizer(&g)?;
+    if tok.vocab_size() > model.vocab_size() {
+        return Err(Error::format(
+            path,
+            format!(
+                "the tokenizer has {} tokens but the model only {}",
+                tok.vocab_size(),
+                model.vocab_size()
+            ),
+        ));
+    }
+    let template = match g.str_opt("tokenizer.chat_template")? {
+        Some(src) => Some(
+            ChatTemplate::with_special(src, special)
+                .map_err(|e| Error::format(path, format!("tokenizer.chat_template: {e}")))?,
+        ),
+        None => None,
+    };
+    let mut eos = model.eos_token_ids();
+    eos.extend(
+        g.usize_opt("tokenizer.ggml.eot_token_id")?
+            .map(|x| x as u32),
+    );
+    eos.sort_unstable();
+    eos.dedup();
+    Ok(Opened {
+        model,
+        tok,
+        template,
+        gen: GenerationConfig::default(),
+        eos,
+    })
+}
+
+/// The model, every weight dequantized to f32 (the plain twin of the quantized path).
+pub fn load(g: &Gguf) -> Result<Model> {
+    let config = config(g)?;
+    let (permute, heads) = match &config {
+        Config::Llama(c) if c.model_type == "llama" => (
+            true,
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        ),
+        _ => (false, (0, 0, 0)),
+    };
+    // every parameter must come from the file: a model larger than the file's numbers is a
+    // crafted header, refused before anything is allocated for it
+    let stored = g
+        .tensors()
+        .iter()
+        .try_fold(0usize, |a, t| a.checked_add(t.elements()));
+    let wanted = parameter_count(&config);
+    match (wanted, stored) {
+        (Some(w), Some(s)) if w <= s => {}
+        _ => {
+            return Err(Error::format(
+                &g.path,
+                format!(
+                    "the metadata describes a model of {} parameters, more than the file's tensors hold",
+                    wanted.map_or("too many".into(), |w| w.to_string())
+                ),
+            ))
+        }
+    }
+    let mut model = Model::new(config)?;
+    debug_assert_eq!(Some(model.layout.total), wanted);
+    for spec in model.layout.tensors.clone() {
+        let name = gguf_name(&spec.name).ok_or_else(|| {
+            Error::format(&g.path, format!("no GGUF name for tensor {}", spec.name))
+        })?;
+        let t = g.tensor(&name).ok_or_else(|| {
+            Error::format(
+                &g.path,
+                format!("missing tensor {name} (quill's {})", spec.name),
+            )
+        })?;
+        // GPT-2's Conv1D matrices are [in, out] in quill (and transformers), [out, in] in GGUF
+        let transposed = spec.shape.len() == 2 && is_conv1d(&spec.name);
+        let want: Vec<usize> = if transposed {
+            vec![spec.shape[1], spec.shape[0]]
+        } else {
+            spec.shape.clone()
+        };
+        check_shape(g, t, &want)?;
+        let mut data = g.dequantize(t);
+        if permute {
+            let (h, kvh, hd) = heads;
+            let cols = if spec.shape.len() == 2 {
+                spec.shape[1]
+            } else {
+                1
+            };
+            if spec.name.contains("self_attn.q_proj.") {
+                data = pairs_to_halves(&data, h, hd, cols);
+            } else if spec.name.contains("self_attn.k_proj.") {
+                data = pairs_to_halves(&data, kvh, hd, cols);
+            }
+        }
+        let dst = spec.view.of_mut(&mut model.params);
+        if transposed {
+            let (rows, cols) = (want[0], want[1]);
+            for r in 0..rows {
+                for c in 0..cols {
+                    dst[c * rows + r] = data[r * cols + c];
+                }
+            }
+        } else {
+            dst.copy_from_slice(&data);
+        }
+    }
+    Ok(model)
+}
+
+/// The number of parameters a configuration lays out (None on overflow).
+fn parameter_count(config: &Config) -> Option<usize> {
+    let sum = |xs: &[Option<usize>]| xs.iter().try_fold(0usize, |a, x| a.checked_add((*x)?));
+    let mul = |a: usize, b: usize| a.checked_mul(b);
+    match config {
+        Config::Gpt2(c) => {
+            let (v, d, f) = (c.vocab_size, c.n_embd, c.mlp_dim());
+            let layer = sum(&[
+                mul(4, d),
+                mul(d, d).and_then(|x| mul(x, 3)),
+                mul(3, d),
+                mul(d, d),
+                Some(d),
+                mul(d, f),
+                Some(f),
+                mul(f, d),
+                Some(d),
+            ])?;
+            let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
+            sum(&[
+                mul(v, d),
+                mul(c.n_positions, d),
+                mul(2, d),
+                Some(head),
+                mul(layer, c.n_layer),
+            ])
+        }
+        Config::Llama(c) => {
+            let (v, d, f) = (c.vocab_size, c.hidden_size, c.intermediate_size);
+            let q = mul(c.num_attention_heads, c.head_dim)?;
+            let kv = mul(c.num_key_value_heads, c.head_dim)?;
+            let qkv = sum(&[Some(q), mul(kv, 2)])?;
+            let layer = sum(&[
+                mul(2, d),
+                mul(d, qkv),
+                mul(q, d),
+                mul(d, f).and_then(|x| mul(x, 3)),
+                Some(if c.qkv_bias { qkv } else { 0 }),
+                Some(if c.o_bias { d } else { 0 }),
+            ])?;
+            let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
+            sum(&[
+                mul(v, d),
+                Some(d),
+                Some(head),
+                mul(layer, c.num_hidden_layers),
+            ])
+        }
+    }
+}
+
+fn is_conv1d(hf: &str) -> bool {
+    ["attn.c_attn.", "attn.c_proj.", "mlp.c_fc.", "mlp.c_proj."]
+        .iter()
+        .any(|p| hf.contains(p))
+        && hf.ends_with(".weight")
+}
+
+fn check_shape(g: &Gguf, t: &TensorInfo, want: &[usize]) -> Result<()> {
+    // a vector may be stored as [n] or [1, n]
+    let shape: Vec<usize> = t.shape().into_iter().skip_while(|&d| d == 1).collect();
+    let want_trim: Vec<usize> = want.iter().copied().skip_while(|&d| d == 1).collect();
+    if shape != want_trim {
+        return Err(Error::format(
+            &g.path,
+            format!(
+                "tensor {} has shape {:?} but the metadata implies {want:?}",
+                t.name,
+                t.shape()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The GGUF name of a tensor quill names as `transformers` does.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+        ("transformer.wte.weight", "token_embd.weight"),
+        ("transformer.wpe.weight", "position_embd.weight"),
+        ("transformer.ln_f.weight", "output_norm.weight"),
+        ("transformer.ln_f.bias", "output_norm.bias"),
+    ];
+    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf
+        .strip_prefix("model.layers.")
+        .or_else(|| hf.strip_prefix("transformer.h."))?;
+    let (layer, part) = rest.split_once('.')?;
+    let (module, kind) = part.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" | "ln_1" => "attn_norm",
+        "post_attention_layernorm" | "ln_2" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" | "attn.c_proj" => "attn_output",
+        "attn.c_attn" => "attn_qkv",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" | "mlp.c_fc" => "ffn_up",
+        "mlp.down_proj" | "mlp.c_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// The architecture's configuration from the metadata.
+fn config(g: &Gguf) -> Result<Config> {
+    let arch = g
+        .str_opt("general.architecture")?
+        .ok_or_else(|| Error::format(&g.path, "metadata general.architecture is missing"))?;
+    if !ARCHITECTURES.contains(&arch) {
+        return Err(Error::format(
+            &g.path,
+            format!(
+                "architecture {arch:?} is not supported; supported: {}",
+                ARCHITECTURES.join(", ")
+            ),
+        ));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let embd = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| Error::format(&g.path, "missing tensor token_embd.weight"))?;
+    let vocab = *embd.dims.get(1).unwrap_or(&1);
+    let width = g.usize(&key("embedding_length"))?;
+    let layers = g.usize(&key("block_count"))?;
+    // each block has tensors of its own: a count above the file's tensors is a crafted header
+    if layers > g.tensors().len() {
+        return Err(Error::format(
+            &g.path,
+            format!(
+                "metadata {arch}.block_count is {layers} but the file holds only {} tensors",
+                g.tensors().len()
+            ),
+        ));
+    }
+    let heads = g.usize(&key("attention.head_count"))?;
+    let context = g.usize(&key("context_length"))?;
+    let ffn = g.usize(&key("feed_forward_length"))?;
+    let tied = g.tensor("output.weight").is_none();
+    let bos = g
+        .usize_opt("tokenizer.ggml.bos_token_id")?
+        .map(|x| x as u32);
+    let eos = g
+        .usize_opt("tokenizer.ggml.eos_token_id")?
+        .map(|x| x as u32);
+    if arch == "gpt2" {
+        let mut c = Gpt2Config::new(vocab, context, width, layers, heads);
+        c.layer_norm_epsilon = g
+            .f64_opt(&key("attention.layer_norm_epsilon"))?
+            .unwrap_or(1e-5) as f32;
+        c.n_inner = Some(ffn);
+        c.tie_word_embeddings = tied;
+        c.bos_token_id = bos;
+        c.eos_token_id = eos;
+        return Ok(Config::Gpt2(c));
+    }
+    let kv_heads = g
+        .usize_opt(&key("attention.head_count_kv"))?
+        .unwrap_or(heads);
+    let mut c = LlamaConfig::new(vocab, context, width, layers, heads, kv_heads);
+    c.model_type = arch.into();
+    c.intermediate_size = ffn;
+    c.head_dim = match g.usize_opt(&key("attention.key_length"))? {
+        Some(d) => d,
+        None => width / heads.max(1),
+    };
+    if let Some(rot) = g.usize_opt(&key("rope.dimension_count"))? {
+        if rot != c.head_dim {
+            return Err(Error::format(
+                &g.path,
+                format!(
+                    "rotary embedding over {rot} of {} head dimensions is not supported",
+                    c.head_dim
+                ),
+            ));
+        }
+    }
+    c.rms_norm_eps = g
+        .f64_opt(&key("attention.layer_norm_rms_epsilon"))?
+        .unwrap_or(1e-5) as f32;
+    c.rope_theta = g.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
+    c.rope_scaling = match g.str_opt(&key("rope.scaling.type"))? {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: g.f64_opt(&key("rope.scaling.factor"))?.unwrap_or(1.0),
+        },
+        Some(other) => {
+            return Err(Error::format(
+                &g.path,
+                format!("RoPE scaling {other:?} is not supported (none, linear)"),
+            ))
+        }
+    };
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(Error::format(
+            &g.path,
+            "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1's scaling) are not supported yet",
+        ));
+    }
+    c.tie_word_embeddings = tied;
+    c.qkv_bias = g.tensor("blk.0.attn_q.bias").is_some();
+    c.o_bias = g.tensor("blk.0.attn_output.bias").is_some();
+    c.bos_token_id = bos;
+    c.eos_token_ids = eos.into_iter().collect();
+    Ok(Config::Llama(c))
+}
+
+/// The pre-tokenizer of a byte-level BPE vocabulary, from `tokenizer.ggml.pre` (how the
+/// text was split into words when its merges were learned).
+fn pre_tokenizer(pre: &str) -> Option<Value> {
+    let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+            byte_level(false)]})
+    };
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
+        // digits one by one, then GPT-2's words (SmolLM's tokenizer.json)
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" => split(LLAMA3),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2),
+        _ => return None,
+    })
+}
+
+/// Token types llama.cpp stores in `tokenizer.ggml.token_type`.
+const CONTROL: f64 = 3.0;
+const USER_DEFINED: f64 = 4.0;
+
+/// The tokenizer stored in the file, and the special-token strings for the chat template.
+pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
+    let model = g.str_opt("tokenizer.ggml.model")?.ok_or_else(|| {
+        Error::format(
+            &g.path,
+            "the file holds no tokenizer (tokenizer.ggml.model)",
+        )
+    })?;
+    if model != "gpt2" {
+        return Err(Error::format(
+            &g.path,
+            format!("tokenizer.ggml.model {model:?} is not supported yet (gpt2: byte-level BPE)"),
+        ));
+    }
+    let tokens_arr = g
+        .array_opt("tokenizer.ggml.tokens", ValueType::String)?
+        .ok_or_else(|| Error::format(&g.path, "metadata tokenizer.ggml.tokens is missing"))?;
+    let tokens: Vec<&str> = g.strings(tokens_arr).collect();
+    let types = match g.get("tokenizer.ggml.token_type") {
+        Some(crate::io::gguf::Value::Array(a)) => g.numbers(a)?,
+        _ => vec![1.0; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(Error::format(
+            &g.path,
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    let merges: Vec<&str> = match g.array_opt("tokenizer.ggml.merges", ValueType::String)? {
+        Some(a) => g.strings(a).collect(),
+        None => Vec::new(),
+    };
+    let pre_name = g.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
+    let pre = pre_tokenizer(pre_name).ok_or_else(|| {
+        Error::format(
+            &g.path,
+            format!("tokenizer.ggml.pre {pre_name:?} is not supported (default, gpt2, smollm, llama-bpe, qwen2, …)"),
+        )
+    })?;
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    for (id, (&t, &ty)) in tokens.iter().zip(&types).enumerate() {
+        vocab.entry(t.to_string()).or_insert(json!(id));
+        if ty == CONTROL || ty == USER_DEFINED {
+            added.push(
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty == CONTROL}),
+            );
+        }
+    }
+    let token_at = |key: &str| -> Result<Option<String>> {
+        Ok(g.usize_opt(key)?
+            .and_then(|i| tokens.get(i))
+            .map(|s| s.to_string()))
+    };
+    let bos = token_at("tokenizer.ggml.bos_token_id")?;
+    let add_bos = g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    let post = match (&bos, add_bos) {
+        (Some(b), true) => {
+            let id = g.usize("tokenizer.ggml.bos_token_id")?;
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {b.as_str(): {"id": b, "ids": [id], "tokens": [b]}}})
+        }
+        _ => Value::Null,
+    };
+    let json = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added, "normalizer": null, "pre_tokenizer": pre,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    let tok = Tokenizer::from_json_str(&json.to_string(), &g.path)?;
+    let mut special = Map::new();
+    for (name, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+    ] {
+        if let Some(t) = token_at(key)? {
+            special.insert(name.into(), Value::String(t));
+        }
+    }
+    Ok((tok, special))
+}

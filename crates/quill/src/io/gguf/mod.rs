@@ -1,0 +1,7 @@
+//! GGUF files (llama.cpp's format): the container ([`reader`]), and models, tokenizers and
+//! chat templates opened from it ([`load`]).
+
+pub mod load;
+pub mod reader;
+
+pub use reader::{Array, Gguf, TensorInfo, Value, ValueType};

