@@ -350,12 +350,16 @@ struct ChatArgs {
 
 #[derive(clap::Args)]
 struct LogitsArgs {
-    /// Model folder (config.json, model.safetensors), or a llama2.c checkpoint (.bin).
+    /// Model folder (config.json, model.safetensors), a GGUF file, or a llama2.c checkpoint (.bin).
     #[arg(long)]
     model: PathBuf,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long)]
     ids: String,
+    /// Convert a GGUF file's quantized weights to f32 first (the plain twin of the quantized
+    /// kernels, which also quantize the activations to 8 bits).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(clap::Args)]
@@ -861,7 +865,10 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = quill::io::load_model(&a.model)?;
+    let model = match a.dequantize {
+        true => quill::io::load_model_dequantized(&a.model)?,
+        false => quill::io::load_model(&a.model)?,
+    };
     let (logits, v) = (model.logits_all(&ids)?, model.vocab_size());
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });

@@ -12,5 +12,5 @@ pub mod opened;
 pub mod safetensors;
 
 pub use atomic::write_atomic;
-pub use open::{load_model, open};
+pub use open::{load_model, load_model_dequantized, open};
 pub use opened::Opened;

@@ -60,8 +60,17 @@ pub fn load_model(path: &Path) -> Result<Model> {
     if path.is_dir() {
         hf::load(path, true)
     } else if gguf::load::is_gguf(path) {
-        gguf::load::load(&gguf::Gguf::open(path)?)
+        gguf::load::load(&gguf::Gguf::open(path)?, gguf::load::Weights::InPlace)
     } else {
         llama2c::load(path)
     }
+}
+
+/// [`load_model`] with a GGUF file's weights converted to f32 (the plain twin of the
+/// quantized kernels); other formats as [`load_model`].
+pub fn load_model_dequantized(path: &Path) -> Result<Model> {
+    if !path.is_dir() && gguf::load::is_gguf(path) {
+        return gguf::load::load(&gguf::Gguf::open(path)?, gguf::load::Weights::Dequantized);
+    }
+    load_model(path)
 }

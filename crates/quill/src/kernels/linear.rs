@@ -5,6 +5,8 @@
 
 use super::matmul::{matmul_strided, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
+use super::quant::dot::{dot_rows, isa, Q8Rows};
+use super::quant::{dequantize, QType};
 use super::simd::multiversion;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -15,22 +17,30 @@ pub enum MatRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
+    /// Rows of blocks of a quantized format (each row whole blocks).
+    Quant {
+        bytes: &'a [u8],
+        qtype: QType,
+    },
 }
 
 impl MatRef<'_> {
+    /// Numbers in the matrix.
     pub fn len(&self) -> usize {
         match self {
             MatRef::F32(w) => w.len(),
             MatRef::Bf16(w) | MatRef::F16(w) => w.len(),
+            MatRef::Quant { bytes, qtype } => bytes.len() / qtype.block_bytes() * qtype.block(),
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Bytes per element as stored.
+    /// Bytes per element as stored (rounded up for quantized formats).
     pub fn elem_bytes(&self) -> usize {
         match self {
             MatRef::F32(_) => 4,
+            MatRef::Quant { qtype, .. } => qtype.block_bytes().div_ceil(qtype.block()),
             _ => 2,
         }
     }
@@ -43,6 +53,10 @@ impl MatRef<'_> {
                 for (d, &h) in dst.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
                     *d = half::f16::from_bits(h).to_f32();
                 }
+            }
+            MatRef::Quant { bytes, qtype } => {
+                let rb = cols / qtype.block() * qtype.block_bytes();
+                dequantize(*qtype, &bytes[r * rb..(r + 1) * rb], &mut dst[..cols]);
             }
         }
     }
@@ -76,6 +90,9 @@ pub fn linear(
     assert!(n == 0 || y.len() >= (n - 1) * y_rs + out);
     if n == 0 || out == 0 {
         return;
+    }
+    if let MatRef::Quant { bytes, qtype } = w {
+        return quant_linear(y, y_rs, &x[..n * inp], (bytes, qtype), out);
     }
     if n == 1 {
         return matvec(&mut y[..out], &x[..inp], w, inp);
@@ -131,6 +148,44 @@ pub fn linear(
             }
         }
     }
+}
+
+thread_local! {
+    /// The quantized activations of the last quantized product on this thread (reused, so a
+    /// decoding step allocates nothing once warm).
+    static Q8: std::cell::RefCell<Q8Rows> = std::cell::RefCell::new(Q8Rows::default());
+}
+
+/// Weight rows per parallel task of the quantized product.
+const QUANT_ROWS: usize = 16;
+
+/// y = x · Wᵀ with W quantized: x's rows quantized to int8 per 32 numbers, then integer
+/// block dot products (see [`super::quant::dot`]); weight rows split over the threads.
+fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], w: (&[u8], QType), out: usize) {
+    let (bytes, t) = w;
+    let rb = bytes.len() / out;
+    let inp = rb / t.block_bytes() * t.block();
+    let path = isa();
+    Q8.with(|q8| {
+        let mut xq = q8.borrow_mut();
+        xq.quantize(x, inp);
+        let n = xq.rows();
+        let xq = &*xq;
+        let yp = SendPtr(y.as_mut_ptr());
+        let ylen = y.len();
+        (0..out.div_ceil(QUANT_ROWS))
+            .into_par_iter()
+            .for_each(|task| {
+                let j0 = task * QUANT_ROWS;
+                for j in j0..(j0 + QUANT_ROWS).min(out) {
+                    // Safety: column j of rows 0..n lies inside y (asserted by the caller) and
+                    // only this task writes it.
+                    let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), ylen - j) };
+                    debug_assert!(n == 0 || (n - 1) * y_rs < yj.len());
+                    dot_rows(path, t, &bytes[j * rb..(j + 1) * rb], xq, yj, y_rs);
+                }
+            });
+    });
 }
 
 /// Rows of x taken together by [`rows_times_rows`]: their block stays in L2 while every
@@ -272,10 +327,11 @@ pub fn matvec(y: &mut [f32], x: &[f32], w: MatRef<'_>, inp: usize) {
         match w {
             MatRef::F32(w) => dots_f32(ys, &w[r0 * inp..r1 * inp], x),
             MatRef::Bf16(w) => dots_bf16(ys, &w[r0 * inp..r1 * inp], x),
-            MatRef::F16(w) => {
+            // converted a row at a time (`linear` sends quantized weights to `quant_linear`)
+            MatRef::F16(_) | MatRef::Quant { .. } => {
                 let mut row = vec![0.0f32; inp];
                 for (i, yv) in ys.iter_mut().enumerate() {
-                    MatRef::F16(w).row_into(r0 + i, inp, &mut row);
+                    w.row_into(r0 + i, inp, &mut row);
                     *yv = super::math::dot(&row, x);
                 }
             }

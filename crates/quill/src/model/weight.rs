@@ -11,6 +11,7 @@
 use super::params::View;
 use crate::kernels::linear::{self, MatRef};
 use crate::kernels::matmul::{matmul, matmul_fused, Accumulate, Fused, Operand, Precision};
+use crate::kernels::quant::QType;
 use crate::kernels::reduce;
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -53,6 +54,28 @@ pub enum Storage {
         start: usize,
         dtype: MappedDtype,
     },
+    /// Block-quantized rows (a GGUF tensor), read in place by the quantized kernels.
+    Quant { bytes: QBytes, qtype: QType },
+}
+
+/// The bytes of a quantized matrix: a range of a read-only memory map, or an owned copy
+/// (rows reordered when the file was opened).
+#[derive(Clone, Debug)]
+pub enum QBytes {
+    Map {
+        map: Arc<Mmap>,
+        range: std::ops::Range<usize>,
+    },
+    Owned(Arc<Vec<u8>>),
+}
+
+impl QBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            QBytes::Map { map, range } => &map[range.clone()],
+            QBytes::Owned(v) => v,
+        }
+    }
 }
 
 impl Storage {
@@ -96,8 +119,9 @@ impl Weight {
         self.len() == 0
     }
 
+    /// Whether the numbers live outside the f32 parameter buffer (a memory map, or quantized).
     pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
+        !matches!(self.storage, Storage::Params(_))
     }
 
     /// The stored numbers, in their stored precision and layout.
@@ -126,6 +150,10 @@ impl Weight {
                     }
                 }
             }
+            Storage::Quant { bytes, qtype } => MatRef::Quant {
+                bytes: bytes.as_slice(),
+                qtype: *qtype,
+            },
         }
     }
 
@@ -140,6 +168,7 @@ impl Weight {
         match &self.storage {
             Storage::Params(_) => self.len() * 4,
             Storage::Mapped { dtype, .. } => self.len() * dtype.bytes(),
+            Storage::Quant { bytes, .. } => bytes.as_slice().len(),
         }
     }
 

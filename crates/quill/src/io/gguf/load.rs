@@ -12,7 +12,9 @@ use crate::chat::ChatTemplate;
 use crate::io::generation::GenerationConfig;
 use crate::io::llama2c::pairs_to_halves;
 use crate::io::opened::Opened;
+use crate::kernels::quant::QType;
 use crate::kernels::rope::RopeScaling;
+use crate::model::weight::{MappedDtype, Orient, QBytes, Storage};
 use crate::model::{Config, Gpt2Config, LlamaConfig, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -35,7 +37,7 @@ pub fn is_gguf(path: &Path) -> bool {
 /// Opens a GGUF file with its tokenizer, chat template and end-of-text ids.
 pub fn open(path: &Path) -> Result<Opened> {
     let g = Gguf::open(path)?;
-    let model = load(&g)?;
+    let model = load(&g, Weights::InPlace)?;
     let (tok, special) = tokenizer(&g)?;
     if tok.vocab_size() > model.vocab_size() {
         return Err(Error::format(
@@ -70,8 +72,19 @@ pub fn open(path: &Path) -> Result<Opened> {
     })
 }
 
-/// The model, every weight dequantized to f32 (the plain twin of the quantized path).
-pub fn load(g: &Gguf) -> Result<Model> {
+/// How the weight matrices of a GGUF file are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// In place, in the file's type: block-quantized matrices run on the quantized kernels,
+    /// f16/bf16/f32 ones on the float kernels (the default).
+    InPlace,
+    /// Every tensor converted to f32 when the file is opened: the plain twin of the quantized
+    /// path, and what training needs.
+    Dequantized,
+}
+
+/// The model. Norm weights, biases and learned positions are always converted to f32.
+pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
     let config = config(g)?;
     let (permute, heads) = match &config {
         Config::Llama(c) if c.model_type == "llama" => (
@@ -101,6 +114,12 @@ pub fn load(g: &Gguf) -> Result<Model> {
     }
     let mut model = Model::new(config)?;
     debug_assert_eq!(Some(model.layout.total), wanted);
+    let matrices: Vec<crate::model::View> = {
+        let mut v = Vec::new();
+        model.for_each_weight(|w| v.push(w.view));
+        v
+    };
+    let mut kept: Vec<(crate::model::View, Storage)> = Vec::new();
     for spec in model.layout.tensors.clone() {
         let name = gguf_name(&spec.name).ok_or_else(|| {
             Error::format(&g.path, format!("no GGUF name for tensor {}", spec.name))
@@ -119,19 +138,50 @@ pub fn load(g: &Gguf) -> Result<Model> {
             spec.shape.clone()
         };
         check_shape(g, t, &want)?;
+        let (h, kvh, hd) = heads;
+        let qk_heads = match permute {
+            true if spec.name.contains("self_attn.q_proj.") => Some(h),
+            true if spec.name.contains("self_attn.k_proj.") => Some(kvh),
+            _ => None,
+        };
+        let matrix = weights == Weights::InPlace && matrices.contains(&spec.view);
+        if matrix && t.qtype.block() > 1 {
+            let bytes = match qk_heads {
+                None => QBytes::Map {
+                    map: g.map().clone(),
+                    range: t.range.clone(),
+                },
+                Some(heads) => QBytes::Owned(std::sync::Arc::new(pairs_to_halves_bytes(
+                    g.bytes(t),
+                    heads,
+                    hd,
+                ))),
+            };
+            let qtype = t.qtype;
+            kept.push((spec.view, Storage::Quant { bytes, qtype }));
+            continue;
+        }
+        let float = match t.qtype {
+            QType::F32 => Some(MappedDtype::F32),
+            QType::F16 => Some(MappedDtype::F16),
+            QType::Bf16 => Some(MappedDtype::Bf16),
+            _ => None,
+        };
+        if let (true, Some(dtype), None) = (matrix, float, qk_heads) {
+            let (map, start) = (g.map().clone(), t.range.start);
+            if let Some(st) = Storage::mapped(map, start, t.elements(), dtype) {
+                kept.push((spec.view, st));
+                continue;
+            }
+        }
         let mut data = g.dequantize(t);
-        if permute {
-            let (h, kvh, hd) = heads;
+        if let Some(heads) = qk_heads {
             let cols = if spec.shape.len() == 2 {
                 spec.shape[1]
             } else {
                 1
             };
-            if spec.name.contains("self_attn.q_proj.") {
-                data = pairs_to_halves(&data, h, hd, cols);
-            } else if spec.name.contains("self_attn.k_proj.") {
-                data = pairs_to_halves(&data, kvh, hd, cols);
-            }
+            data = pairs_to_halves(&data, heads, hd, cols);
         }
         let dst = spec.view.of_mut(&mut model.params);
         if transposed {
@@ -145,7 +195,34 @@ pub fn load(g: &Gguf) -> Result<Model> {
             dst.copy_from_slice(&data);
         }
     }
+    // weights kept in the file are [out, in] whatever the architecture's f32 layout
+    model.for_each_weight(|w| {
+        if let Some((_, s)) = kept.iter().find(|(v, _)| *v == w.view) {
+            w.storage = s.clone();
+            w.orient = Orient::OutIn;
+        }
+    });
+    if weights == Weights::InPlace && matches!(model.config, Config::Gpt2(_)) {
+        // f32 matrices left in the buffer are turned around for decoding
+        model.to_inference_layout();
+    }
     Ok(model)
+}
+
+/// [`pairs_to_halves`] on quantized rows: whole rows of bytes move.
+fn pairs_to_halves_bytes(w: &[u8], heads: usize, hd: usize) -> Vec<u8> {
+    let rb = w.len() / (heads * hd);
+    let mut out = vec![0u8; w.len()];
+    for h in 0..heads {
+        for m in 0..hd / 2 {
+            for s in 0..2 {
+                let from = (h * hd + 2 * m + s) * rb;
+                let to = (h * hd + s * hd / 2 + m) * rb;
+                out[to..to + rb].copy_from_slice(&w[from..from + rb]);
+            }
+        }
+    }
+    out
 }
 
 /// The number of parameters a configuration lays out (None on overflow).

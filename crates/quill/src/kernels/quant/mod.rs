@@ -14,6 +14,8 @@
 
 use half::f16;
 
+pub mod dot;
+
 /// Numbers in a K-format super-block.
 pub const QK_K: usize = 256;
 
@@ -249,7 +251,7 @@ fn block_q3_k(b: &[u8], o: &mut [f32]) {
 }
 
 /// The eight 6-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes.
-fn scales_mins_k(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scales_mins_k(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         sc[j] = s[j] & 63;

@@ -1,0 +1,792 @@
+//! Products with block-quantized weights that stay quantized: y = x · Wᵀ for W [out, in] in
+//! any [`QType`] of 32- or 256-number blocks.
+//!
+//! The activations are quantized too: each run of 32 numbers of a row of x becomes 32 int16
+//! values and one f32 scale (round to nearest of x / (max|x| / 32767)), with the sums of each
+//! half's values kept beside them. llama.cpp quantizes them to int8; on SmolLM2-135M that
+//! moved the logits by up to 1.4 (of about 30) from the dequantized model's and changed its
+//! greedy text, where 16 bits move them by 0.008 (measured; BENCHMARKS.md). Every weight
+//! format is then read 32 numbers
+//! (a "chunk") at a time as 32 unsigned digits u and four f32 constants such that the chunk's
+//! part of a dot product is
+//!
+//! ```text
+//!     dx · (a₀·Σ₀ u·q + a₁·Σ₁ u·q + b₀·Σ₀ q + b₁·Σ₁ q)
+//! ```
+//!
+//! (Σ₀ over the first 16 numbers, Σ₁ over the last 16; `dx` and `q` the activation chunk's
+//! scale and int16 values): the digit products are integer dot products of 16-bit numbers,
+//! which the CPU computes 32 at a time (AVX-512 VNNI `vpdpwssd`, AVX-512BW or AVX2
+//! `vpmaddwd`, after widening the digits), and the scales and offsets (for example Q4_0's −8,
+//! Q4_1's minimum, the K formats' sub-block minimums) are f32 arithmetic on the sums. Q8_0's
+//! digits are signed.
+//!
+//! [`dot_plain`] is the scalar twin of the SIMD kernels: the same digits and constants (from
+//! [`chunk`]), summed in a plain loop. The SIMD kernels add the same terms in another order,
+//! so the two agree to float rounding (tested on every type and awkward sizes).
+
+use super::QType;
+use half::f16;
+
+/// Numbers per activation chunk.
+pub const QK8: usize = 32;
+
+/// Rows of activations quantized to int8 per 32 numbers.
+#[derive(Default, Debug, Clone)]
+pub struct Q8Rows {
+    /// Numbers per row (a multiple of 32).
+    pub cols: usize,
+    /// One scale per chunk.
+    pub d: Vec<f32>,
+    /// The int16 values, row-major.
+    pub q: Vec<i16>,
+    /// Σ q over each half chunk (16 numbers).
+    pub sums: Vec<i32>,
+    /// The same sums times the chunk's scale (Σ of the quantized numbers of each half).
+    pub xs: Vec<f32>,
+}
+
+impl Q8Rows {
+    pub fn rows(&self) -> usize {
+        self.d.len() * QK8 / self.cols.max(1)
+    }
+
+    /// Quantizes x [n, cols] (cols a multiple of 32), reusing the buffers.
+    pub fn quantize(&mut self, x: &[f32], cols: usize) {
+        assert!(cols.is_multiple_of(QK8) && x.len().is_multiple_of(cols.max(1)));
+        let chunks = x.len() / QK8;
+        self.cols = cols;
+        self.d.resize(chunks, 0.0);
+        self.q.resize(x.len(), 0);
+        self.sums.resize(2 * chunks, 0);
+        self.xs.resize(2 * chunks, 0.0);
+        for (c, xs) in x.chunks_exact(QK8).enumerate() {
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 32767.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            self.d[c] = d;
+            let q = &mut self.q[c * QK8..(c + 1) * QK8];
+            for (qv, &v) in q.iter_mut().zip(xs) {
+                *qv = (v * id).round().clamp(-32767.0, 32767.0) as i16;
+            }
+            self.sums[2 * c] = q[..16].iter().map(|&v| v as i32).sum();
+            self.sums[2 * c + 1] = q[16..].iter().map(|&v| v as i32).sum();
+            self.xs[2 * c] = d * self.sums[2 * c] as f32;
+            self.xs[2 * c + 1] = d * self.sums[2 * c + 1] as f32;
+        }
+    }
+}
+
+/// One weight chunk: 32 digits and the constants that turn their dot products into numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Chunk {
+    pub u: [u8; 32],
+    /// Q8_0: the digits are two's-complement int8, not unsigned.
+    pub signed: bool,
+    pub a: [f32; 2],
+    pub b: [f32; 2],
+}
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Chunks per block of `t`.
+pub fn chunks_per_block(t: QType) -> usize {
+    t.block() / QK8
+}
+
+/// Chunk `c` of one block of `t` (the same numbers [`super::dequantize`] gives, element i
+/// of the chunk being a·u[i] + b/dx-free offset: value = a·u + b for its half).
+pub fn chunk(t: QType, blk: &[u8], c: usize) -> Chunk {
+    let mut u = [0u8; 32];
+    let (a, b, signed);
+    match t {
+        QType::Q8_0 => {
+            let d = h(blk, 0);
+            u.copy_from_slice(&blk[2..34]);
+            (a, b, signed) = ([d, d], [0.0, 0.0], true);
+        }
+        QType::Q4_0 | QType::Q4_1 => {
+            let (d, qs) = (h(blk, 0), if t == QType::Q4_0 { 2 } else { 4 });
+            for i in 0..16 {
+                u[i] = blk[qs + i] & 15;
+                u[16 + i] = blk[qs + i] >> 4;
+            }
+            let off = if t == QType::Q4_0 {
+                -8.0 * d
+            } else {
+                h(blk, 2)
+            };
+            (a, b, signed) = ([d, d], [off, off], false);
+        }
+        QType::Q5_0 | QType::Q5_1 => {
+            let d = h(blk, 0);
+            let at = if t == QType::Q5_0 { 2 } else { 4 };
+            let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+            for i in 0..16 {
+                u[i] = (blk[at + 4 + i] & 15) | (((qh >> i) & 1) as u8) << 4;
+                u[16 + i] = (blk[at + 4 + i] >> 4) | (((qh >> (16 + i)) & 1) as u8) << 4;
+            }
+            let off = if t == QType::Q5_0 {
+                -16.0 * d
+            } else {
+                h(blk, 2)
+            };
+            (a, b, signed) = ([d, d], [off, off], false);
+        }
+        QType::Q2K => {
+            let (sc, qs) = (&blk[..16], &blk[16..80]);
+            let (d, dmin) = (h(blk, 80), h(blk, 82));
+            let (g, j) = (c / 4, c % 4);
+            for l in 0..32 {
+                u[l] = (qs[32 * g + l] >> (2 * j)) & 3;
+            }
+            let s = [sc[2 * c], sc[2 * c + 1]];
+            a = s.map(|s| d * (s & 15) as f32);
+            b = s.map(|s| -(dmin * (s >> 4) as f32));
+            signed = false;
+        }
+        QType::Q3K => {
+            let (hmask, qs, sc) = (&blk[..32], &blk[32..96], &blk[96..108]);
+            let d = h(blk, 108);
+            let (g, j) = (c / 4, c % 4);
+            for l in 0..32 {
+                let low = (qs[32 * g + l] >> (2 * j)) & 3;
+                let high = (hmask[l] >> c) & 1;
+                u[l] = low | high << 2;
+            }
+            let scale = |i: usize| {
+                let low = (sc[i % 8] >> (4 * (i / 8))) & 15;
+                let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+                d * ((low | high << 4) as i32 - 32) as f32
+            };
+            a = [scale(2 * c), scale(2 * c + 1)];
+            b = a.map(|x| -4.0 * x);
+            signed = false;
+        }
+        QType::Q4K | QType::Q5K => {
+            let (d, dmin) = (h(blk, 0), h(blk, 2));
+            let (sc, mn) = super::scales_mins_k(&blk[4..16]);
+            let (g, s) = (c / 2, c % 2);
+            let qs = if t == QType::Q4K { 16 } else { 48 };
+            for l in 0..32 {
+                u[l] = (blk[qs + 32 * g + l] >> (4 * s)) & 15;
+                if t == QType::Q5K {
+                    u[l] |= ((blk[16 + l] >> c) & 1) << 4;
+                }
+            }
+            let (x, m) = (d * sc[c] as f32, dmin * mn[c] as f32);
+            (a, b, signed) = ([x, x], [-m, -m], false);
+        }
+        QType::Q6K => {
+            let (ql, qh, sc) = (&blk[..128], &blk[128..192], &blk[192..208]);
+            let d = h(blk, 208);
+            let (g, j) = (c / 4, c % 4);
+            for l in 0..32 {
+                let low = (ql[64 * g + 32 * (j % 2) + l] >> (4 * (j / 2))) & 15;
+                let high = (qh[32 * g + l] >> (2 * j)) & 3;
+                u[l] = low | high << 4;
+            }
+            a = [d * sc[2 * c] as i8 as f32, d * sc[2 * c + 1] as i8 as f32];
+            b = a.map(|x| -32.0 * x);
+            signed = false;
+        }
+        QType::F32 | QType::F16 | QType::Bf16 => {
+            unreachable!("float weights take the float kernels")
+        }
+    }
+    Chunk { u, signed, a, b }
+}
+
+/// Whether quantized products handle this type (the block formats; floats have their own).
+pub fn is_block_type(t: QType) -> bool {
+    t.block() > 1
+}
+
+/// The dot product of one weight row (its bytes) with row `row` of `x`, plainly: the
+/// twin of the SIMD kernels.
+pub fn dot_plain(t: QType, w: &[u8], x: &Q8Rows, row: usize) -> f32 {
+    let per = chunks_per_block(t);
+    let first = row * x.cols / QK8;
+    let mut acc = 0.0f32;
+    for (bi, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
+        for c in 0..per {
+            let k = bi * per + c;
+            let ch = chunk(t, blk, c);
+            let q = &x.q[(first + k) * QK8..(first + k + 1) * QK8];
+            let mut s = [0i32; 2];
+            for (i, (&u, &qv)) in ch.u.iter().zip(q).enumerate() {
+                let w = if ch.signed { u as i8 as i32 } else { u as i32 };
+                s[i / 16] += w * qv as i32;
+            }
+            let xs = [x.sums[2 * (first + k)], x.sums[2 * (first + k) + 1]];
+            let part = ch.a[0] * s[0] as f32
+                + ch.a[1] * s[1] as f32
+                + ch.b[0] * xs[0] as f32
+                + ch.b[1] * xs[1] as f32;
+            acc += x.d[first + k] * part;
+        }
+    }
+    acc
+}
+
+/// The instruction set the quantized products use on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Plain,
+    Avx2,
+    Avx512Vnni,
+}
+
+/// The widest path this CPU offers (`QUILL_SIMD=scalar` forces the plain one).
+pub fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::super::simd::has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni") {
+            return Isa::Avx512Vnni;
+        }
+        if super::super::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Plain
+}
+
+/// y[i] = (row j of W) · (row i of x) for the rows i of `x` and one weight row `w`, written
+/// to `y[i * y_rs]`, on the path `isa`.
+pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+    let n = x.rows();
+    debug_assert!(n == 0 || y.len() > (n - 1) * y_rs);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // Safety: `isa()` found the features each path is compiled for.
+        Isa::Avx512Vnni => unsafe { x86::dot_rows_vnni(t, w, x, y, y_rs) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot_rows_avx2(t, w, x, y, y_rs) },
+        _ => {
+            for i in 0..n {
+                y[i * y_rs] = dot_plain(t, w, x, i);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! Every helper is `#[inline(always)]` so that it compiles inside the entry points'
+    //! target features, and the body is generic over the format (its GGML id) so that each
+    //! format's loop has its decoding inlined with no branch on the type.
+    use super::{chunks_per_block, Q8Rows, QType, QK8};
+    use std::arch::x86_64::*;
+
+    /// Rows of x whose dot products share one decoding of a weight chunk.
+    const XR: usize = 4;
+
+    const Q4_0: u32 = 2;
+    const Q4_1: u32 = 3;
+    const Q5_0: u32 = 6;
+    const Q5_1: u32 = 7;
+    const Q8_0: u32 = 8;
+    const Q2K: u32 = 10;
+    const Q3K: u32 = 11;
+    const Q4K: u32 = 12;
+    const Q5K: u32 = 13;
+    const Q6K: u32 = 14;
+
+    /// The f16 at `p`.
+    #[inline(always)]
+    unsafe fn h(p: *const u8) -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// 16 bytes at `p` as 32 nibbles: low nibbles first, then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles16(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(15);
+        let lo = _mm_and_si128(v, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Bits `shift`.. of each of 32 bytes, masked to `mask`.
+    #[inline(always)]
+    unsafe fn bits32(v: __m256i, shift: usize, mask: i8) -> __m256i {
+        let s = _mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32));
+        _mm256_and_si256(s, _mm256_set1_epi8(mask))
+    }
+
+    /// The 32 fifth bits of a Q5 block (bit i of `qh` → 0x10 in byte i).
+    #[inline(always)]
+    unsafe fn fifth_bits(qh: u32) -> __m256i {
+        let v = _mm256_set1_epi32(qh as i32);
+        // byte i takes byte i / 8 of qh
+        let spread = _mm256_shuffle_epi8(
+            v,
+            _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0x0000000000000000,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Sub-block `j`'s 6-bit scale and minimum from a K block's 12 packed bytes at `s`.
+    #[inline(always)]
+    unsafe fn scale_min_k(s: *const u8, j: usize) -> (u8, u8) {
+        if j < 4 {
+            (*s.add(j) & 63, *s.add(4 + j) & 63)
+        } else {
+            let (a, b, c) = (*s.add(j + 4), *s.add(j - 4), *s.add(j));
+            ((a & 15) | ((b >> 6) << 4), (a >> 4) | ((c >> 6) << 4))
+        }
+    }
+
+    /// A decoded chunk: 32 digits (signed for Q8_0), the scales of its halves and their
+    /// offsets.
+    struct Dec {
+        u: __m256i,
+        a: [f32; 2],
+        b: [f32; 2],
+    }
+
+    /// Chunk `c` of the block at `b`, in format `T`.
+    #[inline(always)]
+    unsafe fn decode<const T: u32>(b: *const u8, c: usize) -> Dec {
+        match T {
+            Q8_0 => {
+                let d = h(b);
+                let u = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                Dec {
+                    u,
+                    a: [d, d],
+                    b: [0.0; 2],
+                }
+            }
+            Q4_0 => {
+                let d = h(b);
+                Dec {
+                    u: nibbles16(b.add(2)),
+                    a: [d, d],
+                    b: [-8.0 * d; 2],
+                }
+            }
+            Q4_1 => {
+                let (d, m) = (h(b), h(b.add(2)));
+                Dec {
+                    u: nibbles16(b.add(4)),
+                    a: [d, d],
+                    b: [m, m],
+                }
+            }
+            Q5_0 | Q5_1 => {
+                let d = h(b);
+                let at = if T == Q5_0 { 2 } else { 4 };
+                let qh = (b.add(at) as *const u32).read_unaligned();
+                let u = _mm256_or_si256(nibbles16(b.add(at + 4)), fifth_bits(qh));
+                let off = if T == Q5_0 { -16.0 * d } else { h(b.add(2)) };
+                Dec {
+                    u,
+                    a: [d, d],
+                    b: [off, off],
+                }
+            }
+            Q4K | Q5K => {
+                let (sc, mn) = scale_min_k(b.add(4), c);
+                let (x, m) = (h(b) * sc as f32, h(b.add(2)) * mn as f32);
+                let qs = if T == Q4K { 16 } else { 48 };
+                let v = _mm256_loadu_si256(b.add(qs + 32 * (c / 2)) as *const __m256i);
+                let mut u = bits32(v, 4 * (c % 2), 15);
+                if T == Q5K {
+                    let qh = _mm256_loadu_si256(b.add(16) as *const __m256i);
+                    u = _mm256_or_si256(u, _mm256_slli_epi16(bits32(qh, c, 1), 4));
+                }
+                Dec {
+                    u,
+                    a: [x, x],
+                    b: [-m, -m],
+                }
+            }
+            Q6K => {
+                let d = h(b.add(208));
+                let (g, j) = (c / 4, c % 4);
+                let ql = _mm256_loadu_si256(b.add(64 * g + 32 * (j % 2)) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * g) as *const __m256i);
+                let low = bits32(ql, 4 * (j / 2), 15);
+                let high = _mm256_slli_epi16(bits32(qh, 2 * j, 3), 4);
+                let sc = b.add(192 + 2 * c) as *const i8;
+                let a = [d * *sc as f32, d * *sc.add(1) as f32];
+                Dec {
+                    u: _mm256_or_si256(low, high),
+                    a,
+                    b: a.map(|x| -32.0 * x),
+                }
+            }
+            Q2K => {
+                let (d, dmin) = (h(b.add(80)), h(b.add(82)));
+                let (g, j) = (c / 4, c % 4);
+                let v = _mm256_loadu_si256(b.add(16 + 32 * g) as *const __m256i);
+                let s = [*b.add(2 * c), *b.add(2 * c + 1)];
+                Dec {
+                    u: bits32(v, 2 * j, 3),
+                    a: s.map(|s| d * (s & 15) as f32),
+                    b: s.map(|s| -(dmin * (s >> 4) as f32)),
+                }
+            }
+            Q3K => {
+                let d = h(b.add(108));
+                let (g, j) = (c / 4, c % 4);
+                let v = _mm256_loadu_si256(b.add(32 + 32 * g) as *const __m256i);
+                let hm = _mm256_loadu_si256(b as *const __m256i);
+                let high = _mm256_slli_epi16(bits32(hm, c, 1), 2);
+                let sc = b.add(96);
+                let scale = |i: usize| {
+                    let low = (*sc.add(i % 8) >> (4 * (i / 8))) & 15;
+                    let high = (*sc.add(8 + i % 4) >> (2 * (i / 4))) & 3;
+                    d * ((low | high << 4) as i32 - 32) as f32
+                };
+                let a = [scale(2 * c), scale(2 * c + 1)];
+                Dec {
+                    u: _mm256_or_si256(bits32(v, 2 * j, 3), high),
+                    a,
+                    b: a.map(|x| -4.0 * x),
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Whether the format's two halves of a chunk have scales of their own.
+    const fn split(t: u32) -> bool {
+        matches!(t, Q2K | Q3K | Q6K)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The AVX2 body: each chunk's halves widened to 16 bits, multiplied by the activations
+    /// and summed in pairs (`vpmaddwd`), scaled and added into f32 accumulators.
+    #[inline(always)]
+    unsafe fn body_avx2<const T: u32>(w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+        let t = QType::from_ggml(T).expect("a block type");
+        let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
+        let chunks_row = x.cols / QK8;
+        let mut i0 = 0;
+        while i0 < n {
+            let m = (n - i0).min(XR);
+            let mut acc = [_mm256_setzero_ps(); XR];
+            let mut off = [0.0f32; XR];
+            for bi in 0..w.len() / bb {
+                let b = w.as_ptr().add(bi * bb);
+                for c in 0..per {
+                    let dec = decode::<T>(b, c);
+                    let (lo, hi) = (
+                        _mm256_castsi256_si128(dec.u),
+                        _mm256_extracti128_si256(dec.u, 1),
+                    );
+                    let (u0, u1) = if T == Q8_0 {
+                        (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
+                    } else {
+                        (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+                    };
+                    let k = bi * per + c;
+                    for r in 0..m {
+                        let xc = (i0 + r) * chunks_row + k;
+                        let q = x.q.as_ptr().add(xc * QK8) as *const __m256i;
+                        let p0 = _mm256_madd_epi16(u0, _mm256_loadu_si256(q));
+                        let p1 = _mm256_madd_epi16(u1, _mm256_loadu_si256(q.add(1)));
+                        let dx = *x.d.get_unchecked(xc);
+                        if split(T) {
+                            let s0 = _mm256_set1_ps(dec.a[0] * dx);
+                            let s1 = _mm256_set1_ps(dec.a[1] * dx);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc[r]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc[r]);
+                        } else {
+                            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+                            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dec.a[0] * dx), acc[r]);
+                        }
+                        let xs = x.xs.as_ptr().add(2 * xc);
+                        off[r] += dec.b[0] * *xs + dec.b[1] * *xs.add(1);
+                    }
+                }
+            }
+            for r in 0..m {
+                *y.get_unchecked_mut((i0 + r) * y_rs) = hsum(acc[r]) + off[r];
+            }
+            i0 += m;
+        }
+    }
+
+    /// The AVX-512 body: a chunk's 32 digits widened into one register, their products with
+    /// the 32 activations in 16 i32 lanes (lanes 0–7 the first half: `vpdpwssd`), scaled into
+    /// f32 accumulators.
+    #[inline(always)]
+    unsafe fn body_avx512<const T: u32>(w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+        let t = QType::from_ggml(T).expect("a block type");
+        let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
+        let chunks_row = x.cols / QK8;
+        let mut i0 = 0;
+        while i0 < n {
+            let m = (n - i0).min(XR);
+            let mut acc = [_mm512_setzero_ps(); XR];
+            let mut off = [0.0f32; XR];
+            for bi in 0..w.len() / bb {
+                let b = w.as_ptr().add(bi * bb);
+                for c in 0..per {
+                    let dec = decode::<T>(b, c);
+                    let u = if T == Q8_0 {
+                        _mm512_cvtepi8_epi16(dec.u)
+                    } else {
+                        _mm512_cvtepu8_epi16(dec.u)
+                    };
+                    let av = if split(T) {
+                        _mm512_castsi512_ps(_mm512_inserti64x4(
+                            _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0]))),
+                            _mm256_castps_si256(_mm256_set1_ps(dec.a[1])),
+                            1,
+                        ))
+                    } else {
+                        _mm512_set1_ps(dec.a[0])
+                    };
+                    let k = bi * per + c;
+                    for r in 0..m {
+                        let xc = (i0 + r) * chunks_row + k;
+                        let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * QK8) as *const _);
+                        let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), u, q);
+                        let scale = _mm512_mul_ps(av, _mm512_set1_ps(*x.d.get_unchecked(xc)));
+                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+                        let xs = x.xs.as_ptr().add(2 * xc);
+                        off[r] += dec.b[0] * *xs + dec.b[1] * *xs.add(1);
+                    }
+                }
+            }
+            for r in 0..m {
+                *y.get_unchecked_mut((i0 + r) * y_rs) = _mm512_reduce_add_ps(acc[r]) + off[r];
+            }
+            i0 += m;
+        }
+    }
+
+    /// `$body::<id>(args)` for the format `$t`.
+    macro_rules! per_type {
+        ($t:expr, $body:ident, $($a:expr),*) => {
+            match $t {
+                QType::Q4_0 => $body::<Q4_0>($($a),*),
+                QType::Q4_1 => $body::<Q4_1>($($a),*),
+                QType::Q5_0 => $body::<Q5_0>($($a),*),
+                QType::Q5_1 => $body::<Q5_1>($($a),*),
+                QType::Q8_0 => $body::<Q8_0>($($a),*),
+                QType::Q2K => $body::<Q2K>($($a),*),
+                QType::Q3K => $body::<Q3K>($($a),*),
+                QType::Q4K => $body::<Q4K>($($a),*),
+                QType::Q5K => $body::<Q5K>($($a),*),
+                QType::Q6K => $body::<Q6K>($($a),*),
+                QType::F32 | QType::F16 | QType::Bf16 => unreachable!("a block type"),
+            }
+        };
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `w` is whole blocks of `t` for a row of `x.cols`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows_avx2(t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+        per_type!(t, body_avx2, w, x, y, y_rs)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL) with VNNI, AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_rows_vnni(t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+        per_type!(t, body_avx512, w, x, y, y_rs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::dequantize;
+    use super::*;
+    use crate::rng::Rng;
+
+    pub const BLOCK_TYPES: [QType; 10] = [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q5_1,
+        QType::Q8_0,
+        QType::Q2K,
+        QType::Q3K,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+    ];
+
+    /// Byte offsets of each format's f16 scales.
+    fn scale_offsets(t: QType) -> &'static [usize] {
+        match t {
+            QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => &[0, 2],
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => &[0],
+            QType::Q2K => &[80, 82],
+            QType::Q3K => &[108],
+            QType::Q6K => &[208],
+            _ => &[],
+        }
+    }
+
+    /// `rows` rows of `cols` numbers of random blocks (random digits and sub-scales, finite
+    /// f16 scales of either sign).
+    pub fn random_weights(t: QType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+        let n = rows * cols / t.block();
+        let mut b: Vec<u8> = (0..n * t.block_bytes())
+            .map(|_| rng.below(256) as u8)
+            .collect();
+        for blk in b.chunks_exact_mut(t.block_bytes()) {
+            for &at in scale_offsets(t) {
+                let d = half::f16::from_f32((rng.uniform() as f32 - 0.5) * 0.1);
+                blk[at..at + 2].copy_from_slice(&d.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    fn random_x(n: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                // a few chunks of zeros and of one large value
+                if i % 97 < 32 && i % 3 == 0 {
+                    0.0
+                } else {
+                    (rng.normal() * if i % 41 == 0 { 8.0 } else { 1.0 }) as f32
+                }
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Plain];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f16c = std::arch::is_x86_feature_detected!("f16c");
+            if crate::kernels::simd::has_avx2() && f16c {
+                v.push(Isa::Avx2);
+            }
+            if isa() == Isa::Avx512Vnni {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+        eprintln!("quantized product paths tested: {v:?}");
+        v
+    }
+
+    /// Each chunk's digits and constants give the numbers `dequantize` gives.
+    #[test]
+    fn chunks_decode_to_the_dequantized_numbers() {
+        let mut rng = Rng::new(1);
+        for t in BLOCK_TYPES {
+            let w = random_weights(t, 2, 2 * t.block(), &mut rng);
+            let mut want = vec![0.0; 4 * t.block()];
+            dequantize(t, &w, &mut want);
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (bi, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
+                for c in 0..chunks_per_block(t) {
+                    let ch = chunk(t, blk, c);
+                    for (i, &u) in ch.u.iter().enumerate() {
+                        let digit = if ch.signed { u as i8 as f32 } else { u as f32 };
+                        let got = ch.a[i / 16] * digit + ch.b[i / 16];
+                        let w = want[bi * t.block() + c * QK8 + i];
+                        assert!((got - w).abs() <= 1e-6 * scale, "{t:?} {got} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The plain dot product is the float64 product of the dequantized weights with the
+    /// dequantized activations; each SIMD path equals the plain one to rounding; and the
+    /// activation quantization costs at most half a step per number.
+    #[test]
+    fn simd_and_plain_products_agree_with_float64_on_awkward_sizes() {
+        let mut rng = Rng::new(2);
+        let paths = isas();
+        for t in BLOCK_TYPES {
+            let col_choices: &[usize] = if t.block() == 32 {
+                &[32, 160, 544]
+            } else {
+                &[256, 768]
+            };
+            for &cols in col_choices {
+                for n in [1, 3, 4, 5, 9] {
+                    let out = 3;
+                    let w = random_weights(t, out, cols, &mut rng);
+                    let x = random_x(n * cols, &mut rng);
+                    let mut xq = Q8Rows::default();
+                    xq.quantize(&x, cols);
+                    assert_eq!(xq.rows(), n);
+                    let rb = w.len() / out;
+                    let mut wd = vec![0.0; out * cols];
+                    dequantize(t, &w, &mut wd);
+                    for j in 0..out {
+                        let wrow = &wd[j * cols..(j + 1) * cols];
+                        for &p in &paths {
+                            let mut y = vec![f32::NAN; n * 2];
+                            dot_rows(p, t, &w[j * rb..(j + 1) * rb], &xq, &mut y, 2);
+                            for i in 0..n {
+                                let (mut exact, mut deq, mut mag, mut bound) = (0.0, 0.0, 0.0, 0.0);
+                                for k in 0..cols {
+                                    let dx = xq.d[(i * cols + k) / QK8] as f64;
+                                    let xv = x[i * cols + k] as f64;
+                                    let qv = xq.q[i * cols + k] as f64 * dx;
+                                    exact += wrow[k] as f64 * xv;
+                                    deq += wrow[k] as f64 * qv;
+                                    mag += (wrow[k] as f64 * qv).abs();
+                                    bound += (wrow[k] as f64).abs() * dx * 0.5;
+                                }
+                                let got = y[2 * i] as f64;
+                                let tol = 2e-6 * mag + 1e-7;
+                                assert!(
+                                    (got - deq).abs() <= tol,
+                                    "{t:?} {p:?} cols {cols} n {n}: {got} vs {deq}"
+                                );
+                                assert!((got - exact).abs() <= bound * 1.01 + tol);
+                                assert!(y[2 * i + 1].is_nan(), "wrote outside its stride");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activations_quantize_to_the_nearest_step() {
+        let mut rng = Rng::new(3);
+        let x = random_x(3 * 64, &mut rng);
+        let mut q = Q8Rows::default();
+        q.quantize(&x, 64);
+        for (c, xs) in x.chunks(32).enumerate() {
+            let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert_eq!(q.d[c], amax / 32767.0);
+            for (i, &v) in xs.iter().enumerate() {
+                let qv = q.q[c * 32 + i] as f32;
+                assert!(qv.abs() <= 32767.0);
+                if q.d[c] > 0.0 {
+                    assert!((qv - v / q.d[c]).abs() <= 0.5 + 1e-4);
+                } else {
+                    assert_eq!(qv, 0.0);
+                }
+            }
+            let s: i32 = q.q[c * 32..c * 32 + 16].iter().map(|&v| v as i32).sum();
+            assert_eq!(q.sums[2 * c], s);
+        }
+    }
+}
