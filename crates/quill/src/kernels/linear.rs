@@ -92,7 +92,8 @@ pub fn linear(
         return;
     }
     if let MatRef::Quant { bytes, qtype } = w {
-        return quant_linear(y, y_rs, &x[..n * inp], (bytes, qtype), out);
+        let part = QPart { bytes, qtype };
+        return quant_linear(y, y_rs, &x[..n * inp], inp, &[part]);
     }
     if n == 1 {
         return matvec(&mut y[..out], &x[..inp], w, inp);
@@ -159,18 +160,38 @@ thread_local! {
 /// Weight rows per parallel task of the quantized product.
 const QUANT_ROWS: usize = 16;
 
-/// y = x · Wᵀ with W quantized: x's rows quantized to int8 per 32 numbers, then integer
-/// block dot products (see [`super::quant::dot`]); weight rows split over the threads.
-fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], w: (&[u8], QType), out: usize) {
-    let (bytes, t) = w;
-    let rb = bytes.len() / out;
-    let inp = rb / t.block_bytes() * t.block();
+/// One quantized matrix [rows, in] of a product whose matrices are stacked (q | k | v).
+#[derive(Clone, Copy, Debug)]
+pub struct QPart<'a> {
+    pub bytes: &'a [u8],
+    pub qtype: QType,
+}
+
+impl QPart<'_> {
+    fn row_bytes(&self, inp: usize) -> usize {
+        inp / self.qtype.block() * self.qtype.block_bytes()
+    }
+}
+
+/// y = x · [W₀; W₁; …]ᵀ for quantized matrices stacked by rows (each part's outputs follow
+/// the previous part's, at row stride `y_rs`): x's rows quantized once, to int16 per 32
+/// numbers, then integer block dot products (see [`super::quant::dot`]); the rows of all the
+/// parts split over the threads in one parallel pass.
+pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
+    assert!(parts.len() <= 8, "at most 8 stacked parts");
     let path = isa();
     Q8.with(|q8| {
         let mut xq = q8.borrow_mut();
-        xq.quantize(x, inp);
+        xq.quantize(x, cols);
         let n = xq.rows();
         let xq = &*xq;
+        // where each part's rows start, in output columns
+        let mut starts = [0usize; 9];
+        for (i, p) in parts.iter().enumerate() {
+            starts[i + 1] = starts[i] + p.bytes.len() / p.row_bytes(cols);
+        }
+        let out = starts[parts.len()];
+        assert!(n == 0 || (out <= y_rs && y.len() >= (n - 1) * y_rs + out));
         let yp = SendPtr(y.as_mut_ptr());
         let ylen = y.len();
         (0..out.div_ceil(QUANT_ROWS))
@@ -178,11 +199,13 @@ fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], w: (&[u8], QType), out: u
             .for_each(|task| {
                 let j0 = task * QUANT_ROWS;
                 for j in j0..(j0 + QUANT_ROWS).min(out) {
-                    // Safety: column j of rows 0..n lies inside y (asserted by the caller) and
-                    // only this task writes it.
+                    let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
+                    let (p, r) = (&parts[pi], j - starts[pi]);
+                    let rb = p.row_bytes(cols);
+                    // Safety: column j of rows 0..n lies inside y (asserted above) and only
+                    // this task writes it.
                     let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), ylen - j) };
-                    debug_assert!(n == 0 || (n - 1) * y_rs < yj.len());
-                    dot_rows(path, t, &bytes[j * rb..(j + 1) * rb], xq, yj, y_rs);
+                    dot_rows(path, p.qtype, &p.bytes[r * rb..(r + 1) * rb], xq, yj, y_rs);
                 }
             });
     });

@@ -9,7 +9,7 @@
 //! [`Linear::infer`], and no model code changes.
 
 use super::params::View;
-use crate::kernels::linear::{self, MatRef};
+use crate::kernels::linear::{self, MatRef, QPart};
 use crate::kernels::matmul::{matmul, matmul_fused, Accumulate, Fused, Operand, Precision};
 use crate::kernels::quant::QType;
 use crate::kernels::reduce;
@@ -122,6 +122,11 @@ impl Weight {
     /// Whether the numbers live outside the f32 parameter buffer (a memory map, or quantized).
     pub fn is_mapped(&self) -> bool {
         !matches!(self.storage, Storage::Params(_))
+    }
+
+    /// Whether the numbers are block-quantized.
+    pub fn quantized(&self) -> bool {
+        matches!(self.storage, Storage::Quant { .. })
     }
 
     /// The stored numbers, in their stored precision and layout.
@@ -377,10 +382,34 @@ impl Linear {
                 fused,
             );
         }
-        let mut col = 0;
-        for part in &self.parts {
-            part.infer(params, &mut y[col..], out, x, scratch);
-            col += part.rows;
+        let stacked = self.parts.len() > 1 && self.parts.iter().all(|p| p.quantized());
+        if stacked {
+            // q | k | v or gate | up in one parallel pass over one quantization of x
+            let mut parts = [None; 8];
+            for (slot, p) in parts.iter_mut().zip(&self.parts) {
+                if let MatRef::Quant { bytes, qtype } = p.mat(params) {
+                    *slot = Some(QPart { bytes, qtype });
+                }
+            }
+            let parts: [QPart; 8] = parts.map(|p| {
+                p.unwrap_or(QPart {
+                    bytes: &[],
+                    qtype: QType::Q8_0,
+                })
+            });
+            linear::quant_linear(
+                y,
+                out,
+                &x[..n * self.cols],
+                self.cols,
+                &parts[..self.parts.len()],
+            );
+        } else {
+            let mut col = 0;
+            for part in &self.parts {
+                part.infer(params, &mut y[col..], out, x, scratch);
+                col += part.rows;
+            }
         }
         if let Some(b) = self.bias {
             let b = b.of(params);

@@ -536,6 +536,25 @@ mod x86 {
         let t = QType::from_ggml(T).expect("a block type");
         let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
         let chunks_row = x.cols / QK8;
+        if n == 1 {
+            // one row (decoding): two chunks at a time into two accumulators, so that the
+            // additions of one chunk do not wait for the previous one's
+            let total = w.len() / bb * per;
+            let (mut acc, mut off) = ([_mm512_setzero_ps(); 2], [0.0f32; 2]);
+            let mut k = 0;
+            while k < total {
+                for (lane, kk) in [k, k + 1].into_iter().enumerate() {
+                    if kk < total {
+                        let dec = decode::<T>(w.as_ptr().add(kk / per * bb), kk % per);
+                        off[lane] += chunk_avx512::<T>(&dec, x, kk, &mut acc[lane]);
+                    }
+                }
+                k += 2;
+            }
+            *y.get_unchecked_mut(0) =
+                _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (off[0] + off[1]);
+            return;
+        }
         let mut i0 = 0;
         while i0 < n {
             let m = (n - i0).min(XR);
@@ -576,6 +595,37 @@ mod x86 {
             }
             i0 += m;
         }
+    }
+
+    /// Adds one chunk's scaled products against activation chunk `xc` into `acc` (16 lanes);
+    /// returns its offset term.
+    #[inline(always)]
+    unsafe fn chunk_avx512<const T: u32>(
+        dec: &Dec,
+        x: &Q8Rows,
+        xc: usize,
+        acc: &mut __m512,
+    ) -> f32 {
+        let u = if T == Q8_0 {
+            _mm512_cvtepi8_epi16(dec.u)
+        } else {
+            _mm512_cvtepu8_epi16(dec.u)
+        };
+        let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * QK8) as *const _);
+        let p = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), u, q));
+        let dx = *x.d.get_unchecked(xc);
+        let scale = if split(T) {
+            _mm512_castsi512_ps(_mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0] * dx))),
+                _mm256_castps_si256(_mm256_set1_ps(dec.a[1] * dx)),
+                1,
+            ))
+        } else {
+            _mm512_set1_ps(dec.a[0] * dx)
+        };
+        let xs = x.xs.as_ptr().add(2 * xc);
+        *acc = _mm512_fmadd_ps(p, scale, *acc);
+        dec.b[0] * *xs + dec.b[1] * *xs.add(1)
     }
 
     /// `$body::<id>(args)` for the format `$t`.
