@@ -350,8 +350,9 @@ pub fn matvec(y: &mut [f32], x: &[f32], w: MatRef<'_>, inp: usize) {
         match w {
             MatRef::F32(w) => dots_f32(ys, &w[r0 * inp..r1 * inp], x),
             MatRef::Bf16(w) => dots_bf16(ys, &w[r0 * inp..r1 * inp], x),
+            MatRef::F16(w) => dots_f16(ys, &w[r0 * inp..r1 * inp], x),
             // converted a row at a time (`linear` sends quantized weights to `quant_linear`)
-            MatRef::F16(_) | MatRef::Quant { .. } => {
+            MatRef::Quant { .. } => {
                 let mut row = vec![0.0f32; inp];
                 for (i, yv) in ys.iter_mut().enumerate() {
                     w.row_into(r0 + i, inp, &mut row);
@@ -422,6 +423,55 @@ multiversion! {
     }
 }
 
+/// y[r] = (row r of the f16 matrix w) · x: 16 weights converted at a time by F16C.
+fn dots_f16(y: &mut [f32], w: &[u16], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() && std::arch::is_x86_feature_detected!("f16c") {
+        // Safety: AVX-512F and F16C are present; rows are whole (checked by `matvec`).
+        return unsafe { dots_f16_avx512(y, w, x) };
+    }
+    let inp = x.len();
+    for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+        *yv = row
+            .iter()
+            .zip(x)
+            .map(|(&h, &xv)| half::f16::from_bits(h).to_f32() * xv)
+            .sum();
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512F and F16C; `w` holds `y.len()` rows of `x.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn dots_f16_avx512(y: &mut [f32], w: &[u16], x: &[f32]) {
+    use std::arch::x86_64::*;
+    let inp = x.len();
+    let full = inp - inp % LANES;
+    for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut k = 0;
+        while k + 2 * LANES <= full {
+            let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i));
+            let w1 = _mm512_cvtph_ps(_mm256_loadu_si256(
+                row.as_ptr().add(k + LANES) as *const __m256i
+            ));
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(k)), a0);
+            a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.as_ptr().add(k + LANES)), a1);
+            k += 2 * LANES;
+        }
+        if k < full {
+            let w0 = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(k) as *const __m256i));
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(k)), a0);
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        for i in full..inp {
+            sum += half::f16::from_bits(row[i]).to_f32() * x[i];
+        }
+        *yv = sum;
+    }
+}
+
 multiversion! {
     fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
         let inp = x.len();
@@ -476,6 +526,8 @@ mod tests {
             (1, 1, 1),
             (1, 17, 5),
             (1, 33, 130),
+            (1, 48, 3),
+            (1, 1000, 70),
             (3, 7, 9),
             (5, 40, 300),
             (2, 1000, 70),
