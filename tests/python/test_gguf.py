@@ -200,3 +200,32 @@ def test_smollm2_quantized_greedy_text_agrees_with_the_dequantized_twin(prompt):
         best = int(row.argmax())
         # a tie within rounding is not a disagreement
         assert step["chosen"] == best or row[best] - row[step["chosen"]] < 1e-3, (prompt, k)
+
+
+def test_perplexity_matches_transformers_chunk_by_chunk(tmp_path):
+    """`quill perplexity` (llama-perplexity's chunks: the second half of each chunk scored) on
+    a Llama GGUF, dequantized twin and quantized path, against transformers' log-softmax over
+    the same chunks. The tiny models' vocabulary is the 256 bytes, so the ids are the bytes."""
+    path = tmp_path / "llama-tiny-Q8_0.gguf"
+    write(FIXTURES / "llama-tiny", path, "Q8_0")
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:700]
+    (tmp_path / "t.txt").write_text(text)
+    ids = list(text.encode())
+    n = 64
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    nll = []
+    with torch.no_grad():
+        for c in range(len(ids) // n):
+            chunk = torch.tensor([ids[c * n:(c + 1) * n]])
+            lp = torch.log_softmax(m(chunk).logits[0].double(), -1)
+            nll += [-lp[i - 1, chunk[0, i]].item() for i in range(n // 2, n)]
+    want = float(np.exp(np.mean(nll)))
+    for flags, tol in [(["--dequantize"], 1e-5), ([], 1e-3)]:
+        r = json.loads(quill("perplexity", "--model", path, "--file", tmp_path / "t.txt", "--context", n,
+                             "--json", *flags).stdout)
+        assert r["chunks"] == len(ids) // n and r["scored_tokens"] == r["chunks"] * n // 2
+        assert abs(r["perplexity"] - want) < tol * want, (flags, r["perplexity"], want)
+        bpb = np.sum(nll) / np.log(2) / r["scored_tokens"]  # one byte per token
+        assert abs(r["bits_per_byte"] - bpb) < tol * bpb
+    bad = quill("perplexity", "--model", path, "--file", tmp_path / "missing.txt", check=False)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1

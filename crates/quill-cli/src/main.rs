@@ -46,6 +46,9 @@ enum Command {
     Logits(LogitsArgs),
     /// Print each token's log-probability under a model, the mean loss and bits per byte.
     Score(ScoreArgs),
+    /// Perplexity and bits per byte of a text file (llama-perplexity's chunks: the second half
+    /// of each context-long chunk is scored).
+    Perplexity(PerplexityArgs),
     /// Tokenize text and JSONL corpora into token shards for `quill train --data DIR` (streaming).
     Prepare(PrepareArgs),
     /// Print the token ids of a text as JSON {"ids": [...]}.
@@ -363,6 +366,31 @@ struct LogitsArgs {
 }
 
 #[derive(clap::Args)]
+struct PerplexityArgs {
+    /// Model folder, GGUF file, or llama2.c checkpoint (.bin, with --tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// UTF-8 text file to measure on.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per chunk [default: 512, or the model's context if shorter].
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Score only the first N chunks (0: all).
+    #[arg(long, default_value_t = 0)]
+    chunks: usize,
+    /// Convert a GGUF file's quantized weights to f32 first (the plain twin).
+    #[arg(long)]
+    dequantize: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct ScoreArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c
     /// checkpoint (.bin, with --tokenizer).
@@ -449,6 +477,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Explain(a) => run_explain(a),
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
+        Command::Perplexity(a) => run_perplexity(a),
         Command::Prepare(a) => run_prepare(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::Detokenize(a) => run_detokenize(a),
@@ -910,6 +939,41 @@ fn run_score(a: ScoreArgs) -> Result<()> {
         );
         println!("mean loss: {mean:.4} nats/token");
         println!("bits per byte: {bpb:.4}");
+    }
+    Ok(())
+}
+
+fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let model = match a.dequantize {
+        true => quill::io::load_model_dequantized(&a.model)?,
+        false => o.model,
+    };
+    let text = read_utf8(&a.file)?;
+    let mut ids = o.tok.encode(&text)?;
+    let n = a.context.min(model.context());
+    if a.chunks > 0 {
+        ids.truncate(a.chunks.saturating_mul(n).max(n.min(ids.len())));
+    }
+    let quiet = a.json;
+    let p = quill::sample::perplexity(&model, &ids, &o.tok.token_bytes(), n, |done, all, loss| {
+        if !quiet {
+            eprint!("\rchunk {done}/{all}: perplexity {:.4}", loss.exp());
+        }
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"perplexity": p.perplexity, "mean_loss": p.mean_loss,
+                "bits_per_byte": p.bits_per_byte, "chunks": p.chunks,
+                "scored_tokens": p.scored_tokens, "context": n})
+        );
+    } else {
+        eprintln!();
+        println!(
+            "perplexity {:.4}  ({:.4} nats/token, {:.4} bits per byte; {} chunks of {n} tokens, {} tokens scored)",
+            p.perplexity, p.mean_loss, p.bits_per_byte, p.chunks, p.scored_tokens
+        );
     }
     Ok(())
 }

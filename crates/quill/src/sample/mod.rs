@@ -19,4 +19,4 @@ pub use generate::{generate, GenerateEvent, Stop};
 pub use sampler::{
     argmax, log_softmax_at, logsumexp, top_logprobs, Draw, Sampler, SamplingParams, Top,
 };
-pub use score::{score, Score};
+pub use score::{perplexity, score, Perplexity, Score};

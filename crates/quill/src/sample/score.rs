@@ -43,3 +43,56 @@ pub fn score(model: &Model, ids: &[u32], token_bytes: &[u32]) -> Result<Score> {
         tokens,
     })
 }
+
+/// A text's perplexity, measured as llama.cpp's `llama-perplexity` measures it: the tokens are
+/// cut into consecutive chunks of the context length, and in each chunk only the second half
+/// is scored (each of those tokens then has at least half a context before it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Perplexity {
+    pub chunks: usize,
+    pub scored_tokens: usize,
+    /// Mean −ln p over the scored tokens, and its exponential.
+    pub mean_loss: f64,
+    pub perplexity: f64,
+    /// Σ −log₂ p / the UTF-8 bytes the scored tokens stand for.
+    pub bits_per_byte: f64,
+}
+
+/// The perplexity of `ids` in chunks of `context` tokens (a text shorter than one chunk is
+/// one chunk); `on_chunk(done, total, mean loss so far)` reports progress.
+pub fn perplexity(
+    model: &Model,
+    ids: &[u32],
+    token_bytes: &[u32],
+    context: usize,
+    mut on_chunk: impl FnMut(usize, usize, f64),
+) -> Result<Perplexity> {
+    let n = context.min(model.context()).min(ids.len());
+    if n < 4 {
+        return Err(Error::Input(format!(
+            "perplexity needs a text of at least 4 tokens and a context of at least 4 (got {} tokens, context {context})",
+            ids.len()
+        )));
+    }
+    let chunks = ids.len() / n;
+    let (mut nats, mut bytes, mut scored) = (0.0f64, 0u64, 0usize);
+    for c in 0..chunks {
+        let chunk = &ids[c * n..(c + 1) * n];
+        let s = score(model, chunk, token_bytes)?;
+        // s.tokens[i] predicts position i + 1: keep positions n/2 ..
+        for &(id, lp) in &s.tokens[n / 2 - 1..] {
+            nats -= lp;
+            bytes += token_bytes.get(id as usize).copied().unwrap_or(0) as u64;
+            scored += 1;
+        }
+        on_chunk(c + 1, chunks, nats / scored as f64);
+    }
+    let mean_loss = nats / scored as f64;
+    Ok(Perplexity {
+        chunks,
+        scored_tokens: scored,
+        mean_loss,
+        perplexity: mean_loss.exp(),
+        bits_per_byte: nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
+    })
+}

@@ -119,8 +119,15 @@ impl CharTokenizer {
             .get("vocab")
             .and_then(Value::as_object)
             .is_some_and(|voc| !voc.is_empty() && voc.keys().all(|k| k.chars().count() == 1));
+        // a byte-level vocabulary without merges (every token one byte) is not one
+        let byte_level = v
+            .get("decoder")
+            .and_then(|d| d.get("type"))
+            .and_then(Value::as_str)
+            == Some("ByteLevel");
         merges_empty
             && single_chars
+            && !byte_level
             && v.get("added_tokens")
                 .and_then(Value::as_array)
                 .is_none_or(|a| a.is_empty())
