@@ -229,3 +229,47 @@ def test_perplexity_matches_transformers_chunk_by_chunk(tmp_path):
         assert abs(r["bits_per_byte"] - bpb) < tol * bpb
     bad = quill("perplexity", "--model", path, "--file", tmp_path / "missing.txt", check=False)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_sentencepiece_vocabulary_in_a_gguf_matches_transformers(tmp_path):
+    """A `tokenizer.ggml.model = llama` (SentencePiece) vocabulary: llama2.c's tok512 (scores,
+    byte tokens <0xNN>, <s>/</s>) written into a GGUF; `quill tokenize` and `detokenize` on it
+    against transformers' AutoTokenizer on the same file (BOS added, bytes for unknown
+    characters)."""
+    import struct
+    import gguf
+    from transformers import AutoTokenizer
+    raw = (FIXTURES / "stories260K" / "tok512.bin").read_bytes()
+    at, tokens, scores = 4, [], []
+    while at < len(raw):
+        score, n = struct.unpack_from("<fi", raw, at)
+        tokens.append(raw[at + 8:at + 8 + n].decode("utf-8"))
+        scores.append(score)
+        at += 8 + n
+    types = [2 if i == 0 else 3 if i in (1, 2) else 6 if tokens[i].startswith("<0x") else 1
+             for i in range(len(tokens))]
+    path = tmp_path / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("placeholder", np.zeros(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ["Once upon a time, there was a little girl named Lily.", "Hello world", "  two  spaces",
+                 "new\nline", "Zürich ☃ 日本", "", "a"]:
+        # `quill tokenize` adds no BOS (prompts get it, as tok(text) does)
+        got = json.loads(quill("tokenize", "--tokenizer", path, "--text", text).stdout)["ids"]
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        assert got == want, (text, got, want)
+        assert tok(text)["input_ids"] == [1] + want
+        if got:
+            back = quill("detokenize", "--tokenizer", path, "--ids", ",".join(map(str, got))).stdout
+            assert back.rstrip("\n") == tok.decode(want), (text, back)

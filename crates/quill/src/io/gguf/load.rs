@@ -472,10 +472,12 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
             "the file holds no tokenizer (tokenizer.ggml.model)",
         )
     })?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(Error::format(
             &g.path,
-            format!("tokenizer.ggml.model {model:?} is not supported yet (gpt2: byte-level BPE)"),
+            format!(
+                "tokenizer.ggml.model {model:?} is not supported (gpt2: byte-level BPE; llama: SentencePiece)"
+            ),
         ));
     }
     let tokens_arr = g
@@ -496,21 +498,16 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
             ),
         ));
     }
-    let merges: Vec<&str> = match g.array_opt("tokenizer.ggml.merges", ValueType::String)? {
-        Some(a) => g.strings(a).collect(),
-        None => Vec::new(),
-    };
-    let pre_name = g.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
-    let pre = pre_tokenizer(pre_name).ok_or_else(|| {
-        Error::format(
-            &g.path,
-            format!("tokenizer.ggml.pre {pre_name:?} is not supported (default, gpt2, smollm, llama-bpe, qwen2, …)"),
-        )
-    })?;
+    let spm = model == "llama";
     let mut vocab = Map::new();
     let mut added = Vec::new();
     for (id, (&t, &ty)) in tokens.iter().zip(&types).enumerate() {
-        vocab.entry(t.to_string()).or_insert(json!(id));
+        if spm {
+            // as transformers builds it: a repeated piece keeps its last id
+            vocab.insert(t.to_string(), json!(id));
+        } else {
+            vocab.entry(t.to_string()).or_insert(json!(id));
+        }
         if ty == CONTROL || ty == USER_DEFINED {
             added.push(
                 json!({"id": id, "content": t, "single_word": false, "lstrip": false,
@@ -524,7 +521,8 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
             .map(|s| s.to_string()))
     };
     let bos = token_at("tokenizer.ggml.bos_token_id")?;
-    let add_bos = g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+    let add_bos = g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(spm);
     let post = match (&bos, add_bos) {
         (Some(b), true) => {
             let id = g.usize("tokenizer.ggml.bos_token_id")?;
@@ -536,15 +534,58 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
         }
         _ => Value::Null,
     };
-    let json = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": added, "normalizer": null, "pre_tokenizer": pre,
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
+    let json = if spm {
+        let scores = match g.get("tokenizer.ggml.scores") {
+            Some(crate::io::gguf::Value::Array(a)) => g.numbers(a)?,
+            _ => vec![0.0; tokens.len()],
+        };
+        if scores.len() != tokens.len() {
+            return Err(Error::format(
+                &g.path,
+                format!(
+                    "tokenizer.ggml.scores has {} entries for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        let unk = token_at("tokenizer.ggml.unknown_token_id")?.unwrap_or("<unk>".into());
+        let prefix = g
+            .bool_opt("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(true);
+        sentencepiece_json(
+            &tokens,
+            &scores,
+            vocab,
+            SpmParts {
+                added,
+                post,
+                unk,
+                prefix,
+            },
+        )
+    } else {
+        let merges: Vec<&str> = match g.array_opt("tokenizer.ggml.merges", ValueType::String)? {
+            Some(a) => g.strings(a).collect(),
+            None => Vec::new(),
+        };
+        let pre_name = g.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
+        let pre = pre_tokenizer(pre_name).ok_or_else(|| {
+            Error::format(
+                &g.path,
+                format!("tokenizer.ggml.pre {pre_name:?} is not supported (default, gpt2, smollm, llama-bpe, qwen2, …)"),
+            )
+        })?;
+        json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null, "pre_tokenizer": pre,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        })
+    };
     let tok = Tokenizer::from_json_str(&json.to_string(), &g.path)?;
     let mut special = Map::new();
     for (name, key) in [
@@ -558,4 +599,80 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
         }
     }
     Ok((tok, special))
+}
+
+/// What a SentencePiece tokenizer.json takes besides its vocabulary.
+struct SpmParts {
+    added: Vec<Value>,
+    post: Value,
+    unk: String,
+    /// Whether a "▁" is put before the text (`tokenizer.ggml.add_space_prefix`).
+    prefix: bool,
+}
+
+/// A SentencePiece (BPE with scores) vocabulary as a `tokenizers` BPE: the merges recovered
+/// from the scores as transformers recovers them (every split of a piece into two pieces of
+/// the vocabulary, best merged score first), spaces as "▁", unknown bytes as <0xNN> tokens.
+/// (SentencePiece's own encoder merges the best-scoring pair first, which these ranks give.)
+fn sentencepiece_json(
+    tokens: &[&str],
+    scores: &[f64],
+    vocab: Map<String, Value>,
+    p: SpmParts,
+) -> Value {
+    let id = |t: &str| vocab.get(t).and_then(Value::as_u64);
+    // (left, right, score of the merged piece), per piece in the file's order, each piece's
+    // splits ordered by the ids of their halves
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    let mut last_score: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+    for (&t, &sc) in tokens.iter().zip(scores) {
+        last_score.insert(t, sc);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &t in tokens {
+        if !seen.insert(t) {
+            continue;
+        }
+        let score = last_score[t];
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| (&t[..i], &t[i..]))
+            .filter(|(l, r)| id(l).is_some() && id(r).is_some())
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (id(l), id(r)));
+        merges.extend(local);
+    }
+    // best score first; among equal scores longer left, then longer right pieces first
+    // (a stable sort, as Python's sorted(reverse=True))
+    merges.sort_by(|a, b| {
+        (b.2, b.0.chars().count(), b.1.chars().count())
+            .partial_cmp(&(a.2, a.0.chars().count(), a.1.chars().count()))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let merges: Vec<Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+    // spaces become "▁", and one is put first unless the text starts with a space
+    // (transformers' Llama tokenizer: Metaspace, prepend_scheme "first")
+    let scheme = if p.prefix { "first" } else { "never" };
+    let pre = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": scheme, "split": false});
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if p.prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": p.added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": p.post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": p.unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    })
 }
