@@ -326,6 +326,151 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// What a file's header says, checked against its bytes.
+struct Parsed {
+    version: u32,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+}
+
+/// Parses and checks the header of the GGUF file `bytes` (named `path` in errors).
+fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let mut c = Cursor {
+        b: bytes,
+        at: 0,
+        path,
+    };
+    let magic = c.take(4, "the magic number").map_err(|_| {
+        Error::format(
+            path,
+            "not a GGUF file (shorter than its 4-byte magic number)",
+        )
+    })?;
+    if magic != MAGIC {
+        return Err(Error::format(
+            path,
+            format!("not a GGUF file (it starts with {magic:02x?}, not \"GGUF\")"),
+        ));
+    }
+    let version = c.u32("the version")?;
+    if version != 2 && version != 3 {
+        return Err(c.err(format!(
+            "version {version} (quill reads versions 2 and 3{})",
+            if version.swap_bytes() <= 3 {
+                "; this looks like a big-endian file"
+            } else {
+                ""
+            }
+        )));
+    }
+    // a tensor info is at least 8 (name) + 4 + 8 (one dimension) + 4 + 8 bytes
+    let n_tensors = c.count("the tensor count", 32)?;
+    // a key-value pair is at least 8 (key) + 4 + 1 bytes
+    let n_kv = c.count("the metadata count", 13)?;
+    let mut metadata = Vec::with_capacity(n_kv);
+    for i in 0..n_kv {
+        let key = c.string(&format!("metadata key {i}"))?.to_owned();
+        let t = c.value_type(&format!("the type of metadata {key}"))?;
+        let v = c.value(t, &format!("metadata {key}"), 0)?;
+        if metadata.iter().any(|(k, _)| *k == key) {
+            return Err(c.err(format!("metadata key {key} appears twice")));
+        }
+        metadata.push((key, v));
+    }
+    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        None => 32,
+        Some((_, v)) => match v.as_u64() {
+            Some(a) if a.is_power_of_two() && a <= 1 << 16 => a as usize,
+            _ => {
+                return Err(c.err(format!(
+                    "general.alignment is {v:?}, not a power of two up to 65536"
+                )))
+            }
+        },
+    };
+    let mut infos = Vec::with_capacity(n_tensors);
+    for i in 0..n_tensors {
+        let name = c.string(&format!("the name of tensor {i}"))?.to_owned();
+        let n_dims = c.u32(&format!("the dimension count of tensor {name}"))? as usize;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(c.err(format!(
+                "tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for d in 0..n_dims {
+            let x = c.u64(&format!("dimension {d} of tensor {name}"))?;
+            if x == 0 || x > usize::MAX as u64 {
+                return Err(c.err(format!("tensor {name} has dimension {d} = {x}")));
+            }
+            dims.push(x as usize);
+        }
+        let type_id = c.u32(&format!("the type of tensor {name}"))?;
+        let offset = c.u64(&format!("the offset of tensor {name}"))?;
+        infos.push((name, dims, type_id, offset));
+    }
+    let data_start = c.at.div_ceil(alignment).checked_mul(alignment);
+    let data_start = data_start
+        .filter(|&s| s <= bytes.len())
+        .ok_or_else(|| c.err("the tensor data would start past the end of the file"))?;
+    let mut tensors = Vec::with_capacity(n_tensors);
+    let mut by_name = HashMap::with_capacity(n_tensors);
+    for (name, dims, type_id, offset) in infos {
+        let qtype = QType::from_ggml(type_id).ok_or_else(|| {
+            c.err(format!(
+                "tensor {name} has GGML type {type_id}, which quill does not read (it reads {})",
+                QType::ALL.map(|t| t.name()).join(", ")
+            ))
+        })?;
+        let elements = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| c.err(format!("tensor {name}: dimensions {dims:?} overflow")))?;
+        if !dims[0].is_multiple_of(qtype.block()) {
+            return Err(c.err(format!(
+                "tensor {name}: rows of {} numbers are not whole {}-number blocks of {}",
+                dims[0],
+                qtype.block(),
+                qtype.name()
+            )));
+        }
+        let size = qtype
+            .bytes_for(elements)
+            .ok_or_else(|| c.err(format!("tensor {name}: its size overflows")))?;
+        let start = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(data_start))
+            .filter(|_| offset.is_multiple_of(alignment as u64))
+            .ok_or_else(|| {
+                c.err(format!(
+                    "tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"
+                ))
+            })?;
+        let end = start.checked_add(size).filter(|&e| e <= bytes.len()).ok_or_else(|| {
+            c.err(format!(
+                "tensor {name}: its {size} bytes at offset {offset} run past the end of the file ({} bytes)",
+                bytes.len()
+            ))
+        })?;
+        if by_name.insert(name.clone(), tensors.len()).is_some() {
+            return Err(c.err(format!("tensor {name} appears twice")));
+        }
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            qtype,
+            range: start..end,
+        });
+    }
+    Ok(Parsed {
+        version,
+        metadata,
+        tensors,
+        by_name,
+    })
+}
+
 impl Gguf {
     /// Opens and checks a GGUF file (the tensor data is mapped, not read).
     pub fn open(path: &Path) -> Result<Self> {
@@ -338,140 +483,14 @@ impl Gguf {
     }
 
     fn parse(path: &Path, map: Arc<Mmap>) -> Result<Self> {
-        let mut c = Cursor {
-            b: &map[..],
-            at: 0,
-            path,
-        };
-        let magic = c.take(4, "the magic number").map_err(|_| {
-            Error::format(
-                path,
-                "not a GGUF file (shorter than its 4-byte magic number)",
-            )
-        })?;
-        if magic != MAGIC {
-            return Err(Error::format(
-                path,
-                format!("not a GGUF file (it starts with {magic:02x?}, not \"GGUF\")"),
-            ));
-        }
-        let version = c.u32("the version")?;
-        if version != 2 && version != 3 {
-            return Err(c.err(format!(
-                "version {version} (quill reads versions 2 and 3{})",
-                if version.swap_bytes() <= 3 {
-                    "; this looks like a big-endian file"
-                } else {
-                    ""
-                }
-            )));
-        }
-        // a tensor info is at least 8 (name) + 4 + 8 (one dimension) + 4 + 8 bytes
-        let n_tensors = c.count("the tensor count", 32)?;
-        // a key-value pair is at least 8 (key) + 4 + 1 bytes
-        let n_kv = c.count("the metadata count", 13)?;
-        let mut metadata = Vec::with_capacity(n_kv);
-        for i in 0..n_kv {
-            let key = c.string(&format!("metadata key {i}"))?.to_owned();
-            let t = c.value_type(&format!("the type of metadata {key}"))?;
-            let v = c.value(t, &format!("metadata {key}"), 0)?;
-            if metadata.iter().any(|(k, _)| *k == key) {
-                return Err(c.err(format!("metadata key {key} appears twice")));
-            }
-            metadata.push((key, v));
-        }
-        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
-            None => 32,
-            Some((_, v)) => match v.as_u64() {
-                Some(a) if a.is_power_of_two() && a <= 1 << 16 => a as usize,
-                _ => {
-                    return Err(c.err(format!(
-                        "general.alignment is {v:?}, not a power of two up to 65536"
-                    )))
-                }
-            },
-        };
-        let mut infos = Vec::with_capacity(n_tensors);
-        for i in 0..n_tensors {
-            let name = c.string(&format!("the name of tensor {i}"))?.to_owned();
-            let n_dims = c.u32(&format!("the dimension count of tensor {name}"))? as usize;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(c.err(format!(
-                    "tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
-                )));
-            }
-            let mut dims = Vec::with_capacity(n_dims);
-            for d in 0..n_dims {
-                let x = c.u64(&format!("dimension {d} of tensor {name}"))?;
-                if x == 0 || x > usize::MAX as u64 {
-                    return Err(c.err(format!("tensor {name} has dimension {d} = {x}")));
-                }
-                dims.push(x as usize);
-            }
-            let type_id = c.u32(&format!("the type of tensor {name}"))?;
-            let offset = c.u64(&format!("the offset of tensor {name}"))?;
-            infos.push((name, dims, type_id, offset));
-        }
-        let data_start = c.at.div_ceil(alignment).checked_mul(alignment);
-        let data_start = data_start
-            .filter(|&s| s <= map.len())
-            .ok_or_else(|| c.err("the tensor data would start past the end of the file"))?;
-        let mut tensors = Vec::with_capacity(n_tensors);
-        let mut by_name = HashMap::with_capacity(n_tensors);
-        for (name, dims, type_id, offset) in infos {
-            let qtype = QType::from_ggml(type_id).ok_or_else(|| {
-                c.err(format!(
-                    "tensor {name} has GGML type {type_id}, which quill does not read (it reads {})",
-                    QType::ALL.map(|t| t.name()).join(", ")
-                ))
-            })?;
-            let elements = dims
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .ok_or_else(|| c.err(format!("tensor {name}: dimensions {dims:?} overflow")))?;
-            if !dims[0].is_multiple_of(qtype.block()) {
-                return Err(c.err(format!(
-                    "tensor {name}: rows of {} numbers are not whole {}-number blocks of {}",
-                    dims[0],
-                    qtype.block(),
-                    qtype.name()
-                )));
-            }
-            let size = qtype
-                .bytes_for(elements)
-                .ok_or_else(|| c.err(format!("tensor {name}: its size overflows")))?;
-            let start = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(data_start))
-                .filter(|_| offset.is_multiple_of(alignment as u64))
-                .ok_or_else(|| {
-                    c.err(format!(
-                        "tensor {name}: offset {offset} is not a multiple of the alignment {alignment}"
-                    ))
-                })?;
-            let end = start.checked_add(size).filter(|&e| e <= map.len()).ok_or_else(|| {
-                c.err(format!(
-                    "tensor {name}: its {size} bytes at offset {offset} run past the end of the file ({} bytes)",
-                    map.len()
-                ))
-            })?;
-            if by_name.insert(name.clone(), tensors.len()).is_some() {
-                return Err(c.err(format!("tensor {name} appears twice")));
-            }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                qtype,
-                range: start..end,
-            });
-        }
+        let p = parse_bytes(path, &map[..])?;
         Ok(Gguf {
             path: path.to_path_buf(),
-            version,
+            version: p.version,
             map,
-            metadata,
-            tensors,
-            by_name,
+            metadata: p.metadata,
+            tensors: p.tensors,
+            by_name: p.by_name,
         })
     }
 
@@ -613,6 +632,43 @@ impl Gguf {
     }
 }
 
+/// Reads `bytes` as a GGUF file the way the loaders do, everything it declares included: every
+/// metadata array's items and every tensor's numbers (dequantized). For the fuzz target
+/// (`fuzz/fuzz_targets/gguf.rs`): whatever the bytes, this returns an error or the count of
+/// numbers read, and never panics or allocates beyond a small multiple of their length.
+pub fn check_bytes(bytes: &[u8]) -> Result<usize> {
+    let path = Path::new("<fuzz input>");
+    let p = parse_bytes(path, bytes)?;
+    let mut read = 0usize;
+    for (_, v) in &p.metadata {
+        if let Value::Array(a) = v {
+            let mut c = Cursor {
+                b: &bytes[a.bytes.clone()],
+                at: 0,
+                path,
+            };
+            for i in 0..a.len {
+                match a.elem {
+                    ValueType::String => read += c.string(&format!("item {i}"))?.len(),
+                    ValueType::Array => read += c.array(&format!("item {i}"), 1)?.len,
+                    t => read += c.value(t, &format!("item {i}"), 0).map(|_| 1)?,
+                }
+            }
+        }
+    }
+    // 64 blocks at a time through one buffer
+    let mut out = vec![0.0f32; 64 * crate::kernels::quant::QK_K];
+    for t in &p.tensors {
+        let (n, bb) = (t.qtype.block(), t.qtype.block_bytes());
+        for blocks in bytes[t.range.clone()].chunks(64 * bb) {
+            let k = blocks.len() / bb * n;
+            crate::kernels::quant::dequantize(t.qtype, blocks, &mut out[..k]);
+            read += k;
+        }
+    }
+    Ok(read)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,7 +796,11 @@ mod tests {
         let last_end = g.tensors().iter().map(|t| t.range.end).max().unwrap();
         for cut in (0..data_start).chain([data_start + 1, last_end - 1]) {
             assert!(parse(&good[..cut]).is_err(), "cut at {cut}");
+            assert!(check_bytes(&good[..cut]).is_err(), "cut at {cut}");
         }
+        // the fuzz target's reader reads every number of the whole file
+        let numbers: usize = g.tensors().iter().map(|t| t.elements()).sum();
+        assert!(check_bytes(&good).unwrap() >= numbers);
     }
 
     #[test]
