@@ -83,9 +83,15 @@ pub fn load(path: &Path) -> Result<Model> {
 }
 
 /// Rows of each head reordered from adjacent rotary pairs to rotate-half order: row 2m+s of
-/// a head of width `hd` moves to s·hd/2 + m.
-pub(crate) fn pairs_to_halves(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; w.len()];
+/// a head of width `hd` moves to s·hd/2 + m. A row is `cols` elements (numbers, or the bytes
+/// of a quantized row).
+pub(crate) fn pairs_to_halves<T: Copy + Default>(
+    w: &[T],
+    heads: usize,
+    hd: usize,
+    cols: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for m in 0..hd / 2 {
             for s in 0..2 {

@@ -5,7 +5,7 @@
 
 use super::matmul::{matmul_strided, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
-use super::quant::dot::{dot_rows, isa, Q8Rows};
+use super::quant::dot::{dot_rows, isa, QuantRows};
 use super::quant::{dequantize, QType};
 use super::simd::multiversion;
 use super::SendPtr;
@@ -154,7 +154,7 @@ pub fn linear(
 thread_local! {
     /// The quantized activations of the last quantized product on this thread (reused, so a
     /// decoding step allocates nothing once warm).
-    static Q8: std::cell::RefCell<Q8Rows> = std::cell::RefCell::new(Q8Rows::default());
+    static ACTS: std::cell::RefCell<QuantRows> = std::cell::RefCell::new(QuantRows::default());
 }
 
 /// Weight rows per parallel task of the quantized product.
@@ -180,8 +180,8 @@ impl QPart<'_> {
 pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
     assert!(parts.len() <= 8, "at most 8 stacked parts");
     let path = isa();
-    Q8.with(|q8| {
-        let mut xq = q8.borrow_mut();
+    ACTS.with(|acts| {
+        let mut xq = acts.borrow_mut();
         xq.quantize(x, cols);
         let n = xq.rows();
         let xq = &*xq;

@@ -385,18 +385,15 @@ impl Linear {
         let stacked = self.parts.len() > 1 && self.parts.iter().all(|p| p.quantized());
         if stacked {
             // q | k | v or gate | up in one parallel pass over one quantization of x
-            let mut parts = [None; 8];
+            let mut parts = [QPart {
+                bytes: &[],
+                qtype: QType::Q8_0,
+            }; 8];
             for (slot, p) in parts.iter_mut().zip(&self.parts) {
                 if let MatRef::Quant { bytes, qtype } = p.mat(params) {
-                    *slot = Some(QPart { bytes, qtype });
+                    *slot = QPart { bytes, qtype };
                 }
             }
-            let parts: [QPart; 8] = parts.map(|p| {
-                p.unwrap_or(QPart {
-                    bytes: &[],
-                    qtype: QType::Q8_0,
-                })
-            });
             linear::quant_linear(
                 y,
                 out,

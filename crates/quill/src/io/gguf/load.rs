@@ -151,11 +151,11 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
                     map: g.map().clone(),
                     range: t.range.clone(),
                 },
-                Some(heads) => QBytes::Owned(std::sync::Arc::new(pairs_to_halves_bytes(
-                    g.bytes(t),
-                    heads,
-                    hd,
-                ))),
+                Some(heads) => {
+                    let row_bytes = t.range.len() / (heads * hd);
+                    let rows = pairs_to_halves(g.bytes(t), heads, hd, row_bytes);
+                    QBytes::Owned(std::sync::Arc::new(rows))
+                }
             };
             let qtype = t.qtype;
             kept.push((spec.view, Storage::Quant { bytes, qtype }));
@@ -207,22 +207,6 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
         model.to_inference_layout();
     }
     Ok(model)
-}
-
-/// [`pairs_to_halves`] on quantized rows: whole rows of bytes move.
-fn pairs_to_halves_bytes(w: &[u8], heads: usize, hd: usize) -> Vec<u8> {
-    let rb = w.len() / (heads * hd);
-    let mut out = vec![0u8; w.len()];
-    for h in 0..heads {
-        for m in 0..hd / 2 {
-            for s in 0..2 {
-                let from = (h * hd + 2 * m + s) * rb;
-                let to = (h * hd + s * hd / 2 + m) * rb;
-                out[to..to + rb].copy_from_slice(&w[from..from + rb]);
-            }
-        }
-    }
-    out
 }
 
 /// The number of parameters a configuration lays out (None on overflow).
@@ -484,20 +468,7 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
         .array_opt("tokenizer.ggml.tokens", ValueType::String)?
         .ok_or_else(|| Error::format(&g.path, "metadata tokenizer.ggml.tokens is missing"))?;
     let tokens: Vec<&str> = g.strings(tokens_arr).collect();
-    let types = match g.get("tokenizer.ggml.token_type") {
-        Some(crate::io::gguf::Value::Array(a)) => g.numbers(a)?,
-        _ => vec![1.0; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(Error::format(
-            &g.path,
-            format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                types.len(),
-                tokens.len()
-            ),
-        ));
-    }
+    let types = per_token(g, "tokenizer.ggml.token_type", tokens.len(), 1.0)?;
     let spm = model == "llama";
     let mut vocab = Map::new();
     let mut added = Vec::new();
@@ -535,20 +506,7 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
         _ => Value::Null,
     };
     let json = if spm {
-        let scores = match g.get("tokenizer.ggml.scores") {
-            Some(crate::io::gguf::Value::Array(a)) => g.numbers(a)?,
-            _ => vec![0.0; tokens.len()],
-        };
-        if scores.len() != tokens.len() {
-            return Err(Error::format(
-                &g.path,
-                format!(
-                    "tokenizer.ggml.scores has {} entries for {} tokens",
-                    scores.len(),
-                    tokens.len()
-                ),
-            ));
-        }
+        let scores = per_token(g, "tokenizer.ggml.scores", tokens.len(), 0.0)?;
         let unk = token_at("tokenizer.ggml.unknown_token_id")?.unwrap_or("<unk>".into());
         let prefix = g
             .bool_opt("tokenizer.ggml.add_space_prefix")?
@@ -599,6 +557,22 @@ pub fn tokenizer(g: &Gguf) -> Result<(Tokenizer, Map<String, Value>)> {
         }
     }
     Ok((tok, special))
+}
+
+/// A numeric array with one entry per token (`default` for each when the file has none); an
+/// error when its length is not the vocabulary's.
+fn per_token(g: &Gguf, key: &str, tokens: usize, default: f64) -> Result<Vec<f64>> {
+    let v = match g.get(key) {
+        Some(crate::io::gguf::Value::Array(a)) => g.numbers(a)?,
+        _ => vec![default; tokens],
+    };
+    if v.len() != tokens {
+        return Err(Error::format(
+            &g.path,
+            format!("{key} has {} entries for {tokens} tokens", v.len()),
+        ));
+    }
+    Ok(v)
 }
 
 /// What a SentencePiece tokenizer.json takes besides its vocabulary.

@@ -28,12 +28,12 @@
 use super::QType;
 use half::f16;
 
-/// Numbers per activation chunk.
-pub const QK8: usize = 32;
+/// Numbers per chunk (of activations, and of a weight block as the kernels read it).
+pub const CHUNK: usize = 32;
 
-/// Rows of activations quantized to int8 per 32 numbers.
+/// Rows of activations quantized to int16 per 32 numbers.
 #[derive(Default, Debug, Clone)]
-pub struct Q8Rows {
+pub struct QuantRows {
     /// Numbers per row (a multiple of 32).
     pub cols: usize,
     /// One scale per chunk.
@@ -46,26 +46,26 @@ pub struct Q8Rows {
     pub xs: Vec<f32>,
 }
 
-impl Q8Rows {
+impl QuantRows {
     pub fn rows(&self) -> usize {
-        self.d.len() * QK8 / self.cols.max(1)
+        self.d.len() * CHUNK / self.cols.max(1)
     }
 
     /// Quantizes x [n, cols] (cols a multiple of 32), reusing the buffers.
     pub fn quantize(&mut self, x: &[f32], cols: usize) {
-        assert!(cols.is_multiple_of(QK8) && x.len().is_multiple_of(cols.max(1)));
-        let chunks = x.len() / QK8;
+        assert!(cols.is_multiple_of(CHUNK) && x.len().is_multiple_of(cols.max(1)));
+        let chunks = x.len() / CHUNK;
         self.cols = cols;
         self.d.resize(chunks, 0.0);
         self.q.resize(x.len(), 0);
         self.sums.resize(2 * chunks, 0);
         self.xs.resize(2 * chunks, 0.0);
-        for (c, xs) in x.chunks_exact(QK8).enumerate() {
+        for (c, xs) in x.chunks_exact(CHUNK).enumerate() {
             let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 32767.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             self.d[c] = d;
-            let q = &mut self.q[c * QK8..(c + 1) * QK8];
+            let q = &mut self.q[c * CHUNK..(c + 1) * CHUNK];
             for (qv, &v) in q.iter_mut().zip(xs) {
                 *qv = (v * id).round().clamp(-32767.0, 32767.0) as i16;
             }
@@ -93,11 +93,11 @@ fn h(b: &[u8], at: usize) -> f32 {
 
 /// Chunks per block of `t`.
 pub fn chunks_per_block(t: QType) -> usize {
-    t.block() / QK8
+    t.block() / CHUNK
 }
 
-/// Chunk `c` of one block of `t` (the same numbers [`super::dequantize`] gives, element i
-/// of the chunk being a·u[i] + b/dx-free offset: value = a·u + b for its half).
+/// Chunk `c` (numbers 32c..32c+32) of one block of `t`: number i is a·u[i] + b with the
+/// a and b of its half (the numbers [`super::dequantize`] gives, to rounding).
 pub fn chunk(t: QType, blk: &[u8], c: usize) -> Chunk {
     let mut u = [0u8; 32];
     let (a, b, signed);
@@ -206,15 +206,15 @@ pub fn is_block_type(t: QType) -> bool {
 
 /// The dot product of one weight row (its bytes) with row `row` of `x`, plainly: the
 /// twin of the SIMD kernels.
-pub fn dot_plain(t: QType, w: &[u8], x: &Q8Rows, row: usize) -> f32 {
+pub fn dot_plain(t: QType, w: &[u8], x: &QuantRows, row: usize) -> f32 {
     let per = chunks_per_block(t);
-    let first = row * x.cols / QK8;
+    let first = row * x.cols / CHUNK;
     let mut acc = 0.0f32;
     for (bi, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
         for c in 0..per {
             let k = bi * per + c;
             let ch = chunk(t, blk, c);
-            let q = &x.q[(first + k) * QK8..(first + k + 1) * QK8];
+            let q = &x.q[(first + k) * CHUNK..(first + k + 1) * CHUNK];
             let mut s = [0i32; 2];
             for (i, (&u, &qv)) in ch.u.iter().zip(q).enumerate() {
                 let w = if ch.signed { u as i8 as i32 } else { u as i32 };
@@ -255,7 +255,7 @@ pub fn isa() -> Isa {
 
 /// y[i] = (row j of W) · (row i of x) for the rows i of `x` and one weight row `w`, written
 /// to `y[i * y_rs]`, on the path `isa`.
-pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
     let n = x.rows();
     debug_assert!(n == 0 || y.len() > (n - 1) * y_rs);
     match isa {
@@ -277,7 +277,7 @@ mod x86 {
     //! Every helper is `#[inline(always)]` so that it compiles inside the entry points'
     //! target features, and the body is generic over the format (its GGML id) so that each
     //! format's loop has its decoding inlined with no branch on the type.
-    use super::{chunks_per_block, Q8Rows, QType, QK8};
+    use super::{chunks_per_block, QType, QuantRows, CHUNK};
     use std::arch::x86_64::*;
 
     /// Rows of x whose dot products share one decoding of a weight chunk.
@@ -478,10 +478,10 @@ mod x86 {
     /// The AVX2 body: each chunk's halves widened to 16 bits, multiplied by the activations
     /// and summed in pairs (`vpmaddwd`), scaled and added into f32 accumulators.
     #[inline(always)]
-    unsafe fn body_avx2<const T: u32>(w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+    unsafe fn body_avx2<const T: u32>(w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
         let t = QType::from_ggml(T).expect("a block type");
         let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
-        let chunks_row = x.cols / QK8;
+        let chunks_row = x.cols / CHUNK;
         let mut i0 = 0;
         while i0 < n {
             let m = (n - i0).min(XR);
@@ -503,7 +503,7 @@ mod x86 {
                     let k = bi * per + c;
                     for r in 0..m {
                         let xc = (i0 + r) * chunks_row + k;
-                        let q = x.q.as_ptr().add(xc * QK8) as *const __m256i;
+                        let q = x.q.as_ptr().add(xc * CHUNK) as *const __m256i;
                         let p0 = _mm256_madd_epi16(u0, _mm256_loadu_si256(q));
                         let p1 = _mm256_madd_epi16(u1, _mm256_loadu_si256(q.add(1)));
                         let dx = *x.d.get_unchecked(xc);
@@ -532,10 +532,10 @@ mod x86 {
     /// the 32 activations in 16 i32 lanes (lanes 0–7 the first half: `vpdpwssd`), scaled into
     /// f32 accumulators.
     #[inline(always)]
-    unsafe fn body_avx512<const T: u32>(w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+    unsafe fn body_avx512<const T: u32>(w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
         let t = QType::from_ggml(T).expect("a block type");
         let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
-        let chunks_row = x.cols / QK8;
+        let chunks_row = x.cols / CHUNK;
         if n == 1 {
             // one row (decoding): two chunks at a time into two accumulators, so that the
             // additions of one chunk do not wait for the previous one's
@@ -546,7 +546,7 @@ mod x86 {
                 for (lane, kk) in [k, k + 1].into_iter().enumerate() {
                     if kk < total {
                         let dec = decode::<T>(w.as_ptr().add(kk / per * bb), kk % per);
-                        off[lane] += chunk_avx512::<T>(&dec, x, kk, &mut acc[lane]);
+                        off[lane] += chunk_avx512(&widen512::<T>(&dec), x, kk, &mut acc[lane]);
                     }
                 }
                 k += 2;
@@ -563,30 +563,12 @@ mod x86 {
             for bi in 0..w.len() / bb {
                 let b = w.as_ptr().add(bi * bb);
                 for c in 0..per {
-                    let dec = decode::<T>(b, c);
-                    let u = if T == Q8_0 {
-                        _mm512_cvtepi8_epi16(dec.u)
-                    } else {
-                        _mm512_cvtepu8_epi16(dec.u)
-                    };
-                    let av = if split(T) {
-                        _mm512_castsi512_ps(_mm512_inserti64x4(
-                            _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0]))),
-                            _mm256_castps_si256(_mm256_set1_ps(dec.a[1])),
-                            1,
-                        ))
-                    } else {
-                        _mm512_set1_ps(dec.a[0])
-                    };
+                    // widened once, used by every row of the block
+                    let wide = widen512::<T>(&decode::<T>(b, c));
                     let k = bi * per + c;
                     for r in 0..m {
                         let xc = (i0 + r) * chunks_row + k;
-                        let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * QK8) as *const _);
-                        let p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), u, q);
-                        let scale = _mm512_mul_ps(av, _mm512_set1_ps(*x.d.get_unchecked(xc)));
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
-                        let xs = x.xs.as_ptr().add(2 * xc);
-                        off[r] += dec.b[0] * *xs + dec.b[1] * *xs.add(1);
+                        off[r] += chunk_avx512(&wide, x, xc, &mut acc[r]);
                     }
                 }
             }
@@ -597,35 +579,43 @@ mod x86 {
         }
     }
 
-    /// Adds one chunk's scaled products against activation chunk `xc` into `acc` (16 lanes);
-    /// returns its offset term.
+    /// A decoded chunk ready for AVX-512: its 32 digits as 16-bit numbers, and its halves'
+    /// scales as [a₀ ×8, a₁ ×8].
+    struct Wide {
+        u: __m512i,
+        a: __m512,
+        b: [f32; 2],
+    }
+
     #[inline(always)]
-    unsafe fn chunk_avx512<const T: u32>(
-        dec: &Dec,
-        x: &Q8Rows,
-        xc: usize,
-        acc: &mut __m512,
-    ) -> f32 {
+    unsafe fn widen512<const T: u32>(dec: &Dec) -> Wide {
         let u = if T == Q8_0 {
             _mm512_cvtepi8_epi16(dec.u)
         } else {
             _mm512_cvtepu8_epi16(dec.u)
         };
-        let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * QK8) as *const _);
-        let p = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), u, q));
-        let dx = *x.d.get_unchecked(xc);
-        let scale = if split(T) {
+        let a = if split(T) {
             _mm512_castsi512_ps(_mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0] * dx))),
-                _mm256_castps_si256(_mm256_set1_ps(dec.a[1] * dx)),
+                _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0]))),
+                _mm256_castps_si256(_mm256_set1_ps(dec.a[1])),
                 1,
             ))
         } else {
-            _mm512_set1_ps(dec.a[0] * dx)
+            _mm512_set1_ps(dec.a[0])
         };
-        let xs = x.xs.as_ptr().add(2 * xc);
+        Wide { u, a, b: dec.b }
+    }
+
+    /// Adds one chunk's scaled products against activation chunk `xc` into `acc` (16 lanes);
+    /// returns its offset term.
+    #[inline(always)]
+    unsafe fn chunk_avx512(w: &Wide, x: &QuantRows, xc: usize, acc: &mut __m512) -> f32 {
+        let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * CHUNK) as *const _);
+        let p = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w.u, q));
+        let scale = _mm512_mul_ps(w.a, _mm512_set1_ps(*x.d.get_unchecked(xc)));
         *acc = _mm512_fmadd_ps(p, scale, *acc);
-        dec.b[0] * *xs + dec.b[1] * *xs.add(1)
+        let xs = x.xs.as_ptr().add(2 * xc);
+        w.b[0] * *xs + w.b[1] * *xs.add(1)
     }
 
     /// `$body::<id>(args)` for the format `$t`.
@@ -650,14 +640,14 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `w` is whole blocks of `t` for a row of `x.cols`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows_avx2(t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+    pub unsafe fn dot_rows_avx2(t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
         per_type!(t, body_avx2, w, x, y, y_rs)
     }
 
     /// # Safety
     /// The CPU has AVX-512 (F, BW, VL) with VNNI, AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_rows_vnni(t: QType, w: &[u8], x: &Q8Rows, y: &mut [f32], y_rs: usize) {
+    pub unsafe fn dot_rows_vnni(t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
         per_type!(t, body_avx512, w, x, y, y_rs)
     }
 }
@@ -668,18 +658,9 @@ mod tests {
     use super::*;
     use crate::rng::Rng;
 
-    pub const BLOCK_TYPES: [QType; 10] = [
-        QType::Q4_0,
-        QType::Q4_1,
-        QType::Q5_0,
-        QType::Q5_1,
-        QType::Q8_0,
-        QType::Q2K,
-        QType::Q3K,
-        QType::Q4K,
-        QType::Q5K,
-        QType::Q6K,
-    ];
+    fn block_types() -> impl Iterator<Item = QType> {
+        QType::ALL.into_iter().filter(|t| is_block_type(*t))
+    }
 
     /// Byte offsets of each format's f16 scales.
     fn scale_offsets(t: QType) -> &'static [usize] {
@@ -742,7 +723,7 @@ mod tests {
     #[test]
     fn chunks_decode_to_the_dequantized_numbers() {
         let mut rng = Rng::new(1);
-        for t in BLOCK_TYPES {
+        for t in block_types() {
             let w = random_weights(t, 2, 2 * t.block(), &mut rng);
             let mut want = vec![0.0; 4 * t.block()];
             dequantize(t, &w, &mut want);
@@ -753,7 +734,7 @@ mod tests {
                     for (i, &u) in ch.u.iter().enumerate() {
                         let digit = if ch.signed { u as i8 as f32 } else { u as f32 };
                         let got = ch.a[i / 16] * digit + ch.b[i / 16];
-                        let w = want[bi * t.block() + c * QK8 + i];
+                        let w = want[bi * t.block() + c * CHUNK + i];
                         assert!((got - w).abs() <= 1e-6 * scale, "{t:?} {got} vs {w}");
                     }
                 }
@@ -768,7 +749,7 @@ mod tests {
     fn simd_and_plain_products_agree_with_float64_on_awkward_sizes() {
         let mut rng = Rng::new(2);
         let paths = isas();
-        for t in BLOCK_TYPES {
+        for t in block_types() {
             let col_choices: &[usize] = if t.block() == 32 {
                 &[32, 160, 544]
             } else {
@@ -779,7 +760,7 @@ mod tests {
                     let out = 3;
                     let w = random_weights(t, out, cols, &mut rng);
                     let x = random_x(n * cols, &mut rng);
-                    let mut xq = Q8Rows::default();
+                    let mut xq = QuantRows::default();
                     xq.quantize(&x, cols);
                     assert_eq!(xq.rows(), n);
                     let rb = w.len() / out;
@@ -793,7 +774,7 @@ mod tests {
                             for i in 0..n {
                                 let (mut exact, mut deq, mut mag, mut bound) = (0.0, 0.0, 0.0, 0.0);
                                 for k in 0..cols {
-                                    let dx = xq.d[(i * cols + k) / QK8] as f64;
+                                    let dx = xq.d[(i * cols + k) / CHUNK] as f64;
                                     let xv = x[i * cols + k] as f64;
                                     let qv = xq.q[i * cols + k] as f64 * dx;
                                     exact += wrow[k] as f64 * xv;
@@ -821,7 +802,7 @@ mod tests {
     fn activations_quantize_to_the_nearest_step() {
         let mut rng = Rng::new(3);
         let x = random_x(3 * 64, &mut rng);
-        let mut q = Q8Rows::default();
+        let mut q = QuantRows::default();
         q.quantize(&x, 64);
         for (c, xs) in x.chunks(32).enumerate() {
             let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
