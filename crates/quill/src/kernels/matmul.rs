@@ -298,6 +298,13 @@ mod tests {
     use crate::kernels::testutil::*;
     use crate::rng::Rng;
 
+    /// The numbers rounded to bf16, in float64: what a bf16 product multiplies.
+    fn rounded(v: &[f32]) -> Vec<f64> {
+        v.iter()
+            .map(|&x| bf16_to_f32(round_bf16(x)) as f64)
+            .collect()
+    }
+
     /// Every fused step against its plain definition, in both precisions and (bf16) on the
     /// SIMD path in parallel and serially and on the plain path: starting values (bias,
     /// residual) and the column sums of B, on awkward sizes, every transpose, several depth
@@ -306,11 +313,7 @@ mod tests {
     #[test]
     fn fused_work_matches_its_definition() {
         let mut rng = Rng::new(77);
-        let q = |v: &[f32]| -> Vec<f64> {
-            v.iter()
-                .map(|&x| bf16_to_f32(round_bf16(x)) as f64)
-                .collect()
-        };
+        let q = rounded;
         for &(m, k, n) in &[
             (1, 1, 1),
             (13, 31, 33),
@@ -431,11 +434,7 @@ mod tests {
     #[test]
     fn products_match_float64_of_rounded_operands() {
         let mut rng = Rng::new(42);
-        let q = |v: &[f32]| -> Vec<f64> {
-            v.iter()
-                .map(|&x| bf16_to_f32(round_bf16(x)) as f64)
-                .collect()
-        };
+        let q = rounded;
         for &(m, k, n) in &[
             (1, 1, 1),
             (3, 5, 7),
