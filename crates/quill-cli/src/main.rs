@@ -49,6 +49,9 @@ enum Command {
     /// Perplexity and bits per byte of a text file (llama-perplexity's chunks: the second half
     /// of each context-long chunk is scored).
     Perplexity(PerplexityArgs),
+    /// Write a model (folder, GGUF file or llama2.c checkpoint) as a GGUF file of a chosen
+    /// type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q6_k.
+    Quantize(QuantizeArgs),
     /// Tokenize text and JSONL corpora into token shards for `quill train --data DIR` (streaming).
     Prepare(PrepareArgs),
     /// Print the token ids of a text as JSON {"ids": [...]}.
@@ -391,6 +394,22 @@ struct PerplexityArgs {
 }
 
 #[derive(clap::Args)]
+struct QuantizeArgs {
+    /// Model folder, GGUF file, or llama2.c checkpoint (.bin, with --tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m or q6_k (llama.cpp's names).
+    #[arg(long = "type")]
+    qtype: String,
+    /// The GGUF file to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct ScoreArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json), or a llama2.c
     /// checkpoint (.bin, with --tokenizer).
@@ -478,6 +497,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => run_logits(a),
         Command::Score(a) => run_score(a),
         Command::Perplexity(a) => run_perplexity(a),
+        Command::Quantize(a) => run_quantize(a),
         Command::Prepare(a) => run_prepare(a),
         Command::Tokenize(a) => run_tokenize(a),
         Command::Detokenize(a) => run_detokenize(a),
@@ -975,6 +995,27 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
             p.perplexity, p.mean_loss, p.bits_per_byte, p.chunks, p.scored_tokens
         );
     }
+    Ok(())
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    use quill::io::gguf::export::{export, FileType};
+    let ft = FileType::parse(&a.qtype)?;
+    if a.out.is_dir() {
+        bail!("--out {} is a folder; name the GGUF file to write", a.out.display());
+    }
+    let t0 = std::time::Instant::now();
+    let w = export(&a.model, a.tokenizer.as_deref(), ft, &a.out)?;
+    let types: Vec<String> = w.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "wrote {} ({}, {:.1} MB, {:.2} bits per parameter; tensors: {}) in {:.1} s",
+        a.out.display(),
+        ft.name(),
+        w.bytes as f64 / 1e6,
+        w.bytes as f64 * 8.0 / w.parameters.max(1) as f64,
+        types.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -119,6 +119,11 @@ impl ChatTemplate {
     }
 
     /// The special-token string `key` (e.g. "eos_token") given to the template.
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn special_token(&self, key: &str) -> Option<&str> {
         self.special.get(key).and_then(Value::as_str)
     }

@@ -104,6 +104,27 @@ pub(crate) fn pairs_to_halves<T: Copy + Default>(
     out
 }
 
+/// The inverse of [`pairs_to_halves`]: rotate-half rows back to adjacent pairs (the order
+/// llama.cpp's files keep).
+pub(crate) fn halves_to_pairs<T: Copy + Default>(
+    w: &[T],
+    heads: usize,
+    hd: usize,
+    cols: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
+    for h in 0..heads {
+        for m in 0..hd / 2 {
+            for s in 0..2 {
+                let to = (h * hd + 2 * m + s) * cols;
+                let from = (h * hd + s * hd / 2 + m) * cols;
+                out[to..to + cols].copy_from_slice(&w[from..from + cols]);
+            }
+        }
+    }
+    out
+}
+
 /// The configuration the header describes, after checking that the file holds exactly the
 /// bytes it implies (every size computed with overflow checks).
 fn read_header(path: &Path, bytes: &[u8]) -> Result<LlamaConfig> {

@@ -39,6 +39,11 @@ impl CharTokenizer {
         CharTokenizer { chars, index }
     }
 
+    /// The vocabulary: token i is `chars()[i]`.
+    pub fn chars(&self) -> &[char] {
+        &self.chars
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.chars.len()
     }

@@ -122,6 +122,14 @@ impl Llama2cTokenizer {
         self.pieces.len()
     }
 
+    /// Every piece as stored (spaces as "▁", bytes as `<0xNN>`) with its merge score.
+    pub fn pieces(&self) -> impl Iterator<Item = (&[u8], f32)> {
+        self.pieces
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.scores.iter().copied())
+    }
+
     pub fn token_to_id(&self, piece: &str) -> Option<u32> {
         self.index.get(piece.as_bytes()).copied()
     }

@@ -444,6 +444,27 @@ fn pre_tokenizer(pre: &str) -> Option<Value> {
     })
 }
 
+/// The `tokenizer.ggml.pre` name of a tokenizer.json pre-tokenizer: the name whose
+/// pre-tokenizer splits text the same way (offset trimming aside).
+pub fn pre_tokenizer_name(v: &Value) -> Option<&'static str> {
+    fn canonical(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .filter(|(k, _)| k.as_str() != "trim_offsets")
+                    .map(|(k, x)| (k.clone(), canonical(x)))
+                    .collect(),
+            ),
+            Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    let want = canonical(v);
+    ["default", "smollm", "llama-bpe", "qwen2"]
+        .into_iter()
+        .find(|name| pre_tokenizer(name).map(|p| canonical(&p)) == Some(want.clone()))
+}
+
 /// Token types llama.cpp stores in `tokenizer.ggml.token_type`.
 const CONTROL: f64 = 3.0;
 const USER_DEFINED: f64 = 4.0;

@@ -79,6 +79,11 @@ impl ValueType {
         }
     }
 
+    /// GGUF's number for the type.
+    pub fn id(self) -> u32 {
+        self as u32
+    }
+
     fn fixed(self) -> bool {
         !matches!(self, ValueType::String | ValueType::Array)
     }
@@ -604,6 +609,11 @@ impl Gguf {
                     .map(|v| v.as_f64().unwrap_or(f64::NAN))
             })
             .collect()
+    }
+
+    /// An array's items as the file encodes them (after its type and length).
+    pub fn array_bytes(&self, a: &Array) -> &[u8] {
+        &self.map[a.bytes.clone()]
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {

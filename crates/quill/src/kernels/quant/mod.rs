@@ -15,6 +15,7 @@
 use half::f16;
 
 pub mod dot;
+pub mod quantize;
 
 /// Numbers in a K-format super-block.
 pub const QK_K: usize = 256;
