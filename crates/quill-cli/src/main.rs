@@ -1002,7 +1002,10 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
     use quill::io::gguf::export::{export, FileType};
     let ft = FileType::parse(&a.qtype)?;
     if a.out.is_dir() {
-        bail!("--out {} is a folder; name the GGUF file to write", a.out.display());
+        bail!(
+            "--out {} is a folder; name the GGUF file to write",
+            a.out.display()
+        );
     }
     let t0 = std::time::Instant::now();
     let w = export(&a.model, a.tokenizer.as_deref(), ft, &a.out)?;

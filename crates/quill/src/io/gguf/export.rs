@@ -15,7 +15,7 @@
 
 use super::load::{gguf_name, is_gguf, load, Weights};
 use super::reader::Gguf;
-use super::write::{write, Meta, TensorOut};
+use super::write::{write, Meta, Metadata, TensorOut};
 use crate::chat::ChatTemplate;
 use crate::io::llama2c::halves_to_pairs;
 use crate::kernels::quant::quantize::quantize;
@@ -133,7 +133,8 @@ struct Place<'a> {
 /// Layers llama.cpp gives more bits in its _M types: the first and last eighth, and every
 /// third layer between.
 fn more_bits(layer: usize, layers: usize) -> bool {
-    layer < layers / 8 || layer >= 7 * layers / 8 || (layer >= layers / 8 && (layer - layers / 8) % 3 == 2)
+    // (the last test runs only when layer ≥ layers / 8)
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
 }
 
 fn tensor_type(ft: FileType, p: &Place) -> QType {
@@ -189,7 +190,7 @@ pub fn export(model: &Path, tokenizer: Option<&Path>, ft: FileType, out: &Path) 
         }
         let g = Gguf::open(model)?;
         let m = load(&g, Weights::Dequantized)?;
-        let meta: Vec<(String, Meta)> = g
+        let meta: Metadata = g
             .metadata()
             .iter()
             .filter(|(k, _)| k != "general.file_type" && k != "general.quantization_version")
@@ -211,7 +212,10 @@ pub fn export(model: &Path, tokenizer: Option<&Path>, ft: FileType, out: &Path) 
         meta.extend(architecture_meta(&m.config)?);
         meta.extend(tokenizer_meta(&opened.tok, &m, opened.template.as_ref())?);
         if let Some(t) = &opened.template {
-            meta.push(("tokenizer.chat_template".into(), Meta::Str(t.source().into())));
+            meta.push((
+                "tokenizer.chat_template".into(),
+                Meta::Str(t.source().into()),
+            ));
         }
         (m, meta)
     };
@@ -226,8 +230,8 @@ pub fn export(model: &Path, tokenizer: Option<&Path>, ft: FileType, out: &Path) 
 }
 
 /// `general.architecture` and `<arch>.*` for a configuration.
-fn architecture_meta(config: &Config) -> Result<Vec<(String, Meta)>> {
-    let mut m: Vec<(String, Meta)> = Vec::new();
+fn architecture_meta(config: &Config) -> Result<Metadata> {
+    let mut m: Metadata = Vec::new();
     let mut put = |arch: &str, k: &str, v: Meta| {
         let key = if k == "general.architecture" {
             k.to_string()
@@ -265,7 +269,11 @@ fn architecture_meta(config: &Config) -> Result<Vec<(String, Meta)>> {
             put(a, "block_count", u(c.n_layer)?);
             put(a, "feed_forward_length", u(c.mlp_dim())?);
             put(a, "attention.head_count", u(c.n_head)?);
-            put(a, "attention.layer_norm_epsilon", Meta::F32(c.layer_norm_epsilon));
+            put(
+                a,
+                "attention.layer_norm_epsilon",
+                Meta::F32(c.layer_norm_epsilon),
+            );
         }
         Config::Llama(c) => {
             if c.sliding_window.iter().any(Option::is_some) {
@@ -274,7 +282,11 @@ fn architecture_meta(config: &Config) -> Result<Vec<(String, Meta)>> {
                         .into(),
                 ));
             }
-            let a = if c.model_type == "qwen2" { "qwen2" } else { "llama" };
+            let a = if c.model_type == "qwen2" {
+                "qwen2"
+            } else {
+                "llama"
+            };
             put(a, "general.architecture", Meta::Str(a.into()));
             put(a, "context_length", u(c.max_position_embeddings)?);
             put(a, "embedding_length", u(c.hidden_size)?);
@@ -288,7 +300,11 @@ fn architecture_meta(config: &Config) -> Result<Vec<(String, Meta)>> {
             }
             put(a, "rope.dimension_count", u(c.head_dim)?);
             put(a, "rope.freq_base", Meta::F32(c.rope_theta as f32));
-            put(a, "attention.layer_norm_rms_epsilon", Meta::F32(c.rms_norm_eps));
+            put(
+                a,
+                "attention.layer_norm_rms_epsilon",
+                Meta::F32(c.rms_norm_eps),
+            );
             match c.rope_scaling {
                 RopeScaling::None => {}
                 RopeScaling::Linear { factor } => {
@@ -297,7 +313,8 @@ fn architecture_meta(config: &Config) -> Result<Vec<(String, Meta)>> {
                 }
                 RopeScaling::Llama3 { .. } => {
                     return Err(Error::Input(
-                        "Llama 3.1's RoPE scaling (rope_freqs) cannot be written as GGUF yet".into(),
+                        "Llama 3.1's RoPE scaling (rope_freqs) cannot be written as GGUF yet"
+                            .into(),
                     ))
                 }
             }
@@ -330,8 +347,8 @@ fn tokenizer_meta(
     tok: &Tokenizer,
     model: &Model,
     template: Option<&ChatTemplate>,
-) -> Result<Vec<(String, Meta)>> {
-    let mut m: Vec<(String, Meta)> = Vec::new();
+) -> Result<Metadata> {
+    let mut m: Metadata = Vec::new();
     let mut bos = model.bos_token_id();
     let mut eos = model.eos_token_ids().first().copied();
     let mut add_bos = false;
@@ -349,7 +366,10 @@ fn tokenizer_meta(
                 .collect::<Vec<_>>();
             m.push(("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())));
             m.push(("tokenizer.ggml.pre".into(), Meta::Str("default".into())));
-            m.push(("tokenizer.ggml.token_type".into(), Meta::I32s(vec![NORMAL; tokens.len()])));
+            m.push((
+                "tokenizer.ggml.token_type".into(),
+                Meta::I32s(vec![NORMAL; tokens.len()]),
+            ));
             m.push(("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)));
             m.push(("tokenizer.ggml.merges".into(), Meta::Strs(vec![])));
         }
@@ -357,7 +377,9 @@ fn tokenizer_meta(
             let (mut tokens, mut scores, mut types) = (Vec::new(), Vec::new(), Vec::new());
             for (id, (piece, score)) in t.pieces().enumerate() {
                 let s = String::from_utf8(piece.to_vec()).map_err(|_| {
-                    Error::Input(format!("tokenizer piece {id} is not UTF-8; it has no GGUF form"))
+                    Error::Input(format!(
+                        "tokenizer piece {id} is not UTF-8; it has no GGUF form"
+                    ))
                 })?;
                 types.push(match id {
                     0 => UNKNOWN,
@@ -410,7 +432,7 @@ fn tokenizer_meta(
 
 /// A Hugging Face BPE tokenizer.json as GGUF metadata, and the id of a BOS token its
 /// post-processor puts first (if it does).
-fn hf_tokenizer_meta(json: &Value, vocab_size: usize) -> Result<(Vec<(String, Meta)>, Option<u32>)> {
+fn hf_tokenizer_meta(json: &Value, vocab_size: usize) -> Result<(Metadata, Option<u32>)> {
     let model = &json["model"];
     let kind = model["type"].as_str().unwrap_or("?");
     if kind != "BPE" {
@@ -471,14 +493,17 @@ fn hf_tokenizer_meta(json: &Value, vocab_size: usize) -> Result<(Vec<(String, Me
                 .and_then(Value::as_u64)
         })
         .map(|x| x as u32);
-    let mut m: Vec<(String, Meta)> = Vec::new();
+    let mut m: Metadata = Vec::new();
     let byte_fallback = model["byte_fallback"].as_bool().unwrap_or(false);
     if byte_fallback {
         // SentencePiece as BPE: scores that give the merges back in their order (each piece's
         // score is minus the rank of the first merge that makes it)
         let mut scores = vec![-1e9f32; vocab_size];
-        let index: std::collections::HashMap<&str, usize> =
-            tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
         for (rank, mg) in merges.iter().enumerate() {
             let joined: String = mg.split(' ').collect();
             if let Some(&i) = index.get(joined.as_str()) {
@@ -494,7 +519,10 @@ fn hf_tokenizer_meta(json: &Value, vocab_size: usize) -> Result<(Vec<(String, Me
         }
         if let Some(unk) = model["unk_token"].as_str().and_then(|u| index.get(u)) {
             types[*unk] = UNKNOWN;
-            m.push(("tokenizer.ggml.unknown_token_id".into(), Meta::U32(*unk as u32)));
+            m.push((
+                "tokenizer.ggml.unknown_token_id".into(),
+                Meta::U32(*unk as u32),
+            ));
         }
         let prefix = !matches!(
             json["pre_tokenizer"]["prepend_scheme"].as_str(),
@@ -626,20 +654,56 @@ mod tests {
             output,
         };
         let t = |ft, pl: Place| tensor_type(ft, &pl);
-        assert_eq!(t(FileType::Q4KM, p("blk.0.attn_norm.weight", 0, false)), QType::F32);
-        assert_eq!(t(FileType::Q4KM, p("blk.5.attn_q.weight", 512, false)), QType::Q4K);
-        assert_eq!(t(FileType::Q4KM, p("blk.0.attn_v.weight", 512, false)), QType::Q6K);
-        assert_eq!(t(FileType::Q4KM, p("blk.4.attn_v.weight", 512, false)), QType::Q6K);
-        assert_eq!(t(FileType::Q4KM, p("blk.5.ffn_down.weight", 512, false)), QType::Q4K);
-        assert_eq!(t(FileType::Q4KM, p("blk.15.ffn_down.weight", 512, false)), QType::Q6K);
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.0.attn_norm.weight", 0, false)),
+            QType::F32
+        );
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.5.attn_q.weight", 512, false)),
+            QType::Q4K
+        );
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.0.attn_v.weight", 512, false)),
+            QType::Q6K
+        );
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.4.attn_v.weight", 512, false)),
+            QType::Q6K
+        );
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.5.ffn_down.weight", 512, false)),
+            QType::Q4K
+        );
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.15.ffn_down.weight", 512, false)),
+            QType::Q6K
+        );
         assert_eq!(t(FileType::Q4KM, p("output.weight", 512, true)), QType::Q6K);
         // rows that are not whole super-blocks
-        assert_eq!(t(FileType::Q4KM, p("blk.5.attn_q.weight", 576, false)), QType::Q5_0);
-        assert_eq!(t(FileType::Q6K, p("blk.5.attn_q.weight", 576, false)), QType::Q8_0);
-        assert_eq!(t(FileType::Q4_0, p("token_embd.weight", 576, true)), QType::Q8_0);
-        assert_eq!(t(FileType::Q4_0, p("token_embd.weight", 576, false)), QType::Q4_0);
-        assert_eq!(t(FileType::Q8_0, p("output.weight", 512, true)), QType::Q8_0);
-        assert_eq!(t(FileType::Q8_0, p("blk.0.ffn_up.weight", 48, false)), QType::F16);
+        assert_eq!(
+            t(FileType::Q4KM, p("blk.5.attn_q.weight", 576, false)),
+            QType::Q5_0
+        );
+        assert_eq!(
+            t(FileType::Q6K, p("blk.5.attn_q.weight", 576, false)),
+            QType::Q8_0
+        );
+        assert_eq!(
+            t(FileType::Q4_0, p("token_embd.weight", 576, true)),
+            QType::Q8_0
+        );
+        assert_eq!(
+            t(FileType::Q4_0, p("token_embd.weight", 576, false)),
+            QType::Q4_0
+        );
+        assert_eq!(
+            t(FileType::Q8_0, p("output.weight", 512, true)),
+            QType::Q8_0
+        );
+        assert_eq!(
+            t(FileType::Q8_0, p("blk.0.ffn_up.weight", 48, false)),
+            QType::F16
+        );
         assert_eq!(t(FileType::F16, p("output.weight", 48, true)), QType::F16);
         assert!(FileType::parse("Q4_K_M").is_ok() && FileType::parse("q3_k").is_err());
     }

@@ -13,6 +13,9 @@ use std::path::Path;
 /// GGUF's default alignment of tensor data.
 pub const ALIGNMENT: usize = 32;
 
+/// Keys and values in the order they are written.
+pub type Metadata = Vec<(String, Meta)>;
+
 /// A metadata value to write.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Meta {
@@ -208,11 +211,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("w.gguf");
         let meta = vec![
-            ("general.architecture".to_string(), Meta::Str("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Meta::Str("llama".into()),
+            ),
             ("a.u32".into(), Meta::U32(7)),
             ("a.f32".into(), Meta::F32(0.5)),
             ("a.bool".into(), Meta::Bool(true)),
-            ("a.strs".into(), Meta::Strs(vec!["x".into(), "".into(), "yz".into()])),
+            (
+                "a.strs".into(),
+                Meta::Strs(vec!["x".into(), "".into(), "yz".into()]),
+            ),
             ("a.i32s".into(), Meta::I32s(vec![1, -2, 3])),
         ];
         let tensors = vec![
@@ -264,7 +273,9 @@ mod tests {
         assert_eq!(g2.usize("a.u32").unwrap(), 7);
         // a failing producer leaves no file behind
         let path3 = dir.join("w3.gguf");
-        let r = write(&path3, &meta, &tensors, |_, _| Err(Error::Input("no".into())));
+        let r = write(&path3, &meta, &tensors, |_, _| {
+            Err(Error::Input("no".into()))
+        });
         assert!(r.is_err() && !path3.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

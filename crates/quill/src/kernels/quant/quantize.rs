@@ -298,15 +298,14 @@ fn q6_k(b: &[f32], out: &mut Vec<u8>) {
     let amax = scales.iter().fold(0f32, |m, &v| m.max(v.abs()));
     let d = as_f16(amax / 127.0);
     let mut sc = [0i8; 16];
-    for j in 0..16 {
-        sc[j] = (scales[j] * inverse(d)).round().clamp(-127.0, 127.0) as i8;
+    for (c, &s) in sc.iter_mut().zip(&scales) {
+        *c = (s * inverse(d)).round().clamp(-127.0, 127.0) as i8;
     }
     let mut q = [0u8; QK_K];
-    for j in 0..16 {
-        let id = inverse(d * sc[j] as f32);
-        for l in 0..16 {
-            let i = 16 * j + l;
-            q[i] = ((b[i] * id).round().clamp(-32.0, 31.0) + 32.0) as u8;
+    for ((qj, bj), &s) in q.chunks_exact_mut(16).zip(b.chunks_exact(16)).zip(&sc) {
+        let id = inverse(d * s as f32);
+        for (c, &v) in qj.iter_mut().zip(bj) {
+            *c = ((v * id).round().clamp(-32.0, 31.0) + 32.0) as u8;
         }
     }
     let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
@@ -339,7 +338,11 @@ mod tests {
     }
 
     fn rms_error(x: &[f32], y: &[f32]) -> f64 {
-        let s: f64 = x.iter().zip(y).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum();
+        let s: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(&a, &b)| ((a - b) as f64).powi(2))
+            .sum();
         (s / x.len() as f64).sqrt()
     }
 
@@ -374,7 +377,10 @@ mod tests {
         ] {
             let e = rms_error(&x, &round_trip(t, &x));
             let step = 2.0 * amax as f64 / ((1u32 << bits) - 1) as f64;
-            assert!(e < step / 12f64.sqrt(), "{t:?}: rms error {e} vs step {step}");
+            assert!(
+                e < step / 12f64.sqrt(),
+                "{t:?}: rms error {e} vs step {step}"
+            );
         }
         for t in [QType::F32, QType::F16, QType::Bf16] {
             let y = round_trip(t, &x);
@@ -416,7 +422,10 @@ mod tests {
                     .iter()
                     .zip(&y)
                     .fold(0f32, |m, (&a, &b)| m.max((a - b).abs()));
-                assert!(e.is_finite() && e <= amax * 0.07 + 1e-6, "{t:?}: {e} of {amax}");
+                assert!(
+                    e.is_finite() && e <= amax * 0.07 + 1e-6,
+                    "{t:?}: {e} of {amax}"
+                );
             }
         }
     }
