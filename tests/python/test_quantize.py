@@ -228,3 +228,60 @@ def test_bad_requests_get_one_error_line(tmp_path):
     save_file(st, str(folder / "model.safetensors"), metadata={"format": "pt"})
     r = quill("quantize", "--model", folder, "--type", "q8_0", "--out", tmp_path / "nan.gguf", check=False)
     assert r.returncode != 0 and "non-finite" in r.stderr and not (tmp_path / "nan.gguf").exists(), r.stderr
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
+    """Llama 3.1's RoPE scaling is stored as llama.cpp stores it, a divisor per frequency in
+    `rope_freqs.weight` (computed here independently, with the converter's formula), and read
+    back: the GGUF's logits over 96 positions equal transformers' on the original folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(1)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=500000.0, rope_scaling=rope, rope_parameters=rope)
+    m = LlamaForCausalLM(cfg)
+    folder = tmp_path / "llama3"
+    m.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text(json.dumps(byte_tokenizer(300)))
+    path = tmp_path / "llama3.gguf"
+    quill("quantize", "--model", folder, "--type", "f32", "--out", path)
+    r = gguf.GGUFReader(str(path))
+    got = [np.asarray(t.data) for t in r.tensors if t.name == "rope_freqs.weight"][0]
+    d = 128 // 4
+    freqs = 1.0 / (500000.0 ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    low_wl, high_wl = 32 / 1.0, 32 / 4.0
+    want = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < high_wl:
+            want.append(1.0)
+        elif wl > low_wl:
+            want.append(8.0)
+        else:
+            smooth = (32 / wl - 1.0) / (4.0 - 1.0)
+            want.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert np.allclose(got, want, rtol=1e-5), (got, want)
+    ids = [(i * 37 + 11) % 300 for i in range(96)]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(quill_logits(path, ids) - ref).max() < 1e-4
+    # quantized, the same scaling: against the dequantized twin
+    q = tmp_path / "llama3-q8.gguf"
+    quill("quantize", "--model", path, "--type", "q8_0", "--out", q)
+    twin = quill_logits(q, ids, "--dequantize")
+    assert np.abs(quill_logits(q, ids) - twin).max() < QUANT_BOUND * np.abs(twin).max()
+    # factors that follow no Llama 3 band structure are refused with one line
+    import shutil as sh
+    bad = tmp_path / "bad.gguf"
+    sh.copyfile(path, bad)
+    raw = bytearray(bad.read_bytes())
+    field = [t for t in r.tensors if t.name == "rope_freqs.weight"][0]
+    at = field.data_offset
+    vals = np.frombuffer(bytes(raw[at:at + 4 * len(want)]), np.float32).copy()
+    vals[::2] = 3.0
+    raw[at:at + 4 * len(want)] = vals.tobytes()
+    bad.write_bytes(bytes(raw))
+    res = quill("logits", "--model", bad, "--ids", "1,2", check=False)
+    assert res.returncode != 0 and "rope_freqs" in res.stderr and "panicked" not in res.stderr, res.stderr

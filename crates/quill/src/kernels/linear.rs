@@ -179,6 +179,9 @@ impl QPart<'_> {
 /// parts split over the threads in one parallel pass.
 pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
     assert!(parts.len() <= 8, "at most 8 stacked parts");
+    if x.len() / cols.max(1) >= GEMM_ROWS {
+        return quant_gemm(y, y_rs, x, cols, parts);
+    }
     let path = isa();
     ACTS.with(|acts| {
         let mut xq = acts.borrow_mut();
@@ -208,6 +211,57 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
                     dot_rows(path, p.qtype, &p.bytes[r * rb..(r + 1) * rb], xq, yj, y_rs);
                 }
             });
+    });
+}
+
+/// Rows of x from which a quantized product dequantizes its weights for the f32 GEMM
+/// instead of quantizing x (a prompt): each weight is then decoded once for all the rows.
+pub const GEMM_ROWS: usize = 32;
+
+thread_local! {
+    /// Dequantized weight rows of [`quant_gemm`] (reused between calls).
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`quant_linear`] for many rows of x: blocks of weight rows dequantized to f32 (over the
+/// threads), then multiplied with the f32 GEMM. The numbers are the dequantized twin's.
+fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
+    let n = x.len() / cols;
+    let yp = y.as_mut_ptr();
+    let mut col0 = 0;
+    PANEL.with(|panel| {
+        let mut panel = panel.borrow_mut();
+        for p in parts {
+            let rb = p.row_bytes(cols);
+            let out = p.bytes.len() / rb;
+            assert!(col0 + out <= y_rs && y.len() >= (n - 1) * y_rs + col0 + out);
+            let rows = (BLOCK_ELEMS / cols.max(1)).max(16).min(out);
+            panel.resize(rows * cols, 0.0);
+            for r0 in (0..out).step_by(rows) {
+                let r1 = (r0 + rows).min(out);
+                let blk = &mut panel[..(r1 - r0) * cols];
+                blk.par_chunks_mut(cols * 4)
+                    .zip(p.bytes[r0 * rb..r1 * rb].par_chunks(rb * 4))
+                    .for_each(|(dst, src)| dequantize(p.qtype, src, dst));
+                // Safety: columns col0 + r0..col0 + r1 of rows 0..n lie inside y (asserted).
+                unsafe {
+                    matmul_strided(
+                        Precision::F32,
+                        Strided {
+                            parallel: true,
+                            ..Strided::new(
+                                Dims::new(n, cols, r1 - r0),
+                                ViewMut::new(yp.add(col0 + r0), y_rs),
+                                View::new(x.as_ptr(), cols, 1),
+                                View::new(blk.as_ptr(), 1, cols),
+                                Accumulate::Overwrite,
+                            )
+                        },
+                    )
+                }
+            }
+            col0 += out;
+        }
     });
 }
 

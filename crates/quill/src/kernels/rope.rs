@@ -66,6 +66,109 @@ pub fn inv_freq(d: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
     }
 }
 
+/// Per-frequency divisors of a scaling (unscaled inverse frequency / scaled one), as
+/// llama.cpp stores Llama 3's scaling in a GGUF file (`rope_freqs.weight`).
+pub fn frequency_factors(d: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    let base = inv_freq(d, theta, &RopeScaling::None);
+    let scaled = inv_freq(d, theta, scaling);
+    base.iter()
+        .zip(&scaled)
+        .map(|(&b, &s)| (b as f64 / s as f64) as f32)
+        .collect()
+}
+
+/// Llama 3's scaling parameters that give per-frequency divisors `factors` (a GGUF file's
+/// `rope_freqs.weight`; equal divisors are linear scaling), or None when no such parameters
+/// reproduce them (within 1e-5).
+///
+/// The divisors are 1 for the fast frequencies, `factor` for the slow ones, and between
+/// them 1 / ((1 − s) / factor + s) with s linear in the frequency; the original context length
+/// is not determined by the divisors (it scales with the two band limits), so 8192 (Llama
+/// 3.1's) is taken and the band limits fitted to the blended frequencies.
+pub fn llama3_from_factors(d: usize, theta: f64, factors: &[f32]) -> Option<RopeScaling> {
+    let base = inv_freq(d, theta, &RopeScaling::None);
+    if factors.len() != base.len() || factors.iter().any(|f| !f.is_finite() || *f < 1.0 - 1e-6) {
+        return None;
+    }
+    let factor = factors.iter().fold(1f32, |m, &f| m.max(f)) as f64;
+    if factor <= 1.0 + 1e-6 {
+        return Some(RopeScaling::None);
+    }
+    if factors
+        .iter()
+        .all(|&f| (f as f64 - factor).abs() <= 1e-5 * factor)
+    {
+        // one divisor for every frequency: linear scaling
+        return Some(RopeScaling::Linear { factor });
+    }
+    let old = 8192.0;
+    let tau = 2.0 * std::f64::consts::PI;
+    // (old / wavelength, blend s) of the frequencies between the bands
+    let mid: Vec<(f64, f64)> = base
+        .iter()
+        .zip(factors)
+        .filter(|(_, &f)| f as f64 > 1.0 + 1e-5 && (f as f64) < factor * (1.0 - 1e-5))
+        .map(|(&b, &f)| {
+            let s = (1.0 / f as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (old * b as f64 / tau, s)
+        })
+        .collect();
+    let u = |i: usize| old * base[i] as f64 / tau;
+    // the slowest unscaled frequency and the fastest fully scaled one bound the blend
+    let fast = base
+        .iter()
+        .zip(factors)
+        .rposition(|(_, &f)| f <= 1.0 + 1e-5)
+        .map(u);
+    let slow = base
+        .iter()
+        .zip(factors)
+        .position(|(_, &f)| f as f64 >= factor * (1.0 - 1e-5))
+        .map(u);
+    let (low, high) = match mid.len() {
+        // s = (u − low) / (high − low): the line through the two ends of the blend
+        2.. => {
+            let (u0, s0) = mid[mid.len() - 1];
+            let (u1, s1) = mid[0];
+            let slope = (s1 - s0) / (u1 - u0);
+            if slope <= 0.0 {
+                return None;
+            }
+            let low = u0 - s0 / slope;
+            (low, low + 1.0 / slope)
+        }
+        // one blended frequency: a band through it that stays clear of its neighbours
+        1 => {
+            let (um, sm) = mid[0];
+            let room_low = slow.map_or(f64::INFINITY, |us| (um - us) / sm.max(1e-12));
+            let room_high = fast.map_or(f64::INFINITY, |uf| (uf - um) / (1.0 - sm).max(1e-12));
+            let width = 0.5 * room_low.min(room_high).min(um.max(1e-12));
+            if !(width.is_finite() && width > 0.0) {
+                return None;
+            }
+            let low = um - sm * width;
+            (low, low + width)
+        }
+        // no blend: a narrow band between the two
+        _ => {
+            let m = (fast? * slow?).sqrt();
+            (m * 0.999, m * 1.001)
+        }
+    };
+    let fitted = RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    };
+    let again = frequency_factors(d, theta, &fitted);
+    let close = again
+        .iter()
+        .zip(factors)
+        .all(|(&a, &f)| ((a - f) as f64).abs() <= 1e-5 * f as f64);
+    close.then_some(fitted)
+}
+
 /// Positions covered by the precomputed table; later positions are computed when needed.
 const TABLE_POSITIONS: usize = 4096;
 
@@ -264,5 +367,43 @@ mod tests {
         for (a, b) in scaled.iter().zip(&base) {
             assert!(*a <= *b && *a >= b / 8.0 * (1.0 - 1e-6));
         }
+    }
+
+    #[test]
+    fn llama3_scaling_is_recovered_from_its_frequency_factors() {
+        for (d, theta, factor, low, high, old) in [
+            (128, 500000.0, 8.0, 1.0, 4.0, 8192.0),
+            (64, 500000.0, 32.0, 1.0, 4.0, 8192.0),
+            (32, 10000.0, 4.0, 1.0, 2.0, 64.0),
+            (16, 10000.0, 2.0, 1.0, 8.0, 256.0),
+            (32, 500000.0, 8.0, 1.0, 4.0, 32.0),
+        ] {
+            let s = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            };
+            let f = frequency_factors(d, theta, &s);
+            let back = llama3_from_factors(d, theta, &f).expect("recovered");
+            let (a, b) = (inv_freq(d, theta, &s), inv_freq(d, theta, &back));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 2e-6 * x.abs(), "{d} {theta}: {x} vs {y}");
+            }
+        }
+        let plain = vec![1f32; 8];
+        assert_eq!(
+            llama3_from_factors(16, 1e4, &plain),
+            Some(RopeScaling::None)
+        );
+        assert_eq!(
+            llama3_from_factors(16, 1e4, &[2.0; 8]),
+            Some(RopeScaling::Linear { factor: 2.0 })
+        );
+        // factors that follow no band structure
+        let odd: Vec<f32> = (0..8).map(|i| if i % 2 == 0 { 1.0 } else { 3.0 }).collect();
+        assert_eq!(llama3_from_factors(16, 1e4, &odd), None);
+        assert_eq!(llama3_from_factors(16, 1e4, &[0.5; 8]), None);
+        assert_eq!(llama3_from_factors(16, 1e4, &[1.0; 7]), None);
     }
 }

@@ -20,7 +20,7 @@ use crate::chat::ChatTemplate;
 use crate::io::llama2c::halves_to_pairs;
 use crate::kernels::quant::quantize::quantize;
 use crate::kernels::quant::QType;
-use crate::kernels::rope::RopeScaling;
+use crate::kernels::rope::{self, RopeScaling};
 use crate::model::{Config, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -311,12 +311,8 @@ fn architecture_meta(config: &Config) -> Result<Metadata> {
                     put(a, "rope.scaling.type", Meta::Str("linear".into()));
                     put(a, "rope.scaling.factor", Meta::F32(factor as f32));
                 }
-                RopeScaling::Llama3 { .. } => {
-                    return Err(Error::Input(
-                        "Llama 3.1's RoPE scaling (rope_freqs) cannot be written as GGUF yet"
-                            .into(),
-                    ))
-                }
+                // a divisor per frequency in the tensor rope_freqs.weight, as llama.cpp keeps it
+                RopeScaling::Llama3 { .. } => {}
             }
         }
     }
@@ -596,12 +592,29 @@ fn write_tensors(m: &Model, ft: FileType, meta: &[(String, Meta)], out: &Path) -
         specs.push((spec.view, conv1d, rows, cols, qk));
         outs.push(TensorOut { name, dims, qtype });
     }
+    // Llama 3's RoPE scaling travels as a tensor of per-frequency divisors
+    let mut extra: Vec<Vec<f32>> = Vec::new();
+    if let Config::Llama(c) = &m.config {
+        if matches!(c.rope_scaling, RopeScaling::Llama3 { .. }) {
+            let f = rope::frequency_factors(c.head_dim, c.rope_theta, &c.rope_scaling);
+            outs.push(TensorOut {
+                name: "rope_freqs.weight".into(),
+                dims: vec![f.len()],
+                qtype: QType::F32,
+            });
+            extra.push(f);
+        }
+    }
     let mut written = Written::default();
     for t in &outs {
         *written.types.entry(t.qtype.name()).or_default() += 1;
     }
     write(out, meta, &outs, |i, buf| {
-        let (view, conv1d, rows, cols, qk) = specs[i];
+        let Some(&(view, conv1d, rows, cols, qk)) = specs.get(i) else {
+            let f = &extra[i - specs.len()];
+            quantize(QType::F32, f, buf);
+            return Ok(());
+        };
         let src = view.of(&m.params);
         if let Some(bad) = src.iter().position(|v| !v.is_finite()) {
             return Err(Error::Input(format!(

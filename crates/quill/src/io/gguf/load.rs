@@ -13,7 +13,7 @@ use crate::io::generation::GenerationConfig;
 use crate::io::llama2c::pairs_to_halves;
 use crate::io::opened::Opened;
 use crate::kernels::quant::QType;
-use crate::kernels::rope::RopeScaling;
+use crate::kernels::rope::{self, RopeScaling};
 use crate::model::weight::{MappedDtype, Orient, QBytes, Storage};
 use crate::model::{Config, Gpt2Config, LlamaConfig, Model};
 use crate::tokenizer::Tokenizer;
@@ -408,11 +408,26 @@ fn config(g: &Gguf) -> Result<Config> {
             ))
         }
     };
-    if g.tensor("rope_freqs.weight").is_some() {
-        return Err(Error::format(
-            &g.path,
-            "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1's scaling) are not supported yet",
-        ));
+    if let Some(t) = g.tensor("rope_freqs.weight") {
+        // Llama 3's scaling, as llama.cpp stores it: a divisor per frequency
+        if t.elements() != c.head_dim / 2 || c.rope_scaling != RopeScaling::None {
+            return Err(Error::format(
+                &g.path,
+                format!(
+                    "rope_freqs.weight has {} numbers for heads of {} (and must not be combined with rope.scaling.type)",
+                    t.elements(),
+                    c.head_dim
+                ),
+            ));
+        }
+        let factors = g.dequantize(t);
+        c.rope_scaling = rope::llama3_from_factors(c.head_dim, c.rope_theta, &factors)
+            .ok_or_else(|| {
+                Error::format(
+                    &g.path,
+                    "rope_freqs.weight does not follow Llama 3's frequency scaling (the only per-frequency scaling supported)",
+                )
+            })?;
     }
     c.tie_word_embeddings = tied;
     c.qkv_bias = g.tensor("blk.0.attn_q.bias").is_some();
