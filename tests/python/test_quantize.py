@@ -167,6 +167,17 @@ def test_tokenizers_travel_into_the_gguf(tmp_path):
         for text in texts:
             got = json.loads(quill("tokenize", "--tokenizer", path, "--text", text).stdout)["ids"]
             assert got == tok(text, add_special_tokens=False)["input_ids"], (out, text)
+    # llama2.c's tokenizer (run.c's encoder, through `quill score`) and the GGUF's agree (on
+    # text that does not start with a space: there transformers' reading of a SentencePiece
+    # GGUF, which quill follows, adds no prefix space while run.c and llama.cpp do)
+    for text in ["Once upon a time, there was a little girl named Lily.", "Hello world", "new\nline",
+                 "Lily and Ben went to the park. They saw a big dog!", "two  spaces", "Zürich"]:
+        ids = {}
+        for args in (["--model", stories / "stories260K.bin", "--tokenizer", stories / "tok512.bin"],
+                     ["--model", tmp_path / "spm.gguf"]):
+            out = json.loads(quill("score", *args, "--text", text, "--json").stdout)
+            ids[len(args)] = [t["id"] for t in out["tokens"]]
+        assert ids[4] == ids[2], (text, ids)
     # llama2.c's checkpoint: the same logits through the GGUF
     ids = [1, 400, 300, 20, 77, 5, 300]
     path = tmp_path / "stories.gguf"

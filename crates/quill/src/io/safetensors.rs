@@ -2,7 +2,7 @@
 //! through the `safetensors` crate, and atomic writing of f32 tensors.
 
 use crate::{Error, Result};
-use ::safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use ::safetensors::{Dtype, SafeTensors};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -10,10 +10,21 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// An open, validated safetensors file.
+/// An open, validated safetensors file. Its header is parsed once, when it is opened (a
+/// lookup per tensor parsing it again made loading quadratic in the tensor count).
 pub struct SafetensorsFile {
     pub path: PathBuf,
     mmap: Arc<Mmap>,
+    /// Every tensor's dtype, shape and byte range in the map, by name.
+    entries: HashMap<String, Entry>,
+    /// Names in the header's order.
+    order: Vec<String>,
+}
+
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
 }
 
 impl SafetensorsFile {
@@ -29,12 +40,34 @@ impl SafetensorsFile {
         // Safety: the file is opened read-only; quill never writes a file in place (atomic
         // renames), so the mapping's contents do not change under us.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let f = SafetensorsFile {
+        let mut f = SafetensorsFile {
             path: path.to_path_buf(),
             mmap: Arc::new(mmap),
+            entries: HashMap::new(),
+            order: Vec::new(),
         };
-        f.tensors()?;
+        let base = f.mmap.as_ptr() as usize;
+        let mut entries = HashMap::new();
+        let mut order = Vec::new();
+        for (name, view) in f.tensors()?.iter() {
+            let start = view.data().as_ptr() as usize - base;
+            let entry = Entry {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                range: start..start + view.data().len(),
+            };
+            order.push(name.to_string());
+            entries.insert(name.to_string(), entry);
+        }
+        order.sort_by_key(|n| entries[n].range.start);
+        (f.entries, f.order) = (entries, order);
         Ok(f)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| Error::format(&self.path, format!("no tensor named {name}")))
     }
 
     /// The parsed file (cheap: parses the JSON header only).
@@ -54,43 +87,31 @@ impl SafetensorsFile {
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 
+    /// Tensor names in the order of their data.
     pub fn names(&self) -> Result<Vec<String>> {
-        Ok(self
-            .tensors()?
-            .names()
-            .into_iter()
-            .map(|s| s.to_string())
-            .collect())
+        Ok(self.order.clone())
     }
 
     /// Copies tensor `name` into `dst`, converting to f32, after checking its shape.
     pub fn read_into(&self, name: &str, shape: &[usize], dst: &mut [f32]) -> Result<()> {
-        let st = self.tensors()?;
-        let view = st
-            .tensor(name)
-            .map_err(|_| Error::format(&self.path, format!("no tensor named {name}")))?;
-        if view.shape() != shape {
+        let e = self.entry(name)?;
+        if e.shape != shape {
             return Err(Error::format(
                 &self.path,
                 format!(
                     "tensor {name} has shape {:?}, expected {:?}",
-                    view.shape(),
-                    shape
+                    e.shape, shape
                 ),
             ));
         }
-        to_f32(&view, dst).map_err(|m| Error::format(&self.path, format!("tensor {name}: {m}")))
+        to_f32(e.dtype, &self.mmap[e.range.clone()], dst)
+            .map_err(|m| Error::format(&self.path, format!("tensor {name}: {m}")))
     }
 
     /// The stored dtype and bytes of tensor `name` (inside the memory map).
     pub fn raw(&self, name: &str) -> Result<(Dtype, &[u8])> {
-        let st = self.tensors()?;
-        let view = st
-            .tensor(name)
-            .map_err(|_| Error::format(&self.path, format!("no tensor named {name}")))?;
-        let (dtype, len) = (view.dtype(), view.data().len());
-        let start = view.data().as_ptr() as usize - self.mmap.as_ptr() as usize;
-        Ok((dtype, &self.mmap[start..start + len]))
+        let e = self.entry(name)?;
+        Ok((e.dtype, &self.mmap[e.range.clone()]))
     }
 
     /// The memory map itself, to keep borrowed tensor bytes alive.
@@ -100,18 +121,13 @@ impl SafetensorsFile {
 
     /// The shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
-        Ok(self
-            .tensors()?
-            .tensor(name)
-            .ok()
-            .map(|v| v.shape().to_vec()))
+        Ok(self.entries.get(name).map(|e| e.shape.clone()))
     }
 }
 
-fn to_f32(view: &TensorView<'_>, dst: &mut [f32]) -> std::result::Result<(), String> {
-    let data = view.data();
+fn to_f32(dtype: Dtype, data: &[u8], dst: &mut [f32]) -> std::result::Result<(), String> {
     let n = dst.len();
-    match view.dtype() {
+    match dtype {
         Dtype::F32 => {
             for (d, b) in dst.iter_mut().zip(data.chunks_exact(4)) {
                 *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -133,7 +149,7 @@ fn to_f32(view: &TensorView<'_>, dst: &mut [f32]) -> std::result::Result<(), Str
             ))
         }
     }
-    if data.len() / view.dtype().bitsize().div_ceil(8).max(1) != n {
+    if data.len() / dtype.bitsize().div_ceil(8).max(1) != n {
         return Err("data size does not match its shape".into());
     }
     Ok(())

@@ -377,6 +377,13 @@ fn tokenizer_meta(
                         "tokenizer piece {id} is not UTF-8; it has no GGUF form"
                     ))
                 })?;
+                // llama2.c's export spelled SentencePiece's "▁" as a space and wrapped the
+                // control pieces in newlines; GGUF keeps SentencePiece's own spelling
+                let s = match id {
+                    1 => "<s>".to_string(),
+                    2 => "</s>".to_string(),
+                    _ => s.replace(' ', "\u{2581}"),
+                };
                 types.push(match id {
                     0 => UNKNOWN,
                     1 | 2 => CONTROL,
