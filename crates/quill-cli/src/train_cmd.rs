@@ -163,7 +163,53 @@ fn check_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a model whose weights, gradients and AdamW moments (16 bytes a parameter) would
+/// not fit in this machine's memory, before they are allocated (and the system kills the
+/// process halfway).
+fn check_training_memory(params: usize) -> Result<()> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let need = params as u64 * 16;
+    if let Some(total) = total {
+        if need > total {
+            bail!(
+                "training a model of {params} parameters needs about {:.1} GB (weights, gradients and AdamW moments in f32); this machine has {:.1} GB",
+                need as f64 / 1e9,
+                total as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
+    // numbers checked before any work is done for them
+    for (flag, v) in [
+        ("--lr", a.lr),
+        ("--min-lr", a.min_lr),
+        ("--weight-decay", a.weight_decay),
+        ("--grad-clip", a.grad_clip),
+    ] {
+        if let Some(v) = v {
+            if !v.is_finite() || v < 0.0 {
+                bail!("{flag} must be a finite number ≥ 0 (got {v})");
+            }
+        }
+    }
+    use quill::train::trainer::{MAX_BATCH_TOKENS, MAX_CONTEXT};
+    let (batch, context) = (a.batch.unwrap_or(16), a.context.unwrap_or(128));
+    if context > MAX_CONTEXT
+        || batch
+            .checked_mul(context)
+            .is_none_or(|t| t > MAX_BATCH_TOKENS)
+    {
+        bail!(
+            "a batch of {batch} sequences of {context} tokens is beyond quill's limits (context ≤ {MAX_CONTEXT}, batch × context ≤ {MAX_BATCH_TOKENS})"
+        );
+    }
     let out = a.out.clone();
     if a.resume {
         return resume(a, &out);
@@ -226,6 +272,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
             };
             let (ctx, width) = (a.context.unwrap_or(128), a.width.unwrap_or(96));
             let (layers, heads) = (a.layers.unwrap_or(4), a.heads.unwrap_or(2));
+            // stated limits, so that the shape's arithmetic cannot overflow
+            for (flag, v, max) in [
+                ("--context", ctx, quill::train::trainer::MAX_CONTEXT),
+                ("--width", width, 1 << 16),
+                ("--layers", layers, 1 << 12),
+                ("--heads", heads, 1 << 12),
+                ("--kv-heads", a.kv_heads.unwrap_or(1), 1 << 12),
+            ] {
+                if v == 0 || v > max {
+                    bail!("{flag} {v} is out of range (1 to {max})");
+                }
+            }
             let mut model = match a.arch.as_deref().unwrap_or("gpt2") {
                 "gpt2" => {
                     if a.kv_heads.is_some() {
@@ -259,6 +317,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (model, tok)
         }
     };
+    check_training_memory(model.layout.total)?;
     if tok.vocab_size() > model.vocab_size() {
         bail!(
             "the tokenizer has {} tokens but the model only {}",

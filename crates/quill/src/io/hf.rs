@@ -117,6 +117,22 @@ pub fn load(dir: &Path, map: bool) -> Result<Model> {
     let config_path = model_dir_config(dir)?;
     let config = read_config(&config_path)?;
     let weights = Weights::open(dir)?;
+    // every parameter must come from the files: a config.json that describes a larger model
+    // is refused before anything is allocated for it
+    let stored = weights
+        .files
+        .iter()
+        .try_fold(0usize, |a, f| a.checked_add(f.elements()?));
+    match (config.parameter_count(), stored) {
+        (Some(w), Some(s)) if w <= s => {}
+        (w, _) => return Err(Error::Input(format!(
+            "{}: config.json describes a model of {} parameters but the weights hold only {} ({})",
+            dir.display(),
+            w.map_or("too many".into(), |w| w.to_string()),
+            stored.map_or("?".into(), |s| s.to_string()),
+            shape_fields(&config)
+        ))),
+    }
     let mut model = Model::new(config)?;
     let mut mapped: Vec<(View, Storage)> = Vec::new();
     let mappable: Vec<View> = {

@@ -119,6 +119,13 @@ impl SafetensorsFile {
         self.mmap.clone()
     }
 
+    /// Numbers held by every tensor of the file (None on overflow).
+    pub fn elements(&self) -> Option<usize> {
+        self.entries.values().try_fold(0usize, |a, e| {
+            a.checked_add(e.shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d))?)
+        })
+    }
+
     /// The shape of tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
         Ok(self.entries.get(name).map(|e| e.shape.clone()))

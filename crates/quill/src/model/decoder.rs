@@ -39,6 +39,35 @@ pub enum Config {
     Llama(LlamaConfig),
 }
 
+/// The largest model quill lays out: 2^36 parameters (a 256 GiB f32 buffer), far beyond any
+/// machine it runs on, so that sizes from files and flags are refused before arithmetic on
+/// them can overflow.
+pub const MAX_PARAMETERS: usize = 1 << 36;
+
+/// `n` zeroed numbers, or a clear error when the memory cannot be had (the allocation is
+/// lazy: pages a memory-mapped model never writes cost nothing).
+fn zeroed(n: usize) -> crate::Result<Vec<f32>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let too_big = || {
+        crate::Error::Input(format!(
+            "cannot allocate {:.1} GB for a model of {n} parameters",
+            n as f64 * 4.0 / 1e9
+        ))
+    };
+    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| too_big())?;
+    // Safety: the layout has a non-zero size; a non-null result is a zeroed block of n f32s
+    // from the global allocator with Vec<f32>'s layout for capacity n, which Vec takes over.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if p.is_null() {
+            return Err(too_big());
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
+    }
+}
+
 impl Config {
     pub fn architecture(&self) -> &'static str {
         match self {
@@ -218,6 +247,60 @@ pub(super) type Layers = (
     Weight,
 );
 
+impl Config {
+    /// The number of parameters a configuration lays out (None on overflow).
+    pub fn parameter_count(&self) -> Option<usize> {
+        let config = self;
+        let sum = |xs: &[Option<usize>]| xs.iter().try_fold(0usize, |a, x| a.checked_add((*x)?));
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        match config {
+            Config::Gpt2(c) => {
+                let (v, d, f) = (c.vocab_size, c.n_embd, c.mlp_dim());
+                let layer = sum(&[
+                    mul(4, d),
+                    mul(d, d).and_then(|x| mul(x, 3)),
+                    mul(3, d),
+                    mul(d, d),
+                    Some(d),
+                    mul(d, f),
+                    Some(f),
+                    mul(f, d),
+                    Some(d),
+                ])?;
+                let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
+                sum(&[
+                    mul(v, d),
+                    mul(c.n_positions, d),
+                    mul(2, d),
+                    Some(head),
+                    mul(layer, c.n_layer),
+                ])
+            }
+            Config::Llama(c) => {
+                let (v, d, f) = (c.vocab_size, c.hidden_size, c.intermediate_size);
+                let q = mul(c.num_attention_heads, c.head_dim)?;
+                let kv = mul(c.num_key_value_heads, c.head_dim)?;
+                let qkv = sum(&[Some(q), mul(kv, 2)])?;
+                let layer = sum(&[
+                    mul(2, d),
+                    mul(d, qkv),
+                    mul(q, d),
+                    mul(d, f).and_then(|x| mul(x, 3)),
+                    Some(if c.qkv_bias { qkv } else { 0 }),
+                    Some(if c.o_bias { d } else { 0 }),
+                ])?;
+                let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
+                sum(&[
+                    mul(v, d),
+                    Some(d),
+                    Some(head),
+                    mul(layer, c.num_hidden_layers),
+                ])
+            }
+        }
+    }
+}
+
 impl Model {
     /// A model with every parameter zero, from what an architecture's file laid out.
     pub(super) fn assemble(
@@ -225,11 +308,11 @@ impl Model {
         layout: ParamLayout,
         shape: Shape,
         layers: Layers,
-    ) -> Model {
+    ) -> crate::Result<Model> {
         let (vocab, width, context, heads, mlp_width, mlp) = shape;
         let (embed, positions, blocks, attention, final_norm, head) = layers;
-        Model {
-            params: vec![0.0; layout.total],
+        Ok(Model {
+            params: zeroed(layout.total)?,
             layout,
             config,
             vocab,
@@ -245,7 +328,7 @@ impl Model {
             final_norm,
             head,
             precision: Precision::F32,
-        }
+        })
     }
 
     /// Initialisation for training from scratch (GPT-2's recipe, used for both families):

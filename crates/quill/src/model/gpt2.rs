@@ -65,7 +65,7 @@ pub fn build(config: Gpt2Config) -> Result<Model> {
     let shape = (v, c, config.n_positions, heads, f, Mlp::Gelu);
     let positions = Positions::Learned(wpe);
     let layers = (embed, positions, blocks, attention, final_norm, head);
-    Ok(Model::assemble(Config::Gpt2(config), l, shape, layers))
+    Model::assemble(Config::Gpt2(config), l, shape, layers)
 }
 
 /// 1/√D (unless `scale_attn_weights` is off), divided by the layer number when

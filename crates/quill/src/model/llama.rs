@@ -87,5 +87,5 @@ pub fn build(config: LlamaConfig) -> Result<Model> {
     let shape = (v, c, context, heads, f, Mlp::SwiGlu);
     let positions = Positions::Rotary(rope);
     let layers = (embed, positions, blocks, attention, final_norm, head);
-    Ok(Model::assemble(Config::Llama(config), l, shape, layers))
+    Model::assemble(Config::Llama(config), l, shape, layers)
 }

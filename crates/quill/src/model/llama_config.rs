@@ -14,6 +14,9 @@ pub const LLAMA_FAMILY: [(&str, &str); 3] = [
     ("qwen2", "Qwen2ForCausalLM"),
 ];
 
+/// The most layers a configuration may ask for (real models have at most a few hundred).
+pub const MAX_LAYERS: usize = 1 << 16;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     pub model_type: String,
@@ -177,6 +180,12 @@ impl LlamaConfig {
         let hidden = req("hidden_size")?;
         let heads = req("num_attention_heads")?;
         let layers = req("num_hidden_layers")?;
+        // per-layer settings are allocated from this count: bounded before anything else
+        if layers > MAX_LAYERS {
+            return Err(bad(format!(
+                "num_hidden_layers {layers} is beyond quill's limit of {MAX_LAYERS}"
+            )));
+        }
         let act = v
             .get("hidden_act")
             .and_then(Value::as_str)

@@ -30,6 +30,15 @@ impl Model {
     /// A model of this configuration with every parameter zero (see [`Model::init`]): the
     /// architecture's file lays its weights out under its Hugging Face names.
     pub fn new(config: Config) -> crate::Result<Model> {
+        match config.parameter_count() {
+            Some(n) if n <= decoder::MAX_PARAMETERS => {}
+            n => {
+                return Err(crate::Error::Input(format!(
+                    "a model of {} parameters is larger than quill's limit of 2^36",
+                    n.map_or("more than 2^64".into(), |n| n.to_string())
+                )))
+            }
+        }
         match config {
             Config::Gpt2(c) => gpt2::build(c),
             Config::Llama(c) => llama::build(c),

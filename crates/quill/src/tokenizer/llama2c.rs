@@ -36,6 +36,12 @@ impl Llama2cTokenizer {
                 format!("not a llama2.c tokenizer for {vocab_size} tokens (truncated or damaged)"),
             )
         };
+        if vocab_size < 3 {
+            return Err(Error::format(
+                path,
+                format!("a llama2.c vocabulary needs <unk>, <s> and </s>: {vocab_size} tokens are too few"),
+            ));
+        }
         let mut off = 4;
         let (mut pieces, mut scores) = (
             Vec::with_capacity(vocab_size),
@@ -96,7 +102,16 @@ impl Llama2cTokenizer {
             let s = ch.encode_utf8(&mut buf).as_bytes();
             match self.index.get(s) {
                 Some(&id) => tokens.push(id),
-                None => tokens.extend(s.iter().map(|&b| b as u32 + 3)),
+                // byte fallback: <0xNN> is token NN + 3; a vocabulary too small to hold
+                // the byte tokens gives the unknown token instead
+                None => tokens.extend(s.iter().map(|&b| {
+                    let id = b as u32 + 3;
+                    if (id as usize) < self.pieces.len() {
+                        id
+                    } else {
+                        0
+                    }
+                })),
             }
         }
         loop {

@@ -44,6 +44,11 @@ pub struct TrainConfig {
     pub sample_tokens: usize,
 }
 
+/// The longest training context quill accepts.
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// The most tokens in one step's batch.
+pub const MAX_BATCH_TOKENS: usize = 1 << 24;
+
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let positive = [
@@ -65,6 +70,24 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err(Error::Input("AdamW betas must be in [0, 1)".into()));
+        }
+        for (name, v) in [
+            ("weight decay", self.weight_decay),
+            ("gradient clip", self.grad_clip),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::Input(format!(
+                    "{name} must be a finite number ≥ 0 (got {v})"
+                )));
+            }
+        }
+        // tokens of one step's activations, a stated limit well past any machine's memory
+        let tokens = self.batch_size.checked_mul(self.seq_len);
+        if self.seq_len > MAX_CONTEXT || tokens.is_none_or(|t| t > MAX_BATCH_TOKENS) {
+            return Err(Error::Input(format!(
+                "a batch of {} sequences of {} tokens is beyond quill's limits (context ≤ {MAX_CONTEXT}, batch × context ≤ {MAX_BATCH_TOKENS})",
+                self.batch_size, self.seq_len
+            )));
         }
         Ok(())
     }

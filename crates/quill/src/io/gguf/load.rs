@@ -99,7 +99,7 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
         .tensors()
         .iter()
         .try_fold(0usize, |a, t| a.checked_add(t.elements()));
-    let wanted = parameter_count(&config);
+    let wanted = config.parameter_count();
     match (wanted, stored) {
         (Some(w), Some(s)) if w <= s => {}
         _ => {
@@ -207,57 +207,6 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
         model.to_inference_layout();
     }
     Ok(model)
-}
-
-/// The number of parameters a configuration lays out (None on overflow).
-fn parameter_count(config: &Config) -> Option<usize> {
-    let sum = |xs: &[Option<usize>]| xs.iter().try_fold(0usize, |a, x| a.checked_add((*x)?));
-    let mul = |a: usize, b: usize| a.checked_mul(b);
-    match config {
-        Config::Gpt2(c) => {
-            let (v, d, f) = (c.vocab_size, c.n_embd, c.mlp_dim());
-            let layer = sum(&[
-                mul(4, d),
-                mul(d, d).and_then(|x| mul(x, 3)),
-                mul(3, d),
-                mul(d, d),
-                Some(d),
-                mul(d, f),
-                Some(f),
-                mul(f, d),
-                Some(d),
-            ])?;
-            let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
-            sum(&[
-                mul(v, d),
-                mul(c.n_positions, d),
-                mul(2, d),
-                Some(head),
-                mul(layer, c.n_layer),
-            ])
-        }
-        Config::Llama(c) => {
-            let (v, d, f) = (c.vocab_size, c.hidden_size, c.intermediate_size);
-            let q = mul(c.num_attention_heads, c.head_dim)?;
-            let kv = mul(c.num_key_value_heads, c.head_dim)?;
-            let qkv = sum(&[Some(q), mul(kv, 2)])?;
-            let layer = sum(&[
-                mul(2, d),
-                mul(d, qkv),
-                mul(q, d),
-                mul(d, f).and_then(|x| mul(x, 3)),
-                Some(if c.qkv_bias { qkv } else { 0 }),
-                Some(if c.o_bias { d } else { 0 }),
-            ])?;
-            let head = if c.tie_word_embeddings { 0 } else { mul(v, d)? };
-            sum(&[
-                mul(v, d),
-                Some(d),
-                Some(head),
-                mul(layer, c.num_hidden_layers),
-            ])
-        }
-    }
 }
 
 fn is_conv1d(hf: &str) -> bool {

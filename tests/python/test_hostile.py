@@ -1,0 +1,131 @@
+"""Hostile input (the first classes of the hostile-input issue), run by ./run-tests.
+
+Each crafted input gets one `error:` line and a non-zero exit, or works, within a time limit
+and under an address-space limit far below what the crafted sizes would allocate: no panic,
+no abort, no hang.
+
+- config.json files that describe a model larger than the weights beside them;
+- safetensors files with thousands of tensors (each header is parsed once);
+- llama2.c vocabularies too small for byte fallback, or for their control tokens;
+- training flags out of range, and NaN/infinite optimizer settings.
+"""
+import json
+import resource
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+QUILL = str(ROOT / "target" / "release" / "quill")
+FIXTURES = ROOT / "tests" / "fixtures"
+# far below the gigabytes the crafted sizes ask for, well above what the real models need
+ADDRESS_LIMIT = 4 << 30
+
+
+def run(*args, timeout=30):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
+    return subprocess.run([QUILL, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit)
+
+
+def refused(r, *words):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0, r.stderr
+    assert "panicked" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("vocab_size", 50_000_000), ("intermediate_size", 10**12), ("num_hidden_layers", 10**12),
+    ("num_hidden_layers", 10**6), ("hidden_size", 2**40), ("max_position_embeddings", 10**15),
+])
+def test_config_that_overstates_the_model_is_refused_before_allocating(tmp_path, field, value):
+    for name in ["llama-tiny", "gpt2-tiny"]:
+        d = tmp_path / name
+        shutil.copytree(FIXTURES / name, d)
+        cfg = json.loads((d / "config.json").read_text())
+        key = {"vocab_size": "vocab_size", "intermediate_size": "n_inner", "num_hidden_layers": "n_layer",
+               "hidden_size": "n_embd", "max_position_embeddings": "n_positions"}[field] \
+            if name.startswith("gpt2") else field
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        r = run("logits", "--model", d, "--ids", "1,2,3")
+        if field == "max_position_embeddings" and name == "llama-tiny":
+            # no weight depends on it (rotary positions): it loads, and allocates for the
+            # three positions used, not for 10^15
+            assert r.returncode == 0, r.stderr
+        else:
+            refused(r)
+        shutil.rmtree(d)
+
+
+def test_thousands_of_tensors_load_in_linear_time(tmp_path):
+    """A header parsed once per file: 9,000 extra tensors beside the real ones load well
+    inside the time limit (parsed once per lookup they took more than 30 s)."""
+    from safetensors.numpy import load_file, save_file
+    d = tmp_path / "many"
+    shutil.copytree(FIXTURES / "llama-tiny", d)
+    st = load_file(str(d / "model.safetensors"))
+    for i in range(9000):
+        st[f"extra.{i}.weight"] = np.zeros(4, np.float32)
+    save_file(st, str(d / "model.safetensors"))
+    r = run("logits", "--model", d, "--ids", "1,2,3", timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def llama2c_model(path, vocab, dim=8, hidden=16, layers=1, heads=2, seq=16):
+    rng = np.random.default_rng(0)
+    n = (vocab * dim + layers * dim + 4 * layers * dim * dim + layers * dim
+         + 3 * layers * hidden * dim + dim + 2 * seq * (dim // heads) // 2)
+    w = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    path.write_bytes(struct.pack("<7i", dim, hidden, layers, heads, heads, vocab, seq) + w.tobytes())
+
+
+def llama2c_tokenizer(path, pieces):
+    out = struct.pack("<i", max(len(p) for p in pieces))
+    for i, p in enumerate(pieces):
+        b = p.encode()
+        out += struct.pack("<fi", -float(i), len(b)) + b
+    path.write_bytes(out)
+
+
+def test_small_llama2c_vocabularies(tmp_path):
+    # ten tokens: the byte-fallback ids of "é" (and most bytes) lie outside the vocabulary
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n", " ", "h", "e", "l", "o", " h", "he"]
+    llama2c_model(tmp_path / "m.bin", len(pieces))
+    llama2c_tokenizer(tmp_path / "t.bin", pieces)
+    for cmd in (["generate", "--prompt", "héllo wörld", "--max-new-tokens", "5"],
+                ["score", "--text", "héllo ☃"]):
+        r = run(*cmd, "--model", tmp_path / "m.bin", "--tokenizer", tmp_path / "t.bin")
+        assert r.returncode == 0 and "panicked" not in r.stderr, r.stderr
+    # fewer than its three control tokens
+    llama2c_model(tmp_path / "m2.bin", 2)
+    llama2c_tokenizer(tmp_path / "t2.bin", ["<unk>", "\n<s>\n"])
+    refused(run("generate", "--prompt", "hi", "--model", tmp_path / "m2.bin", "--tokenizer", tmp_path / "t2.bin"),
+            "too few")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--width", "1000000000"], ["--width"]),
+    (["--context", "1000000000000"], ["context"]),
+    (["--layers", "0"], ["--layers"]),
+    (["--heads", "100000"], ["--heads"]),
+    (["--weight-decay", "NaN"], ["--weight-decay"]),
+    (["--weight-decay=-1"], ["--weight-decay"]),
+    (["--grad-clip", "inf"], ["--grad-clip"]),
+    (["--lr", "NaN"], ["--lr"]),
+    (["--arch", "llama", "--width", "4096", "--heads", "32", "--layers", "4000"], ["parameters"]),
+    (["--arch", "llama", "--batch", "65536", "--context", "1048576"], ["beyond"]),
+])
+def test_training_flags_out_of_range(tmp_path, flags, words):
+    r = run("train", "--steps", "1", "--out", tmp_path / "run", *flags)
+    refused(r, *words)
+    # nothing half-written is left as a model
+    assert not (tmp_path / "run" / "model.safetensors").exists()
