@@ -129,3 +129,49 @@ def test_training_flags_out_of_range(tmp_path, flags, words):
     refused(r, *words)
     # nothing half-written is left as a model
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def path_tricks(tmp_path, inside):
+    """Names a file index may hold that lead outside its folder or to no regular file."""
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    fifo = inside / "fifo.bin"
+    if not fifo.exists():
+        import os
+        os.mkfifo(fifo)
+    link = inside / "link.bin"
+    if not link.exists():
+        link.symlink_to(outside / "x.bin")
+    (outside / "x.bin").write_bytes(b"\0" * 64)
+    return ["../outside/x.bin", str(outside / "x.bin"), "/etc/passwd", "fifo.bin", "link.bin", "", "sub/../../outside/x.bin"]
+
+
+def test_shard_index_paths_stay_inside_the_model_folder(tmp_path):
+    d = tmp_path / "sharded"
+    shutil.copytree(FIXTURES / "llama-tiny", d)
+    from safetensors.numpy import load_file
+    names = list(load_file(str(d / "model.safetensors")))
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert run("logits", "--model", d, "--ids", "1,2").returncode == 0
+    for trick in path_tricks(tmp_path, d):
+        index["weight_map"][names[0]] = trick
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        refused(run("logits", "--model", d, "--ids", "1,2", timeout=20))
+
+
+def test_prepared_shard_paths_stay_inside_the_data_folder(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, a small corpus for shards\n" * 200)
+    data = tmp_path / "data"
+    r = subprocess.run([QUILL, "prepare", "--input", text, "--tokenizer", "char", "--out", data],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    for trick in path_tricks(tmp_path, data):
+        m = json.loads(json.dumps(meta))
+        m["train"]["shards"][0] = trick
+        (data / "meta.json").write_text(json.dumps(m))
+        refused(run("train", "--data", data, "--steps", "1", "--out", tmp_path / "run", "--overwrite",
+                    timeout=20))

@@ -562,7 +562,7 @@ pub fn load(dir: &Path) -> Result<(Meta, Split)> {
         let mut shards = Vec::new();
         let mut count = 0u64;
         for name in &part.shards {
-            let s = Shard::open(&dir.join(name))?;
+            let s = Shard::open(&crate::io::file_inside(dir, name, "meta.json")?)?;
             if s.vocab_size != meta.vocab_size {
                 return Err(Error::format(
                     dir.join(name),

@@ -37,7 +37,10 @@ impl Weights {
                 .collect();
             shards.sort();
             shards.dedup();
-            shards.iter().map(|s| dir.join(s)).collect()
+            shards
+                .iter()
+                .map(|s| super::file_inside(dir, s, "model.safetensors.index.json"))
+                .collect::<Result<Vec<_>>>()?
         } else if dir.join("pytorch_model.bin").exists() {
             return Err(Error::Input(format!(
                 "{}: only safetensors weights are supported (found pytorch_model.bin)",
@@ -125,13 +128,15 @@ pub fn load(dir: &Path, map: bool) -> Result<Model> {
         .try_fold(0usize, |a, f| a.checked_add(f.elements()?));
     match (config.parameter_count(), stored) {
         (Some(w), Some(s)) if w <= s => {}
-        (w, _) => return Err(Error::Input(format!(
+        (w, _) => {
+            return Err(Error::Input(format!(
             "{}: config.json describes a model of {} parameters but the weights hold only {} ({})",
             dir.display(),
             w.map_or("too many".into(), |w| w.to_string()),
             stored.map_or("?".into(), |s| s.to_string()),
             shape_fields(&config)
-        ))),
+        )))
+        }
     }
     let mut model = Model::new(config)?;
     let mut mapped: Vec<(View, Storage)> = Vec::new();
