@@ -91,17 +91,7 @@ pub(crate) fn pairs_to_halves<T: Copy + Default>(
     hd: usize,
     cols: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::default(); w.len()];
-    for h in 0..heads {
-        for m in 0..hd / 2 {
-            for s in 0..2 {
-                let from = (h * hd + 2 * m + s) * cols;
-                let to = (h * hd + s * hd / 2 + m) * cols;
-                out[to..to + cols].copy_from_slice(&w[from..from + cols]);
-            }
-        }
-    }
-    out
+    reorder_rotary_rows(w, heads, hd, cols, true)
 }
 
 /// The inverse of [`pairs_to_halves`]: rotate-half rows back to adjacent pairs (the order
@@ -112,12 +102,27 @@ pub(crate) fn halves_to_pairs<T: Copy + Default>(
     hd: usize,
     cols: usize,
 ) -> Vec<T> {
+    reorder_rotary_rows(w, heads, hd, cols, false)
+}
+
+fn reorder_rotary_rows<T: Copy + Default>(
+    w: &[T],
+    heads: usize,
+    hd: usize,
+    cols: usize,
+    to_halves: bool,
+) -> Vec<T> {
     let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for m in 0..hd / 2 {
             for s in 0..2 {
-                let to = (h * hd + 2 * m + s) * cols;
-                let from = (h * hd + s * hd / 2 + m) * cols;
+                let pair = (h * hd + 2 * m + s) * cols;
+                let half = (h * hd + s * hd / 2 + m) * cols;
+                let (from, to) = if to_halves {
+                    (pair, half)
+                } else {
+                    (half, pair)
+                };
                 out[to..to + cols].copy_from_slice(&w[from..from + cols]);
             }
         }

@@ -131,24 +131,39 @@ pub fn linear(
                     .enumerate()
                     .for_each(|(i, row)| w.row_into(r0 + i, inp, row));
                 // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
-                unsafe {
-                    matmul_strided(
-                        Precision::F32,
-                        Strided {
-                            parallel: true,
-                            ..Strided::new(
-                                Dims::new(n, inp, r1 - r0),
-                                ViewMut::new(yp.add(r0), y_rs),
-                                View::new(x.as_ptr(), inp, 1),
-                                View::new(blk.as_ptr(), 1, inp),
-                                Accumulate::Overwrite,
-                            )
-                        },
-                    )
-                }
+                unsafe { times_panel(yp.add(r0), y_rs, x, (n, inp), blk) }
             }
         }
     }
+}
+
+/// y[i, j] = x[i] · panel[j] for the first n rows of x [n, inp] and the rows of `panel`
+/// [m, inp] (f32 weight rows converted for the GEMM), written at `y` with row stride `y_rs`.
+///
+/// # Safety
+/// `y` reaches columns 0..m of n rows at stride `y_rs`, nothing else writes them, and x holds
+/// n rows of `inp`.
+unsafe fn times_panel(
+    y: *mut f32,
+    y_rs: usize,
+    x: &[f32],
+    (n, inp): (usize, usize),
+    panel: &[f32],
+) {
+    debug_assert!(x.len() >= n * inp && panel.len().is_multiple_of(inp.max(1)));
+    matmul_strided(
+        Precision::F32,
+        Strided {
+            parallel: true,
+            ..Strided::new(
+                Dims::new(n, inp, panel.len() / inp.max(1)),
+                ViewMut::new(y, y_rs),
+                View::new(x.as_ptr(), inp, 1),
+                View::new(panel.as_ptr(), 1, inp),
+                Accumulate::Overwrite,
+            )
+        },
+    )
 }
 
 thread_local! {
@@ -244,21 +259,7 @@ fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart
                     .zip(p.bytes[r0 * rb..r1 * rb].par_chunks(rb * 4))
                     .for_each(|(dst, src)| dequantize(p.qtype, src, dst));
                 // Safety: columns col0 + r0..col0 + r1 of rows 0..n lie inside y (asserted).
-                unsafe {
-                    matmul_strided(
-                        Precision::F32,
-                        Strided {
-                            parallel: true,
-                            ..Strided::new(
-                                Dims::new(n, cols, r1 - r0),
-                                ViewMut::new(yp.add(col0 + r0), y_rs),
-                                View::new(x.as_ptr(), cols, 1),
-                                View::new(blk.as_ptr(), 1, cols),
-                                Accumulate::Overwrite,
-                            )
-                        },
-                    )
-                }
+                unsafe { times_panel(yp.add(col0 + r0), y_rs, x, (n, cols), blk) }
             }
             col0 += out;
         }
