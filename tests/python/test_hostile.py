@@ -16,10 +16,13 @@ import struct
 import subprocess
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 QUILL = str(ROOT / "target" / "release" / "quill")
 FIXTURES = ROOT / "tests" / "fixtures"
 # far below the gigabytes the crafted sizes ask for, well above what the real models need
@@ -175,3 +178,60 @@ def test_prepared_shard_paths_stay_inside_the_data_folder(tmp_path):
         (data / "meta.json").write_text(json.dumps(m))
         refused(run("train", "--data", data, "--steps", "1", "--out", tmp_path / "run", "--overwrite",
                     timeout=20))
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"rope_theta": 1e-300, "rope_parameters": {"rope_theta": 1e-300, "rope_type": "default"}}, ["rope_theta"]),
+    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 0}}, ["factor"]),
+    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": -2}}, ["factor"]),
+    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8, "low_freq_factor": 2,
+                          "high_freq_factor": 2, "original_max_position_embeddings": 64}}, ["high_freq_factor"]),
+    ({"model_type": "mistral", "sliding_window": 0}, ["sliding_window"]),
+    ({"eos_token_id": 4294967401}, ["eos_token_id"]),
+    ({"eos_token_id": [2, "x"]}, ["eos_token_id"]),
+    ({"bos_token_id": -1}, ["bos_token_id"]),
+])
+def test_nonsense_configuration_is_refused_with_the_field_named(tmp_path, change, words):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama-tiny", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    refused(run("logits", "--model", d, "--ids", "1,2"), *words)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"temperature": "hot"}, ["temperature"]), ({"top_p": 2}, ["top_p"]),
+    ({"top_k": -3}, ["top_k"]), ({"eos_token_id": 4294967401}, ["eos_token_id"]),
+    ({"do_sample": "yes"}, ["do_sample"]),
+])
+def test_nonsense_generation_config_is_refused(tmp_path, change, words):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama-tiny", d)
+    (d / "generation_config.json").write_text(json.dumps(change))
+    (d / "tokenizer.json").write_text(json.dumps(byte_vocab(256)))
+    refused(run("generate", "--model", d, "--prompt", "ab", "--max-new-tokens", "3"), *words)
+
+
+def byte_vocab(n):
+    from gguf_write import bytes_to_unicode
+    alphabet = bytes_to_unicode()
+    return {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {alphabet[b]: b for b in range(n)}, "merges": []}}
+
+
+def test_nan_weights_are_an_error_not_endless_token_zero(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama-tiny", d)
+    (d / "tokenizer.json").write_text(json.dumps(byte_vocab(256)))
+    st = load_file(str(d / "model.safetensors"))
+    for k in st:
+        st[k][...] = np.nan
+    save_file(st, str(d / "model.safetensors"))
+    refused(run("generate", "--model", d, "--prompt", "ab", "--max-new-tokens", "3"), "NaN")
+    refused(run("logits", "--model", d, "--ids", "1,2"), "NaN")

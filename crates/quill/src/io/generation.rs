@@ -1,6 +1,8 @@
 //! generation_config.json: a model folder's sampling defaults.
 
+use crate::model::config::token_ids;
 use crate::{Error, Result};
+use serde_json::Value;
 use std::path::Path;
 
 /// The defaults of a folder's `generation_config.json` (all optional; `min_p` as
@@ -28,27 +30,51 @@ impl GenerationConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
-        let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).map(|x| x as f32);
-        let u = |k: &str| v.get(k).and_then(|x| x.as_u64());
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect(),
-            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            None => vec![],
+        let bad = |k: &str, what: &str| {
+            Error::format(
+                &path,
+                format!(
+                    "{k} must be {what} (got {})",
+                    v.get(k).unwrap_or(&Value::Null)
+                ),
+            )
+        };
+        // a number within [lo, hi] when present (null is absent)
+        let f = |k: &str, lo: f64, hi: f64| -> Result<Option<f32>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(n) if n.is_finite() && (lo..=hi).contains(&n) => Ok(Some(n as f32)),
+                    _ => Err(bad(k, &format!("a number from {lo} to {hi}"))),
+                },
+            }
+        };
+        let u = |k: &str| -> Result<Option<usize>> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| bad(k, "a non-negative integer")),
+            }
+        };
+        let ids = |k: &str| token_ids(v.get(k), k).map_err(|e| Error::format(&path, e.to_string()));
+        let do_sample = match v.get("do_sample") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => return Err(bad("do_sample", "true or false")),
         };
         Ok(GenerationConfig {
-            do_sample: v.get("do_sample").and_then(|x| x.as_bool()),
-            temperature: f("temperature"),
-            top_p: f("top_p"),
-            top_k: u("top_k").map(|x| x as usize),
-            min_p: f("min_p"),
-            max_new_tokens: u("max_new_tokens").map(|x| x as usize),
-            repetition_penalty: f("repetition_penalty"),
-            eos_token_ids,
-            bos_token_id: u("bos_token_id").map(|x| x as u32),
+            do_sample,
+            temperature: f("temperature", 0.0, 1e6)?,
+            top_p: f("top_p", 0.0, 1.0)?,
+            top_k: u("top_k")?,
+            min_p: f("min_p", 0.0, 1.0)?,
+            max_new_tokens: u("max_new_tokens")?,
+            repetition_penalty: f("repetition_penalty", 1e-6, 1e6)?,
+            eos_token_ids: ids("eos_token_id")?,
+            bos_token_id: ids("bos_token_id")?.first().copied(),
         })
     }
 }

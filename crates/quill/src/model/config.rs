@@ -175,6 +175,25 @@ pub(super) fn hf_json_common(mut m: Map<String, Value>) -> Value {
     Value::Object(m)
 }
 
+/// Token ids from a config field (`eos_token_id` and kin): absent or null for none, one
+/// integer, or a list of integers, each one a u32 (a larger id is an error, not a truncation).
+pub fn token_ids(v: Option<&Value>, field: &str) -> crate::Result<Vec<u32>> {
+    let one = |x: &Value| -> crate::Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                crate::Error::Config(format!(
+                    "{field} must hold token ids (integers below 2^32), not {x}"
+                ))
+            })
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

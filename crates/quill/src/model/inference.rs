@@ -224,6 +224,16 @@ impl Model {
         self.final_norm.forward(p, &mut s.ln[..m * c], stats, x);
         logits.resize(m * v, 0.0);
         self.head.infer(p, logits, v, &s.ln[..m * c], &mut s.wbuf);
+        // NaN or infinite scores come from broken weights or settings; sampling from them
+        // would print one token forever
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            return Err(crate::Error::Input(format!(
+                "the model's scores hold {} (token {} of row {}): its weights or configuration are broken",
+                logits[i],
+                i % v,
+                i / v
+            )));
+        }
         Ok(())
     }
 

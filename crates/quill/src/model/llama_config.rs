@@ -128,8 +128,48 @@ impl LlamaConfig {
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(Error::Config("rms_norm_eps must be positive".into()));
         }
-        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err(Error::Config("rope_theta must be positive".into()));
+        // frequencies are theta^(-2i/d): a base at or below 1 makes them grow, not fall
+        if !self.rope_theta.is_finite() || self.rope_theta <= 1.0 {
+            return Err(Error::Config(format!(
+                "rope_theta must be a finite number above 1 (got {})",
+                self.rope_theta
+            )));
+        }
+        let positive = |name: &str, x: f64| -> Result<()> {
+            match x.is_finite() && x > 0.0 {
+                true => Ok(()),
+                false => Err(Error::Config(format!(
+                    "rope scaling {name} must be a finite number above 0 (got {x})"
+                ))),
+            }
+        };
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                positive(
+                    "original_max_position_embeddings",
+                    original_max_position_embeddings,
+                )?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(Error::Config(format!(
+                        "rope scaling high_freq_factor ({high_freq_factor}) must be above low_freq_factor ({low_freq_factor})"
+                    )));
+                }
+            }
+        }
+        if self.sliding_window.contains(&Some(0)) {
+            return Err(Error::Config(
+                "sliding_window must be positive (or null for none)".into(),
+            ));
         }
         if self.vocab_size > u32::MAX as usize / 2 {
             return Err(Error::Config("vocab_size is too large".into()));
@@ -258,15 +298,8 @@ impl LlamaConfig {
             None => vec![None; layers],
         };
         let attention_bias = flag("attention_bias").unwrap_or(false);
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect(),
-            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            None => vec![],
-        };
+        let eos_token_ids = super::config::token_ids(v.get("eos_token_id"), "eos_token_id")?;
+        let bos = super::config::token_ids(v.get("bos_token_id"), "bos_token_id")?;
         let cfg = LlamaConfig {
             vocab_size: req("vocab_size")?,
             hidden_size: hidden,
@@ -283,7 +316,7 @@ impl LlamaConfig {
             qkv_bias: model_type == "qwen2" || attention_bias,
             o_bias: model_type == "llama" && attention_bias,
             sliding_window,
-            bos_token_id: uint("bos_token_id")?.map(|x| x as u32),
+            bos_token_id: bos.first().copied(),
             eos_token_ids,
             model_type,
         };

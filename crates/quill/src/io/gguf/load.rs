@@ -57,10 +57,7 @@ pub fn open(path: &Path) -> Result<Opened> {
         None => None,
     };
     let mut eos = model.eos_token_ids();
-    eos.extend(
-        g.usize_opt("tokenizer.ggml.eot_token_id")?
-            .map(|x| x as u32),
-    );
+    eos.extend(token_id(&g, "tokenizer.ggml.eot_token_id")?);
     eos.sort_unstable();
     eos.dedup();
     Ok(Opened {
@@ -268,6 +265,16 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
+/// A token id from the metadata: a u32 (a larger number is an error, not a truncation).
+fn token_id(g: &Gguf, key: &str) -> Result<Option<u32>> {
+    g.usize_opt(key)?
+        .map(|x| {
+            u32::try_from(x)
+                .map_err(|_| Error::format(&g.path, format!("{key} {x} is not a token id")))
+        })
+        .transpose()
+}
+
 /// The architecture's configuration from the metadata.
 fn config(g: &Gguf) -> Result<Config> {
     let arch = g
@@ -303,12 +310,8 @@ fn config(g: &Gguf) -> Result<Config> {
     let context = g.usize(&key("context_length"))?;
     let ffn = g.usize(&key("feed_forward_length"))?;
     let tied = g.tensor("output.weight").is_none();
-    let bos = g
-        .usize_opt("tokenizer.ggml.bos_token_id")?
-        .map(|x| x as u32);
-    let eos = g
-        .usize_opt("tokenizer.ggml.eos_token_id")?
-        .map(|x| x as u32);
+    let bos = token_id(g, "tokenizer.ggml.bos_token_id")?;
+    let eos = token_id(g, "tokenizer.ggml.eos_token_id")?;
     if arch == "gpt2" {
         let mut c = Gpt2Config::new(vocab, context, width, layers, heads);
         c.layer_norm_epsilon = g
