@@ -247,7 +247,8 @@ def test_a_full_queue_answers_429(server, tmp_path):
 
     def one():
         req = urllib.request.Request(f"http://{addr}/v1/completions", method="POST",
-                                     data=json.dumps({"prompt": "ROMEO:", "max_tokens": 100}).encode())
+                                     data=json.dumps({"prompt": "ROMEO:", "max_tokens": 100}).encode(),
+                                     headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 codes.append(r.status)
@@ -327,3 +328,27 @@ def test_explain_cut_under_other_settings(server):
     for body in ({"ids": []}, {"ids": [10**9]}, {"ids": "x"}, {"ids": ids, "generated": [-1]}):
         status, err = raw(server, "/v1/quill/cut", json.dumps(body).encode())
         assert status == 400 and err["error"]["param"] in ("ids", "generated"), (body, err)
+
+
+def test_cross_site_bodies_and_oversized_attention_maps_are_refused(server):
+    """A body declared as text/plain or a form (what a page on another site can send without
+    asking) is refused with 415 before any work; an attention map is drawn for at most 1,024
+    tokens; a key of the right length but wrong is still refused."""
+    for ctype in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]:
+        req = urllib.request.Request(f"http://{server['addr']}/v1/completions",
+                                     data=b'{"prompt": "x", "max_tokens": 1}', method="POST")
+        req.add_header("Authorization", f"Bearer {KEY}")
+        req.add_header("Content-Type", ctype)
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError(f"{ctype} accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 415, (ctype, e.code)
+            assert json.loads(e.read())["error"]["code"] == "unsupported_media_type"
+    code, err = raw(server, "/v1/quill/attention", json.dumps({"ids": [5] * 1100}).encode())
+    assert code == 400 and "1024" in err["error"]["message"], err
+    code, err = raw(server, "/v1/models", None, key=KEY[:-1] + "x", method="GET")
+    assert code == 401
+    # still serving
+    r = client(server).completions.create(model="tiny", prompt="ROMEO:", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2

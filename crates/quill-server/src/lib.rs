@@ -26,6 +26,9 @@ use std::sync::Arc;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY: usize = 4 << 20;
+/// The most tokens `/v1/quill/attention` draws a map for (a map of T × T numbers).
+pub const MAX_ATTENTION_TOKENS: usize = 1024;
+static ATTENTION_TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 pub struct Options {
     /// A model folder, or a llama2.c checkpoint file (with `tokenizer`).
@@ -188,7 +191,7 @@ fn check_auth(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
+    if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::with(
@@ -200,6 +203,17 @@ fn check_auth(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Whether two secrets are equal, in a time that does not depend on where they differ (a
+/// comparison that stops at the first difference tells an attacker how much was right).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..n {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    std::hint::black_box(diff) == 0
+}
+
 async fn models(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     check_auth(&app, &headers)?;
     Ok(Json(json!({"object": "list", "data": [{
@@ -207,14 +221,44 @@ async fn models(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value
     }]})))
 }
 
-async fn read_json(body: Body) -> Result<Map<String, Value>, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        ApiError::with(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            format!("the request body is larger than {MAX_BODY} bytes"),
-        )
+/// The request's JSON object. A body declared as anything but JSON is refused (415) before
+/// it is read: a browser sends `text/plain` or form bodies to another site without asking
+/// first, so a page elsewhere cannot start work here. A missing Content-Type is taken as JSON.
+async fn read_json(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+    if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) {
+        let media = ct
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::with(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                format!("the body must be JSON (Content-Type: application/json), not {media:?}"),
+            ));
+        }
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        // the length limit, or a client that broke off or stalled mid-body
+        let mut cause: Option<&dyn std::error::Error> = Some(&e);
+        let mut too_large = false;
+        while let Some(c) = cause {
+            too_large |= c.to_string().contains("length limit exceeded");
+            cause = c.source();
+        }
+        match too_large {
+            true => ApiError::with(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                format!("the request body is larger than {MAX_BODY} bytes"),
+            ),
+            false => ApiError::bad(format!("the request body could not be read: {e}"), None),
+        }
     })?;
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}"), None))?;
@@ -612,7 +656,7 @@ async fn completions(State(app): State<App>, headers: HeaderMap, body: Body) -> 
 
 async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     check_auth(&app, &headers)?;
-    let m = read_json(body).await?;
+    let m = read_json(&headers, body).await?;
     let c = parse_common(&app, &m)?;
     let f = Fields(&m);
     let tok = &app.served.shared.tok;
@@ -731,7 +775,7 @@ fn parse_messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
 
 async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     check_auth(&app, &headers)?;
-    let m = read_json(body).await?;
+    let m = read_json(&headers, body).await?;
     let c = parse_common(&app, &m)?;
     let f = Fields(&m);
     let messages = parse_messages(f.get("messages"))?;
@@ -850,7 +894,7 @@ fn prompt_ids(app: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {
 async fn explain(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(body).await?;
+        let m = read_json(&headers, body).await?;
         let c = parse_common(&app, &m)?;
         let f = Fields(&m);
         let ids = prompt_ids(&app, &f)?;
@@ -915,7 +959,7 @@ fn token_ids(f: &Fields, name: &'static str) -> Result<Vec<u32>, ApiError> {
 async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(body).await?;
+        let m = read_json(&headers, body).await?;
         let c = parse_common(&app, &m)?;
         let f = Fields(&m);
         let ids = token_ids(&f, "ids")?;
@@ -947,7 +991,7 @@ async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response
 async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(body).await?;
+        let m = read_json(&headers, body).await?;
         let f = Fields(&m);
         let ids: Vec<u32> = match f.get("ids") {
             Some(_) => token_ids(&f, "ids")?,
@@ -960,10 +1004,28 @@ async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
                 Some("ids"),
             ));
         }
+        if ids.len() > MAX_ATTENTION_TOKENS {
+            return Err(ApiError::bad(
+                format!(
+                    "{} tokens: an attention map is drawn for at most {MAX_ATTENTION_TOKENS}",
+                    ids.len()
+                ),
+                Some("ids"),
+            ));
+        }
         let layer = f.int("layer", 0, i64::MAX)?.unwrap_or(0) as usize;
         let head = f.int("head", 0, i64::MAX)?.unwrap_or(0) as usize;
         let app2 = app.clone();
         let ids2 = ids.clone();
+        // one map at a time: further requests wait their turn instead of each taking cores
+        let _turn = ATTENTION_TURN.acquire().await.map_err(|e| {
+            ApiError::with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "attention_failed",
+                e.to_string(),
+            )
+        })?;
         let map = tokio::task::spawn_blocking(move || {
             app2.served.shared.model.attention_map(&ids2, layer, head)
         })
