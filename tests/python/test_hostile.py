@@ -235,3 +235,67 @@ def test_nan_weights_are_an_error_not_endless_token_zero(tmp_path):
     save_file(st, str(d / "model.safetensors"))
     refused(run("generate", "--model", d, "--prompt", "ab", "--max-new-tokens", "3"), "NaN")
     refused(run("logits", "--model", d, "--ids", "1,2"), "NaN")
+
+
+RUNAWAY_TEMPLATES = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}",
+    "{% set a = 'x' * 100000000 %}{{ a ~ a ~ a }}",
+    "{% for i in range(1000) %}{{ 'y' * 100000 }}{% endfor %}{{ messages }}",
+    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+]
+
+
+def template_model(tmp_path, template):
+    d = tmp_path / "t"
+    if not d.exists():
+        shutil.copytree(FIXTURES / "llama-tiny", d)
+        (d / "tokenizer.json").write_text(json.dumps(byte_vocab(256)))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return d
+
+
+@pytest.mark.parametrize("template", RUNAWAY_TEMPLATES)
+def test_runaway_chat_templates_stop_with_one_error_line(tmp_path, template):
+    d = template_model(tmp_path, template)
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
+    r = subprocess.run([QUILL, "chat", "--model", d, "--max-new-tokens", "2"], input="hi\n", capture_output=True,
+                       text=True, timeout=30, preexec_fn=limit)
+    refused(r, "chat template")
+
+
+def test_runaway_templates_do_not_stall_the_server(tmp_path):
+    """Two runaway-template requests at once: each gets a 400, and /health answers within a
+    second the whole time."""
+    import threading
+    import time
+    import urllib.request
+    from test_server import start
+    d = template_model(tmp_path, RUNAWAY_TEMPLATES[0])
+    proc, addr, _ = start(d, tmp_path / "s.log")
+    try:
+        codes = []
+
+        def chat():
+            req = urllib.request.Request(f"http://{addr}/v1/chat/completions", method="POST",
+                                         data=json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=60)
+                codes.append(200)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+
+        threads = [threading.Thread(target=chat) for _ in range(2)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            t0 = time.time()
+            with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as r:
+                assert r.status == 200
+            assert time.time() - t0 < 1.0
+            time.sleep(0.05)
+        assert codes == [400, 400], codes
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

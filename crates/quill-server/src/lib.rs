@@ -779,15 +779,13 @@ async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response
     let c = parse_common(&app, &m)?;
     let f = Fields(&m);
     let messages = parse_messages(f.get("messages"))?;
-    let Some(template) = &app.served.template else {
+    if app.served.template.is_none() {
         return Err(ApiError::bad(
             "this model has no chat template; use /v1/completions",
             Some("messages"),
         ));
-    };
-    let text = template
-        .render(&messages, true)
-        .map_err(|e| ApiError::bad(e.to_string(), Some("messages")))?;
+    }
+    let text = render_off_runtime(&app, messages).await?;
     let prompt = app
         .served
         .shared
@@ -861,6 +859,37 @@ async fn info(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value>,
         "chat_template": app.served.template.is_some(), "description": m.describe(),
     })))
 }
+
+/// The chat template rendered on a blocking thread (a template is code from a file: even
+/// bounded by its step and output limits it must not hold up the workers that answer
+/// /health), given at most [`TEMPLATE_SECONDS`].
+async fn render_off_runtime(app: &App, messages: Vec<Message>) -> Result<String, ApiError> {
+    let app2 = app.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let t = app2
+            .served
+            .template
+            .as_ref()
+            .expect("checked by the caller");
+        t.render(&messages, true)
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(TEMPLATE_SECONDS), job).await {
+        Ok(Ok(r)) => r.map_err(|e| ApiError::bad(e.to_string(), Some("messages"))),
+        Ok(Err(e)) => Err(ApiError::with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "template_failed",
+            e.to_string(),
+        )),
+        Err(_) => Err(ApiError::bad(
+            format!("the chat template took more than {TEMPLATE_SECONDS} s; stopped"),
+            Some("messages"),
+        )),
+    }
+}
+
+/// Seconds a chat template may take in a request.
+const TEMPLATE_SECONDS: u64 = 10;
 
 /// The prompt of an extension request: `messages` (through the chat template) or `prompt`.
 fn prompt_ids(app: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {

@@ -152,6 +152,8 @@ impl ChatTemplate {
             format_now(&fmt)
         });
         env.add_filter("tojson", tojson);
+        // a template is code from a file: its steps are counted and its output capped
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", &self.source)
             .map_err(|e| Error::Input(format!("the chat template does not parse: {e}")))?;
         Ok(env)
@@ -174,8 +176,44 @@ impl ChatTemplate {
         ctx.insert("tools".into(), Value::Null);
         ctx.insert("documents".into(), Value::Null);
         let ctx = minijinja::Value::from(minijinja::value::Serde(&ctx));
-        tmpl.render(ctx)
-            .map_err(|e| Error::Input(format!("the chat template failed to render: {e}")))
+        let mut out = Capped(Vec::new());
+        let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+        match rendered {
+            Ok(()) => String::from_utf8(out.0)
+                .map_err(|_| Error::Input("the chat template wrote invalid UTF-8".into())),
+            Err(_) if out.0.len() > TEMPLATE_OUTPUT => Err(Error::Input(format!(
+                "the chat template wrote more than {TEMPLATE_OUTPUT} bytes; stopped"
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Input(format!(
+                "the chat template ran more than {TEMPLATE_FUEL} steps; stopped"
+            ))),
+            Err(e) => Err(Error::Input(format!(
+                "the chat template failed to render: {e}"
+            ))),
+        }
+    }
+}
+
+/// Steps a chat template may take (a conversation of a thousand messages takes well under a
+/// tenth of this).
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Bytes a chat template may write.
+pub const TEMPLATE_OUTPUT: usize = 16 << 20;
+
+/// A buffer that refuses to grow past [`TEMPLATE_OUTPUT`] (one byte past it, to tell).
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > TEMPLATE_OUTPUT {
+            self.0.resize(TEMPLATE_OUTPUT + 1, 0);
+            return Err(std::io::Error::other("template output cap"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
