@@ -157,7 +157,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     host, port = server["addr"].split(":")
     s = socket.create_connection((host, int(port)))
     size = 50 << 20
-    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n".encode())
     try:
         for _ in range(size >> 20):
@@ -222,11 +222,15 @@ def test_a_client_that_leaves_cancels_its_generation(server):
     for _ in range(20):
         seen = len(log.read_text().splitlines())
         s = socket.create_connection((host, int(port)))
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        s.settimeout(30)
         got = b""
         while b"data:" not in got:
-            got += s.recv(4096)
+            chunk = s.recv(4096)
+            got += chunk
+            # an error answer would leave the loop waiting on a kept-alive connection
+            assert chunk and not re.match(rb"HTTP/1.1 [45]", got), got[:300]
         s.close()
         # wait for this request's line in the log (finished or cancelled)
         for _ in range(100):
@@ -352,3 +356,31 @@ def test_cross_site_bodies_and_oversized_attention_maps_are_refused(server):
     # still serving
     r = client(server).completions.create(model="tiny", prompt="ROMEO:", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens == 2
+
+
+def test_a_loopback_server_answers_only_local_host_names(server, tmp_path):
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends Host:
+    evil.example; the server (bound to 127.0.0.1) answers 403 unless told --allow-host."""
+    host, port = server["addr"].split(":")
+
+    def ask(addr, name):
+        s = socket.create_connection(addr)
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        answer = s.recv(65536).decode(errors="replace")
+        s.close()
+        return answer.split(" ")[1]
+
+    addr = (host, int(port))
+    assert ask(addr, f"127.0.0.1:{port}") == "200"
+    assert ask(addr, f"localhost:{port}") == "200"
+    assert ask(addr, "[::1]") == "200"
+    assert ask(addr, f"evil.example:{port}") == "403"
+    assert ask(addr, "127.0.0.1.evil.example") == "403"
+    proc, addr2, _ = start(server["dir"], tmp_path / "h.log", "--allow-host", "quill.lan")
+    try:
+        h2, p2 = addr2.split(":")
+        assert ask((h2, int(p2)), f"quill.lan:{p2}") == "200"
+        assert ask((h2, int(p2)), "other.lan") == "403"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -323,6 +323,11 @@ struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every /v1 request.
     #[arg(long)]
     api_key: Option<String>,
+    /// Another name this server may be reached by (repeatable). Bound to a loopback address,
+    /// it answers only requests for localhost, 127.0.0.1 or [::1] (and these), so that a web
+    /// page cannot reach it through a DNS name of its own.
+    #[arg(long = "allow-host")]
+    allow_host: Vec<String>,
     /// Requests that may wait for their turn; beyond it, new requests get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -738,6 +743,7 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
+        allow_hosts: a.allow_host,
         threads,
         queue: a.queue,
         max_active: a.max_active,

@@ -38,6 +38,8 @@ pub struct Options {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
+    /// Host names accepted besides the loopback ones when bound to a loopback address.
+    pub allow_hosts: Vec<String>,
     pub threads: Option<usize>,
     /// Requests that may wait for a turn before new ones get 429.
     pub queue: usize,
@@ -173,14 +175,84 @@ pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        on_ready(listener.local_addr().map_err(|e| e.to_string())?);
-        axum::serve(listener, router(app))
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        on_ready(local);
+        let hosts = HostRule {
+            loopback: local.ip().is_loopback(),
+            allowed: opts
+                .allow_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        };
+        let routes = router(app).layer(axum::middleware::from_fn_with_state(
+            Arc::new(hosts),
+            check_host,
+        ));
+        axum::serve(listener, routes)
             .with_graceful_shutdown(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Which Host headers a server answers.
+struct HostRule {
+    /// Bound to a loopback address: only local names (and `allowed`) are answered.
+    loopback: bool,
+    allowed: Vec<String>,
+}
+
+impl HostRule {
+    fn accepts(&self, host: Option<&str>) -> bool {
+        if !self.loopback {
+            return true;
+        }
+        let Some(host) = host else { return false };
+        let host = host.to_ascii_lowercase();
+        // the name without its port ([::1]:8080 keeps its brackets)
+        let name = match host.rsplit_once(':') {
+            Some((n, port))
+                if !n.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit())
+                    && !n.ends_with(':') =>
+            {
+                n
+            }
+            _ => host.as_str(),
+        };
+        ["localhost", "127.0.0.1", "[::1]"].contains(&name)
+            || self.allowed.iter().any(|a| a == name)
+    }
+}
+
+/// Refuses requests for other host names when bound to a loopback address: a page on a
+/// domain that resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host.
+async fn check_host(
+    State(rule): State<Arc<HostRule>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if rule.accepts(host) {
+        return next.run(req).await;
+    }
+    ApiError::with(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        "host_not_allowed",
+        format!(
+            "this server answers requests for localhost, 127.0.0.1 and [::1]; start it with --allow-host {} to answer this name",
+            host.unwrap_or("NAME").split(':').next().unwrap_or("NAME")
+        ),
+    )
+    .into_response()
 }
 
 fn check_auth(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
