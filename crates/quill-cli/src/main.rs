@@ -328,6 +328,12 @@ struct ServeArgs {
     /// page cannot reach it through a DNS name of its own.
     #[arg(long = "allow-host")]
     allow_host: Vec<String>,
+    /// Seconds a client has to send a request's headers; slower or idle connections are closed.
+    #[arg(long, default_value_t = quill_server::HEADER_SECONDS)]
+    header_timeout: u64,
+    /// Seconds a client has to send a request's body (then 408).
+    #[arg(long, default_value_t = quill_server::BODY_SECONDS)]
+    body_timeout: u64,
     /// Requests that may wait for their turn; beyond it, new requests get 429.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -744,6 +750,8 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         port: a.port,
         api_key: a.api_key,
         allow_hosts: a.allow_host,
+        header_seconds: a.header_timeout,
+        body_seconds: a.body_timeout,
         threads,
         queue: a.queue,
         max_active: a.max_active,

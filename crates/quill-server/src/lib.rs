@@ -40,6 +40,9 @@ pub struct Options {
     pub api_key: Option<String>,
     /// Host names accepted besides the loopback ones when bound to a loopback address.
     pub allow_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers, and its body.
+    pub header_seconds: u64,
+    pub body_seconds: u64,
     pub threads: Option<usize>,
     /// Requests that may wait for a turn before new ones get 429.
     pub queue: usize,
@@ -58,6 +61,7 @@ struct AppState {
     served: Served,
     handle: Handle,
     api_key: Option<String>,
+    body_seconds: u64,
     created: u64,
     counter: AtomicU64,
 }
@@ -159,6 +163,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result
         served,
         handle,
         api_key: opts.api_key,
+        body_seconds: opts.body_seconds.max(1),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -189,13 +194,54 @@ pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result
             Arc::new(hosts),
             check_host,
         ));
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .map_err(|e| e.to_string())
+        accept_loop(listener, routes, opts.header_seconds.max(1)).await
     })
+}
+
+/// Connections served at once; beyond it new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 2048;
+/// Seconds a client has by default to send a request's headers (a connection that trickles
+/// them in, or sits idle between requests, is closed).
+pub const HEADER_SECONDS: u64 = 10;
+/// Seconds a client has by default to send a request's body (then 408).
+pub const BODY_SECONDS: u64 = 30;
+
+/// Accepts connections until Ctrl-C: at most [`MAX_CONNECTIONS`] at once, each an HTTP/1.1
+/// connection whose headers must arrive within `header_seconds`.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    routes: Router,
+    header_seconds: u64,
+) -> Result<(), String> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                // out of file descriptors and the like: wait a moment rather than spin
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(routes.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(header_seconds));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = http.serve_connection(io, service).with_upgrades().await;
+            drop(slot);
+        });
+    }
 }
 
 /// Which Host headers a server answers.
@@ -296,7 +342,11 @@ async fn models(State(app): State<App>, headers: HeaderMap) -> Result<Json<Value
 /// The request's JSON object. A body declared as anything but JSON is refused (415) before
 /// it is read: a browser sends `text/plain` or form bodies to another site without asking
 /// first, so a page elsewhere cannot start work here. A missing Content-Type is taken as JSON.
-async fn read_json(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+async fn read_json(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, ApiError> {
     if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) {
         let media = ct
             .to_str()
@@ -314,7 +364,19 @@ async fn read_json(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>
             ));
         }
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+    let read = axum::body::to_bytes(body, MAX_BODY);
+    let secs = app.body_seconds;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(secs), read)
+        .await
+        .map_err(|_| {
+            ApiError::with(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
+                format!("the request body did not arrive within {secs} s"),
+            )
+        })?;
+    let bytes: Bytes = read.map_err(|e| {
         // the length limit, or a client that broke off or stalled mid-body
         let mut cause: Option<&dyn std::error::Error> = Some(&e);
         let mut too_large = false;
@@ -728,7 +790,7 @@ async fn completions(State(app): State<App>, headers: HeaderMap, body: Body) -> 
 
 async fn completions_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     check_auth(&app, &headers)?;
-    let m = read_json(&headers, body).await?;
+    let m = read_json(&app, &headers, body).await?;
     let c = parse_common(&app, &m)?;
     let f = Fields(&m);
     let tok = &app.served.shared.tok;
@@ -847,7 +909,7 @@ fn parse_messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
 
 async fn chat_inner(app: App, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     check_auth(&app, &headers)?;
-    let m = read_json(&headers, body).await?;
+    let m = read_json(&app, &headers, body).await?;
     let c = parse_common(&app, &m)?;
     let f = Fields(&m);
     let messages = parse_messages(f.get("messages"))?;
@@ -995,7 +1057,7 @@ fn prompt_ids(app: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {
 async fn explain(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(&headers, body).await?;
+        let m = read_json(&app, &headers, body).await?;
         let c = parse_common(&app, &m)?;
         let f = Fields(&m);
         let ids = prompt_ids(&app, &f)?;
@@ -1060,7 +1122,7 @@ fn token_ids(f: &Fields, name: &'static str) -> Result<Vec<u32>, ApiError> {
 async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(&headers, body).await?;
+        let m = read_json(&app, &headers, body).await?;
         let c = parse_common(&app, &m)?;
         let f = Fields(&m);
         let ids = token_ids(&f, "ids")?;
@@ -1092,7 +1154,7 @@ async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response
 async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         check_auth(&app, &headers)?;
-        let m = read_json(&headers, body).await?;
+        let m = read_json(&app, &headers, body).await?;
         let f = Fields(&m);
         let ids: Vec<u32> = match f.get("ids") {
             Some(_) => token_ids(&f, "ids")?,
