@@ -39,7 +39,7 @@ impl Weights {
             shards.dedup();
             shards
                 .iter()
-                .map(|s| super::file_inside(dir, s, "model.safetensors.index.json"))
+                .map(|s| super::paths::file_inside(dir, s, "model.safetensors.index.json"))
                 .collect::<Result<Vec<_>>>()?
         } else if dir.join("pytorch_model.bin").exists() {
             return Err(Error::Input(format!(
