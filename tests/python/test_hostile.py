@@ -299,3 +299,17 @@ def test_runaway_templates_do_not_stall_the_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_llama2c_header_with_a_huge_context_allocates_only_what_is_used(tmp_path):
+    """seq_len 10^6 in a 16 MB checkpoint (its RoPE tables make the file that long): every
+    command runs under the 4 GB address limit, its KV cache sized by the tokens it uses."""
+    llama2c_model(tmp_path / "m.bin", 10, seq=1_000_000)
+    pieces = ["<unk>", "\n<s>\n", "\n</s>\n", " ", "h", "e", "l", "o", " h", "he"]
+    llama2c_tokenizer(tmp_path / "t.bin", pieces)
+    m, t = tmp_path / "m.bin", tmp_path / "t.bin"
+    for args in (["logits", "--model", m, "--ids", "1,4,5"],
+                 ["generate", "--model", m, "--tokenizer", t, "--prompt", "he", "--max-new-tokens", "3"],
+                 ["score", "--model", m, "--tokenizer", t, "--text", "hello"]):
+        r = run(*args)
+        assert r.returncode == 0 and "panicked" not in r.stderr, (args[0], r.stderr)
