@@ -627,4 +627,54 @@ mod tests {
             }
         }
     }
+
+    /// Prompts (GEMM_ROWS rows or more) multiply weight panels dequantized to f32: the
+    /// dequantized product, stacked parts included, at a row stride wider than the outputs.
+    #[test]
+    fn quantized_prompts_match_the_dequantized_product() {
+        use crate::kernels::quant::quantize::quantize;
+        let mut rng = Rng::new(33);
+        let types = [
+            QType::Q8_0,
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q5_1,
+            QType::Q4K,
+            QType::Q6K,
+        ];
+        for t in types {
+            let cols = t.block() * 2;
+            for &(n, outs) in &[
+                (GEMM_ROWS, [5usize, 3]),
+                (GEMM_ROWS + 7, [37, 1]),
+                (70, [2, 19]),
+            ] {
+                let x = randn(&mut rng, n * cols, 1.0);
+                let (mut bytes, mut w64) = (Vec::new(), Vec::new());
+                for &o in &outs {
+                    let w = randn(&mut rng, o * cols, 0.1);
+                    let mut b = Vec::new();
+                    assert!(quantize(t, &w, &mut b));
+                    let mut d = vec![0f32; o * cols];
+                    dequantize(t, &b, &mut d);
+                    w64.extend(d.iter().map(|&v| v as f64));
+                    bytes.push(b);
+                }
+                let parts: Vec<QPart> =
+                    bytes.iter().map(|b| QPart { bytes: b, qtype: t }).collect();
+                let out: usize = outs.iter().sum();
+                let mut want = vec![0.0; n * out];
+                reference::matmul(&mut want, &to_f64(&x), &w64, (n, cols, out), (false, true));
+                let rs = out + 2;
+                let mut y = vec![42.0f32; n * rs];
+                quant_linear(&mut y, rs, &x, cols, &parts);
+                let got: Vec<f32> = (0..n)
+                    .flat_map(|i| y[i * rs..i * rs + out].to_vec())
+                    .collect();
+                assert!(max_rel_err(&got, &want, 1.0) < 1e-5, "{t:?} {n} {outs:?}");
+                assert!((0..n).all(|i| y[i * rs + out..(i + 1) * rs].iter().all(|&v| v == 42.0)));
+            }
+        }
+    }
 }
