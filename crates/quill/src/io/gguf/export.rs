@@ -13,7 +13,7 @@
 //! last eighth of the layers and of every third layer between; a matrix whose rows are not
 //! whole blocks of its type falls back (Q4_K → Q5_0, Q6_K → Q8_0, 32-number types → F16).
 
-use super::load::{gguf_name, is_gguf, load, Weights};
+use super::load::{gguf_name, is_conv1d, is_gguf, load, Weights};
 use super::reader::Gguf;
 use super::write::{write, Meta, Metadata, TensorOut};
 use crate::chat::ChatTemplate;
@@ -567,11 +567,7 @@ fn write_tensors(m: &Model, ft: FileType, meta: &[(String, Meta)], out: &Path) -
     for spec in &m.layout.tensors {
         let name = gguf_name(&spec.name)
             .ok_or_else(|| Error::Input(format!("no GGUF name for tensor {}", spec.name)))?;
-        let conv1d = matches!(m.config, Config::Gpt2(_))
-            && spec.shape.len() == 2
-            && ["attn.c_attn.", "attn.c_proj.", "mlp.c_fc.", "mlp.c_proj."]
-                .iter()
-                .any(|p| spec.name.contains(p));
+        let conv1d = spec.shape.len() == 2 && is_conv1d(&spec.name);
         // [rows, cols] as GGUF stores it
         let (rows, cols) = match (spec.shape.len(), conv1d) {
             (2, false) => (spec.shape[0], spec.shape[1]),

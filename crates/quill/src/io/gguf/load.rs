@@ -206,7 +206,8 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
     Ok(model)
 }
 
-fn is_conv1d(hf: &str) -> bool {
+/// Whether a tensor is one of GPT-2's Conv1D matrices ([in, out] in quill, [out, in] in GGUF).
+pub(super) fn is_conv1d(hf: &str) -> bool {
     ["attn.c_attn.", "attn.c_proj.", "mlp.c_fc.", "mlp.c_proj."]
         .iter()
         .any(|p| hf.contains(p))
