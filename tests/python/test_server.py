@@ -444,3 +444,113 @@ def test_slow_clients_are_cut_off_and_health_keeps_answering(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_health_and_memory_through_every_attack_at_once(tmp_path):
+    """Everything of the hostile-input issue at the same time, on a model with a 1,024-token
+    context: 1,000 idle connections, 300 slow clients trickling headers, chat requests whose
+    long messages run the (per-character) template out of fuel, attention maps at the
+    1,024-token limit, and 32 streamed completions of the load test. /health is asked every
+    50 ms and answers within a second throughout; every honest request succeeds; every
+    attack gets its 4xx; and afterwards the server's memory is back near its baseline."""
+    model = tmp_path / "long"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS.read_text()[:60000])
+    subprocess.run([QUILL, "train", "--arch", "llama", "--data", corpus, "--out", model, "--tokenizer", "bpe:400",
+                    "--steps", "3", "--eval-interval", "3", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                    "--width", "64", "--context", "1024", "--batch", "1", "--quiet"], check=True, capture_output=True)
+    # ChatML, after a loop that costs the square of each message's length: harmless for a
+    # question, past the template's step limit for a 3,000-character message
+    costly = ("{% for m in messages %}{% for a in m.content %}{% for b in m.content %}{% endfor %}{% endfor %}"
+              "{% endfor %}" + CHATML)
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": costly}))
+    proc, addr, _ = start(model, tmp_path / "all.log", "--header-timeout", "3")
+    host, port = addr.split(":")
+    srv = {"addr": addr}
+    honest = client(srv, key="no-key-is-set")
+
+    def health_s():
+        t0 = time.time()
+        with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as r:
+            assert r.status == 200
+        return time.time() - t0
+
+    def attention():
+        return raw(srv, "/v1/quill/attention", json.dumps({"ids": [7] * 1024, "layer": 1, "head": 3}).encode(),
+                   key=None)
+
+    def runaway_chat():
+        return raw(srv, "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": "ab" * 1500}], "max_tokens": 4}).encode(), key=None)
+
+    try:
+        # warm every path once, then the memory baseline
+        honest.completions.create(model="long", prompt="x", max_tokens=4)
+        honest.chat.completions.create(model="long", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert attention()[0] == 200
+        assert runaway_chat()[0] == 400
+        time.sleep(0.3)
+        base = rss_mb(proc)
+
+        latencies, failures, done = [], [], threading.Event()
+
+        def poll_health():
+            while not done.is_set():
+                try:
+                    latencies.append(health_s())
+                except Exception as e:  # noqa: BLE001 - collected and reported
+                    failures.append(f"health: {e!r}")
+                time.sleep(0.05)
+
+        def stream(i):
+            try:
+                parts = list(honest.completions.create(model="long", prompt=f"Line {i}:", max_tokens=16,
+                                                       temperature=0.8, seed=i, stream=True))
+                if not parts:
+                    failures.append(f"stream {i}: no chunks")
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"stream {i}: {e!r}")
+
+        def expect(what, call, code):
+            try:
+                got = call()[0]
+                if got != code:
+                    failures.append(f"{what}: {got}, not {code}")
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"{what}: {e!r}")
+
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        idle = [socket.create_connection((host, int(port))) for _ in range(1000)]
+        slow = []
+        for _ in range(300):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(s)
+        work = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+        work += [threading.Thread(target=expect, args=("attention", attention, 200)) for _ in range(4)]
+        work += [threading.Thread(target=expect, args=("runaway chat", runaway_chat, 400)) for _ in range(6)]
+        for t in work:
+            t.start()
+        for s in slow:  # trickle one more byte each, slower than the server waits
+            s.sendall(b"x")
+        for t in work:
+            t.join(timeout=180)
+        time.sleep(3.5)  # past --header-timeout: the slow and idle connections are closed
+        done.set()
+        poller.join()
+        for s in idle + slow:
+            s.close()
+        assert not failures, failures[:5]
+        assert len(latencies) > 20 and max(latencies) < 1.0, (len(latencies), max(latencies))
+        assert proc.poll() is None
+        honest.completions.create(model="long", prompt="x", max_tokens=4)
+        time.sleep(0.5)
+        after = rss_mb(proc)
+        print(f"server RSS {base:.1f} MB before, {after:.1f} MB after; {len(latencies)} health checks, "
+              f"slowest {max(latencies) * 1000:.0f} ms")
+        # the allocator keeps a little of what the 1,300 connections and 42 requests used
+        assert after < base + 24, (base, after)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
