@@ -1,6 +1,8 @@
 //! Causal multi-head self-attention: each position attends to itself and the positions
 //! before it. scores = q·kᵀ · scale, masked above the diagonal, softmax over each row,
-//! then the probabilities weight the values.
+//! then the probabilities weight the values. Sequences may pack several documents (fine-tuning
+//! examples): then a position attends only to the positions of its own document
+//! ([`Layer::starts`]).
 //!
 //! Tasks run in parallel over (batch, head); inside a task the products run on one thread.
 
@@ -59,14 +61,25 @@ impl Heads {
 }
 
 /// One attention layer's training pass: `b` sequences of `t` positions, the heads, the score
-/// scale and the products' precision.
+/// scale, the products' precision and where packed documents start.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Layer {
+pub struct Layer<'a> {
     pub b: usize,
     pub t: usize,
     pub heads: Heads,
     pub scale: f32,
     pub precision: Precision,
+    /// For each row of the batch [B·T], the position in its sequence where its document
+    /// starts: the row attends to the keys from there through itself. None: every sequence
+    /// is one document (plain causal attention).
+    pub starts: Option<&'a [u32]>,
+}
+
+impl Layer<'_> {
+    /// Where the document of query `i` of sequence `bi` starts (its first visible key).
+    fn first_key(&self, bi: usize, i: usize) -> usize {
+        self.starts.map_or(0, |s| s[bi * self.t + i] as usize)
+    }
 }
 
 /// What [`backward`] reads of its [`forward`] pass: the input, the output and the
@@ -104,10 +117,12 @@ pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f3
         heads: hs,
         scale,
         precision: prec,
+        starts,
     } = layer;
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
     assert!(out.len() == b * t * oc && qkv.len() == b * t * w && lse.len() >= b * h * t);
+    assert!(starts.is_none_or(|s| s.len() == b * t));
     assert!(hs.kv > 0 && h % hs.kv == 0 && scratch.len() >= scratch_len(b, t, hs));
     let out_p = SendPtr(out.as_mut_ptr());
     let ts = task_scratch(t, d);
@@ -150,7 +165,8 @@ pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f3
                     );
                     for r in 0..i1 - i0 {
                         let row = &mut strip[r * t..r * t + i1];
-                        lse[i0 + r] = softmax_causal_row(row, i0 + r, scale);
+                        let first = layer.first_key(bi, i0 + r);
+                        lse[i0 + r] = softmax_causal_row(row, first, i0 + r, scale);
                     }
                     // O[i0..i1] = P · V[0..i1]
                     mm(
@@ -170,10 +186,12 @@ pub fn forward(layer: Layer, out: &mut [f32], lse: &mut [f32], scratch: &mut [f3
 }
 
 super::simd::multiversion! {
-/// row[..=last] <- softmax(row[..=last] · scale); the rest <- 0. Returns the log-sum-exp of
-/// the scaled scores.
-fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) -> f32 {
-    let (live, masked) = row.split_at_mut(last + 1);
+/// row[first..=last] <- softmax(row[first..=last] · scale); the rest <- 0. Returns the
+/// log-sum-exp of the scaled scores.
+fn softmax_causal_row(row: &mut [f32], first: usize, last: usize, scale: f32) -> f32 {
+    let (before, row) = row.split_at_mut(first);
+    before.fill(0.0);
+    let (live, masked) = row.split_at_mut(last + 1 - first);
     let mx = super::math::max(live) * scale;
     for v in live.iter_mut() {
         *v = super::math::exp(*v * scale - mx);
@@ -188,18 +206,32 @@ fn softmax_causal_row(row: &mut [f32], last: usize, scale: f32) -> f32 {
 }
 }
 
+/// What the rows of a column strip (queries j0..) bring to its softmax backward: their
+/// log-sum-exps, their D = dO · O, and where their documents start (when packed).
+#[derive(Clone, Copy)]
+struct StripRows<'a> {
+    lse: &'a [f32],
+    dsum: &'a [f32],
+    j0: usize,
+    firsts: Option<&'a [u32]>,
+}
+
 super::simd::multiversion! {
 /// Rows r of a column strip hold query j0 + r against keys j0 .. j0 + cols (row stride
-/// CAUSAL_BLOCK). P = exp(S·scale - lse) where the key is not after the query, else 0,
-/// written over S; dS = P ⊙ (dP - D) · scale written over dP.
-fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], lse: &[f32], dsum: &[f32], cols: usize, scale: f32) {
+/// CAUSAL_BLOCK). P = exp(S·scale - lse) where the key is visible to the query (not after
+/// it, and not before its document's start `firsts[r] - j0` when given), else 0, written
+/// over S; dS = P ⊙ (dP - D) · scale written over dP.
+fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], rows: StripRows, cols: usize, scale: f32) {
+    let StripRows { lse, dsum, j0, firsts } = rows;
     for r in 0..lse.len() {
         let sr = &mut s[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
         let dr = &mut dp[r * CAUSAL_BLOCK..r * CAUSAL_BLOCK + cols];
         let (l, dd) = (lse[r], dsum[r]);
+        // the first visible column of this strip for query j0 + r
+        let lo = firsts.map_or(0, |f| (f[r] as usize).saturating_sub(j0));
         // past the diagonal (c > r) the scores may be unwritten: only zeros are stored there
         for c in 0..cols {
-            if c <= r {
+            if c <= r && c >= lo {
                 let p = super::math::exp(sr[c] * scale - l);
                 sr[c] = p;
                 dr[c] = p * (dr[c] - dd) * scale;
@@ -226,8 +258,10 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
         heads: hs,
         scale,
         precision: prec,
+        starts,
     } = layer;
     let Saved { qkv, out, lse } = saved;
+    assert!(starts.is_none_or(|s| s.len() == b * t));
     let (h, d, w) = (hs.h, hs.d, hs.qkv_width());
     let oc = h * d;
     let g = hs.group();
@@ -312,8 +346,12 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
                         strip_softmax_backward(
                             &mut sbuf[..rows * CAUSAL_BLOCK],
                             &mut dpbuf[..rows * CAUSAL_BLOCK],
-                            &lse[j0..],
-                            &dsum[j0..],
+                            StripRows {
+                                lse: &lse[j0..],
+                                dsum: &dsum[j0..],
+                                j0,
+                                firsts: starts.map(|s| &s[bi * t + j0..(bi + 1) * t]),
+                            },
                             cols,
                             scale,
                         );
@@ -534,6 +572,7 @@ mod tests {
                         heads: hs,
                         scale,
                         precision: prec,
+                        starts: None,
                     },
                     &mut y,
                     &mut lse,
@@ -552,6 +591,7 @@ mod tests {
                         heads: hs,
                         scale,
                         precision: prec,
+                        starts: None,
                     },
                     &mut dqkv,
                     &mut scratch,
@@ -562,6 +602,84 @@ mod tests {
                         lse: &lse,
                     },
                 );
+                let err = max_rel_err(&dqkv, &fd, 1.0);
+                assert!(err < tol_b, "backward {prec:?} {hs:?} {b},{t}: {err}");
+            }
+        }
+    }
+
+    /// The float64 reference over packed documents: each document (rows `lo..hi` of a
+    /// sequence) computed alone, as its own sequence of `hi - lo` positions.
+    fn packed_reference(
+        qkv: &[f64],
+        docs: &[(usize, usize, usize)],
+        t: usize,
+        hs: Heads,
+        s: f64,
+    ) -> Vec<f64> {
+        let (w, oc) = (hs.qkv_width(), hs.h * hs.d);
+        let b = qkv.len() / (t * w);
+        let mut y = vec![0.0; b * t * oc];
+        for &(bi, lo, hi) in docs {
+            let part = &qkv[(bi * t + lo) * w..(bi * t + hi) * w];
+            let o = reference::attention_forward(part, 1, hi - lo, (hs.h, hs.kv, hs.d), s);
+            y[(bi * t + lo) * oc..(bi * t + hi) * oc].copy_from_slice(&o);
+        }
+        y
+    }
+
+    #[test]
+    fn packed_documents_attend_only_within_themselves() {
+        let mut rng = Rng::new(9);
+        // sequences split into documents of random lengths (some of one token), across the
+        // CAUSAL_BLOCK strips; GQA and MHA
+        for &(b, t, h, kv, d) in &[(2, 13, 2, 1, 4), (1, 70, 4, 2, 3), (3, 40, 3, 3, 2)] {
+            let hs = Heads { h, kv, d };
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut starts, mut docs) = (Vec::new(), Vec::new());
+            for bi in 0..b {
+                let mut lo = 0;
+                while lo < t {
+                    let hi = (lo + 1 + rng.below(23)).min(t);
+                    starts.extend(std::iter::repeat_n(lo as u32, hi - lo));
+                    docs.push((bi, lo, hi));
+                    lo = hi;
+                }
+            }
+            assert!(docs.len() > b, "some sequence holds several documents");
+            let qkv = randn(&mut rng, b * t * hs.qkv_width(), 1.0);
+            let r = randn(&mut rng, b * t * h * d, 1.0);
+            let (q64, r64) = (to_f64(&qkv), to_f64(&r));
+            let want = packed_reference(&q64, &docs, t, hs, scale as f64);
+            let fd = finite_diff(&q64, |x| {
+                let y = packed_reference(x, &docs, t, hs, scale as f64);
+                y.iter().zip(&r64).map(|(a, b)| a * b).sum()
+            });
+            for (prec, tol_f, tol_b) in
+                [(Precision::F32, 1e-5, 1e-4), (Precision::Bf16, 2e-2, 3e-2)]
+            {
+                let layer = Layer {
+                    b,
+                    t,
+                    heads: hs,
+                    scale,
+                    precision: prec,
+                    starts: Some(&starts),
+                };
+                let mut y = vec![0.0; b * t * h * d];
+                let mut lse = vec![0.0; b * h * t];
+                let mut scratch = vec![f32::NAN; scratch_len(b, t, hs)];
+                forward(layer, &mut y, &mut lse, &mut scratch, &qkv);
+                let err = max_rel_err(&y, &want, 1.0);
+                assert!(err < tol_f, "forward {prec:?} {hs:?} {b},{t}: {err}");
+                let mut dqkv = vec![7.0; qkv.len()];
+                scratch.fill(f32::NAN);
+                let saved = Saved {
+                    qkv: &qkv,
+                    out: &y,
+                    lse: &lse,
+                };
+                backward(layer, &mut dqkv, &mut scratch, &r, saved);
                 let err = max_rel_err(&dqkv, &fd, 1.0);
                 assert!(err < tol_b, "backward {prec:?} {hs:?} {b},{t}: {err}");
             }
@@ -586,6 +704,7 @@ mod tests {
                 heads: hs,
                 scale,
                 precision: Precision::F32,
+                starts: None,
             },
             &mut full,
             &mut lse,

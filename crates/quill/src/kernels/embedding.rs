@@ -18,6 +18,45 @@ pub fn forward(out: &mut [f32], ids: &[u32], wte: &[f32], wpe: &[f32], t: usize,
         });
 }
 
+/// As [`forward`], with each row's position given (packed documents, each counting from 0).
+pub fn forward_at(
+    out: &mut [f32],
+    ids: &[u32],
+    wte: &[f32],
+    wpe: &[f32],
+    positions: &[u32],
+    c: usize,
+) {
+    assert!(out.len() == ids.len() * c && positions.len() == ids.len());
+    out.par_chunks_mut(c)
+        .zip(ids.par_iter().zip(positions.par_iter()))
+        .for_each(|(o, (&id, &pos))| {
+            let tok = &wte[id as usize * c..(id as usize + 1) * c];
+            let p = &wpe[pos as usize * c..(pos as usize + 1) * c];
+            for i in 0..c {
+                o[i] = tok[i] + p[i];
+            }
+        });
+}
+
+/// Gradients of [`forward_at`]: rows added in row order (deterministic).
+pub fn backward_at(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    ids: &[u32],
+    positions: &[u32],
+    c: usize,
+) {
+    backward_tokens(dwte, dout, ids, c);
+    for (r, &pos) in positions.iter().enumerate() {
+        let g = &mut dwpe[pos as usize * c..(pos as usize + 1) * c];
+        for (gi, d) in g.iter_mut().zip(&dout[r * c..(r + 1) * c]) {
+            *gi += d;
+        }
+    }
+}
+
 /// out [N, C] from ids [N] and wte [V, C]: each row a copy of its token's row.
 pub fn forward_tokens(out: &mut [f32], ids: &[u32], wte: &[f32], c: usize) {
     assert_eq!(out.len(), ids.len() * c);

@@ -218,6 +218,25 @@ impl Rope {
     /// Rotates the heads `cols` names in each row of `x`; row r sits at the position `at`
     /// gives it. [`Direction::Inverse`] applies the transposed rotation (the backward pass).
     pub fn apply(&self, x: &mut [f32], cols: HeadCols, at: RowPositions, direction: Direction) {
+        self.apply_with(x, cols, direction, |r| {
+            at.first + at.period.map_or(r, |p| r % p)
+        });
+    }
+
+    /// As [`Rope::apply`], with each row's position given: row r sits at `positions[r]`
+    /// (packed documents, each counting from 0).
+    pub fn apply_at(&self, x: &mut [f32], cols: HeadCols, positions: &[u32], direction: Direction) {
+        assert_eq!(positions.len() * cols.stride, x.len());
+        self.apply_with(x, cols, direction, |r| positions[r] as usize);
+    }
+
+    fn apply_with(
+        &self,
+        x: &mut [f32],
+        cols: HeadCols,
+        direction: Direction,
+        position: impl Fn(usize) -> usize + Sync,
+    ) {
         let HeadCols {
             stride: rs,
             col0,
@@ -234,7 +253,7 @@ impl Rope {
                 let mut sbuf = [0.0f32; MAX_HALF];
                 for (k, row) in chunk.chunks_mut(rs).enumerate() {
                     let r = task * rows_per_task + k;
-                    let pos = at.first + at.period.map_or(r, |p| r % p);
+                    let pos = position(r);
                     let (c, s): (&[f32], &[f32]) = if pos < self.positions {
                         (
                             &self.cos[pos * half..(pos + 1) * half],

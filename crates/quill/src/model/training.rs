@@ -3,9 +3,9 @@
 
 use super::decoder::{rotate_qk, Mlp, Model, Positions, Saved};
 use super::weight::{BiasGrad, Train};
-use crate::kernels::attention;
+use crate::kernels::attention::{self, Heads};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
-use crate::kernels::rope::{Direction, RowPositions};
+use crate::kernels::rope::{Direction, HeadCols, Rope, RowPositions};
 use crate::kernels::{crossentropy, embedding, gelu, swiglu};
 use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
@@ -24,6 +24,30 @@ fn batch_positions(t: usize) -> RowPositions {
     RowPositions {
         first: 0,
         period: Some(t),
+    }
+}
+
+/// Rotates the query and key heads of a batch's rows: at `positions` when the sequences pack
+/// documents, else at each row's place in its sequence.
+fn rotate_batch(
+    rope: &Rope,
+    qkv: &mut [f32],
+    hs: Heads,
+    t: usize,
+    positions: &[u32],
+    dir: Direction,
+) {
+    if positions.is_empty() {
+        return rotate_qk(rope, qkv, hs, batch_positions(t), dir);
+    }
+    let (stride, hd) = (hs.qkv_width(), hs.h * hs.d);
+    for (col0, heads) in [(0, hs.h), (hd, hs.kv)] {
+        let cols = HeadCols {
+            stride,
+            col0,
+            heads,
+        };
+        rope.apply_at(qkv, cols, positions, dir);
     }
 }
 
@@ -52,6 +76,42 @@ impl Model {
     /// Forward pass over ids [B, T] (row-major) for training; fills every activation and
     /// the logits. Needs f32 weights in the checkpoint's layout.
     pub fn forward(&self, a: &mut Activations, ids: &[u32]) -> Result<()> {
+        a.starts.clear();
+        a.positions.clear();
+        self.forward_pass(a, ids)
+    }
+
+    /// [`Model::forward`] over sequences that pack several documents (fine-tuning examples):
+    /// `starts[r]` is where row r's document starts in its sequence. Each document is
+    /// computed as if alone: its positions count from 0, and its rows attend only to its own
+    /// rows. [`Model::backward`] then follows the same documents.
+    pub fn forward_packed(&self, a: &mut Activations, ids: &[u32], starts: &[u32]) -> Result<()> {
+        let t = a.t;
+        if starts.len() != ids.len() {
+            return Err(Error::Input(format!(
+                "{} document starts for {} ids",
+                starts.len(),
+                ids.len()
+            )));
+        }
+        a.starts.clear();
+        a.positions.clear();
+        for (r, &s) in starts.iter().enumerate() {
+            let i = r % t;
+            // a document starts at or before its row, and where the previous row's did or at it
+            let prev = if i == 0 { 0 } else { starts[r - 1] as usize };
+            if s as usize > i || (s as usize != prev && s as usize != i) {
+                return Err(Error::Input(format!(
+                    "row {r}: a document start of {s} does not follow the rows before it"
+                )));
+            }
+            a.positions.push((i - s as usize) as u32);
+        }
+        a.starts.extend_from_slice(starts);
+        self.forward_pass(a, ids)
+    }
+
+    fn forward_pass(&self, a: &mut Activations, ids: &[u32]) -> Result<()> {
         self.check_batch(a, ids)?;
         let (n, c, t, hs) = (a.b * a.t, self.width, a.t, self.heads);
         let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
@@ -60,7 +120,7 @@ impl Model {
             params: p,
             precision: self.precision,
         };
-        self.embed_batch(&mut a.x0, ids, t);
+        self.embed_batch(&mut a.x0, ids, t, &a.positions);
         for (l, blk) in self.blocks.iter().enumerate() {
             let inp = if l == 0 {
                 &a.x0
@@ -73,13 +133,13 @@ impl Model {
             let qkv = at_mut(&mut a.qkv, l, n * w);
             blk.qkv.forward(tr, qkv, ln1, None);
             if let Positions::Rotary(rope) = &self.positions {
-                rotate_qk(rope, qkv, hs, batch_positions(t), Direction::Forward);
+                rotate_batch(rope, qkv, hs, t, &a.positions, Direction::Forward);
             }
             let (lse, atty) = (
                 at_mut(&mut a.lse, l, n * hs.h),
                 at_mut(&mut a.atty, l, n * hd),
             );
-            let layer = self.attention_layer(l, a.b, t);
+            let layer = self.attention_layer(l, a.b, t, &a.starts);
             attention::forward(layer, atty, lse, &mut a.attn_scratch, qkv);
             let res2 = at_mut(&mut a.res2, l, n * c);
             blk.o.forward(tr, res2, atty, Some(inp));
@@ -223,16 +283,10 @@ impl Model {
                 out: atty,
                 lse,
             };
-            let layer = self.attention_layer(l, a.b, t);
+            let layer = self.attention_layer(l, a.b, t, &a.starts);
             attention::backward(layer, d_qkv, scratch, &a.d_atty, fwd);
             if let Positions::Rotary(rope) = &self.positions {
-                rotate_qk(
-                    rope,
-                    &mut a.d_qkv,
-                    hs,
-                    batch_positions(t),
-                    Direction::Inverse,
-                );
+                rotate_batch(rope, &mut a.d_qkv, hs, t, &a.positions, Direction::Inverse);
             }
             let ln1 = at(&a.ln1, l, n * c);
             blk.qkv
@@ -244,7 +298,11 @@ impl Model {
         match self.positions {
             Positions::Learned(wpe) => {
                 let (gte, gpe) = super::params::View::pair_mut(self.embed.view, wpe, grads);
-                embedding::backward(gte, gpe, &a.d_res, batch.ids, t, c);
+                if a.positions.is_empty() {
+                    embedding::backward(gte, gpe, &a.d_res, batch.ids, t, c);
+                } else {
+                    embedding::backward_at(gte, gpe, &a.d_res, batch.ids, &a.positions, c);
+                }
             }
             Positions::Rotary(_) => {
                 embedding::backward_tokens(self.embed.view.of_mut(grads), &a.d_res, batch.ids, c)
@@ -253,25 +311,36 @@ impl Model {
         result
     }
 
-    /// x0 [B·T, C]: each token's embedding row, plus its position's row when learned.
-    fn embed_batch(&self, x0: &mut [f32], ids: &[u32], t: usize) {
+    /// x0 [B·T, C]: each token's embedding row, plus its position's row when learned (at
+    /// `positions` when given, else at its place in its sequence).
+    fn embed_batch(&self, x0: &mut [f32], ids: &[u32], t: usize, positions: &[u32]) {
         let (c, p) = (self.width, &self.params);
         match self.positions {
-            Positions::Learned(wpe) => {
+            Positions::Learned(wpe) if positions.is_empty() => {
                 embedding::forward(x0, ids, self.embed.view.of(p), wpe.of(p), t, c)
+            }
+            Positions::Learned(wpe) => {
+                embedding::forward_at(x0, ids, self.embed.view.of(p), wpe.of(p), positions, c)
             }
             Positions::Rotary(_) => embedding::forward_tokens(x0, ids, self.embed.view.of(p), c),
         }
     }
 
     /// Layer `l`'s attention over a batch of `b` sequences of `t` positions.
-    fn attention_layer(&self, l: usize, b: usize, t: usize) -> attention::Layer {
+    fn attention_layer<'a>(
+        &self,
+        l: usize,
+        b: usize,
+        t: usize,
+        starts: &'a [u32],
+    ) -> attention::Layer<'a> {
         attention::Layer {
             b,
             t,
             heads: self.heads,
             scale: self.attention[l].scale,
             precision: self.precision,
+            starts: (!starts.is_empty()).then_some(starts),
         }
     }
 
@@ -378,6 +447,10 @@ pub struct Activations {
     d_act: Vec<f32>,
     attn_scratch: Vec<f32>,
     d_lnf: Vec<f32>,
+    /// Packed documents ([`Model::forward_packed`]): where each row's document starts, and
+    /// each row's position in it. Empty: one document per sequence.
+    starts: Vec<u32>,
+    positions: Vec<u32>,
 }
 
 impl Activations {
@@ -427,6 +500,8 @@ impl Activations {
             d_act: z(if m.mlp == Mlp::SwiGlu { n * f } else { 0 }),
             attn_scratch: z(attention::scratch_len(b, t, hs)),
             d_lnf: z(n * c),
+            starts: Vec::new(),
+            positions: Vec::new(),
         }
     }
 
