@@ -1,5 +1,6 @@
 //! The `quill` command line: argument parsing, progress bars and printing. No numerics here.
 
+mod finetune_cmd;
 mod train_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +34,9 @@ struct Cli {
 enum Command {
     /// Train a GPT-2 on a text file (default: Tiny Shakespeare), character level.
     Train(Box<train_cmd::TrainArgs>),
+    /// Fine-tune a pretrained model on JSONL records (conversations or prompt/completion
+    /// pairs): loss on the responses only, short examples packed into full windows.
+    Finetune(Box<finetune_cmd::FinetuneArgs>),
     /// Write text with a model, sampling one token at a time (streams to stdout).
     Generate(GenerateArgs),
     /// Chat with a model through its own chat template (multi-turn; /reset, /exit).
@@ -502,6 +506,7 @@ fn run(cli: Cli) -> Result<()> {
     pool.install(|| match cli.command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Train(a) => train_cmd::run(*a),
+        Command::Finetune(a) => finetune_cmd::run(*a),
         Command::Generate(a) => run_generate(a),
         Command::Chat(a) => run_chat(a),
         Command::Explain(a) => run_explain(a),

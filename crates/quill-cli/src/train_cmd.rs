@@ -9,6 +9,7 @@ use quill::data::prepare::{
 use quill::kernels::matmul::Precision;
 use quill::model::{Config, Gpt2Config, LlamaConfig, Model};
 use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
+use quill::train::trainer::Data;
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -152,7 +153,7 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
-fn check_writable(dir: &Path) -> Result<()> {
+pub(crate) fn check_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     remove_stale_temporaries(dir);
@@ -166,7 +167,7 @@ fn check_writable(dir: &Path) -> Result<()> {
 /// Refuses a model whose weights, gradients and AdamW moments (16 bytes a parameter) would
 /// not fit in this machine's memory, before they are allocated (and the system kills the
 /// process halfway).
-fn check_training_memory(params: usize) -> Result<()> {
+pub(crate) fn check_training_memory(params: usize) -> Result<()> {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -387,8 +388,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     model.set_precision(precision);
     quill::io::atomic::write_text(&out.join("run.json"), &serde_json::to_string_pretty(&info)?)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
-    let trainer = Trainer::new(model, config, &data, &out, tok_info(&tok, &decode)?)?;
-    drive(trainer, &a, &out, &source, &data)
+    let mut info = tok_info(&tok, &decode)?;
+    // a model fine-tuned from a folder keeps that folder's tokenizer settings (chat template)
+    if let Some(dir) = &a.init {
+        info.config_json = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+    }
+    let trainer = Trainer::new(model, config, Data::Corpus(&data), &out, info)?;
+    let header = corpus_line(&source, &data, trainer.model.vocab_size());
+    drive(trainer, &a.drive_options(header, &out))
 }
 
 /// Some(()) when two tokenizers are the same (same tokenizer.json content).
@@ -411,7 +418,44 @@ fn tok_info<'a>(
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or(vec![0]),
+        sample_stop: Vec::new(),
+        config_json: None,
     })
+}
+
+/// The line that names the corpus of a new run.
+fn corpus_line(source: &str, data: &quill::data::Split, vocab: usize) -> Option<String> {
+    Some(format!(
+        "corpus: {} ({} train / {} validation tokens, vocabulary {})",
+        if source == EMBEDDED {
+            "Tiny Shakespeare (embedded)"
+        } else {
+            source
+        },
+        data.train.len(),
+        data.val.len(),
+        vocab
+    ))
+}
+
+impl TrainArgs {
+    fn drive_options(&self, header: Option<String>, out: &Path) -> DriveOptions {
+        DriveOptions {
+            header,
+            quiet: self.quiet,
+            run: RunOptions {
+                time_limit: self.time_limit,
+                stop_after: self.stop_after,
+            },
+            final_sample: Some((600, 0.8)),
+            command: "train",
+            hint: format!(
+                "quill generate --model {} --prompt \"ROMEO:\"",
+                out.display()
+            ),
+            out: out.to_path_buf(),
+        }
+    }
 }
 
 /// The tokenizer of a new model, from `--tokenizer`.
@@ -489,18 +533,31 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     let tok = Tokenizer::load(out)?;
     let (_, data) = load_prepared(&info.data_dir)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
-    let trainer = Trainer::resume(model, &data, out, tok_info(&tok, &decode)?)?;
+    let mut info = tok_info(&tok, &decode)?;
+    info.config_json = std::fs::read_to_string(out.join("tokenizer_config.json")).ok();
+    let trainer = Trainer::resume(model, Data::Corpus(&data), out, info)?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());
-    drive(trainer, &a, out, "", &data)
+    drive(trainer, &a.drive_options(None, out))
 }
 
-fn drive(
-    mut trainer: Trainer,
-    a: &TrainArgs,
-    out: &Path,
-    source: &str,
-    data: &quill::data::Split,
-) -> Result<()> {
+/// How [`drive`] shows a run: what it prints before, during and after.
+pub(crate) struct DriveOptions {
+    /// A line describing the data (new runs).
+    pub header: Option<String>,
+    pub quiet: bool,
+    pub run: RunOptions,
+    /// Tokens and temperature of the sample printed at the end (None: no sample).
+    pub final_sample: Option<(usize, f32)>,
+    /// The subcommand, for the --resume hint.
+    pub command: &'static str,
+    /// What to try next, printed at the end.
+    pub hint: String,
+    pub out: PathBuf,
+}
+
+/// Runs a trainer to its end (or a stop) with a progress bar, evaluation lines and samples.
+pub(crate) fn drive(mut trainer: Trainer, d: &DriveOptions) -> Result<()> {
+    let out = d.out.as_path();
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -511,18 +568,8 @@ fn drive(
         });
     }
     let cfg = trainer.config.clone();
-    if !source.is_empty() {
-        eprintln!(
-            "corpus: {} ({} train / {} validation tokens, vocabulary {})",
-            if source == EMBEDDED {
-                "Tiny Shakespeare (embedded)"
-            } else {
-                source
-            },
-            data.train.len(),
-            data.val.len(),
-            trainer.model.vocab_size()
-        );
+    if let Some(h) = &d.header {
+        eprintln!("{h}");
     }
     eprintln!(
         "model: {}, context {}; {} products; {} threads, {} kernels",
@@ -546,7 +593,7 @@ fn drive(
         cfg.min_lr,
         cfg.weight_decay
     );
-    let pb = if a.quiet {
+    let pb = if d.quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(cfg.steps as u64)
@@ -560,15 +607,11 @@ fn drive(
     );
     pb.set_position(trainer.step() as u64);
     pb.reset_eta();
-    let opts = RunOptions {
-        time_limit: a.time_limit,
-        stop_after: a.stop_after,
-    };
     let started = Instant::now();
     let mut smoothed: Option<f64> = None;
     let mut final_val = None;
-    let quiet = a.quiet;
-    trainer.run(&opts, &stop, &mut |ev| match ev {
+    let quiet = d.quiet;
+    trainer.run(&d.run, &stop, &mut |ev| match ev {
         Event::Step {
             step,
             loss,
@@ -617,7 +660,8 @@ fn drive(
         Event::Saved { .. } => {}
         Event::Stopped { step, reason } => {
             let line = format!(
-                "stopped at step {step}: {reason}; continue with --resume --out {}",
+                "stopped at step {step}: {reason}; continue with `quill {} --resume --out {}`",
+                d.command,
                 out.display()
             );
             if quiet {
@@ -638,14 +682,16 @@ fn drive(
                 .map(|v| format!("; validation loss {v:.4} nats/token"))
                 .unwrap_or_default()
         );
-        println!("--- sample (temperature 0.8) ---");
-        println!("{}", trainer.sample_text(600, 0.8, 1)?);
-        println!("--------------------------------");
+        if let Some((n, temperature)) = d.final_sample {
+            println!("--- sample (temperature {temperature}) ---");
+            println!("{}", trainer.sample_text(n, temperature, 1)?);
+            println!("--------------------------------");
+        }
     }
     println!(
-        "model saved to {} (Hugging Face folder; metrics.jsonl, loss.svg)\ntry: quill generate --model {} --prompt \"ROMEO:\"",
+        "model saved to {} (Hugging Face folder; metrics.jsonl, loss.svg)\ntry: {}",
         out.display(),
-        out.display()
+        d.hint
     );
     Ok(())
 }

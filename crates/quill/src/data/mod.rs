@@ -3,6 +3,7 @@
 //! validation split cut into windows that predict every validation token exactly once.
 
 pub mod prepare;
+pub mod sft;
 pub mod shard;
 
 use crate::kernels::crossentropy::IGNORE;

@@ -6,6 +6,7 @@ use super::checkpoint;
 use super::optimizer::AdamW;
 use super::plot::loss_svg;
 use super::schedule::Schedule;
+use crate::data::sft::{epoch_order, Packed};
 use crate::data::{eval_batch, eval_windows, sample_batch, Split};
 use crate::io::atomic::write_text;
 use crate::kernels::crossentropy::IGNORE;
@@ -159,13 +160,36 @@ pub enum Event<'a> {
     },
 }
 
+/// What a run trains on: a corpus (random windows of a token sequence), or fine-tuning
+/// examples packed into windows (visited in a shuffled order each epoch).
+#[derive(Clone, Copy)]
+pub enum Data<'a> {
+    Corpus(&'a Split),
+    Examples { train: &'a Packed, val: &'a Packed },
+}
+
+impl Data<'_> {
+    fn fingerprint(&self) -> String {
+        match self {
+            Data::Corpus(d) => format!("{}+{}", d.train.fingerprint(), d.val.fingerprint()),
+            Data::Examples { train, val } => {
+                format!("{}+{}", train.fingerprint(), val.fingerprint())
+            }
+        }
+    }
+}
+
 /// What the trainer needs of a tokenizer.
 pub struct TokenizerInfo<'a> {
     pub json: String,
     pub token_bytes: Vec<u32>,
     pub decode: &'a dyn Fn(&[u32]) -> String,
-    /// Where samples start (a newline for text).
+    /// Where samples start (a newline for text; a held-out prompt for fine-tuning).
     pub sample_prompt: Vec<u32>,
+    /// Ids that end a sample (none: samples run to their length).
+    pub sample_stop: Vec<u32>,
+    /// tokenizer_config.json written beside the weights (None: a plain one).
+    pub config_json: Option<String>,
 }
 
 pub struct Trainer<'a> {
@@ -177,13 +201,12 @@ pub struct Trainer<'a> {
     acts: Activations,
     ids: Vec<u32>,
     targets: Vec<u32>,
-    data: &'a Split,
+    starts: Vec<u32>,
+    /// The epoch whose window order `order` holds (packed examples).
+    order: Option<(u64, Vec<usize>)>,
+    data: Data<'a>,
     out: PathBuf,
     tok: TokenizerInfo<'a>,
-}
-
-fn fingerprint(data: &Split) -> String {
-    format!("{}+{}", data.train.fingerprint(), data.val.fingerprint())
 }
 
 impl<'a> Trainer<'a> {
@@ -191,7 +214,7 @@ impl<'a> Trainer<'a> {
     pub fn new(
         model: Model,
         config: TrainConfig,
-        data: &'a Split,
+        data: Data<'a>,
         out: &Path,
         tok: TokenizerInfo<'a>,
     ) -> Result<Self> {
@@ -205,7 +228,7 @@ impl<'a> Trainer<'a> {
             elapsed_s: 0.0,
             train_curve: Vec::new(),
             curve_sum: 0.0,
-            data_fingerprint: fingerprint(data),
+            data_fingerprint: data.fingerprint(),
             config: config.clone(),
         };
         Self::build(model, config, (state, None), data, out, tok)
@@ -215,7 +238,7 @@ impl<'a> Trainer<'a> {
     /// replaced by the saved ones).
     pub fn resume(
         model: Model,
-        data: &'a Split,
+        data: Data<'a>,
         out: &Path,
         tok: TokenizerInfo<'a>,
     ) -> Result<Self> {
@@ -226,7 +249,7 @@ impl<'a> Trainer<'a> {
                 format!("bad trainer state: {e}"),
             )
         })?;
-        if state.data_fingerprint != fingerprint(data) {
+        if state.data_fingerprint != data.fingerprint() {
             return Err(Error::Input(
                 "the training data differ from the data this run started with; resume with the same corpus".into(),
             ));
@@ -243,7 +266,7 @@ impl<'a> Trainer<'a> {
         model: Model,
         config: TrainConfig,
         start: (State, Option<Moments>),
-        data: &'a Split,
+        data: Data<'a>,
         out: &Path,
         tok: TokenizerInfo<'a>,
     ) -> Result<Self> {
@@ -257,12 +280,25 @@ impl<'a> Trainer<'a> {
                 model.context()
             )));
         }
-        if data.train.len() <= config.seq_len {
-            return Err(Error::Input(format!(
-                "the training split ({} tokens) is shorter than the context ({})",
-                data.train.len(),
-                config.seq_len
-            )));
+        match data {
+            Data::Corpus(d) if d.train.len() <= config.seq_len => {
+                return Err(Error::Input(format!(
+                    "the training split ({} tokens) is shorter than the context ({})",
+                    d.train.len(),
+                    config.seq_len
+                )));
+            }
+            Data::Examples { train, val }
+                if train.is_empty()
+                    || train.t != config.seq_len
+                    || (!val.is_empty() && val.t != config.seq_len) =>
+            {
+                return Err(Error::Input(format!(
+                    "no training windows of {} tokens",
+                    config.seq_len
+                )));
+            }
+            _ => {}
         }
         let mut opt = AdamW::new(
             model.num_params(),
@@ -282,6 +318,8 @@ impl<'a> Trainer<'a> {
             acts: model.new_acts(config.batch_size, config.seq_len),
             ids: vec![0; n],
             targets: vec![0; n],
+            starts: vec![0; n],
+            order: None,
             model,
             opt,
             config,
@@ -307,36 +345,100 @@ impl<'a> Trainer<'a> {
 
     /// Mean loss (nats per token) and bits per byte over the whole validation split.
     pub fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let split = match self.data {
+            Data::Corpus(split) => split,
+            Data::Examples { val, .. } => return self.evaluate_packed(val),
+        };
         let (b, t) = (self.config.batch_size, self.config.seq_len);
-        let windows = eval_windows(&self.data.val, t);
+        let windows = eval_windows(&split.val, t);
         if windows == 0 {
             return Ok((f64::NAN, f64::NAN));
         }
         let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
         let mut first = 0;
         while first < windows {
-            eval_batch(
-                &self.data.val,
-                t,
-                first,
-                b,
-                &mut self.ids,
-                &mut self.targets,
-            );
+            eval_batch(&split.val, t, first, b, &mut self.ids, &mut self.targets);
             self.model.forward(&mut self.acts, &self.ids)?;
             let (s, c) = self.model.loss(&mut self.acts, &self.targets);
             sum += s;
             count += c;
-            bytes += self
-                .targets
-                .iter()
-                .filter(|&&x| x != IGNORE)
-                .map(|&x| *self.tok.token_bytes.get(x as usize).unwrap_or(&1) as u64)
-                .sum::<u64>();
+            bytes += self.target_bytes();
             first += b;
         }
         let loss = sum / count.max(1) as f64;
         Ok((loss, sum / std::f64::consts::LN_2 / bytes.max(1) as f64))
+    }
+
+    /// UTF-8 bytes of the counted targets of the current batch.
+    fn target_bytes(&self) -> u64 {
+        self.targets
+            .iter()
+            .filter(|&&x| x != IGNORE)
+            .map(|&x| *self.tok.token_bytes.get(x as usize).unwrap_or(&1) as u64)
+            .sum()
+    }
+
+    /// Mean loss and bits per byte over every learned token of the validation windows (a
+    /// last, partial batch is filled with rows that count nothing).
+    fn evaluate_packed(&mut self, val: &Packed) -> Result<(f64, f64)> {
+        if val.is_empty() {
+            return Ok((f64::NAN, f64::NAN));
+        }
+        let (b, t) = (self.config.batch_size, self.config.seq_len);
+        let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
+        for first in (0..val.len()).step_by(b) {
+            for r in 0..b {
+                let (ids, targets, starts) = val.window((first + r).min(val.len() - 1));
+                let rows = r * t..(r + 1) * t;
+                self.ids[rows.clone()].copy_from_slice(ids);
+                self.starts[rows.clone()].copy_from_slice(starts);
+                if first + r < val.len() {
+                    self.targets[rows].copy_from_slice(targets);
+                } else {
+                    self.targets[rows].fill(IGNORE);
+                }
+            }
+            self.model
+                .forward_packed(&mut self.acts, &self.ids, &self.starts)?;
+            let (s, c) = self.model.loss(&mut self.acts, &self.targets);
+            sum += s;
+            count += c;
+            bytes += self.target_bytes();
+        }
+        let loss = sum / count.max(1) as f64;
+        Ok((loss, sum / std::f64::consts::LN_2 / bytes.max(1) as f64))
+    }
+
+    /// Fills the batch with micro-batch `micro` of the current step: random windows of the
+    /// corpus, or the next windows of the epoch's order of packed examples.
+    fn fill_batch(&mut self, rng: &mut Rng, micro: usize) -> Result<()> {
+        let (b, t) = (self.config.batch_size, self.config.seq_len);
+        match self.data {
+            Data::Corpus(split) => {
+                sample_batch(rng, &split.train, b, t, &mut self.ids, &mut self.targets);
+                self.model.forward(&mut self.acts, &self.ids)
+            }
+            Data::Examples { train, .. } => {
+                let n = train.len();
+                let per_step = (b * self.config.grad_accum) as u64;
+                let first = self.state.step as u64 * per_step + (micro * b) as u64;
+                for r in 0..b {
+                    let g = first + r as u64;
+                    let epoch = g / n as u64;
+                    if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                        self.order = Some((epoch, epoch_order(n, self.config.seed, epoch)));
+                    }
+                    let w = self.order.as_ref().expect("set").1[(g % n as u64) as usize];
+                    let (ids, targets, starts) = train.window(w);
+                    let rows = r * t..(r + 1) * t;
+                    self.ids[rows.clone()].copy_from_slice(ids);
+                    self.targets[rows.clone()].copy_from_slice(targets);
+                    self.starts[rows].copy_from_slice(starts);
+                }
+                self.model
+                    .forward_packed(&mut self.acts, &self.ids, &self.starts)
+            }
+        }
     }
 
     fn metrics_path(&self) -> PathBuf {
@@ -383,9 +485,10 @@ impl<'a> Trainer<'a> {
         let out = &self.out;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         write_text(&out.join("tokenizer.json"), &self.tok.json)?;
+        let plain = "{\n  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n  \"clean_up_tokenization_spaces\": false\n}\n";
         write_text(
             &out.join("tokenizer_config.json"),
-            "{\n  \"tokenizer_class\": \"PreTrainedTokenizerFast\",\n  \"clean_up_tokenization_spaces\": false\n}\n",
+            self.tok.config_json.as_deref().unwrap_or(plain),
         )?;
         let mut meta = BTreeMap::new();
         meta.insert("quill_step".to_string(), self.state.step.to_string());
@@ -427,7 +530,7 @@ impl<'a> Trainer<'a> {
             &self.tok.sample_prompt,
             Stop {
                 max_new: n,
-                eos: &[],
+                eos: &self.tok.sample_stop,
             },
             &mut sampler,
             |_| {},
@@ -487,19 +590,11 @@ impl<'a> Trainer<'a> {
             let lr = schedule.lr(self.state.step);
             self.grads.fill(0.0);
             let mut step_loss = 0.0;
-            for _ in 0..accum {
-                sample_batch(
-                    &mut rng,
-                    &self.data.train,
-                    b,
-                    t,
-                    &mut self.ids,
-                    &mut self.targets,
-                );
-                self.model.forward(&mut self.acts, &self.ids)?;
+            for micro in 0..accum {
+                self.fill_batch(&mut rng, micro)?;
                 let batch = Batch::new(&self.ids, &self.targets, 1.0 / accum as f32);
                 let (sum, count) = self.model.backward(&mut self.acts, &mut self.grads, batch);
-                step_loss += sum / count as f64 / accum as f64;
+                step_loss += sum / count.max(1) as f64 / accum as f64;
             }
             let (layout, params) = self.model.params_mut();
             let last_norm = self

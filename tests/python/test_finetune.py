@@ -1,0 +1,184 @@
+"""`quill finetune`, run by ./run-tests.
+
+The numbers of a packed, prompt-masked batch (loss and every gradient) are checked against
+`transformers` in crates/quill/tests/packed.rs. Here: what the command learns (the token ids
+and the learned mask of conversations and prompt/completion pairs, against `transformers`'
+own chat-template rendering and tokenizer on SmolLM2), that a run learns and resumes exactly,
+and that bad input gets one clear error line.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_gguf import QUILL, ROOT, quill, smollm2  # noqa: E402
+from test_hostile import refused  # noqa: E402
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Translate to French: The cat is sleeping on the bed."},
+     {"role": "assistant", "content": "Le chat dort sur le lit."}],
+    [{"role": "system", "content": "Answer in one word."},
+     {"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris."},
+     {"role": "user", "content": "And of Italy?  "},
+     {"role": "assistant", "content": " Rome, of course!\n"}],
+]
+PAIRS = [("English: Good morning.\nFrench:", " Bonjour."), ("Q: 2+2?\nA:", " 4")]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def preview(model, data, n):
+    r = quill("finetune", "--model", model, "--data", data, "--out", data.parent / "unused", "--preview", n)
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def as_ids(x):
+    return list(x["input_ids"] if hasattr(x, "keys") else x)
+
+
+def test_learned_tokens_are_the_assistant_turns_as_transformers_renders_them(tmp_path):
+    path = smollm2()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
+    got = preview(path, data, len(CONVERSATIONS))
+    assert len(got) == len(CONVERSATIONS)
+    for msgs, g in zip(CONVERSATIONS, got):
+        # the whole conversation: transformers' rendering and tokenization
+        want_ids = as_ids(tok.apply_chat_template(msgs, tokenize=True))
+        assert g["ids"] == want_ids
+        # learned: each assistant turn, from after the generation prompt through its
+        # end-of-turn token (the newline after it is the template's, not the model's)
+        learn = [False] * len(want_ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = as_ids(tok.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=True))
+            through = tok.apply_chat_template(msgs[:i + 1], tokenize=False).rstrip()
+            end = len(tok(through, add_special_tokens=False)["input_ids"])
+            assert want_ids[:len(before)] == before
+            for k in range(len(before), end):
+                learn[k] = True
+            assert tok.convert_ids_to_tokens(want_ids[end - 1]) == "<|im_end|>"
+        assert g["learn"] == learn
+        assert g["text"].count("⟦") == sum(m["role"] == "assistant" for m in msgs)
+    data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    for (p, c), g in zip(PAIRS, preview(path, data, len(PAIRS))):
+        ids_p = tok(p)["input_ids"]
+        ids_c = tok(c, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert g["ids"] == ids_p + ids_c
+        assert g["learn"] == [False] * len(ids_p) + [True] * len(ids_c)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama trained here by quill (byte-level BPE), with a ChatML template."""
+    d = tmp_path_factory.mktemp("ft")
+    corpus = d / "c.txt"
+    corpus.write_text((ROOT / "data" / "tinyshakespeare.txt").read_text()[:50000])
+    model = d / "tiny"
+    quill("train", "--arch", "llama", "--data", corpus, "--out", model, "--tokenizer", "bpe:400", "--steps", "20",
+          "--eval-interval", "20", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--width", "64",
+          "--context", "128", "--batch", "4", "--quiet")
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+    # a task a tiny model can learn: say a word back, twice
+    words = ["king", "rose", "night", "sword", "crown", "heart", "storm", "queen", "blood", "grace"]
+    records = [{"messages": [{"role": "user", "content": f"Echo {w} {v}"},
+                             {"role": "assistant", "content": f"{w} {v} {w} {v}"}]}
+               for w in words for v in words[:6]]
+    data = write_jsonl(d / "echo.jsonl", records)
+    return {"dir": d, "model": model, "data": data, "words": words}
+
+
+def metrics(out):
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: m[k] for k in ("step", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "grad_norm")}
+            for m in lines]
+
+
+def test_a_run_learns_the_responses_and_resumes_exactly(tiny, tmp_path):
+    common = ["--model", tiny["model"], "--data", tiny["data"], "--steps", "60", "--eval-interval", "20",
+              "--batch", "4", "--context", "64", "--lr", "1e-2", "--quiet", "--threads", "2"]
+    whole = tmp_path / "whole"
+    r = quill("finetune", *common, "--out", whole)
+    assert "training records in" in r.stderr and "validation records" in r.stderr
+    m = metrics(whole)
+    assert [x["step"] for x in m] == [20, 40, 60]
+    # it learns: the held-out answers get much likelier
+    assert m[-1]["val_loss"] < 0.5 * m[0]["val_loss"], m
+    # the output is a model folder that chats through the base's template
+    cfg = json.loads((whole / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == CHATML
+    r = quill("generate", "--model", whole, "--chat", "--prompt", "Echo rose king", "--max-new-tokens", "12",
+              "--temperature", "0")
+    # the answer has the task's form (words of the list), not Shakespeare
+    assert set(r.stdout.split("<|im_")[0].split()[:4]) <= set(tiny["words"]), r.stdout
+    # stopped after 25 steps, then resumed: the same numbers and the same weights
+    part = tmp_path / "part"
+    r = quill("finetune", *common, "--out", part, "--stop-after", "25")
+    assert "quill finetune --resume" in r.stderr
+    quill("finetune", "--resume", "--out", part, "--quiet")
+    assert metrics(part) == m
+    assert (part / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_bad_records_and_flags_get_one_clear_line(tiny, tmp_path):
+    model, out = tiny["model"], tmp_path / "o"
+
+    def ft(data, *flags):
+        return subprocess.run([QUILL, "finetune", "--model", model, "--data", data, "--out", out, "--steps", "1", "--overwrite",
+                               "--quiet", *map(str, flags)], capture_output=True, text=True, timeout=120)
+
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    cases = [
+        ([good, {"question": "x", "answer": "y"}], ["line 2", "expected"]),
+        ([good, good, "not an object"], ["line 3"]),
+        ([good, {"prompt": "x"}], ["line 2", "completion"]),
+        ([good, {"messages": [{"role": "user", "content": "only a question"}]}], ["line 2", "assistant"]),
+        ([good, {"messages": [{"role": "user"}, {"role": "assistant", "content": "b"}]}], ["line 2", "content"]),
+        ([good, {"prompt": 5, "completion": "x"}], ["line 2", "string"]),
+        ([], ["no records"]),
+    ]
+    for records, words in cases:
+        p = tmp_path / "bad.jsonl"
+        p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+        refused(ft(p), str(p), *words)
+    p = tmp_path / "broken.jsonl"
+    p.write_text(json.dumps(good) + "\n{\"messages\": [\n")
+    refused(ft(p), "line 2", "JSON")
+    refused(ft(tmp_path / "missing.jsonl"), "missing.jsonl")
+    # every record longer than the window: refused; some: left out with a warning, and it trains
+    long = {"prompt": "word " * 200, "completion": " end"}
+    p = write_jsonl(tmp_path / "long.jsonl", [long, long])
+    refused(ft(p, "--context", "96"), "no training record fits")
+    p = write_jsonl(tmp_path / "some.jsonl", [long] + [good] * 5)
+    r = ft(p, "--context", "96", "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"warning: 1 training record\(s\) are longer than the 96-token window.*line 1", r.stderr)
+    # conversations need a chat template
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (bare / f).write_bytes((model / f).read_bytes())
+    p = write_jsonl(tmp_path / "chat.jsonl", [good])
+    r = subprocess.run([QUILL, "finetune", "--model", bare, "--data", p, "--out", out, "--quiet", "--overwrite"],
+                       capture_output=True, text=True, timeout=60)
+    refused(r, "line 1", "chat template")
+    for flags, words in [(["--epochs", "0"], ["--epochs"]), (["--val-fraction", "1.5"], ["--val-fraction"]),
+                         (["--context", "0"], ["--context"]), (["--context", "100000"], ["--context"]),
+                         (["--lr", "nan"], ["--lr"]), (["--batch", "0"], ["batch"])]:
+        refused(ft(p, *flags), *words)
+    r = subprocess.run([QUILL, "finetune", "--resume", "--out", tmp_path / "nothing"], capture_output=True,
+                       text=True, timeout=60)
+    refused(r, "nothing to resume")
