@@ -135,6 +135,22 @@ impl Norm {
     }
 }
 
+impl Norm {
+    /// The input gradient of [`Norm::backward`] alone (a frozen norm): the gain gradients go
+    /// to scratch.
+    pub fn backward_input(&self, p: &[f32], dx: &mut [f32], dout: &[f32], saved: Saved) {
+        let w = self.w.of(p);
+        let mut scratch = vec![0.0f32; 2 * w.len()];
+        let (gw, gb) = scratch.split_at_mut(w.len());
+        match (self.kind, self.b) {
+            (NormKind::Layer, Some(_)) => {
+                layernorm::backward(dx, (gw, gb), dout, saved.x, w, saved.stats)
+            }
+            _ => rmsnorm::backward(dx, gw, dout, saved.x, w, saved.stats.rstd),
+        }
+    }
+}
+
 /// What a norm's backward pass reads: its input and the statistics of its forward pass.
 #[derive(Clone, Copy)]
 pub struct Saved<'a> {

@@ -14,6 +14,7 @@ pub mod gpt2;
 pub mod inference;
 pub mod llama;
 pub mod llama_config;
+pub mod lora;
 pub mod params;
 pub mod training;
 pub mod weight;

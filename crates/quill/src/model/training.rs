@@ -1,8 +1,10 @@
 //! The decoder's training passes over a batch [B, T]: `forward` keeps every activation,
 //! `backward` walks the same layers in reverse, accumulating every parameter's gradient.
 
+use super::decoder::Norm;
 use super::decoder::{rotate_qk, Mlp, Model, Positions, Saved};
-use super::weight::{BiasGrad, Train};
+use super::lora::{Lora, LoraActs, Target};
+use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::kernels::rope::{Direction, HeadCols, Rope, RowPositions};
@@ -78,7 +80,26 @@ impl Model {
     pub fn forward(&self, a: &mut Activations, ids: &[u32]) -> Result<()> {
         a.starts.clear();
         a.positions.clear();
-        self.forward_pass(a, ids)
+        self.forward_pass(a, ids, None)
+    }
+
+    /// [`Model::forward`] (packed when `starts` is given) with LoRA adapters beside the
+    /// frozen weights; `la` keeps what their backward pass needs.
+    pub fn forward_lora(
+        &self,
+        a: &mut Activations,
+        ids: &[u32],
+        starts: Option<&[u32]>,
+        lora: (&Lora, &mut LoraActs),
+    ) -> Result<()> {
+        match starts {
+            Some(s) => self.set_documents(a, ids, s)?,
+            None => {
+                a.starts.clear();
+                a.positions.clear();
+            }
+        }
+        self.forward_pass(a, ids, Some(lora))
     }
 
     /// [`Model::forward`] over sequences that pack several documents (fine-tuning examples):
@@ -86,6 +107,12 @@ impl Model {
     /// computed as if alone: its positions count from 0, and its rows attend only to its own
     /// rows. [`Model::backward`] then follows the same documents.
     pub fn forward_packed(&self, a: &mut Activations, ids: &[u32], starts: &[u32]) -> Result<()> {
+        self.set_documents(a, ids, starts)?;
+        self.forward_pass(a, ids, None)
+    }
+
+    /// Checks packed documents' starts and keeps them (and each row's position) in `a`.
+    fn set_documents(&self, a: &mut Activations, ids: &[u32], starts: &[u32]) -> Result<()> {
         let t = a.t;
         if starts.len() != ids.len() {
             return Err(Error::Input(format!(
@@ -108,11 +135,19 @@ impl Model {
             a.positions.push((i - s as usize) as u32);
         }
         a.starts.extend_from_slice(starts);
-        self.forward_pass(a, ids)
+        Ok(())
     }
 
-    fn forward_pass(&self, a: &mut Activations, ids: &[u32]) -> Result<()> {
+    fn forward_pass(
+        &self,
+        a: &mut Activations,
+        ids: &[u32],
+        mut lora: Option<(&Lora, &mut LoraActs)>,
+    ) -> Result<()> {
         self.check_batch(a, ids)?;
+        if let Some((_, la)) = lora.as_mut() {
+            la.precision = self.precision;
+        }
         let (n, c, t, hs) = (a.b * a.t, self.width, a.t, self.heads);
         let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
         let p = &self.params;
@@ -132,6 +167,11 @@ impl Model {
             blk.attn_norm.forward(p, ln1, stats, inp);
             let qkv = at_mut(&mut a.qkv, l, n * w);
             blk.qkv.forward(tr, qkv, ln1, None);
+            if let Some((lo, la)) = lora.as_mut() {
+                for (k, _) in lo.at(l, &[Target::Q, Target::K, Target::V]) {
+                    lo.forward_into(k, la, ln1, qkv);
+                }
+            }
             if let Positions::Rotary(rope) = &self.positions {
                 rotate_batch(rope, qkv, hs, t, &a.positions, Direction::Forward);
             }
@@ -143,17 +183,32 @@ impl Model {
             attention::forward(layer, atty, lse, &mut a.attn_scratch, qkv);
             let res2 = at_mut(&mut a.res2, l, n * c);
             blk.o.forward(tr, res2, atty, Some(inp));
+            if let Some((lo, la)) = lora.as_mut() {
+                for (k, _) in lo.at(l, &[Target::O]) {
+                    lo.forward_into(k, la, atty, res2);
+                }
+            }
             let stats = row_stats(&mut a.mean2, &mut a.rstd2, l, n);
             let ln2 = at_mut(&mut a.ln2, l, n * c);
             blk.mlp_norm.forward(p, ln2, stats, res2);
             let (up_out, act) = (at_mut(&mut a.up, l, n * up), at_mut(&mut a.act, l, n * f));
             blk.up.forward(tr, up_out, ln2, None);
+            if let Some((lo, la)) = lora.as_mut() {
+                for (k, _) in lo.at(l, &[Target::Gate, Target::Up]) {
+                    lo.forward_into(k, la, ln2, up_out);
+                }
+            }
             match self.mlp {
                 Mlp::Gelu => gelu::forward(act, up_out),
                 Mlp::SwiGlu => swiglu::forward(act, up_out, f),
             }
-            blk.down
-                .forward(tr, at_mut(&mut a.res3, l, n * c), act, Some(res2));
+            let res3 = at_mut(&mut a.res3, l, n * c);
+            blk.down.forward(tr, res3, act, Some(res2));
+            if let Some((lo, la)) = lora.as_mut() {
+                for (k, _) in lo.at(l, &[Target::Down]) {
+                    lo.forward_into(k, la, act, res3);
+                }
+            }
         }
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
         let stats = RowStats {
@@ -185,6 +240,24 @@ impl Model {
     /// `grads` (same layout as the parameters). The loss is the mean over counted targets,
     /// times `grad_scale` (1/accumulation steps). Returns (sum of losses, counted positions).
     pub fn backward(&self, a: &mut Activations, grads: &mut [f32], batch: Batch) -> (f64, usize) {
+        self.backward_into(a, Grads::Base(grads), batch)
+    }
+
+    /// Backward pass after [`Model::forward_lora`]: the model's weights stay frozen (none of
+    /// their gradients is computed); the adapters' gradients are added into `grads` (the
+    /// adapters' layout).
+    pub fn backward_lora(
+        &self,
+        a: &mut Activations,
+        lora: (&Lora, &mut LoraActs),
+        grads: &mut [f32],
+        batch: Batch,
+    ) -> (f64, usize) {
+        let (lora, la) = lora;
+        self.backward_into(a, Grads::Lora { lora, la, grads }, batch)
+    }
+
+    fn backward_into(&self, a: &mut Activations, mut g: Grads, batch: Batch) -> (f64, usize) {
         let (n, c, t, hs, v) = (a.b * a.t, self.width, a.t, self.heads, self.vocab);
         let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
         let p = &self.params;
@@ -210,14 +283,15 @@ impl Model {
             Operand::new(head.of(p), v, c),
             Accumulate::Overwrite,
         );
-        let g_head = head.of_mut(grads);
-        matmul(
-            tr.precision,
-            g_head,
-            Operand::new(d_logits, n, v).t(),
-            Operand::new(&a.lnf, n, c),
-            Accumulate::Add,
-        );
+        if let Grads::Base(grads) = &mut g {
+            matmul(
+                tr.precision,
+                head.of_mut(grads),
+                Operand::new(d_logits, n, v).t(),
+                Operand::new(&a.lnf, n, c),
+                Accumulate::Add,
+            );
+        }
         a.d_res.fill(0.0);
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
         let fin = Saved {
@@ -227,8 +301,7 @@ impl Model {
                 rstd: &a.lnf_rstd,
             },
         };
-        self.final_norm
-            .backward(p, grads, &mut a.d_res, &a.d_lnf, fin);
+        g.norm(&self.final_norm, p, &mut a.d_res, &a.d_lnf, fin);
 
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             let inp = if l == 0 {
@@ -244,12 +317,11 @@ impl Model {
             let bias = match self.mlp {
                 Mlp::Gelu => {
                     // GELU is elementwise: its input gradient overwrites its output's in place
-                    blk.down
-                        .backward(tr, grads, d_up, (&a.d_res, act), BiasGrad::Sum);
-                    match (self.precision, blk.up.bias) {
+                    g.linear(&blk.down, tr, d_up, (&a.d_res, act), BiasGrad::Sum);
+                    match (self.precision, blk.up.bias, &mut g) {
                         // in f32 the bias gradient is summed in GELU's sweep; in bf16, while
                         // the gradient is packed for dW's product (free there)
-                        (Precision::F32, Some(b)) => {
+                        (Precision::F32, Some(b), Grads::Base(grads)) => {
                             gelu::backward_inplace_col_sums(d_up, up_out, f, b.of_mut(grads));
                             BiasGrad::Done
                         }
@@ -260,22 +332,22 @@ impl Model {
                     }
                 }
                 Mlp::SwiGlu => {
-                    blk.down
-                        .backward(tr, grads, &mut a.d_act, (&a.d_res, act), BiasGrad::Sum);
+                    g.linear(&blk.down, tr, &mut a.d_act, (&a.d_res, act), BiasGrad::Sum);
+                    g.adapters(l, &[Target::Down], &mut a.d_act, (&a.d_res, act));
                     swiglu::backward(d_up, &a.d_act, up_out, f);
                     BiasGrad::Sum
                 }
             };
             let ln2 = at(&a.ln2, l, n * c);
-            blk.up.backward(tr, grads, &mut a.d_ln, (d_up, ln2), bias);
+            g.linear(&blk.up, tr, &mut a.d_ln, (d_up, ln2), bias);
+            g.adapters(l, &[Target::Gate, Target::Up], &mut a.d_ln, (d_up, ln2));
             let norm2 = saved(res2, &a.mean2, &a.rstd2, l, n);
-            blk.mlp_norm
-                .backward(p, grads, &mut a.d_res, &a.d_ln, norm2);
+            g.norm(&blk.mlp_norm, p, &mut a.d_res, &a.d_ln, norm2);
 
             // Attention: res2 = inp + o(attention(positions(qkv(norm(inp)))))
             let (atty, qkv) = (at(&a.atty, l, n * hd), at(&a.qkv, l, n * w));
-            blk.o
-                .backward(tr, grads, &mut a.d_atty, (&a.d_res, atty), BiasGrad::Sum);
+            g.linear(&blk.o, tr, &mut a.d_atty, (&a.d_res, atty), BiasGrad::Sum);
+            g.adapters(l, &[Target::O], &mut a.d_atty, (&a.d_res, atty));
             let lse = at(&a.lse, l, n * hs.h);
             let (d_qkv, scratch) = (&mut a.d_qkv, &mut a.attn_scratch);
             let fwd = attention::Saved {
@@ -289,12 +361,16 @@ impl Model {
                 rotate_batch(rope, &mut a.d_qkv, hs, t, &a.positions, Direction::Inverse);
             }
             let ln1 = at(&a.ln1, l, n * c);
-            blk.qkv
-                .backward(tr, grads, &mut a.d_ln, (&a.d_qkv, ln1), BiasGrad::Sum);
+            g.linear(&blk.qkv, tr, &mut a.d_ln, (&a.d_qkv, ln1), BiasGrad::Sum);
+            let qkv_targets = [Target::Q, Target::K, Target::V];
+            g.adapters(l, &qkv_targets, &mut a.d_ln, (&a.d_qkv, ln1));
             let norm1 = saved(inp, &a.mean1, &a.rstd1, l, n);
-            blk.attn_norm
-                .backward(p, grads, &mut a.d_res, &a.d_ln, norm1);
+            g.norm(&blk.attn_norm, p, &mut a.d_res, &a.d_ln, norm1);
         }
+        let Grads::Base(grads) = g else {
+            // the embedding is frozen too
+            return result;
+        };
         match self.positions {
             Positions::Learned(wpe) => {
                 let (gte, gpe) = super::params::View::pair_mut(self.embed.view, wpe, grads);
@@ -386,6 +462,52 @@ impl Model {
     /// Buffers for a training batch of `b` sequences of `t` tokens.
     pub fn new_acts(&self, b: usize, t: usize) -> Activations {
         Activations::new(self, b, t)
+    }
+}
+
+/// Where a backward pass puts its gradients: every parameter's, or (the model frozen) the
+/// LoRA adapters' only.
+enum Grads<'g> {
+    Base(&'g mut [f32]),
+    Lora {
+        lora: &'g Lora,
+        la: &'g mut LoraActs,
+        grads: &'g mut [f32],
+    },
+}
+
+impl Grads<'_> {
+    /// A projection's backward: its input gradient, and its weight gradients unless frozen.
+    fn linear(
+        &mut self,
+        lin: &Linear,
+        tr: Train,
+        dx: &mut [f32],
+        dy_x: (&[f32], &[f32]),
+        bias: BiasGrad,
+    ) {
+        match self {
+            Grads::Base(grads) => lin.backward(tr, grads, dx, dy_x, bias),
+            Grads::Lora { .. } => lin.backward_input(tr, dx, dy_x.0),
+        }
+    }
+
+    /// A norm's backward: its input gradient, and its gain (and bias) gradients unless frozen.
+    fn norm(&mut self, norm: &Norm, p: &[f32], dx: &mut [f32], dout: &[f32], s: Saved) {
+        match self {
+            Grads::Base(grads) => norm.backward(p, grads, dx, dout, s),
+            Grads::Lora { .. } => norm.backward_input(p, dx, dout, s),
+        }
+    }
+
+    /// The backward passes of layer `l`'s adapters at `targets` (none without LoRA): their
+    /// gradients, and their share of the input gradient `dx`.
+    fn adapters(&mut self, l: usize, targets: &[Target], dx: &mut [f32], dy_x: (&[f32], &[f32])) {
+        if let Grads::Lora { lora, la, grads } = self {
+            for (k, _) in lora.at(l, targets) {
+                lora.backward_from(k, la, dy_x, dx, grads);
+            }
+        }
     }
 }
 

@@ -264,7 +264,7 @@ impl Linear {
         }
     }
 
-    fn orient(&self) -> Orient {
+    pub fn orient(&self) -> Orient {
         self.parts[0].orient
     }
 
@@ -359,6 +359,24 @@ impl Linear {
                 }
             }
         }
+    }
+
+    /// The input gradient of [`Linear::backward`] alone, dx [n, cols] = dy · Wᵀ
+    /// (overwritten), for a frozen weight.
+    pub fn backward_input(&self, tr: Train, dx: &mut [f32], dy: &[f32]) {
+        let (n, inp, out) = (dy.len() / self.rows, self.cols, self.rows);
+        let w = self.whole.of(tr.params);
+        let b = match self.orient() {
+            Orient::InOut => Operand::new(w, inp, out).t(),
+            Orient::OutIn => Operand::new(w, out, inp),
+        };
+        matmul(
+            tr.precision,
+            &mut dx[..n * inp],
+            Operand::new(dy, n, out),
+            b,
+            Accumulate::Overwrite,
+        );
     }
 
     /// Inference: y [n, rows] = x [n, cols] · W + b, each part read in its stored precision.

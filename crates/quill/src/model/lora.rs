@@ -1,0 +1,584 @@
+//! LoRA (Hu et al., 2021): low-rank adapters beside a frozen model's projections. A target
+//! projection y = W x becomes y = W x + s · B (A x), with A [r, in], B [out, r] and the scale
+//! s = alpha / r (or alpha / √r with rsLoRA). Only A and B train; B starts at zero, so the
+//! adapted model starts as the base model.
+//!
+//! The adapters live in their own flat buffer (with its own [`ParamLayout`]), so gradients
+//! and AdamW moments cost the adapters' size, not the model's. They are saved and read in
+//! PEFT's format (`adapter_config.json`, `adapter_model.safetensors` under
+//! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` names), and can be merged
+//! into the weights (W += s · B A) for inference or for a merged model folder.
+//!
+//! The training passes call [`Lora::forward_into`] and [`Lora::backward_from`] at each target
+//! projection (model/training.rs).
+
+use super::decoder::{Mlp, Model};
+use super::params::{ParamLayout, View};
+use crate::io::safetensors::{write_f32, SafetensorsFile};
+use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
+use crate::rng::Rng;
+use crate::{Error, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A projection an adapter can sit beside (the Llama family's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+pub const ALL_TARGETS: [Target; 7] = [
+    Target::Q,
+    Target::K,
+    Target::V,
+    Target::O,
+    Target::Gate,
+    Target::Up,
+    Target::Down,
+];
+
+impl Target {
+    /// The module's name in Hugging Face's Llama (and PEFT's `target_modules`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// `q` or `q_proj` (and so on).
+    pub fn parse(s: &str) -> Result<Target> {
+        ALL_TARGETS
+            .into_iter()
+            .find(|t| t.module() == s || t.module().trim_end_matches("_proj") == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown LoRA target {s:?} (expected q, k, v, o, gate, up or down)"
+                ))
+            })
+    }
+}
+
+/// The adapters' shape and training settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: Vec<Target>,
+    /// rsLoRA: scale alpha / √r instead of alpha / r.
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
+}
+
+/// One adapter: its layer and target, its A [r, inp] and B [out, r] in the adapters'
+/// buffer, and where its output lies in the fused projection's output rows (q | k | v,
+/// gate | up) of width `width`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adapter {
+    pub layer: usize,
+    pub target: Target,
+    pub a: View,
+    pub b: View,
+    pub inp: usize,
+    pub out: usize,
+    pub col0: usize,
+    pub width: usize,
+}
+
+/// The adapters of one model.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub config: LoraConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+    pub adapters: Vec<Adapter>,
+}
+
+/// (inputs, outputs, first output column, output row width) of a target in `m`.
+fn dims(m: &Model, t: Target) -> (usize, usize, usize, usize) {
+    let (c, hs, f) = (m.width, m.heads, m.mlp_width);
+    let (q, kv) = (hs.h * hs.d, hs.kv * hs.d);
+    match t {
+        Target::Q => (c, q, 0, hs.qkv_width()),
+        Target::K => (c, kv, q, hs.qkv_width()),
+        Target::V => (c, kv, q + kv, hs.qkv_width()),
+        Target::O => (q, c, 0, c),
+        Target::Gate => (c, f, 0, 2 * f),
+        Target::Up => (c, f, f, 2 * f),
+        Target::Down => (f, c, 0, c),
+    }
+}
+
+/// PEFT's name of an adapter matrix (`ab` is "A" or "B").
+pub fn peft_name(layer: usize, t: Target, ab: &str) -> String {
+    format!(
+        "base_model.model.model.layers.{layer}.{}.{}.lora_{ab}.weight",
+        t.parent(),
+        t.module()
+    )
+}
+
+impl Lora {
+    /// Adapters for `model` (zero until [`Lora::init`] or a load). The model must be of the
+    /// Llama family; the rank must be at least 1 and at most the smaller side of every target.
+    pub fn new(model: &Model, config: LoraConfig) -> Result<Lora> {
+        if model.mlp != Mlp::SwiGlu {
+            return Err(Error::Input(
+                "LoRA adapters are for the Llama family (Llama, Mistral, Qwen2, SmolLM); this model is a GPT-2".into(),
+            ));
+        }
+        let mut targets = config.targets.clone();
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(Error::Input("LoRA needs at least one target".into()));
+        }
+        if !(config.alpha.is_finite() && config.alpha > 0.0) {
+            return Err(Error::Input(format!(
+                "LoRA alpha must be a number above 0 (got {})",
+                config.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::Input(format!(
+                "LoRA dropout must be at least 0 and below 1 (got {})",
+                config.dropout
+            )));
+        }
+        let r = config.rank;
+        for &t in &targets {
+            let (inp, out, _, _) = dims(model, t);
+            if r == 0 || r > inp.min(out) {
+                return Err(Error::Input(format!(
+                    "LoRA rank {r} does not fit {} ({out} x {inp}): it must be 1 to {}",
+                    t.module(),
+                    inp.min(out)
+                )));
+            }
+        }
+        let mut layout = ParamLayout::default();
+        let mut adapters = Vec::new();
+        for layer in 0..model.blocks.len() {
+            for &t in &targets {
+                let (inp, out, col0, width) = dims(model, t);
+                let a = layout.push(peft_name(layer, t, "A"), &[r, inp]);
+                let b = layout.push(peft_name(layer, t, "B"), &[out, r]);
+                adapters.push(Adapter {
+                    layer,
+                    target: t,
+                    a,
+                    b,
+                    inp,
+                    out,
+                    col0,
+                    width,
+                });
+            }
+        }
+        let params = vec![0.0; layout.total];
+        Ok(Lora {
+            config: LoraConfig { targets, ..config },
+            layout,
+            params,
+            adapters,
+        })
+    }
+
+    /// PEFT's initialisation: A uniform in ±1/√inp (Kaiming-uniform with a = √5), B zero.
+    pub fn init(&mut self, seed: u64) {
+        let mut rng = Rng::new(seed ^ 0x10ea);
+        for ad in &self.adapters {
+            let bound = 1.0 / (ad.inp as f64).sqrt();
+            for x in ad.a.of_mut(&mut self.params) {
+                *x = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
+            }
+            ad.b.of_mut(&mut self.params).fill(0.0);
+        }
+    }
+
+    pub fn scale(&self) -> f32 {
+        self.config.scale()
+    }
+
+    /// The adapters of `layer` at `targets`.
+    pub fn at<'a>(
+        &'a self,
+        layer: usize,
+        targets: &'a [Target],
+    ) -> impl Iterator<Item = (usize, &'a Adapter)> + 'a {
+        self.adapters
+            .iter()
+            .enumerate()
+            .filter(move |(_, a)| a.layer == layer && targets.contains(&a.target))
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (atomically) into `dir`.
+    pub fn save_peft(&self, dir: &Path, base: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let c = &self.config;
+        let cfg = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": c.rank,
+            "lora_alpha": c.alpha,
+            "lora_dropout": c.dropout,
+            "use_rslora": c.rslora,
+            "target_modules": c.targets.iter().map(|t| t.module()).collect::<Vec<_>>(),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        let text = serde_json::to_string_pretty(&cfg).expect("serializes") + "\n";
+        let tensors: Vec<(&str, &[usize], &[f32])> = self
+            .layout
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.view.of(&self.params)))
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        write_f32(&dir.join("adapter_model.safetensors"), &tensors, &meta)?;
+        crate::io::atomic::write_text(&dir.join("adapter_config.json"), &text)
+    }
+
+    /// Reads a PEFT LoRA adapter folder for `model`: every adapter matrix must be there with
+    /// the shape the model gives it.
+    pub fn load_peft(dir: &Path, model: &Model) -> Result<Lora> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+        let bad = |msg: String| Error::format(&cfg_path, msg);
+        if let Some(p) = v.get("peft_type").and_then(Value::as_str) {
+            if p != "LORA" {
+                return Err(bad(format!("a {p} adapter; quill reads LoRA adapters")));
+            }
+        }
+        let rank = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no rank \"r\"".into()))? as usize;
+        let alpha = v
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("no \"lora_alpha\"".into()))? as f32;
+        let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
+        let rslora = v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if v.get(key)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
+                return Err(bad(format!("per-module {key} is not supported")));
+            }
+        }
+        if v.get("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            return Err(bad("adapters with trained biases are not supported".into()));
+        }
+        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err(bad(
+                "DoRA adapters are not supported (only plain LoRA)".into()
+            ));
+        }
+        for key in ["layers_to_transform", "modules_to_save"] {
+            if v.get(key).is_some_and(|x| !x.is_null()) {
+                return Err(bad(format!(
+                    "{key} is not supported (adapters on every layer only)"
+                )));
+            }
+        }
+        if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+            return Err(bad(
+                "fan_in_fan_out adapters (GPT-2's Conv1D) are not supported".into(),
+            ));
+        }
+        let targets = match v.get("target_modules") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .ok_or_else(|| bad("target_modules must be names".into()))
+                })
+                .map(|s| s.and_then(|s| Target::parse(s).map_err(|e| bad(e.to_string()))))
+                .collect::<Result<Vec<_>>>()?,
+            Some(Value::String(s)) => ALL_TARGETS
+                .into_iter()
+                .filter(|t| s.contains(t.module()))
+                .collect(),
+            _ => return Err(bad("no \"target_modules\" list".into())),
+        };
+        let config = LoraConfig {
+            rank,
+            alpha,
+            dropout,
+            targets,
+            rslora,
+        };
+        let mut lora = Lora::new(model, config).map_err(|e| bad(e.to_string()))?;
+        let wpath = dir.join("adapter_model.safetensors");
+        let f = SafetensorsFile::open(&wpath)?;
+        for t in lora.layout.tensors.clone() {
+            match f.shape(&t.name)? {
+                None => {
+                    return Err(Error::format(
+                        &wpath,
+                        format!("no tensor {} (is this adapter for another model?)", t.name),
+                    ))
+                }
+                Some(s) if s != t.shape => {
+                    return Err(Error::format(
+                        &wpath,
+                        format!(
+                            "{} is {s:?}, but this model needs {:?}: the adapter was made for another base",
+                            t.name, t.shape
+                        ),
+                    ))
+                }
+                Some(_) => f.read_into(&t.name, &t.shape, t.view.of_mut(&mut lora.params))?,
+            }
+        }
+        if lora.params.iter().any(|x| !x.is_finite()) {
+            return Err(Error::format(
+                &wpath,
+                "the adapter holds NaN or infinite numbers",
+            ));
+        }
+        Ok(lora)
+    }
+
+    /// W += s · B A for every adapter: the model then computes what base + adapters do.
+    /// Memory-mapped or quantized weights become f32 first.
+    pub fn merge_into(&self, model: &mut Model) -> Result<()> {
+        model.materialize();
+        model.check_trainable()?;
+        let s = self.scale();
+        for ad in &self.adapters {
+            let blk = &model.blocks[ad.layer];
+            let (linear, row0) = match ad.target {
+                Target::Q | Target::K | Target::V => (&blk.qkv, ad.col0),
+                Target::O => (&blk.o, 0),
+                Target::Gate | Target::Up => (&blk.up, ad.col0),
+                Target::Down => (&blk.down, 0),
+            };
+            if linear.orient() != super::weight::Orient::OutIn {
+                return Err(Error::Input(
+                    "LoRA merges into [out, in] weights only".into(),
+                ));
+            }
+            let (a, b) = (ad.a.of(&self.params), ad.b.of(&self.params));
+            let mut delta = vec![0.0f32; ad.out * ad.inp];
+            matmul(
+                Precision::F32,
+                &mut delta,
+                Operand::new(b, ad.out, self.config.rank),
+                Operand::new(a, self.config.rank, ad.inp),
+                Accumulate::Overwrite,
+            );
+            let w = linear.whole.of_mut(&mut model.params);
+            let rows = &mut w[row0 * ad.inp..(row0 + ad.out) * ad.inp];
+            for (x, d) in rows.iter_mut().zip(&delta) {
+                *x += s * d;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-batch buffers of the adapters' training passes: each adapter's A x [N, r], and
+/// scratch for its input (after dropout), output and gradients.
+pub struct LoraActs {
+    u: Vec<f32>,
+    xd: Vec<f32>,
+    y: Vec<f32>,
+    du: Vec<f32>,
+    /// Seeds the dropout masks of this micro-batch (the backward pass regenerates them).
+    pub seed: u64,
+    /// The products' precision (the model's, set by its forward pass).
+    pub precision: Precision,
+}
+
+/// Whether element `i` of adapter `k`'s input survives dropout `p`: a hash of (seed, k, i),
+/// so that the backward pass draws the same mask without storing it.
+fn keep(seed: u64, k: usize, i: usize, p: f32) -> bool {
+    let mut z = seed ^ ((k as u64) << 40) ^ i as u64;
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    ((z >> 40) as f32 / (1u64 << 24) as f32) >= p
+}
+
+impl LoraActs {
+    pub fn new(lora: &Lora, n: usize) -> Self {
+        let r = lora.config.rank;
+        let max_in = lora.adapters.iter().map(|a| a.inp).max().unwrap_or(0);
+        let max_out = lora.adapters.iter().map(|a| a.out).max().unwrap_or(0);
+        LoraActs {
+            u: vec![0.0; lora.adapters.len() * n * r],
+            xd: vec![0.0; n * max_in],
+            y: vec![0.0; n * max_out.max(max_in)],
+            du: vec![0.0; n * r],
+            seed: 0,
+            precision: Precision::F32,
+        }
+    }
+}
+
+impl Lora {
+    /// The adapter's input after dropout: `x` itself, or its scaled survivors in scratch.
+    fn dropped<'a>(&self, k: usize, x: &'a [f32], xd: &'a mut [f32], seed: u64) -> &'a [f32] {
+        let p = self.config.dropout;
+        if p == 0.0 {
+            return x;
+        }
+        let inv = 1.0 / (1.0 - p);
+        for (i, (d, &v)) in xd.iter_mut().zip(x).enumerate() {
+            *d = if keep(seed, k, i, p) { v * inv } else { 0.0 };
+        }
+        &xd[..x.len()]
+    }
+
+    /// Forward of adapter `k` over `n` rows: y[:, col0..col0+out] += s · B (A dropout(x)).
+    pub fn forward_into(&self, k: usize, la: &mut LoraActs, x: &[f32], y: &mut [f32]) {
+        let (ad, prec) = (self.adapters[k], la.precision);
+        let (r, s) = (self.config.rank, self.scale());
+        let n = x.len() / ad.inp;
+        let u = &mut la.u[k * n * r..(k + 1) * n * r];
+        let xd = self.dropped(k, x, &mut la.xd[..n * ad.inp], la.seed);
+        let a = ad.a.of(&self.params);
+        let b = ad.b.of(&self.params);
+        matmul(
+            prec,
+            u,
+            Operand::new(xd, n, ad.inp),
+            Operand::new(a, r, ad.inp).t(),
+            Accumulate::Overwrite,
+        );
+        let tmp = &mut la.y[..n * ad.out];
+        matmul(
+            prec,
+            tmp,
+            Operand::new(u, n, r),
+            Operand::new(b, ad.out, r).t(),
+            Accumulate::Overwrite,
+        );
+        for (row, t) in y.chunks_mut(ad.width).zip(tmp.chunks(ad.out)) {
+            for (v, d) in row[ad.col0..ad.col0 + ad.out].iter_mut().zip(t) {
+                *v += s * d;
+            }
+        }
+    }
+
+    /// Backward of adapter `k`: from the gradient of its output columns in `dy` and its
+    /// input `x`, adds dA and dB into `grads` (the adapters' layout) and the input's gradient
+    /// into `dx`.
+    pub fn backward_from(
+        &self,
+        k: usize,
+        la: &mut LoraActs,
+        (dy, x): (&[f32], &[f32]),
+        dx: &mut [f32],
+        grads: &mut [f32],
+    ) {
+        let (ad, prec) = (self.adapters[k], la.precision);
+        let (r, s) = (self.config.rank, self.scale());
+        let n = x.len() / ad.inp;
+        let u = &la.u[k * n * r..(k + 1) * n * r];
+        // this adapter's columns of dy, scaled by s: [N, out]
+        let dyc = &mut la.y[..n * ad.out];
+        for (d, row) in dyc.chunks_mut(ad.out).zip(dy.chunks(ad.width)) {
+            for (o, v) in d.iter_mut().zip(&row[ad.col0..ad.col0 + ad.out]) {
+                *o = s * v;
+            }
+        }
+        let (a, b) = (ad.a.of(&self.params), ad.b.of(&self.params));
+        // dB += (s dy)ᵀ u; du = (s dy) B
+        matmul(
+            prec,
+            ad.b.of_mut(grads),
+            Operand::new(dyc, n, ad.out).t(),
+            Operand::new(u, n, r),
+            Accumulate::Add,
+        );
+        let du = &mut la.du[..n * r];
+        matmul(
+            prec,
+            du,
+            Operand::new(dyc, n, ad.out),
+            Operand::new(b, ad.out, r),
+            Accumulate::Overwrite,
+        );
+        // dA += duᵀ dropout(x)
+        let xd = self.dropped(k, x, &mut la.xd[..n * ad.inp], la.seed);
+        matmul(
+            prec,
+            ad.a.of_mut(grads),
+            Operand::new(du, n, r).t(),
+            Operand::new(xd, n, ad.inp),
+            Accumulate::Add,
+        );
+        // dx += dropout'(du A)
+        let dxa = &mut la.y[..n * ad.inp];
+        matmul(
+            prec,
+            dxa,
+            Operand::new(du, n, r),
+            Operand::new(a, r, ad.inp),
+            Accumulate::Overwrite,
+        );
+        let p = self.config.dropout;
+        if p == 0.0 {
+            for (d, v) in dx.iter_mut().zip(dxa.iter()) {
+                *d += v;
+            }
+        } else {
+            let inv = 1.0 / (1.0 - p);
+            for (i, (d, v)) in dx.iter_mut().zip(dxa.iter()).enumerate() {
+                if keep(la.seed, k, i, p) {
+                    *d += v * inv;
+                }
+            }
+        }
+    }
+}
