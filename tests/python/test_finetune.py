@@ -182,3 +182,85 @@ def test_bad_records_and_flags_get_one_clear_line(tiny, tmp_path):
     r = subprocess.run([QUILL, "finetune", "--resume", "--out", tmp_path / "nothing"], capture_output=True,
                        text=True, timeout=60)
     refused(r, "nothing to resume")
+
+
+def test_lora_adapters_load_in_peft_merge_and_resume_exactly(tiny, tmp_path):
+    """A LoRA run on the tiny model: its adapter (PEFT's format) loads in `peft` to the
+    logits quill computes with --adapter; `quill merge` writes a folder that quill and
+    `transformers` run to the same logits; a stopped and resumed run ends identical."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    common = ["--model", tiny["model"], "--data", tiny["data"], "--steps", "16", "--eval-interval", "8",
+              "--batch", "4", "--context", "64", "--lr", "1e-2", "--quiet", "--lora-rank", "4",
+              "--lora-targets", "q,v,o,gate,down", "--lora-dropout", "0.1"]
+    out = tmp_path / "lora"
+    r = quill("finetune", *common, "--out", out)
+    assert "LoRA: rank 4, alpha 8" in r.stderr and "trainable parameters" in r.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    m = metrics(out)
+    assert m[-1]["val_loss"] < m[0]["val_loss"]
+    ids = [5, 17, 99, 3, 250, 42, 7, 300, 11]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["model"]), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        want = peft_model(torch.tensor([ids])).logits[0].numpy()
+    got = np.array(json.loads(quill("logits", "--model", tiny["model"], "--adapter", out,
+                                    "--ids", ",".join(map(str, ids))).stdout)["logits"])
+    plain = np.array(json.loads(quill("logits", "--model", tiny["model"], "--ids", ",".join(map(str, ids))).stdout)["logits"])
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+    assert np.abs(plain - want).max() > 1e-2, "the adapter changed nothing"
+    merged = tmp_path / "merged"
+    quill("merge", "--model", tiny["model"], "--adapter", out, "--out", merged)
+    got = np.array(json.loads(quill("logits", "--model", merged, "--ids", ",".join(map(str, ids))).stdout)["logits"])
+    assert np.abs(got - want).max() < 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert np.abs(hf(torch.tensor([ids])).logits[0].numpy() - want).max() < 1e-4
+    # --adapter in the other commands
+    r = quill("generate", "--model", tiny["model"], "--adapter", out, "--chat", "--prompt", "Echo rose king",
+              "--max-new-tokens", "8", "--temperature", "0")
+    assert r.stdout.strip()
+    quill("score", "--model", tiny["model"], "--adapter", out, "--text", "king rose")
+    quill("explain", "--model", tiny["model"], "--adapter", out, "--prompt", "king", "--steps", "2")
+    # stopped, then resumed: the same numbers and the same adapter
+    part = tmp_path / "part"
+    quill("finetune", *common, "--out", part, "--stop-after", "5")
+    quill("finetune", "--resume", "--out", part, "--quiet")
+    assert metrics(part) == m
+    assert (part / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_bad_lora_settings_and_adapters_get_one_clear_line(tiny, tmp_path):
+    from safetensors.numpy import save_file
+    import numpy as np
+    model, data = tiny["model"], tiny["data"]
+
+    def ft(*flags):
+        return subprocess.run([QUILL, "finetune", "--model", model, "--data", data, "--out", tmp_path / "o",
+                               "--steps", "1", "--overwrite", "--quiet", *map(str, flags)],
+                              capture_output=True, text=True, timeout=120)
+
+    refused(ft("--lora-rank", "0"), "rank 0")
+    refused(ft("--lora-rank", "100000"), "rank 100000", "1 to")
+    refused(ft("--lora-rank", "4", "--lora-targets", "q,attn"), "attn")
+    refused(ft("--lora-rank", "4", "--lora-alpha=-1"), "alpha")
+    refused(ft("--lora-rank", "4", "--lora-alpha", "nan"), "alpha")
+    refused(ft("--lora-rank", "4", "--lora-dropout", "1"), "dropout")
+    # an adapter made for another base: its shapes do not fit
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    save_file({f"base_model.model.model.layers.{l}.self_attn.q_proj.lora_{ab}.weight":
+               np.zeros((2, 99) if ab == "A" else (64, 2), np.float32) for l in range(2) for ab in "AB"},
+              str(bad / "adapter_model.safetensors"))
+    r = subprocess.run([QUILL, "logits", "--model", model, "--adapter", bad, "--ids", "1,2"],
+                       capture_output=True, text=True, timeout=60)
+    refused(r, "another base")
+    r = subprocess.run([QUILL, "generate", "--model", model, "--adapter", tmp_path, "--prompt", "x"],
+                       capture_output=True, text=True, timeout=60)
+    refused(r, "not a LoRA adapter folder")

@@ -7,8 +7,9 @@ use crate::train_cmd::{check_training_memory, check_writable, drive, parse_dtype
 use anyhow::{bail, Context, Result};
 use quill::chat::ChatTemplate;
 use quill::data::sft::{self, Example, Format, Packed};
+use quill::model::lora::{Lora, LoraConfig, Target, ALL_TARGETS};
 use quill::tokenizer::Tokenizer;
-use quill::train::trainer::{Data, TokenizerInfo, MAX_CONTEXT};
+use quill::train::trainer::{Adapters, Data, TokenizerInfo, MAX_CONTEXT};
 use quill::train::{RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -98,6 +99,23 @@ pub struct FinetuneArgs {
     /// Matrix-product operands: f32 or bf16 (mixed precision) [default: f32].
     #[arg(long)]
     dtype: Option<String>,
+    /// Train LoRA adapters of this rank beside the frozen model instead of every weight;
+    /// the run saves a PEFT adapter (use it with --adapter, or `quill merge`).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA's alpha: the adapters' output is scaled by alpha / rank [default: 2 × rank].
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f32>,
+    /// Dropout on the adapters' inputs while training [default: 0].
+    #[arg(long, requires = "lora_rank")]
+    lora_dropout: Option<f32>,
+    /// Projections that get adapters, comma-separated: q, k, v, o, gate, up, down
+    /// [default: all seven].
+    #[arg(long, requires = "lora_rank", value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// rsLoRA: scale by alpha / √rank instead of alpha / rank.
+    #[arg(long, requires = "lora_rank")]
+    rslora: bool,
     /// Print the first N training records as they will be learned (one JSON line each: the
     /// ids, which of them are learned, and the text with the learned parts in ⟦ ⟧), then
     /// stop without training.
@@ -117,6 +135,38 @@ struct FinetuneInfo {
     eos: Option<u32>,
     pad: u32,
     dtype: String,
+    /// The llama2.c tokenizer of the base, if any.
+    #[serde(default)]
+    tokenizer: Option<PathBuf>,
+    /// LoRA's settings (None: every weight trains).
+    #[serde(default)]
+    lora: Option<LoraSettings>,
+}
+
+/// The LoRA flags, kept for --resume.
+#[derive(Clone, Serialize, Deserialize)]
+struct LoraSettings {
+    rank: usize,
+    alpha: f32,
+    dropout: f32,
+    targets: Vec<String>,
+    rslora: bool,
+}
+
+impl LoraSettings {
+    fn config(&self) -> Result<LoraConfig> {
+        Ok(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            targets: self
+                .targets
+                .iter()
+                .map(|t| Target::parse(t.trim()))
+                .collect::<quill::Result<Vec<_>>>()?,
+            rslora: self.rslora,
+        })
+    }
 }
 
 const INFO_FILE: &str = "finetune.json";
@@ -133,7 +183,7 @@ fn end_token(eos: &[u32], tok: &Tokenizer) -> Option<u32> {
 
 /// tokenizer_config.json for the output folder: the base folder's, with its chat template
 /// and special tokens written in (a GGUF base has them in its metadata only).
-fn tokenizer_config(base: &Path, template: Option<&ChatTemplate>) -> Result<String> {
+pub(crate) fn tokenizer_config(base: &Path, template: Option<&ChatTemplate>) -> Result<String> {
     let path = base.join("tokenizer_config.json");
     let mut cfg: Value = if base.is_dir() && path.is_file() {
         serde_json::from_str(&std::fs::read_to_string(&path)?)
@@ -271,7 +321,27 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         eos,
         ..
     } = opened;
-    check_training_memory(model.layout.total)?;
+    let lora_settings = a.lora_rank.map(|rank| LoraSettings {
+        rank,
+        alpha: a.lora_alpha.unwrap_or(2.0 * rank as f32),
+        dropout: a.lora_dropout.unwrap_or(0.0),
+        targets: a
+            .lora_targets
+            .clone()
+            .unwrap_or_else(|| ALL_TARGETS.iter().map(|t| t.module().to_string()).collect()),
+        rslora: a.rslora,
+    });
+    let lora = match &lora_settings {
+        Some(ls) => {
+            let mut l = Lora::new(&model, ls.config()?)?;
+            l.init(a.seed.unwrap_or(1337));
+            Some(Adapters::new(l, base.display().to_string()))
+        }
+        None => {
+            check_training_memory(model.layout.total)?;
+            None
+        }
+    };
     let tok_json = tok.to_json().with_context(|| {
         "the fine-tuned model is saved as a Hugging Face folder, which needs a tokenizer.json"
     })?;
@@ -288,6 +358,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         eos,
         pad: eos.unwrap_or(0),
         dtype: precision.name().to_string(),
+        tokenizer: a.tokenizer.as_deref().map(absolute),
+        lora: lora_settings,
     };
     let format = Format {
         tok: &tok,
@@ -319,7 +391,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             ((w.train.len() as f64 * epochs / per_step as f64).ceil() as usize).max(1)
         }
     };
-    let lr = a.lr.unwrap_or(2e-5);
+    let lr =
+        a.lr.unwrap_or(if info.lora.is_some() { 2e-4 } else { 2e-5 });
     let config = TrainConfig {
         steps,
         batch_size: batch,
@@ -346,6 +419,25 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         w.counts.1,
         w.val.len()
     );
+    let header = match &lora {
+        Some(l) => format!(
+            "{header}\nLoRA: rank {}, alpha {}{}, on {}: {} trainable parameters ({:.2}% of the model's {})",
+            l.lora.config.rank,
+            l.lora.config.alpha,
+            if l.lora.config.rslora { " (rsLoRA)" } else { "" },
+            l.lora
+                .config
+                .targets
+                .iter()
+                .map(|t| t.module())
+                .collect::<Vec<_>>()
+                .join(", "),
+            l.lora.params.len(),
+            100.0 * l.lora.params.len() as f64 / model.layout.total as f64,
+            model.layout.total
+        ),
+        None => header,
+    };
     quill::io::atomic::write_text(&out.join(INFO_FILE), &serde_json::to_string_pretty(&info)?)?;
     model.set_precision(precision);
     let config_json = tokenizer_config(&base, template.as_ref())?;
@@ -360,8 +452,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         },
         &out,
         tinfo,
+        lora,
     )?;
-    drive(trainer, &a.drive_options(Some(header), &out))
+    drive(trainer, &a.drive_options(Some(header), &out, &info))
 }
 
 /// `--preview N`: the first N records of --data as tokens, learned mask and marked text.
@@ -430,7 +523,12 @@ fn token_info<'a>(
 }
 
 impl FinetuneArgs {
-    fn drive_options(&self, header: Option<String>, out: &Path) -> DriveOptions {
+    fn drive_options(
+        &self,
+        header: Option<String>,
+        out: &Path,
+        info: &FinetuneInfo,
+    ) -> DriveOptions {
         DriveOptions {
             header,
             quiet: self.quiet,
@@ -440,7 +538,18 @@ impl FinetuneArgs {
             },
             final_sample: None,
             command: "finetune",
-            hint: format!("quill chat --model {}", out.display()),
+            saved: match info.lora {
+                Some(_) => "LoRA adapter in PEFT's format".into(),
+                None => "Hugging Face folder".into(),
+            },
+            hint: match info.lora {
+                Some(_) => format!(
+                    "quill chat --model {} --adapter {}   (or `quill merge` for a merged model folder)",
+                    info.model.display(),
+                    out.display()
+                ),
+                None => format!("quill chat --model {}", out.display()),
+            },
             out: out.to_path_buf(),
         }
     }
@@ -456,10 +565,23 @@ fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
         eprintln!("warning: --resume continues with the saved run's model and data; --model and --data are ignored");
     }
     check_writable(out)?;
-    let mut model = quill::io::hf::load(out, false)?;
+    // full fine-tuning resumes from the saved folder; LoRA from the base, which stays frozen
+    let (mut model, tok, template, lora) = match &info.lora {
+        Some(ls) => {
+            let o = quill::io::open(&info.model, info.tokenizer.as_deref())
+                .with_context(|| format!("the base model of this run, {}", info.model.display()))?;
+            let l = Lora::new(&o.model, ls.config()?)?;
+            let adapters = Adapters::new(l, info.model.display().to_string());
+            (o.model, o.tok, o.template, Some(adapters))
+        }
+        None => (
+            quill::io::hf::load(out, false)?,
+            Tokenizer::load(out)?,
+            ChatTemplate::load(out)?,
+            None,
+        ),
+    };
     model.set_precision(parse_dtype(&info.dtype)?);
-    let tok = Tokenizer::load(out)?;
-    let template = ChatTemplate::load(out)?;
     let format = Format {
         tok: &tok,
         template: template.as_ref(),
@@ -473,7 +595,69 @@ fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
         train: &w.train,
         val: &w.val,
     };
-    let trainer = Trainer::resume(model, data, out, tinfo)?;
+    let trainer = Trainer::resume(model, data, out, tinfo, lora)?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());
-    drive(trainer, &a.drive_options(None, out))
+    drive(trainer, &a.drive_options(None, out, &info))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// The base model: a Hugging Face folder, a GGUF file, or a llama2.c checkpoint with
+    /// --tokenizer.
+    #[arg(long)]
+    model: PathBuf,
+    /// The tokenizer of a llama2.c checkpoint.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The LoRA adapter folder (PEFT's format, as `quill finetune --lora-rank` writes it).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// The Hugging Face folder to write: config.json, model.safetensors (f32), tokenizer
+    /// files, generation_config.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `quill merge`: base + adapter written as one Hugging Face model folder.
+pub fn merge(a: MergeArgs) -> Result<()> {
+    if a.out.join("model.safetensors").exists() || a.out.join("config.json").exists() {
+        bail!(
+            "{} already holds a model; choose another --out",
+            a.out.display()
+        );
+    }
+    let o = quill::io::open_adapted(&a.model, a.tokenizer.as_deref(), Some(&a.adapter))?;
+    let json = o.tok.to_json().with_context(|| {
+        "a Hugging Face folder needs a tokenizer.json, and this model's tokenizer has none"
+    })?;
+    check_writable(&a.out)?;
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("quill_adapter".to_string(), a.adapter.display().to_string());
+    quill::io::hf::save(&a.out, &o.model, &meta)?;
+    quill::io::atomic::write_text(&a.out.join("tokenizer.json"), &json)?;
+    quill::io::atomic::write_text(
+        &a.out.join("tokenizer_config.json"),
+        &tokenizer_config(&a.model, o.template.as_ref())?,
+    )?;
+    let gen = a.model.join("generation_config.json");
+    if a.model.is_dir() && gen.is_file() {
+        quill::io::atomic::write_text(
+            &a.out.join("generation_config.json"),
+            &std::fs::read_to_string(&gen)?,
+        )?;
+    } else if !o.eos.is_empty() {
+        let g = serde_json::json!({ "eos_token_id": o.eos });
+        quill::io::atomic::write_text(
+            &a.out.join("generation_config.json"),
+            &(serde_json::to_string_pretty(&g)? + "\n"),
+        )?;
+    }
+    println!(
+        "merged {} into {}: {} (f32, {} parameters)",
+        a.adapter.display(),
+        a.model.display(),
+        a.out.display(),
+        o.model.layout.total
+    );
+    Ok(())
 }

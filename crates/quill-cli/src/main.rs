@@ -37,6 +37,8 @@ enum Command {
     /// Fine-tune a pretrained model on JSONL records (conversations or prompt/completion
     /// pairs): loss on the responses only, short examples packed into full windows.
     Finetune(Box<finetune_cmd::FinetuneArgs>),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face folder.
+    Merge(finetune_cmd::MergeArgs),
     /// Write text with a model, sampling one token at a time (streams to stdout).
     Generate(GenerateArgs),
     /// Chat with a model through its own chat template (multi-turn; /reset, /exit).
@@ -261,6 +263,10 @@ struct GenerateArgs {
     /// file (`.bin`, with --tokenizer naming its tokenizer.bin).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -287,6 +293,10 @@ struct ExplainArgs {
     /// checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -315,6 +325,10 @@ struct ServeArgs {
     /// /v1/chat/completions), or a llama2.c checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -353,6 +367,10 @@ struct ChatArgs {
     /// template, so each line is text the model continues).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -374,6 +392,10 @@ struct LogitsArgs {
     /// Model folder (config.json, model.safetensors), a GGUF file, or a llama2.c checkpoint (.bin).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long)]
     ids: String,
@@ -388,6 +410,10 @@ struct PerplexityArgs {
     /// Model folder, GGUF file, or llama2.c checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -430,6 +456,10 @@ struct ScoreArgs {
     /// checkpoint (.bin, with --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
+    /// merged into the model's weights.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -507,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Train(a) => train_cmd::run(*a),
         Command::Finetune(a) => finetune_cmd::run(*a),
+        Command::Merge(a) => finetune_cmd::merge(a),
         Command::Generate(a) => run_generate(a),
         Command::Chat(a) => run_chat(a),
         Command::Explain(a) => run_explain(a),
@@ -522,8 +553,8 @@ fn run(cli: Cli) -> Result<()> {
     })
 }
 
-fn open_model(dir: &Path, tokenizer: Option<&Path>) -> Result<Opened> {
-    Ok(quill::io::open(dir, tokenizer)?)
+fn open_model(dir: &Path, tokenizer: Option<&Path>, adapter: Option<&Path>) -> Result<Opened> {
+    Ok(quill::io::open_adapted(dir, tokenizer, adapter)?)
 }
 
 /// Sampling settings: the flags, then generation_config.json, then quill's defaults; only
@@ -550,7 +581,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         let mut sampler = Sampler::new(params)?;
         return run_generate_llama2c(&a, &mut sampler);
     }
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let mut sampler = Sampler::new(sampling(&o, &a.sampling))?;
     let max_new = a.max_new_tokens.or(o.gen.max_new_tokens).unwrap_or(500);
     let (model, tok) = (&o.model, &o.tok);
@@ -619,7 +650,7 @@ fn bar(p: f32, width: usize) -> String {
 }
 
 fn run_explain(a: ExplainArgs) -> Result<()> {
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let ids = o.tok.encode_with_special(&a.prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
@@ -751,6 +782,7 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
     let opts = quill_server::Options {
         model_dir: a.model.clone(),
         tokenizer: a.tokenizer.clone(),
+        adapter: a.adapter.clone(),
         host: a.host,
         port: a.port,
         api_key: a.api_key,
@@ -772,7 +804,7 @@ fn run_serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
 
 fn run_chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, IsTerminal};
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     // a llama2.c checkpoint has no chat template: each line is text the model continues;
     // a model folder or GGUF file without one is refused, as transformers refuses it
     let llama2c = a.model.is_file() && !quill::io::gguf::load::is_gguf(&a.model);
@@ -933,10 +965,13 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn run_logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let model = match a.dequantize {
+    let mut model = match a.dequantize {
         true => quill::io::load_model_dequantized(&a.model)?,
         false => quill::io::load_model(&a.model)?,
     };
+    if let Some(dir) = &a.adapter {
+        quill::io::adapt(&mut model, dir)?;
+    }
     let (logits, v) = (model.logits_all(&ids)?, model.vocab_size());
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     let json = serde_json::json!({ "logits": rows });
@@ -948,7 +983,7 @@ fn run_logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn run_score(a: ScoreArgs) -> Result<()> {
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let (model, tok) = (&o.model, &o.tok);
     let ids = tok.encode_with_special(&a.text)?;
     let sc = quill::sample::score(model, &ids, &tok.token_bytes())?;
@@ -983,7 +1018,7 @@ fn run_score(a: ScoreArgs) -> Result<()> {
 }
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let model = match a.dequantize {
         true => quill::io::load_model_dequantized(&a.model)?,
         false => o.model,
@@ -1158,7 +1193,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 /// the prompt's tokens forced, then sampled tokens until BOS, --max-new-tokens or the context.
 fn run_generate_llama2c(a: &GenerateArgs, sampler: &mut Sampler) -> Result<()> {
     use quill::tokenizer::llama2c::BOS;
-    let o = open_model(&a.model, a.tokenizer.as_deref())?;
+    let o = open_model(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let (model, Tokenizer::Llama2c(tok)) = (&o.model, &o.tok) else {
         bail!("a llama2.c checkpoint needs a llama2.c tokenizer");
     };

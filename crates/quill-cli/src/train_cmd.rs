@@ -393,7 +393,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.init {
         info.config_json = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
     }
-    let trainer = Trainer::new(model, config, Data::Corpus(&data), &out, info)?;
+    let trainer = Trainer::new(model, config, Data::Corpus(&data), &out, info, None)?;
     let header = corpus_line(&source, &data, trainer.model.vocab_size());
     drive(trainer, &a.drive_options(header, &out))
 }
@@ -449,6 +449,7 @@ impl TrainArgs {
             },
             final_sample: Some((600, 0.8)),
             command: "train",
+            saved: "Hugging Face folder".into(),
             hint: format!(
                 "quill generate --model {} --prompt \"ROMEO:\"",
                 out.display()
@@ -535,7 +536,7 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let mut info = tok_info(&tok, &decode)?;
     info.config_json = std::fs::read_to_string(out.join("tokenizer_config.json")).ok();
-    let trainer = Trainer::resume(model, Data::Corpus(&data), out, info)?;
+    let trainer = Trainer::resume(model, Data::Corpus(&data), out, info, None)?;
     eprintln!("resuming {} at step {}", out.display(), trainer.step());
     drive(trainer, &a.drive_options(None, out))
 }
@@ -550,6 +551,8 @@ pub(crate) struct DriveOptions {
     pub final_sample: Option<(usize, f32)>,
     /// The subcommand, for the --resume hint.
     pub command: &'static str,
+    /// What the output folder holds.
+    pub saved: String,
     /// What to try next, printed at the end.
     pub hint: String,
     pub out: PathBuf,
@@ -689,8 +692,9 @@ pub(crate) fn drive(mut trainer: Trainer, d: &DriveOptions) -> Result<()> {
         }
     }
     println!(
-        "model saved to {} (Hugging Face folder; metrics.jsonl, loss.svg)\ntry: {}",
+        "model saved to {} ({}; metrics.jsonl, loss.svg)\ntry: {}",
         out.display(),
+        d.saved,
         d.hint
     );
     Ok(())

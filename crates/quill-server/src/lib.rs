@@ -35,6 +35,8 @@ pub struct Options {
     pub model_dir: std::path::PathBuf,
     /// A llama2.c checkpoint's tokenizer.bin.
     pub tokenizer: Option<std::path::PathBuf>,
+    /// A LoRA adapter folder (PEFT's format), merged into the weights.
+    pub adapter: Option<std::path::PathBuf>,
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
@@ -132,8 +134,12 @@ fn router(app: App) -> Router {
 }
 
 /// Opens the model folder (or llama2.c checkpoint and its tokenizer) for serving.
-pub fn open(dir: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Result<Served, String> {
-    let o = quill::io::open(dir, tokenizer).map_err(|e| e.to_string())?;
+pub fn open(
+    dir: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    adapter: Option<&std::path::Path>,
+) -> Result<Served, String> {
+    let o = quill::io::open_adapted(dir, tokenizer, adapter).map_err(|e| e.to_string())?;
     let model_id = std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
@@ -152,7 +158,11 @@ pub fn open(dir: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Resul
 
 /// Serves until the process is stopped. `on_ready` gets the bound address.
 pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
-    let served = open(&opts.model_dir, opts.tokenizer.as_deref())?;
+    let served = open(
+        &opts.model_dir,
+        opts.tokenizer.as_deref(),
+        opts.adapter.as_deref(),
+    )?;
     let handle = engine::spawn(
         served.shared.clone(),
         opts.threads,

@@ -13,6 +13,6 @@ pub mod paths;
 pub mod safetensors;
 
 pub use atomic::write_atomic;
-pub use open::{load_model, load_model_dequantized, open};
+pub use open::{adapt, load_model, load_model_dequantized, open, open_adapted};
 pub use opened::Opened;
 pub use paths::file_inside;

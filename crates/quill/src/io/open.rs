@@ -54,6 +54,33 @@ fn open_llama2c(path: &Path, tokenizer: Option<&Path>) -> Result<Opened> {
     })
 }
 
+/// [`open`], then a LoRA adapter folder (PEFT's format) merged into the weights when given:
+/// the model then computes what base + adapter compute. Merging turns the weights it touches,
+/// and any memory-mapped or quantized ones, into f32.
+pub fn open_adapted(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    adapter: Option<&Path>,
+) -> Result<Opened> {
+    let mut o = open(path, tokenizer)?;
+    if let Some(dir) = adapter {
+        adapt(&mut o.model, dir)?;
+    }
+    Ok(o)
+}
+
+/// Merges the LoRA adapter in `dir` into `model`.
+pub fn adapt(model: &mut Model, dir: &Path) -> Result<()> {
+    if !dir.join("adapter_config.json").is_file() {
+        return Err(Error::Input(format!(
+            "{}: not a LoRA adapter folder (no adapter_config.json)",
+            dir.display()
+        )));
+    }
+    let lora = crate::model::lora::Lora::load_peft(dir, model)?;
+    lora.merge_into(model)
+}
+
 /// A model for inference from a Hugging Face folder (weights memory-mapped), a GGUF file or a
 /// llama2.c checkpoint.
 pub fn load_model(path: &Path) -> Result<Model> {

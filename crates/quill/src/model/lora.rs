@@ -162,6 +162,17 @@ impl Lora {
         if targets.is_empty() {
             return Err(Error::Input("LoRA needs at least one target".into()));
         }
+        let r = config.rank;
+        for &t in &targets {
+            let (inp, out, _, _) = dims(model, t);
+            if r == 0 || r > inp.min(out) {
+                return Err(Error::Input(format!(
+                    "LoRA rank {r} does not fit {} ({out} x {inp}): it must be 1 to {}",
+                    t.module(),
+                    inp.min(out)
+                )));
+            }
+        }
         if !(config.alpha.is_finite() && config.alpha > 0.0) {
             return Err(Error::Input(format!(
                 "LoRA alpha must be a number above 0 (got {})",
@@ -173,17 +184,6 @@ impl Lora {
                 "LoRA dropout must be at least 0 and below 1 (got {})",
                 config.dropout
             )));
-        }
-        let r = config.rank;
-        for &t in &targets {
-            let (inp, out, _, _) = dims(model, t);
-            if r == 0 || r > inp.min(out) {
-                return Err(Error::Input(format!(
-                    "LoRA rank {r} does not fit {} ({out} x {inp}): it must be 1 to {}",
-                    t.module(),
-                    inp.min(out)
-                )));
-            }
         }
         let mut layout = ParamLayout::default();
         let mut adapters = Vec::new();
@@ -385,6 +385,24 @@ impl Lora {
             ));
         }
         Ok(lora)
+    }
+
+    /// The weight matrices [`Lora::merge_into`] changes (each fused projection once).
+    pub fn touched(&self, model: &Model) -> Vec<View> {
+        let mut views: Vec<View> = Vec::new();
+        for ad in &self.adapters {
+            let blk = &model.blocks[ad.layer];
+            let v = match ad.target {
+                Target::Q | Target::K | Target::V => blk.qkv.whole,
+                Target::O => blk.o.whole,
+                Target::Gate | Target::Up => blk.up.whole,
+                Target::Down => blk.down.whole,
+            };
+            if !views.contains(&v) {
+                views.push(v);
+            }
+        }
+        views
     }
 
     /// W += s · B A for every adapter: the model then computes what base + adapters do.

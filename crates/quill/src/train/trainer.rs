@@ -10,6 +10,7 @@ use crate::data::sft::{epoch_order, Packed};
 use crate::data::{eval_batch, eval_windows, sample_batch, Split};
 use crate::io::atomic::write_text;
 use crate::kernels::crossentropy::IGNORE;
+use crate::model::lora::{Lora, LoraActs};
 use crate::model::{Activations, Batch, Model};
 use crate::rng::Rng;
 use crate::sample::{generate, Sampler, SamplingParams, Stop};
@@ -179,6 +180,24 @@ impl Data<'_> {
     }
 }
 
+/// A run's LoRA adapters: they alone train, and they are what the run saves.
+pub struct Adapters {
+    pub lora: Lora,
+    acts: LoraActs,
+    /// `base_model_name_or_path` of the saved adapter.
+    pub base: String,
+}
+
+impl Adapters {
+    pub fn new(lora: Lora, base: String) -> Self {
+        Adapters {
+            acts: LoraActs::new(&lora, 0),
+            lora,
+            base,
+        }
+    }
+}
+
 /// What the trainer needs of a tokenizer.
 pub struct TokenizerInfo<'a> {
     pub json: String,
@@ -204,6 +223,9 @@ pub struct Trainer<'a> {
     starts: Vec<u32>,
     /// The epoch whose window order `order` holds (packed examples).
     order: Option<(u64, Vec<usize>)>,
+    /// LoRA: the adapters that train (the model stays frozen), their buffers, and the base
+    /// model's name for adapter_config.json.
+    lora: Option<Adapters>,
     data: Data<'a>,
     out: PathBuf,
     tok: TokenizerInfo<'a>,
@@ -217,6 +239,7 @@ impl<'a> Trainer<'a> {
         data: Data<'a>,
         out: &Path,
         tok: TokenizerInfo<'a>,
+        lora: Option<Adapters>,
     ) -> Result<Self> {
         config.validate()?;
         let state = State {
@@ -231,18 +254,22 @@ impl<'a> Trainer<'a> {
             data_fingerprint: data.fingerprint(),
             config: config.clone(),
         };
-        Self::build(model, config, (state, None), data, out, tok)
+        Self::build(model, config, (state, None), (data, out), tok, lora)
     }
 
     /// Continues the run saved in `out`; `model` gives the architecture (its parameters are
-    /// replaced by the saved ones).
+    /// replaced by the saved ones), or with LoRA, the frozen base (the adapters' are).
     pub fn resume(
         model: Model,
         data: Data<'a>,
         out: &Path,
         tok: TokenizerInfo<'a>,
+        lora: Option<Adapters>,
     ) -> Result<Self> {
-        let saved = checkpoint::load(out, model.num_params())?;
+        let n = lora
+            .as_ref()
+            .map_or(model.num_params(), |l| l.lora.params.len());
+        let saved = checkpoint::load(out, n)?;
         let state: State = serde_json::from_str(&saved.state_json).map_err(|e| {
             Error::format(
                 out.join(checkpoint::TRAINING_STATE_FILE),
@@ -254,11 +281,21 @@ impl<'a> Trainer<'a> {
                 "the training data differ from the data this run started with; resume with the same corpus".into(),
             ));
         }
-        let mut model = model;
-        *model.params_mut().1 = saved.params;
+        let (mut model, mut lora) = (model, lora);
+        match &mut lora {
+            Some(l) => l.lora.params = saved.params,
+            None => *model.params_mut().1 = saved.params,
+        }
         let config = state.config.clone();
         let opt_state = (saved.exp_avg, saved.exp_avg_sq);
-        Self::build(model, config, (state, Some(opt_state)), data, out, tok)
+        Self::build(
+            model,
+            config,
+            (state, Some(opt_state)),
+            (data, out),
+            tok,
+            lora,
+        )
     }
 
     /// `start`: the trainer state, and AdamW's moments when resuming.
@@ -266,9 +303,9 @@ impl<'a> Trainer<'a> {
         model: Model,
         config: TrainConfig,
         start: (State, Option<Moments>),
-        data: Data<'a>,
-        out: &Path,
+        (data, out): (Data<'a>, &Path),
         tok: TokenizerInfo<'a>,
+        lora: Option<Adapters>,
     ) -> Result<Self> {
         let (state, moments) = start;
         let mut model = model;
@@ -300,8 +337,12 @@ impl<'a> Trainer<'a> {
             }
             _ => {}
         }
+        // what trains: every parameter, or the adapters alone
+        let trained = lora
+            .as_ref()
+            .map_or(model.num_params(), |l| l.lora.params.len());
         let mut opt = AdamW::new(
-            model.num_params(),
+            trained,
             config.beta1,
             config.beta2,
             1e-8,
@@ -313,8 +354,13 @@ impl<'a> Trainer<'a> {
             opt.t = state.step as u64;
         }
         let n = config.batch_size * config.seq_len;
+        let mut lora = lora;
+        if let Some(l) = &mut lora {
+            l.acts = LoraActs::new(&l.lora, n);
+        }
         Ok(Trainer {
-            grads: vec![0.0; model.num_params()],
+            grads: vec![0.0; trained],
+            lora,
             acts: model.new_acts(config.batch_size, config.seq_len),
             ids: vec![0; n],
             targets: vec![0; n],
@@ -358,7 +404,7 @@ impl<'a> Trainer<'a> {
         let mut first = 0;
         while first < windows {
             eval_batch(&split.val, t, first, b, &mut self.ids, &mut self.targets);
-            self.model.forward(&mut self.acts, &self.ids)?;
+            self.forward(false)?;
             let (s, c) = self.model.loss(&mut self.acts, &self.targets);
             sum += s;
             count += c;
@@ -398,8 +444,7 @@ impl<'a> Trainer<'a> {
                     self.targets[rows].fill(IGNORE);
                 }
             }
-            self.model
-                .forward_packed(&mut self.acts, &self.ids, &self.starts)?;
+            self.forward(true)?;
             let (s, c) = self.model.loss(&mut self.acts, &self.targets);
             sum += s;
             count += c;
@@ -416,7 +461,7 @@ impl<'a> Trainer<'a> {
         match self.data {
             Data::Corpus(split) => {
                 sample_batch(rng, &split.train, b, t, &mut self.ids, &mut self.targets);
-                self.model.forward(&mut self.acts, &self.ids)
+                self.forward(false)
             }
             Data::Examples { train, .. } => {
                 let n = train.len();
@@ -435,9 +480,36 @@ impl<'a> Trainer<'a> {
                     self.targets[rows.clone()].copy_from_slice(targets);
                     self.starts[rows].copy_from_slice(starts);
                 }
-                self.model
-                    .forward_packed(&mut self.acts, &self.ids, &self.starts)
+                self.forward(true)
             }
+        }
+    }
+
+    /// The forward pass over the batch in `ids` (packed by `starts` when `packed`), through
+    /// the adapters when training LoRA.
+    fn forward(&mut self, packed: bool) -> Result<()> {
+        let (m, a, ids) = (&self.model, &mut self.acts, &self.ids);
+        match (&mut self.lora, packed) {
+            (Some(l), _) => {
+                let starts = packed.then_some(&self.starts[..]);
+                m.forward_lora(a, ids, starts, (&l.lora, &mut l.acts))
+            }
+            (None, true) => m.forward_packed(a, ids, &self.starts),
+            (None, false) => m.forward(a, ids),
+        }
+    }
+
+    /// The backward pass of the last forward, adding into `grads`.
+    fn backward(&mut self, grad_scale: f32) -> (f64, usize) {
+        let batch = Batch::new(&self.ids, &self.targets, grad_scale);
+        match &mut self.lora {
+            Some(l) => self.model.backward_lora(
+                &mut self.acts,
+                (&l.lora, &mut l.acts),
+                &mut self.grads,
+                batch,
+            ),
+            None => self.model.backward(&mut self.acts, &mut self.grads, batch),
         }
     }
 
@@ -490,10 +562,15 @@ impl<'a> Trainer<'a> {
             &out.join("tokenizer_config.json"),
             self.tok.config_json.as_deref().unwrap_or(plain),
         )?;
+        let json = serde_json::to_string(&self.state).expect("state serializes");
+        if let Some(l) = &self.lora {
+            // the adapter (PEFT's format) is the run's model; the base stays where it is
+            l.lora.save_peft(out, &l.base)?;
+            return checkpoint::save(out, &l.lora.params, &self.opt.m, &self.opt.v, &json);
+        }
         let mut meta = BTreeMap::new();
         meta.insert("quill_step".to_string(), self.state.step.to_string());
         crate::io::hf::save(out, &self.model, &meta)?;
-        let json = serde_json::to_string(&self.state).expect("state serializes");
         checkpoint::save(out, self.model.params(), &self.opt.m, &self.opt.v, &json)
     }
 
@@ -516,7 +593,30 @@ impl<'a> Trainer<'a> {
 
     /// Sample text from the current model (seeded by the step, so runs reproduce).
     /// `salt` varies the seed for samples taken at the same step.
-    pub fn sample_text(&self, n: usize, temperature: f32, salt: u64) -> Result<String> {
+    pub fn sample_text(&mut self, n: usize, temperature: f32, salt: u64) -> Result<String> {
+        // with adapters, sample from the merged weights, then put the frozen ones back as
+        // they were (bit for bit: training continues from them)
+        let kept: Vec<(crate::model::View, Vec<f32>)> = match &self.lora {
+            Some(l) => {
+                let kept = l
+                    .lora
+                    .touched(&self.model)
+                    .into_iter()
+                    .map(|v| (v, v.of(&self.model.params).to_vec()))
+                    .collect();
+                l.lora.merge_into(&mut self.model)?;
+                kept
+            }
+            None => Vec::new(),
+        };
+        let text = self.sample_plain(n, temperature, salt);
+        for (v, w) in kept {
+            v.of_mut(&mut self.model.params).copy_from_slice(&w);
+        }
+        text
+    }
+
+    fn sample_plain(&self, n: usize, temperature: f32, salt: u64) -> Result<String> {
         let params = SamplingParams {
             temperature,
             top_k: 0,
@@ -591,12 +691,18 @@ impl<'a> Trainer<'a> {
             self.grads.fill(0.0);
             let mut step_loss = 0.0;
             for micro in 0..accum {
+                if let Some(l) = &mut self.lora {
+                    // dropout masks, drawn again identically when the run resumes
+                    l.acts.seed = cfg.seed ^ ((self.state.step as u64) << 16) ^ micro as u64;
+                }
                 self.fill_batch(&mut rng, micro)?;
-                let batch = Batch::new(&self.ids, &self.targets, 1.0 / accum as f32);
-                let (sum, count) = self.model.backward(&mut self.acts, &mut self.grads, batch);
+                let (sum, count) = self.backward(1.0 / accum as f32);
                 step_loss += sum / count.max(1) as f64 / accum as f64;
             }
-            let (layout, params) = self.model.params_mut();
+            let (layout, params) = match &mut self.lora {
+                Some(l) => (&l.lora.layout, &mut l.lora.params),
+                None => self.model.params_mut(),
+            };
             let last_norm = self
                 .opt
                 .step_clipped(layout, params, &self.grads, lr, cfg.grad_clip);
