@@ -264,3 +264,120 @@ def test_bad_lora_settings_and_adapters_get_one_clear_line(tiny, tmp_path):
     r = subprocess.run([QUILL, "generate", "--model", model, "--adapter", tmp_path, "--prompt", "x"],
                        capture_output=True, text=True, timeout=60)
     refused(r, "not a LoRA adapter folder")
+
+
+def test_bleu_and_chrf_match_sacrebleu(tmp_path):
+    """`quill eval score` against the `sacrebleu` package (its default BLEU: 13a tokens,
+    exponential smoothing; chrF: character 6-grams, beta 2) on French references and
+    hypotheses damaged in many ways: words dropped, swapped, repeated, punctuation and
+    digits moved, HTML entities, empty lines, and corpora of one sentence."""
+    import random
+    import sacrebleu
+    refs = [line.split("\t")[1] for line in (ROOT / "data" / "translation" / "dev.tsv").read_text().splitlines()]
+    rng = random.Random(3)
+
+    def damage(s):
+        w = s.split()
+        for _ in range(rng.randint(0, 3)):
+            k = rng.randint(0, 5)
+            if k == 0 and w:
+                w.pop(rng.randrange(len(w)))
+            elif k == 1 and len(w) > 1:
+                i = rng.randrange(len(w) - 1)
+                w[i], w[i + 1] = w[i + 1], w[i]
+            elif k == 2 and w:
+                w.insert(rng.randrange(len(w) + 1), rng.choice(w))
+            elif k == 3:
+                w.append(rng.choice([".", ",", "1,000", "3.5", "12-3", "&amp;", "l'eau", "«", "»", "!?"]))
+            elif k == 4 and w:
+                i = rng.randrange(len(w))
+                w[i] = w[i].upper()
+        return " ".join(w)
+
+    cases = [
+        [damage(r) for r in refs],
+        [r for r in refs],
+        [damage(r) if i % 3 else "" for i, r in enumerate(refs)],
+        [damage(refs[0])],
+        ["Je"],
+        ["xyz"],
+    ]
+    for hyps in cases:
+        rs = refs[:len(hyps)]
+        (tmp_path / "h.txt").write_text("".join(h + "\n" for h in hyps))
+        (tmp_path / "r.txt").write_text("".join(r + "\n" for r in rs))
+        got = json.loads(quill("eval", "score", "--hyps", tmp_path / "h.txt", "--refs", tmp_path / "r.txt",
+                               "--json").stdout)
+        bleu = sacrebleu.corpus_bleu(hyps, [rs])
+        chrf = sacrebleu.corpus_chrf(hyps, [rs])
+        assert abs(got["bleu"] - bleu.score) < 1e-9, (hyps[:2], got["bleu"], bleu.score)
+        assert abs(got["chrf"] - chrf.score) < 1e-9, (hyps[:2], got["chrf"], chrf.score)
+        assert (got["hyp_len"], got["ref_len"]) == (bleu.sys_len, bleu.ref_len)
+    (tmp_path / "h.txt").write_text("un\ndeux\n")
+    (tmp_path / "r.txt").write_text("one\n")
+    r = subprocess.run([QUILL, "eval", "score", "--hyps", tmp_path / "h.txt", "--refs", tmp_path / "r.txt"],
+                       capture_output=True, text=True, timeout=60)
+    refused(r, "lines")
+
+
+def squad_normalize(s):
+    """SQuAD v1.1's official answer normalisation (evaluate-v1.1.py), as its script defines it."""
+    import string
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def squad_f1(pred, truth):
+    from collections import Counter
+    p, t = squad_normalize(pred).split(), squad_normalize(truth).split()
+    common = Counter(p) & Counter(t)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_eval_commands_run_a_model_and_score_as_defined(tiny, tmp_path):
+    """`quill eval translate` and `quill eval qa` on the tiny model: their scores equal
+    `quill eval score` (BLEU, chrF; tested against sacrebleu above) and SQuAD's exact match
+    and F1 (computed here as SQuAD's script defines them) on the replies they wrote."""
+    import sacrebleu
+    pairs = [("Echo king rose", "king rose king rose"), ("Echo the night", "The night, the night."),
+             ("Echo a storm", "a storm a storm"), ("Echo crown", "Crown!")]
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"{q}\t{a}\n" for q, a in pairs))
+    out = tmp_path / "replies.txt"
+    got = json.loads(quill("eval", "translate", "--model", tiny["model"], "--data", data, "--instruction", "",
+                           "--max-new-tokens", "12", "--out", out, "--json").stdout)
+    hyps = out.read_text().splitlines()
+    assert len(hyps) == len(pairs) and got["sentences"] == len(pairs)
+    refs = [a for _, a in pairs]
+    assert abs(got["bleu"] - sacrebleu.corpus_bleu(hyps, [refs]).score) < 1e-9
+    assert abs(got["chrf"] - sacrebleu.corpus_chrf(hyps, [refs]).score) < 1e-9
+    got = json.loads(quill("eval", "qa", "--model", tiny["model"], "--data", data, "--max-new-tokens", "12",
+                           "--out", out, "--json").stdout)
+    hyps = out.read_text().splitlines()
+    em = 100 * sum(squad_normalize(h) == squad_normalize(r) for h, r in zip(hyps, refs)) / len(refs)
+    f1 = 100 * sum(squad_f1(h, r) for h, r in zip(hyps, refs)) / len(refs)
+    assert abs(got["exact_match"] - em) < 1e-9 and abs(got["f1"] - f1) < 1e-9
+
+
+def test_answer_scores_follow_squads_definitions(tmp_path):
+    """Exact match and F1 on answers that differ in case, punctuation, articles (also
+    inside other punctuation), order, repetition and accents, through `quill eval qa`'s
+    scorer: a folder model is not needed, so the scorer is reached through a file of replies."""
+    cases = [("Paris.", "Paris"), ("The capital is Paris", "Paris"), ("the the Paris", "Paris"),
+             ("«the» Paris", "Paris"), ("Buenos  Aires", "buenos aires"), ("Aires Buenos", "Buenos Aires"),
+             ("Washington, D.C.", "Washington D.C."), ("Brasília", "Brasilia"), ("an apple a day", "apple day"),
+             ("", "Lima"), ("Lima Lima", "Lima"), ("Sucre!", "sucre")]
+    hyp, ref = tmp_path / "h.txt", tmp_path / "r.txt"
+    hyp.write_text("".join(h + "\n" for h, _ in cases))
+    ref.write_text("".join(r + "\n" for _, r in cases))
+    got = json.loads(quill("eval", "score", "--hyps", hyp, "--refs", ref, "--json").stdout)
+    em = 100 * sum(squad_normalize(h) == squad_normalize(r) for h, r in cases) / len(cases)
+    f1 = 100 * sum(squad_f1(h, r) for h, r in cases) / len(cases)
+    assert abs(got["exact_match"] - em) < 1e-9, (got, em)
+    assert abs(got["f1"] - f1) < 1e-9, (got, f1)

@@ -26,9 +26,16 @@ pub struct FinetuneArgs {
     tokenizer: Option<PathBuf>,
     /// JSONL records: {"messages": [{"role", "content"}, ...]} (rendered with the model's
     /// chat template; the assistant's turns are learned), {"prompt", "completion"} (the
-    /// completion and an end-of-text token are learned) or {"text"} (all learned).
+    /// completion and an end-of-text token are learned) or {"text"} (all learned); or a .tsv
+    /// file of source<TAB>target pairs (see --instruction).
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
+    /// For .tsv pairs: the user asks "INSTRUCTION source" and the assistant answers target.
+    #[arg(long, default_value = "Translate to French:")]
+    instruction: String,
+    /// For .tsv pairs: a system message before each request.
+    #[arg(long)]
+    system: Option<String>,
     /// Validation records (same format) [default: --val-fraction of --data, held out].
     #[arg(long)]
     val_data: Option<PathBuf>,
@@ -135,6 +142,11 @@ struct FinetuneInfo {
     eos: Option<u32>,
     pad: u32,
     dtype: String,
+    /// How .tsv pairs become conversations.
+    #[serde(default)]
+    instruction: String,
+    #[serde(default)]
+    system: Option<String>,
     /// The llama2.c tokenizer of the base, if any.
     #[serde(default)]
     tokenizer: Option<PathBuf>,
@@ -170,6 +182,15 @@ impl LoraSettings {
 }
 
 const INFO_FILE: &str = "finetune.json";
+
+impl FinetuneInfo {
+    fn pairs(&self) -> sft::Pairs {
+        sft::Pairs {
+            instruction: self.instruction.clone(),
+            system: self.system.clone(),
+        }
+    }
+}
 
 /// The model's end-of-text token: the first of its end ids, or the tokenizer's
 /// `<|endoftext|>` / `</s>` / `<|im_end|>`.
@@ -360,11 +381,14 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         dtype: precision.name().to_string(),
         tokenizer: a.tokenizer.as_deref().map(absolute),
         lora: lora_settings,
+        instruction: a.instruction.clone(),
+        system: a.system.clone(),
     };
     let format = Format {
         tok: &tok,
         template: template.as_ref(),
         eos,
+        pairs: info.pairs(),
     };
     info.context = match a.context {
         Some(c) if c == 0 || c > MAX_CONTEXT => {
@@ -586,6 +610,7 @@ fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
         tok: &tok,
         template: template.as_ref(),
         eos: info.eos,
+        pairs: info.pairs(),
     };
     let w = windows(&info, &format)?;
     let config_json = std::fs::read_to_string(out.join("tokenizer_config.json"))?;

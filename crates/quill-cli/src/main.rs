@@ -1,5 +1,6 @@
 //! The `quill` command line: argument parsing, progress bars and printing. No numerics here.
 
+mod eval_cmd;
 mod finetune_cmd;
 mod train_cmd;
 
@@ -39,6 +40,9 @@ enum Command {
     Finetune(Box<finetune_cmd::FinetuneArgs>),
     /// Merge a LoRA adapter into its base model and write a Hugging Face folder.
     Merge(finetune_cmd::MergeArgs),
+    /// Measure a model on a task: `translate` (BLEU and chrF), or `score` translations.
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
     /// Write text with a model, sampling one token at a time (streams to stdout).
     Generate(GenerateArgs),
     /// Chat with a model through its own chat template (multi-turn; /reset, /exit).
@@ -538,6 +542,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd::run(*a),
         Command::Finetune(a) => finetune_cmd::run(*a),
         Command::Merge(a) => finetune_cmd::merge(a),
+        Command::Eval(c) => eval_cmd::run(c),
         Command::Generate(a) => run_generate(a),
         Command::Chat(a) => run_chat(a),
         Command::Explain(a) => run_explain(a),

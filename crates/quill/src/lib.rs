@@ -17,6 +17,7 @@ pub mod bench;
 pub mod chat;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod explain;
 pub mod io;
 pub mod kernels;

@@ -50,7 +50,7 @@ struct Case {
 
 fn case(name: &str) -> Case {
     let model = load(&fixture(name), false).unwrap();
-    let lora = Lora::load_peft(&fixture(name).join("lora"), &model).unwrap();
+    let lora = quill::io::peft::load(&fixture(name).join("lora"), &model).unwrap();
     let expected = SafetensorsFile::open(&fixture(name).join("lora_expected.safetensors")).unwrap();
     let (shape, ids) = read(&expected, "input_ids");
     let to_u32 = |v: Vec<f64>| -> Vec<u32> {
@@ -197,10 +197,12 @@ fn bad_adapters_are_refused() {
     let qwen = load(&fixture("qwen2-tiny"), false).unwrap();
     let same_shapes = qwen.width == model.width && qwen.mlp_width == model.mlp_width;
     if !same_shapes {
-        let e = Lora::load_peft(&other, &model).unwrap_err().to_string();
+        let e = quill::io::peft::load(&other, &model)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("another base") || e.contains("no tensor"), "{e}");
     }
-    assert!(Lora::load_peft(&llama, &model).is_ok());
+    assert!(quill::io::peft::load(&llama, &model).is_ok());
     // ranks of 0 and beyond a projection's side; a GPT-2
     use quill::model::lora::{LoraConfig, ALL_TARGETS};
     let cfg = |rank| LoraConfig {

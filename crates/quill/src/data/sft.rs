@@ -39,25 +39,58 @@ impl Example {
     }
 }
 
-/// How records become tokens: the model's tokenizer, its chat template (for `messages`) and
-/// the token that ends a completion.
+/// How records become tokens: the model's tokenizer, its chat template (for `messages`),
+/// the token that ends a completion, and how a `.tsv` file's pairs become conversations.
 pub struct Format<'a> {
     pub tok: &'a Tokenizer,
     pub template: Option<&'a ChatTemplate>,
     pub eos: Option<u32>,
+    pub pairs: Pairs,
 }
 
-/// Reads a JSONL file of records (blank lines skipped). Errors name the file and the line.
+/// A `.tsv` line `source<TAB>target` becomes a conversation: the optional system message,
+/// the user asking `instruction source`, the assistant answering `target`.
+#[derive(Clone, Debug, Default)]
+pub struct Pairs {
+    pub instruction: String,
+    pub system: Option<String>,
+}
+
+impl Pairs {
+    fn record(&self, line: &str) -> std::result::Result<Value, String> {
+        let (src, tgt) = line.split_once('\t').ok_or("expected source<TAB>target")?;
+        let tgt = tgt.split('\t').next().unwrap_or("");
+        let user = if self.instruction.is_empty() {
+            src.trim().to_string()
+        } else {
+            format!("{} {}", self.instruction, src.trim())
+        };
+        let mut messages = Vec::new();
+        if let Some(s) = &self.system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+        messages.push(serde_json::json!({"role": "assistant", "content": tgt.trim()}));
+        Ok(serde_json::json!({ "messages": messages }))
+    }
+}
+
+/// Reads a JSONL file of records, or a `.tsv` file of pairs (blank lines skipped). Errors
+/// name the file and the line.
 pub fn read_jsonl(path: &Path, format: &Format) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let tsv = path.extension().is_some_and(|e| e == "tsv");
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let at = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
+        let v: Value = if tsv {
+            format.pairs.record(line).map_err(at)?
+        } else {
+            serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?
+        };
         let (ids, learn) = example(&v, format).map_err(at)?;
         out.push(Example {
             ids,

@@ -10,6 +10,7 @@ pub mod llama2c;
 pub mod open;
 pub mod opened;
 pub mod paths;
+pub mod peft;
 pub mod safetensors;
 
 pub use atomic::write_atomic;

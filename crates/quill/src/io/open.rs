@@ -77,7 +77,7 @@ pub fn adapt(model: &mut Model, dir: &Path) -> Result<()> {
             dir.display()
         )));
     }
-    let lora = crate::model::lora::Lora::load_peft(dir, model)?;
+    let lora = super::peft::load(dir, model)?;
     lora.merge_into(model)
 }
 

@@ -565,7 +565,7 @@ impl<'a> Trainer<'a> {
         let json = serde_json::to_string(&self.state).expect("state serializes");
         if let Some(l) = &self.lora {
             // the adapter (PEFT's format) is the run's model; the base stays where it is
-            l.lora.save_peft(out, &l.base)?;
+            crate::io::peft::save(&l.lora, out, &l.base)?;
             return checkpoint::save(out, &l.lora.params, &self.opt.m, &self.opt.v, &json);
         }
         let mut meta = BTreeMap::new();
