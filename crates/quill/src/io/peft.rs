@@ -137,13 +137,15 @@ pub fn load(dir: &Path, model: &Model) -> Result<Lora> {
                     format!("no tensor {} (is this adapter for another model?)", t.name),
                 ))
             }
-            Some(s) if s != t.shape => return Err(Error::format(
-                &wpath,
-                format!(
+            Some(s) if s != t.shape => {
+                return Err(Error::format(
+                    &wpath,
+                    format!(
                     "{} is {s:?}, but this model needs {:?}: the adapter was made for another base",
                     t.name, t.shape
                 ),
-            )),
+                ))
+            }
             Some(_) => f.read_into(&t.name, &t.shape, t.view.of_mut(&mut lora.params))?,
         }
     }
