@@ -62,6 +62,14 @@ def rss_mb(proc):
             return int(line.split()[1]) / 1024
 
 
+def health_seconds(addr):
+    """Seconds /health takes to answer 200."""
+    t0 = time.time()
+    with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as r:
+        assert r.status == 200
+    return time.time() - t0
+
+
 def client(server, key=KEY):
     return OpenAI(base_url=f"http://{server['addr']}/v1", api_key=key, max_retries=0, timeout=60)
 
@@ -394,12 +402,6 @@ def test_slow_clients_are_cut_off_and_health_keeps_answering(server, tmp_path):
     proc, addr, _ = start(server["dir"], tmp_path / "slow.log", "--header-timeout", "2", "--body-timeout", "2")
     host, port = addr.split(":")
 
-    def health_ok():
-        t0 = time.time()
-        with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as r:
-            assert r.status == 200
-        return time.time() - t0
-
     def round_of_slow_clients():
         slow = []
         for i in range(1000):
@@ -408,7 +410,7 @@ def test_slow_clients_are_cut_off_and_health_keeps_answering(server, tmp_path):
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             slow.append(s)
         for _ in range(5):
-            assert health_ok() < 1.0
+            assert health_seconds(addr) < 1.0
         # a body that stops halfway
         b = socket.create_connection((host, int(port)))
         b.settimeout(20)
@@ -428,12 +430,12 @@ def test_slow_clients_are_cut_off_and_health_keeps_answering(server, tmp_path):
                 closed += 1
             s.close()
         assert closed == len(slow), closed
-        assert health_ok() < 1.0
+        assert health_seconds(addr) < 1.0
         time.sleep(0.3)
         return rss_mb(proc)
 
     try:
-        health_ok()
+        health_seconds(addr)
         base = rss_mb(proc)
         rounds = [round_of_slow_clients() for _ in range(3)]
         print(f"server RSS {base:.1f} MB, after each round of 1000 slow clients {rounds}")
@@ -469,12 +471,6 @@ def test_health_and_memory_through_every_attack_at_once(tmp_path):
     srv = {"addr": addr}
     honest = client(srv, key="no-key-is-set")
 
-    def health_s():
-        t0 = time.time()
-        with urllib.request.urlopen(f"http://{addr}/health", timeout=5) as r:
-            assert r.status == 200
-        return time.time() - t0
-
     def attention():
         return raw(srv, "/v1/quill/attention", json.dumps({"ids": [7] * 1024, "layer": 1, "head": 3}).encode(),
                    key=None)
@@ -497,7 +493,7 @@ def test_health_and_memory_through_every_attack_at_once(tmp_path):
         def poll_health():
             while not done.is_set():
                 try:
-                    latencies.append(health_s())
+                    latencies.append(health_seconds(addr))
                 except Exception as e:  # noqa: BLE001 - collected and reported
                     failures.append(f"health: {e!r}")
                 time.sleep(0.05)

@@ -248,36 +248,19 @@ fn translate(t: TranslateArgs) -> Result<()> {
     let pairs = read_pairs(a, &t.instruction)?;
     let (hyps, secs) = replies(a, &pairs)?;
     let refs: Vec<String> = pairs.iter().map(|p| p.reference.clone()).collect();
-    let bleu = corpus_bleu(&hyps, &refs);
-    let chrf = corpus_chrf(&hyps, &refs);
+    let scores = translation_scores(&hyps, &refs);
     if a.json {
-        let examples: Vec<Value> = pairs
-            .iter()
-            .zip(&hyps)
-            .take(a.examples)
-            .map(|(p, h)| serde_json::json!({"source": p.source, "reference": p.reference, "output": h}))
-            .collect();
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "sentences": pairs.len(),
-            "bleu": bleu.score,
-            "bleu_precisions": bleu.precisions,
-            "brevity_penalty": bleu.brevity_penalty,
-            "hyp_len": bleu.hyp_len,
-            "ref_len": bleu.ref_len,
-            "chrf": chrf,
             "seconds": secs,
-            "examples": examples,
+            "examples": examples_json(&pairs, &hyps, a.examples, "source"),
         });
+        v.as_object_mut().expect("object").extend(scores);
         println!("{v}");
         return Ok(());
     }
-    for (p, h) in pairs.iter().zip(&hyps).take(a.examples) {
-        println!(
-            "source:    {}\nreference: {}\nmodel:     {h}\n",
-            p.source, p.reference
-        );
-    }
-    print_scores(pairs.len(), &hyps, &refs);
+    print_examples(&pairs, &hyps, a.examples, "source:   ");
+    print_translation_scores(&scores, pairs.len());
     println!(
         "({:.0} s, {:.2} s a sentence)",
         secs,
@@ -293,33 +276,42 @@ fn qa(q: QaArgs) -> Result<()> {
     let refs: Vec<String> = pairs.iter().map(|p| p.reference.clone()).collect();
     let (em, f1) = squad_scores(&hyps, &refs);
     if a.json {
-        let examples: Vec<Value> = pairs
-            .iter()
-            .zip(&hyps)
-            .take(a.examples)
-            .map(|(p, h)| serde_json::json!({"question": p.source, "reference": p.reference, "output": h}))
-            .collect();
         let v = serde_json::json!({
             "questions": pairs.len(),
             "exact_match": em,
             "f1": f1,
             "seconds": secs,
-            "examples": examples,
+            "examples": examples_json(&pairs, &hyps, a.examples, "question"),
         });
         println!("{v}");
         return Ok(());
     }
-    for (p, h) in pairs.iter().zip(&hyps).take(a.examples) {
-        println!(
-            "question:  {}\nreference: {}\nmodel:     {h}\n",
-            p.source, p.reference
-        );
-    }
+    print_examples(&pairs, &hyps, a.examples, "question: ");
     println!(
         "exact match {em:.1}%  F1 {f1:.1}  on {} questions  ({secs:.0} s)",
         pairs.len()
     );
     Ok(())
+}
+
+/// The first `n` pairs beside the model's replies, as JSON (`what` names the source).
+fn examples_json(pairs: &[Pair], hyps: &[String], n: usize, what: &str) -> Vec<Value> {
+    pairs
+        .iter()
+        .zip(hyps)
+        .take(n)
+        .map(|(p, h)| serde_json::json!({what: p.source, "reference": p.reference, "output": h}))
+        .collect()
+}
+
+/// The first `n` pairs beside the model's replies, as text (`label` names the source).
+fn print_examples(pairs: &[Pair], hyps: &[String], n: usize, label: &str) {
+    for (p, h) in pairs.iter().zip(hyps).take(n) {
+        println!(
+            "{label} {}\nreference: {}\nmodel:     {h}\n",
+            p.source, p.reference
+        );
+    }
 }
 
 /// Mean exact match and token F1 (percent), as SQuAD's evaluation defines them.
@@ -333,20 +325,40 @@ fn squad_scores(hyps: &[String], refs: &[String]) -> (f64, f64) {
     (100.0 * em / n, 100.0 * f1 / n)
 }
 
-fn print_scores(n: usize, hyps: &[String], refs: &[String]) {
+/// BLEU (with its parts) and chrF, as the JSON fields both `translate` and `score` print.
+fn translation_scores(hyps: &[String], refs: &[String]) -> serde_json::Map<String, Value> {
     let bleu = corpus_bleu(hyps, refs);
-    let p = bleu.precisions;
+    let v = serde_json::json!({
+        "bleu": bleu.score,
+        "bleu_precisions": bleu.precisions,
+        "brevity_penalty": bleu.brevity_penalty,
+        "hyp_len": bleu.hyp_len,
+        "ref_len": bleu.ref_len,
+        "chrf": corpus_chrf(hyps, refs),
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("an object"),
+    }
+}
+
+fn print_translation_scores(s: &serde_json::Map<String, Value>, n: usize) {
+    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    let p: Vec<f64> = s["bleu_precisions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
     println!(
         "BLEU {:.2}  ({:.1}/{:.1}/{:.1}/{:.1}, brevity penalty {:.3}, {} / {} tokens)  chrF {:.2}  on {n} sentences",
-        bleu.score,
+        f("bleu"),
         p[0],
         p[1],
         p[2],
         p[3],
-        bleu.brevity_penalty,
-        bleu.hyp_len,
-        bleu.ref_len,
-        corpus_chrf(hyps, refs)
+        f("brevity_penalty"),
+        s["hyp_len"],
+        s["ref_len"],
+        f("chrf")
     );
 }
 
@@ -367,24 +379,18 @@ fn score(a: ScoreArgs) -> Result<()> {
             refs.len()
         );
     }
+    let scores = translation_scores(&hyps, &refs);
+    let (em, f1) = squad_scores(&hyps, &refs);
     if a.json {
-        let bleu = corpus_bleu(&hyps, &refs);
-        let (em, f1) = squad_scores(&hyps, &refs);
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "exact_match": em,
             "f1": f1,
             "sentences": hyps.len(),
-            "bleu": bleu.score,
-            "bleu_precisions": bleu.precisions,
-            "brevity_penalty": bleu.brevity_penalty,
-            "hyp_len": bleu.hyp_len,
-            "ref_len": bleu.ref_len,
-            "chrf": corpus_chrf(&hyps, &refs),
         });
+        v.as_object_mut().expect("object").extend(scores);
         println!("{v}");
     } else {
-        print_scores(hyps.len(), &hyps, &refs);
-        let (em, f1) = squad_scores(&hyps, &refs);
+        print_translation_scores(&scores, hyps.len());
         println!("exact match {em:.1}%  F1 {f1:.1}");
     }
     Ok(())

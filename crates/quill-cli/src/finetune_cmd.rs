@@ -3,7 +3,9 @@
 //! packed into full windows. The run writes what `quill train` writes (a Hugging Face folder,
 //! metrics.jsonl, loss.svg, atomic checkpoints) and resumes exactly.
 
-use crate::train_cmd::{check_training_memory, check_writable, drive, parse_dtype, DriveOptions};
+use crate::train_cmd::{
+    check_rates, check_training_memory, check_writable, drive, parse_dtype, DriveOptions,
+};
 use anyhow::{bail, Context, Result};
 use quill::chat::ChatTemplate;
 use quill::data::sft::{self, Example, Format, Packed};
@@ -291,18 +293,12 @@ fn default_context(info: &FinetuneInfo, format: &Format, model_context: usize) -
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    for (flag, v) in [
+    check_rates(&[
         ("--lr", a.lr),
         ("--min-lr", a.min_lr),
         ("--weight-decay", a.weight_decay),
         ("--grad-clip", a.grad_clip),
-    ] {
-        if let Some(v) = v {
-            if !v.is_finite() || v < 0.0 {
-                bail!("{flag} must be a finite number ≥ 0 (got {v})");
-            }
-        }
-    }
+    ])?;
     if let Some(e) = a.epochs {
         if !e.is_finite() || e <= 0.0 || e > 1e6 {
             bail!("--epochs must be a number above 0 (got {e})");

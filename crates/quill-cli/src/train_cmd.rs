@@ -186,20 +186,26 @@ pub(crate) fn check_training_memory(params: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    // numbers checked before any work is done for them
-    for (flag, v) in [
-        ("--lr", a.lr),
-        ("--min-lr", a.min_lr),
-        ("--weight-decay", a.weight_decay),
-        ("--grad-clip", a.grad_clip),
-    ] {
+/// Learning rates, weight decay and clipping flags: finite and ≥ 0, checked before any work.
+pub(crate) fn check_rates(flags: &[(&str, Option<f32>)]) -> Result<()> {
+    for &(flag, v) in flags {
         if let Some(v) = v {
             if !v.is_finite() || v < 0.0 {
                 bail!("{flag} must be a finite number ≥ 0 (got {v})");
             }
         }
     }
+    Ok(())
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    // numbers checked before any work is done for them
+    check_rates(&[
+        ("--lr", a.lr),
+        ("--min-lr", a.min_lr),
+        ("--weight-decay", a.weight_decay),
+        ("--grad-clip", a.grad_clip),
+    ])?;
     use quill::train::trainer::{MAX_BATCH_TOKENS, MAX_CONTEXT};
     let (batch, context) = (a.batch.unwrap_or(16), a.context.unwrap_or(128));
     if context > MAX_CONTEXT

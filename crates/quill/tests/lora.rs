@@ -10,32 +10,8 @@ use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
 use quill::model::lora::{Lora, LoraActs};
 use quill::model::{Activations, Batch, Model};
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-fn read(f: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let st = f.tensors().unwrap();
-    let v = st.tensor(name).unwrap();
-    let data = match v.dtype() {
-        safetensors::Dtype::F32 => v
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::I64 => v
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        d => panic!("unexpected dtype {d:?}"),
-    };
-    (v.shape().to_vec(), data)
-}
+mod common;
+use common::{fixture, max_abs, max_diff, read, stored_gradients};
 
 struct Case {
     model: Model,
@@ -85,10 +61,6 @@ fn pass(c: &Case, lora: &Lora) -> (f64, Vec<f32>) {
     (sum / count as f64, grads)
 }
 
-fn max_abs(x: &[f64]) -> f64 {
-    x.iter().fold(0.0, |m, v| m.max(v.abs()))
-}
-
 #[test]
 fn lora_loss_gradients_and_logits_match_peft() {
     for name in ["llama-tiny", "qwen2-tiny"] {
@@ -105,11 +77,7 @@ fn lora_loss_gradients_and_logits_match_peft() {
             let got = spec.view.of(&grads);
             let scale = max_abs(&want);
             assert!(scale > 1e-6, "{name}: {} has a zero gradient", spec.name);
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0.0, f64::max);
+            let diff = max_diff(got, &want);
             assert!(
                 diff <= 1e-4 * scale,
                 "{name}: gradient of {} differs by {diff} (tensor max {scale})",
@@ -117,14 +85,7 @@ fn lora_loss_gradients_and_logits_match_peft() {
             );
             checked += 1;
         }
-        let stored = c
-            .expected
-            .names()
-            .unwrap()
-            .iter()
-            .filter(|n| n.starts_with("grad."))
-            .count();
-        assert_eq!(checked, stored);
+        assert_eq!(checked, stored_gradients(&c.expected));
 
         // logits of the adapted model: through the adapters, and through merged weights
         let (_, want) = read(&c.expected, "logits");
@@ -134,21 +95,12 @@ fn lora_loss_gradients_and_logits_match_peft() {
         c.model
             .forward_lora(&mut acts, ids, None, (&c.lora, &mut la))
             .unwrap();
-        let d = acts
-            .logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
+        let d = max_diff(&acts.logits, &want);
         assert!(d < 1e-4, "{name}: unmerged logits differ by {d}");
         let mut merged = load(&fixture(name), false).unwrap();
         c.lora.merge_into(&mut merged).unwrap();
         let merged_logits = merged.logits_all(ids).unwrap();
-        let d = merged_logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
+        let d = max_diff(&merged_logits, &want);
         assert!(d < 1e-4, "{name}: merged logits differ by {d}");
         // and the base model's are not these
         let base = c.model.logits_all(ids).unwrap();

@@ -9,33 +9,8 @@ use quill::io::hf::load;
 use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
 use quill::model::{Activations, Batch};
-use std::path::PathBuf;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
-
-/// A stored tensor as its shape and its values (i64 ids as f64, exact below 2^53).
-fn read(f: &SafetensorsFile, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let st = f.tensors().unwrap();
-    let v = st.tensor(name).unwrap();
-    let data = match v.dtype() {
-        safetensors::Dtype::F32 => v
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        safetensors::Dtype::I64 => v
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
-            .collect(),
-        d => panic!("unexpected dtype {d:?}"),
-    };
-    (v.shape().to_vec(), data)
-}
+mod common;
+use common::{fixture, max_abs, max_diff, read, stored_gradients};
 
 fn check(name: &str) {
     let model = load(&fixture(name), false).unwrap();
@@ -68,12 +43,8 @@ fn check(name: &str) {
         let (gshape, want) = read(&f, &format!("grad.{}", spec.name));
         assert_eq!(gshape, spec.shape, "{}", spec.name);
         let got = spec.view.of(&grads);
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
+        let scale = max_abs(&want);
+        let diff = max_diff(got, &want);
         assert!(
             diff <= 1e-4 * scale.max(1e-3) || diff < 1e-5,
             "{name}: gradient of {} differs by {diff} (tensor max {scale})",
@@ -81,13 +52,11 @@ fn check(name: &str) {
         );
         checked += 1;
     }
-    let stored = f
-        .names()
-        .unwrap()
-        .iter()
-        .filter(|n| n.starts_with("grad."))
-        .count();
-    assert_eq!(checked, stored, "{name}: every stored gradient is checked");
+    assert_eq!(
+        checked,
+        stored_gradients(&f),
+        "{name}: every stored gradient is checked"
+    );
 }
 
 #[test]

@@ -136,12 +136,20 @@ impl Norm {
 }
 
 impl Norm {
-    /// The input gradient of [`Norm::backward`] alone (a frozen norm): the gain gradients go
-    /// to scratch.
-    pub fn backward_input(&self, p: &[f32], dx: &mut [f32], dout: &[f32], saved: Saved) {
+    /// The input gradient of [`Norm::backward`] alone (a frozen norm): the gain (and bias)
+    /// gradients go to `scratch` (grown to twice the width once, then reused).
+    pub fn backward_input(
+        &self,
+        p: &[f32],
+        (dx, scratch): (&mut [f32], &mut Vec<f32>),
+        dout: &[f32],
+        saved: Saved,
+    ) {
         let w = self.w.of(p);
-        let mut scratch = vec![0.0f32; 2 * w.len()];
-        let (gw, gb) = scratch.split_at_mut(w.len());
+        if scratch.len() < 2 * w.len() {
+            scratch.resize(2 * w.len(), 0.0);
+        }
+        let (gw, gb) = scratch[..2 * w.len()].split_at_mut(w.len());
         match (self.kind, self.b) {
             (NormKind::Layer, Some(_)) => {
                 layernorm::backward(dx, (gw, gb), dout, saved.x, w, saved.stats)
@@ -167,6 +175,17 @@ pub enum Positions {
     Rotary(Rope),
 }
 
+/// Where the query heads and the key heads lie in rows of q | k | v (`heads`): the columns
+/// RoPE rotates.
+pub(super) fn qk_cols(heads: Heads) -> [HeadCols; 2] {
+    let (stride, hd) = (heads.qkv_width(), heads.h * heads.d);
+    [(0, heads.h), (hd, heads.kv)].map(|(col0, n)| HeadCols {
+        stride,
+        col0,
+        heads: n,
+    })
+}
+
 /// Rotates the query and key heads of rows of q | k | v (`heads`; row width their
 /// `qkv_width`) at the positions `at` gives them.
 pub(super) fn rotate_qk(
@@ -176,18 +195,8 @@ pub(super) fn rotate_qk(
     at: RowPositions,
     dir: Direction,
 ) {
-    let (stride, hd) = (heads.qkv_width(), heads.h * heads.d);
-    for (col0, heads) in [(0, heads.h), (hd, heads.kv)] {
-        rope.apply(
-            qkv,
-            HeadCols {
-                stride,
-                col0,
-                heads,
-            },
-            at,
-            dir,
-        );
+    for cols in qk_cols(heads) {
+        rope.apply(qkv, cols, at, dir);
     }
 }
 

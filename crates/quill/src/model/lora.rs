@@ -226,16 +226,17 @@ impl Lora {
         self.config.scale()
     }
 
-    /// The adapters of `layer` at `targets`.
+    /// The indices of the adapters of `layer` at `targets`.
     pub fn at<'a>(
         &'a self,
         layer: usize,
         targets: &'a [Target],
-    ) -> impl Iterator<Item = (usize, &'a Adapter)> + 'a {
+    ) -> impl Iterator<Item = usize> + 'a {
         self.adapters
             .iter()
             .enumerate()
             .filter(move |(_, a)| a.layer == layer && targets.contains(&a.target))
+            .map(|(k, _)| k)
     }
 
     /// The weight matrices [`Lora::merge_into`] changes (each fused projection once).
@@ -305,6 +306,8 @@ pub struct LoraActs {
     pub seed: u64,
     /// The products' precision (the model's, set by its forward pass).
     pub precision: Precision,
+    /// Where the frozen norms' backward passes put the gradients nobody needs.
+    pub gains: Vec<f32>,
 }
 
 /// Whether element `i` of adapter `k`'s input survives dropout `p`: a hash of (seed, k, i),
@@ -330,6 +333,7 @@ impl LoraActs {
             du: vec![0.0; n * r],
             seed: 0,
             precision: Precision::F32,
+            gains: Vec::new(),
         }
     }
 }

@@ -2,12 +2,12 @@
 //! `backward` walks the same layers in reverse, accumulating every parameter's gradient.
 
 use super::decoder::Norm;
-use super::decoder::{rotate_qk, Mlp, Model, Positions, Saved};
+use super::decoder::{qk_cols, rotate_qk, Mlp, Model, Positions, Saved};
 use super::lora::{Lora, LoraActs, Target};
 use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
-use crate::kernels::rope::{Direction, HeadCols, Rope, RowPositions};
+use crate::kernels::rope::{Direction, Rope, RowPositions};
 use crate::kernels::{crossentropy, embedding, gelu, swiglu};
 use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
@@ -42,14 +42,24 @@ fn rotate_batch(
     if positions.is_empty() {
         return rotate_qk(rope, qkv, hs, batch_positions(t), dir);
     }
-    let (stride, hd) = (hs.qkv_width(), hs.h * hs.d);
-    for (col0, heads) in [(0, hs.h), (hd, hs.kv)] {
-        let cols = HeadCols {
-            stride,
-            col0,
-            heads,
-        };
+    for cols in qk_cols(hs) {
         rope.apply_at(qkv, cols, positions, dir);
+    }
+}
+
+/// The forward passes of layer `l`'s adapters at `targets` (none without LoRA): each adds
+/// its share into its projection's output `y`, from the projection's input `x`.
+fn adapt(
+    lora: &mut Option<(&Lora, &mut LoraActs)>,
+    l: usize,
+    targets: &[Target],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    if let Some((lo, la)) = lora {
+        for k in lo.at(l, targets) {
+            lo.forward_into(k, la, x, y);
+        }
     }
 }
 
@@ -167,11 +177,7 @@ impl Model {
             blk.attn_norm.forward(p, ln1, stats, inp);
             let qkv = at_mut(&mut a.qkv, l, n * w);
             blk.qkv.forward(tr, qkv, ln1, None);
-            if let Some((lo, la)) = lora.as_mut() {
-                for (k, _) in lo.at(l, &[Target::Q, Target::K, Target::V]) {
-                    lo.forward_into(k, la, ln1, qkv);
-                }
-            }
+            adapt(&mut lora, l, &[Target::Q, Target::K, Target::V], ln1, qkv);
             if let Positions::Rotary(rope) = &self.positions {
                 rotate_batch(rope, qkv, hs, t, &a.positions, Direction::Forward);
             }
@@ -183,32 +189,20 @@ impl Model {
             attention::forward(layer, atty, lse, &mut a.attn_scratch, qkv);
             let res2 = at_mut(&mut a.res2, l, n * c);
             blk.o.forward(tr, res2, atty, Some(inp));
-            if let Some((lo, la)) = lora.as_mut() {
-                for (k, _) in lo.at(l, &[Target::O]) {
-                    lo.forward_into(k, la, atty, res2);
-                }
-            }
+            adapt(&mut lora, l, &[Target::O], atty, res2);
             let stats = row_stats(&mut a.mean2, &mut a.rstd2, l, n);
             let ln2 = at_mut(&mut a.ln2, l, n * c);
             blk.mlp_norm.forward(p, ln2, stats, res2);
             let (up_out, act) = (at_mut(&mut a.up, l, n * up), at_mut(&mut a.act, l, n * f));
             blk.up.forward(tr, up_out, ln2, None);
-            if let Some((lo, la)) = lora.as_mut() {
-                for (k, _) in lo.at(l, &[Target::Gate, Target::Up]) {
-                    lo.forward_into(k, la, ln2, up_out);
-                }
-            }
+            adapt(&mut lora, l, &[Target::Gate, Target::Up], ln2, up_out);
             match self.mlp {
                 Mlp::Gelu => gelu::forward(act, up_out),
                 Mlp::SwiGlu => swiglu::forward(act, up_out, f),
             }
             let res3 = at_mut(&mut a.res3, l, n * c);
             blk.down.forward(tr, res3, act, Some(res2));
-            if let Some((lo, la)) = lora.as_mut() {
-                for (k, _) in lo.at(l, &[Target::Down]) {
-                    lo.forward_into(k, la, act, res3);
-                }
-            }
+            adapt(&mut lora, l, &[Target::Down], act, res3);
         }
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
         let stats = RowStats {
@@ -496,7 +490,7 @@ impl Grads<'_> {
     fn norm(&mut self, norm: &Norm, p: &[f32], dx: &mut [f32], dout: &[f32], s: Saved) {
         match self {
             Grads::Base(grads) => norm.backward(p, grads, dx, dout, s),
-            Grads::Lora { .. } => norm.backward_input(p, dx, dout, s),
+            Grads::Lora { la, .. } => norm.backward_input(p, (dx, &mut la.gains), dout, s),
         }
     }
 
@@ -504,7 +498,7 @@ impl Grads<'_> {
     /// gradients, and their share of the input gradient `dx`.
     fn adapters(&mut self, l: usize, targets: &[Target], dx: &mut [f32], dy_x: (&[f32], &[f32])) {
         if let Grads::Lora { lora, la, grads } = self {
-            for (k, _) in lora.at(l, targets) {
+            for k in lora.at(l, targets) {
                 lora.backward_from(k, la, dy_x, dx, grads);
             }
         }

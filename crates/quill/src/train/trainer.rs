@@ -198,6 +198,12 @@ impl Adapters {
     }
 }
 
+/// How many numbers train (and have gradients and AdamW moments): every parameter, or the
+/// adapters alone.
+fn trained_len(model: &Model, lora: Option<&Adapters>) -> usize {
+    lora.map_or(model.num_params(), |l| l.lora.params.len())
+}
+
 /// What the trainer needs of a tokenizer.
 pub struct TokenizerInfo<'a> {
     pub json: String,
@@ -266,10 +272,7 @@ impl<'a> Trainer<'a> {
         tok: TokenizerInfo<'a>,
         lora: Option<Adapters>,
     ) -> Result<Self> {
-        let n = lora
-            .as_ref()
-            .map_or(model.num_params(), |l| l.lora.params.len());
-        let saved = checkpoint::load(out, n)?;
+        let saved = checkpoint::load(out, trained_len(&model, lora.as_ref()))?;
         let state: State = serde_json::from_str(&saved.state_json).map_err(|e| {
             Error::format(
                 out.join(checkpoint::TRAINING_STATE_FILE),
@@ -338,9 +341,7 @@ impl<'a> Trainer<'a> {
             _ => {}
         }
         // what trains: every parameter, or the adapters alone
-        let trained = lora
-            .as_ref()
-            .map_or(model.num_params(), |l| l.lora.params.len());
+        let trained = trained_len(&model, lora.as_ref());
         let mut opt = AdamW::new(
             trained,
             config.beta1,
