@@ -156,8 +156,22 @@ pub fn open(
     })
 }
 
+/// Large buffers (an attention map's JSON is megabytes) are given back to the system when
+/// freed. glibc otherwise raises its mmap threshold after each such free, and later buffers
+/// of that size come from per-thread heaps that keep their memory: a server's resident size
+/// would then wander upward by tens of megabytes with the request mix.
+fn return_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before the server's
+    // threads start, and a refusal (return 0) leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Serves until the process is stopped. `on_ready` gets the bound address.
 pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), String> {
+    return_large_buffers();
     let served = open(
         &opts.model_dir,
         opts.tokenizer.as_deref(),
@@ -187,7 +201,7 @@ pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let addr = format!("{}:{}", opts.host, opts.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let listener = listen(&addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
@@ -206,6 +220,32 @@ pub fn run(opts: Options, on_ready: impl FnOnce(std::net::SocketAddr)) -> Result
         ));
         accept_loop(listener, routes, opts.header_seconds.max(1)).await
     })
+}
+
+/// Connections the kernel may hold for us before we accept them. Tokio's default (1024) is
+/// smaller than a burst of connections from many clients; when the queue is full the kernel
+/// drops the next SYN and that client waits a full second to retry. Linux caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the first address `addr` resolves to that accepts a listener, with [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
 }
 
 /// Connections served at once; beyond it new ones are closed at once.
@@ -1159,6 +1199,16 @@ async fn cut(State(app): State<App>, headers: HeaderMap, body: Body) -> Response
     r.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
+/// The body of an attention answer.
+#[derive(serde::Serialize)]
+struct AttentionOut<'a> {
+    layer: usize,
+    head: usize,
+    ids: &'a [u32],
+    tokens: Vec<String>,
+    weights: Vec<&'a [f32]>,
+}
+
 /// `POST /v1/quill/attention` {prompt | messages | ids, layer, head}: the attention weights
 /// [T, T] of one head, with the tokens.
 async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
@@ -1189,7 +1239,6 @@ async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
         let layer = f.int("layer", 0, i64::MAX)?.unwrap_or(0) as usize;
         let head = f.int("head", 0, i64::MAX)?.unwrap_or(0) as usize;
         let app2 = app.clone();
-        let ids2 = ids.clone();
         // one map at a time: further requests wait their turn instead of each taking cores
         let _turn = ATTENTION_TURN.acquire().await.map_err(|e| {
             ApiError::with(
@@ -1199,8 +1248,23 @@ async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
                 e.to_string(),
             )
         })?;
-        let map = tokio::task::spawn_blocking(move || {
-            app2.served.shared.model.attention_map(&ids2, layer, head)
+        // the map and its JSON (a million numbers at the limit) are made off the runtime, and
+        // written straight to bytes: no tree of values, and /health is not kept waiting
+        let body = tokio::task::spawn_blocking(move || {
+            let shared = &app2.served.shared;
+            let map = shared.model.attention_map(&ids, layer, head)?;
+            let tokens: Vec<String> = ids
+                .iter()
+                .map(|&i| shared.tok.decode(&[i]).unwrap_or_default())
+                .collect();
+            let out = AttentionOut {
+                layer,
+                head,
+                ids: &ids,
+                tokens,
+                weights: map.chunks(ids.len()).collect(),
+            };
+            Ok::<_, quill::Error>(serde_json::to_vec(&out).map_err(|e| e.to_string()))
         })
         .await
         .map_err(|e| {
@@ -1211,18 +1275,20 @@ async fn attention(State(app): State<App>, headers: HeaderMap, body: Body) -> Re
                 e.to_string(),
             )
         })?
-        .map_err(|e| ApiError::bad(e.to_string(), None))?;
-        let t = ids.len();
-        let tok = &app.served.shared.tok;
-        let tokens: Vec<String> = ids
-            .iter()
-            .map(|&i| tok.decode(&[i]).unwrap_or_default())
-            .collect();
-        let rows: Vec<&[f32]> = map.chunks(t).collect();
-        Ok(Json(
-            json!({"layer": layer, "head": head, "ids": ids, "tokens": tokens, "weights": rows}),
+        .map_err(|e| ApiError::bad(e.to_string(), None))?
+        .map_err(|e| {
+            ApiError::with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "attention_failed",
+                e,
+            )
+        })?;
+        Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
         )
-        .into_response())
+            .into_response())
     }
     .await;
     r.unwrap_or_else(|e: ApiError| e.into_response())
