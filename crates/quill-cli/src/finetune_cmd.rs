@@ -4,18 +4,21 @@
 //! metrics.jsonl, loss.svg, atomic checkpoints) and resumes exactly.
 
 use crate::train_cmd::{
-    check_rates, check_training_memory, check_writable, drive, parse_dtype, DriveOptions,
+    check_rates, check_training_memory, check_writable, drive, on_ranks, parse_dtype, DriveOptions,
+    RankArgs,
 };
 use anyhow::{bail, Context, Result};
 use quill::chat::ChatTemplate;
 use quill::data::sft::{self, Example, Format, Packed};
 use quill::model::lora::{Lora, LoraConfig, Target, ALL_TARGETS};
 use quill::tokenizer::Tokenizer;
+use quill::train::dist::Comm;
 use quill::train::trainer::{Adapters, Data, TokenizerInfo, MAX_CONTEXT};
 use quill::train::{RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 #[derive(clap::Args, Debug)]
 pub struct FinetuneArgs {
@@ -130,6 +133,8 @@ pub struct FinetuneArgs {
     /// stop without training.
     #[arg(long, value_name = "N")]
     preview: Option<usize>,
+    #[command(flatten)]
+    ranks: RankArgs,
 }
 
 /// What a resumed run needs to rebuild the same windows (finetune.json in --out).
@@ -235,7 +240,8 @@ struct Windows {
     counts: (usize, usize),
 }
 
-fn windows(info: &FinetuneInfo, format: &Format) -> Result<Windows> {
+/// The packed windows of a run; `warn`: say which records are left out (rank 0 alone does).
+fn windows(info: &FinetuneInfo, format: &Format, warn: bool) -> Result<Windows> {
     let all = sft::read_jsonl(&info.data, format)?;
     let (train, val) = match &info.val_data {
         Some(p) => (all, sft::read_jsonl(p, format)?),
@@ -252,7 +258,7 @@ fn windows(info: &FinetuneInfo, format: &Format) -> Result<Windows> {
                 left.nothing_learned.len()
             );
         }
-        if let Some(first) = left.too_long.first() {
+        if let Some(first) = left.too_long.first().filter(|_| warn) {
             eprintln!(
                 "warning: {} {what} record(s) are longer than the {}-token window and are left out (first: {}, line {first}); raise --context to keep them",
                 left.too_long.len(),
@@ -260,7 +266,7 @@ fn windows(info: &FinetuneInfo, format: &Format) -> Result<Windows> {
                 path.display()
             );
         }
-        if let Some(first) = left.nothing_learned.first() {
+        if let Some(first) = left.nothing_learned.first().filter(|_| warn) {
             eprintln!(
                 "warning: {} {what} record(s) have no response tokens to learn and are left out (first: {}, line {first})",
                 left.nothing_learned.len(),
@@ -293,6 +299,22 @@ fn default_context(info: &FinetuneInfo, format: &Format, model_context: usize) -
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
+    let comm = quill::train::dist::from_env()?;
+    on_ranks(comm, |comm| run_rank(a, comm))
+}
+
+/// `quill finetune` on one rank: as `quill train`, rank 0 makes the run's folder and the
+/// other ranks open it as a resumed run.
+fn run_rank(a: FinetuneArgs, comm: Rc<dyn Comm>) -> Result<()> {
+    if a.preview.is_some() && comm.size() > 1 {
+        bail!("--preview only prints records: run it without mpirun");
+    }
+    if a.resume || comm.rank() != 0 {
+        if !a.resume {
+            comm.barrier();
+        }
+        return resume(&a, &a.out.clone(), comm);
+    }
     check_rates(&[
         ("--lr", a.lr),
         ("--min-lr", a.min_lr),
@@ -310,9 +332,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
     }
     let out = a.out.clone();
-    if a.resume {
-        return resume(&a, &out);
-    }
     if out
         .join(quill::train::checkpoint::TRAINING_STATE_FILE)
         .exists()
@@ -400,7 +419,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if let Some(n) = a.preview {
         return preview(&info, &format, n);
     }
-    let w = windows(&info, &format)?;
+    let w = windows(&info, &format, true)?;
     let batch = a.batch.unwrap_or(8);
     let accum = a.grad_accum.unwrap_or(1);
     let per_step = batch.saturating_mul(accum).max(1);
@@ -463,7 +482,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let config_json = tokenizer_config(&base, template.as_ref())?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let tinfo = token_info(&tok, tok_json, config_json, &w.val, &info, &decode);
-    let trainer = Trainer::new(
+    let mut trainer = Trainer::new(
         model,
         config,
         Data::Examples {
@@ -474,6 +493,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         tinfo,
         lora,
     )?;
+    if comm.size() > 1 {
+        // the files the other ranks open
+        trainer.save(0.0)?;
+        comm.barrier();
+    }
+    let trainer = a.ranks.distribute(trainer, comm)?;
     drive(trainer, &a.drive_options(Some(header), &out, &info))
 }
 
@@ -571,20 +596,33 @@ impl FinetuneArgs {
                 None => format!("quill chat --model {}", out.display()),
             },
             out: out.to_path_buf(),
+            loss_log: self.ranks.loss_log.clone(),
         }
     }
 }
 
-fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
+fn resume(a: &FinetuneArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
+    let lead = comm.rank() == 0;
     let path = out.join(INFO_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("nothing to resume in {} (no {INFO_FILE})", out.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        if a.resume || lead {
+            format!("nothing to resume in {} (no {INFO_FILE})", out.display())
+        } else {
+            format!(
+                "rank {} cannot read the run rank 0 wrote in {}: --out must be a folder every rank sees (a shared file system)",
+                comm.rank(),
+                out.display()
+            )
+        }
+    })?;
     let info: FinetuneInfo =
         serde_json::from_str(&text).with_context(|| format!("{}: damaged", path.display()))?;
-    if a.model.is_some() || a.data.is_some() {
+    if lead && a.resume && (a.model.is_some() || a.data.is_some()) {
         eprintln!("warning: --resume continues with the saved run's model and data; --model and --data are ignored");
     }
-    check_writable(out)?;
+    if lead {
+        check_writable(out)?;
+    }
     // full fine-tuning resumes from the saved folder; LoRA from the base, which stays frozen
     let (mut model, tok, template, lora) = match &info.lora {
         Some(ls) => {
@@ -608,7 +646,7 @@ fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
         eos: info.eos,
         pairs: info.pairs(),
     };
-    let w = windows(&info, &format)?;
+    let w = windows(&info, &format, lead)?;
     let config_json = std::fs::read_to_string(out.join("tokenizer_config.json"))?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let tinfo = token_info(&tok, tok.to_json()?, config_json, &w.val, &info, &decode);
@@ -617,7 +655,10 @@ fn resume(a: &FinetuneArgs, out: &Path) -> Result<()> {
         val: &w.val,
     };
     let trainer = Trainer::resume(model, data, out, tinfo, lora)?;
-    eprintln!("resuming {} at step {}", out.display(), trainer.step());
+    if lead && a.resume {
+        eprintln!("resuming {} at step {}", out.display(), trainer.step());
+    }
+    let trainer = a.ranks.distribute(trainer, comm)?;
     drive(trainer, &a.drive_options(None, out, &info))
 }
 

@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
         (embedded in the binary) and writes a Hugging Face model folder to ./out."
 )]
 struct Cli {
-    /// Worker threads for the numerics (default: all cores).
+    /// Worker threads for the numerics (default: all cores; under mpirun, the cores shared
+    /// by the ranks on this host).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -528,6 +529,10 @@ fn run(cli: Cli) -> Result<()> {
             bail!("--threads must be at least 1");
         }
         pool = pool.num_threads(n);
+    } else if let Some(local) = quill::train::dist::local_ranks().filter(|&n| n > 1) {
+        // ranks an MPI launcher started on this host share its cores
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        pool = pool.num_threads((cores / local).max(1));
     }
     let pool = pool.build().context("setting up the thread pool")?;
     // Run the command on a pool thread: parallel kernels then start from inside the pool

@@ -9,11 +9,13 @@ use quill::data::prepare::{
 use quill::kernels::matmul::Precision;
 use quill::model::{Config, Gpt2Config, LlamaConfig, Model};
 use quill::tokenizer::{train_byte_level_bpe, Tokenizer};
+use quill::train::dist::Comm;
 use quill::train::trainer::Data;
 use quill::train::trainer::TokenizerInfo;
 use quill::train::{Event, RunOptions, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -118,6 +120,54 @@ pub struct TrainArgs {
     /// [default: f32, or the resumed run's].
     #[arg(long)]
     dtype: Option<String>,
+    #[command(flatten)]
+    pub(crate) ranks: RankArgs,
+}
+
+/// Flags of a data-parallel run (`mpirun -np N quill train ...`, with the `mpi` feature).
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct RankArgs {
+    /// With several MPI ranks: keep AdamW's moments whole on every rank instead of sharding
+    /// them over the ranks (ZeRO-1, the default, holds 1/N of them on each).
+    #[arg(long)]
+    pub no_zero: bool,
+    /// With several MPI ranks: check after every step that all ranks hold bit-identical
+    /// parameters (a hash of them is gathered); stop with an error if not.
+    #[arg(long)]
+    pub verify_ranks: bool,
+    /// Write each step's training loss (the whole global batch's mean) to this file, one
+    /// JSON line per step of this invocation.
+    #[arg(long)]
+    pub loss_log: Option<PathBuf>,
+}
+
+impl RankArgs {
+    /// Makes `trainer` one rank of the run over `comm` (a one-process run stays as it is).
+    pub(crate) fn distribute<'a>(
+        &self,
+        trainer: Trainer<'a>,
+        comm: Rc<dyn Comm>,
+    ) -> Result<Trainer<'a>> {
+        let mut trainer = trainer.distribute(comm, !self.no_zero)?;
+        trainer.verify_ranks = self.verify_ranks;
+        Ok(trainer)
+    }
+}
+
+/// Runs `body` as one rank of the run in `comm`: with several ranks, an error on any rank
+/// is printed with its rank and ends every rank of the job (the others would wait for it in
+/// their next exchange forever).
+pub(crate) fn on_ranks(
+    comm: Rc<dyn Comm>,
+    body: impl FnOnce(Rc<dyn Comm>) -> Result<()>,
+) -> Result<()> {
+    match body(comm.clone()) {
+        Err(e) if comm.size() > 1 => {
+            eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+            comm.abort(1)
+        }
+        r => r,
+    }
 }
 
 pub(crate) fn parse_dtype(s: &str) -> Result<Precision> {
@@ -199,6 +249,21 @@ pub(crate) fn check_rates(flags: &[(&str, Option<f32>)]) -> Result<()> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let comm = quill::train::dist::from_env()?;
+    on_ranks(comm, |comm| run_rank(a, comm))
+}
+
+/// `quill train` on one rank. Rank 0 makes a new run's folder (data, tokenizer, initial
+/// checkpoint) as a single process would; the other ranks wait for it, then open that
+/// checkpoint as a resumed run does, so every rank starts from the same files.
+fn run_rank(a: TrainArgs, comm: Rc<dyn Comm>) -> Result<()> {
+    if a.resume || comm.rank() != 0 {
+        if !a.resume {
+            comm.barrier();
+        }
+        let out = a.out.clone();
+        return resume(a, &out, comm);
+    }
     // numbers checked before any work is done for them
     check_rates(&[
         ("--lr", a.lr),
@@ -218,9 +283,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     let out = a.out.clone();
-    if a.resume {
-        return resume(a, &out);
-    }
     if out
         .join(quill::train::checkpoint::TRAINING_STATE_FILE)
         .exists()
@@ -399,7 +461,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.init {
         info.config_json = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
     }
-    let trainer = Trainer::new(model, config, Data::Corpus(&data), &out, info, None)?;
+    let mut trainer = Trainer::new(model, config, Data::Corpus(&data), &out, info, None)?;
+    if comm.size() > 1 {
+        // the files the other ranks open
+        trainer.save(0.0)?;
+        comm.barrier();
+    }
+    let trainer = a.ranks.distribute(trainer, comm)?;
     let header = corpus_line(&source, &data, trainer.model.vocab_size());
     drive(trainer, &a.drive_options(header, &out))
 }
@@ -461,6 +529,7 @@ impl TrainArgs {
                 out.display()
             ),
             out: out.to_path_buf(),
+            loss_log: self.ranks.loss_log.clone(),
         }
     }
 }
@@ -498,10 +567,20 @@ fn new_tokenizer(spec: &str, sources: &[Source], lossy: bool) -> Result<Tokenize
     Ok(Tokenizer::from_spec(spec)?)
 }
 
-fn resume(a: TrainArgs, out: &Path) -> Result<()> {
+fn resume(a: TrainArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
+    let lead = comm.rank() == 0;
     let run_info_path = out.join("run.json");
-    let text = std::fs::read_to_string(&run_info_path)
-        .with_context(|| format!("nothing to resume in {} (no run.json)", out.display()))?;
+    let text = std::fs::read_to_string(&run_info_path).with_context(|| {
+        if a.resume || lead {
+            format!("nothing to resume in {} (no run.json)", out.display())
+        } else {
+            format!(
+                "rank {} cannot read the run rank 0 wrote in {}: --out must be a folder every rank sees (a shared file system)",
+                comm.rank(),
+                out.display()
+            )
+        }
+    })?;
     let info: RunInfo = serde_json::from_str(&text)
         .with_context(|| format!("{} is damaged", run_info_path.display()))?;
     let given = [
@@ -525,7 +604,7 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
         a.data.is_some(),
         a.tokenizer.is_some(),
     ];
-    if given.iter().any(|&g| g) {
+    if lead && a.resume && given.iter().any(|&g| g) {
         eprintln!("warning: --resume continues with the saved run's data and settings; the data, model and schedule flags given are ignored");
     }
     let precision = parse_dtype(
@@ -536,14 +615,19 @@ fn resume(a: TrainArgs, out: &Path) -> Result<()> {
     )?;
     let mut model = quill::io::hf::load(out, false)?;
     model.set_precision(precision);
-    check_writable(out)?;
+    if lead {
+        check_writable(out)?;
+    }
     let tok = Tokenizer::load(out)?;
     let (_, data) = load_prepared(&info.data_dir)?;
     let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
     let mut info = tok_info(&tok, &decode)?;
     info.config_json = std::fs::read_to_string(out.join("tokenizer_config.json")).ok();
     let trainer = Trainer::resume(model, Data::Corpus(&data), out, info, None)?;
-    eprintln!("resuming {} at step {}", out.display(), trainer.step());
+    if lead && a.resume {
+        eprintln!("resuming {} at step {}", out.display(), trainer.step());
+    }
+    let trainer = a.ranks.distribute(trainer, comm)?;
     drive(trainer, &a.drive_options(None, out))
 }
 
@@ -562,6 +646,8 @@ pub(crate) struct DriveOptions {
     /// What to try next, printed at the end.
     pub hint: String,
     pub out: PathBuf,
+    /// Where each step's loss goes (--loss-log).
+    pub loss_log: Option<PathBuf>,
 }
 
 /// Runs a trainer to its end (or a stop) with a progress bar, evaluation lines and samples.
@@ -577,8 +663,32 @@ pub(crate) fn drive(mut trainer: Trainer, d: &DriveOptions) -> Result<()> {
         });
     }
     let cfg = trainer.config.clone();
+    if trainer.rank() != 0 {
+        // the other ranks train in silence: rank 0 speaks for the run
+        return trainer.run(&d.run, &stop, &mut |_| {}).map_err(Into::into);
+    }
+    let mut loss_log = match &d.loss_log {
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("--loss-log {}", p.display()))?)
+        }
+        None => None,
+    };
     if let Some(h) = &d.header {
         eprintln!("{h}");
+    }
+    if trainer.ranks() > 1 {
+        let per = cfg.batch_size / trainer.ranks();
+        eprintln!(
+            "data-parallel: {}; {per} of each batch's {} sequences per rank; AdamW moments {:.1} MB per rank ({})",
+            trainer.describe_ranks(),
+            cfg.batch_size,
+            trainer.optimizer_bytes() as f64 / 1e6,
+            if trainer.zero() {
+                "ZeRO-1: sharded over the ranks"
+            } else {
+                "whole on every rank"
+            }
+        );
     }
     eprintln!(
         "model: {}, context {}; {} products; {} threads, {} kernels",
@@ -628,6 +738,11 @@ pub(crate) fn drive(mut trainer: Trainer, d: &DriveOptions) -> Result<()> {
             lr,
             ..
         } => {
+            if let Some(f) = &mut loss_log {
+                use std::io::Write;
+                let line = serde_json::json!({"step": step, "loss": loss, "lr": lr});
+                let _ = writeln!(f, "{line}");
+            }
             let s = smoothed.map_or(loss, |s| 0.9 * s + 0.1 * loss);
             smoothed = Some(s);
             pb.set_position(step as u64);

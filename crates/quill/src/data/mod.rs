@@ -119,10 +119,28 @@ pub fn sample_batch(
     ids: &mut [u32],
     targets: &mut [u32],
 ) {
+    sample_rows(rng, data, (b, 0..b), t, ids, targets);
+}
+
+/// Rows `rows` of a batch of `b` random windows (a data-parallel rank's share): every
+/// window's start is drawn, so `rng` ends where a whole batch leaves it and the windows do
+/// not depend on how the batch is split; only the rows in `rows` are read, into ids/targets
+/// [rows.len(), T].
+pub fn sample_rows(
+    rng: &mut Rng,
+    data: &Tokens,
+    (b, rows): (usize, std::ops::Range<usize>),
+    t: usize,
+    ids: &mut [u32],
+    targets: &mut [u32],
+) {
     for bi in 0..b {
         let start = rng.below(data.len() - t);
-        data.read(start, &mut ids[bi * t..(bi + 1) * t]);
-        data.read(start + 1, &mut targets[bi * t..(bi + 1) * t]);
+        if rows.contains(&bi) {
+            let r = bi - rows.start;
+            data.read(start, &mut ids[r * t..(r + 1) * t]);
+            data.read(start + 1, &mut targets[r * t..(r + 1) * t]);
+        }
     }
 }
 
@@ -183,6 +201,25 @@ mod tests {
             first += 2;
         }
         assert_eq!(seen, (1..23).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn a_ranks_rows_are_those_rows_of_the_whole_batch() {
+        let data = Tokens::Mem((0..500).collect());
+        let (b, t) = (6, 7);
+        let mut rng = Rng::new(9);
+        let (mut ids, mut tg) = (vec![0; b * t], vec![0; b * t]);
+        sample_batch(&mut rng, &data, b, t, &mut ids, &mut tg);
+        for rows in [0..3, 3..6, 2..4] {
+            let mut r = Rng::new(9);
+            let n = rows.len() * t;
+            let (mut i2, mut t2) = (vec![0; n], vec![0; n]);
+            sample_rows(&mut r, &data, (b, rows.clone()), t, &mut i2, &mut t2);
+            assert_eq!(i2, ids[rows.start * t..rows.end * t]);
+            assert_eq!(t2, tg[rows.start * t..rows.end * t]);
+            // the stream ends where the whole batch left it
+            assert_eq!(r, rng);
+        }
     }
 
     #[test]

@@ -304,6 +304,9 @@ pub struct LoraActs {
     du: Vec<f32>,
     /// Seeds the dropout masks of this micro-batch (the backward pass regenerates them).
     pub seed: u64,
+    /// Token rows of the global batch before this one's first (a data-parallel rank's): the
+    /// masks are drawn by position in the global batch, whatever the number of ranks.
+    pub first_row: usize,
     /// The products' precision (the model's, set by its forward pass).
     pub precision: Precision,
     /// Where the frozen norms' backward passes put the gradients nobody needs.
@@ -332,6 +335,7 @@ impl LoraActs {
             y: vec![0.0; n * max_out.max(max_in)],
             du: vec![0.0; n * r],
             seed: 0,
+            first_row: 0,
             precision: Precision::F32,
             gains: Vec::new(),
         }
@@ -340,14 +344,25 @@ impl LoraActs {
 
 impl Lora {
     /// The adapter's input after dropout: `x` itself, or its scaled survivors in scratch.
-    fn dropped<'a>(&self, k: usize, x: &'a [f32], xd: &'a mut [f32], seed: u64) -> &'a [f32] {
+    /// `(seed, base)`: the masks' seed and the global index of x's first element.
+    fn dropped<'a>(
+        &self,
+        k: usize,
+        x: &'a [f32],
+        xd: &'a mut [f32],
+        (seed, base): (u64, usize),
+    ) -> &'a [f32] {
         let p = self.config.dropout;
         if p == 0.0 {
             return x;
         }
         let inv = 1.0 / (1.0 - p);
         for (i, (d, &v)) in xd.iter_mut().zip(x).enumerate() {
-            *d = if keep(seed, k, i, p) { v * inv } else { 0.0 };
+            *d = if keep(seed, k, base + i, p) {
+                v * inv
+            } else {
+                0.0
+            };
         }
         &xd[..x.len()]
     }
@@ -358,7 +373,12 @@ impl Lora {
         let (r, s) = (self.config.rank, self.scale());
         let n = x.len() / ad.inp;
         let u = &mut la.u[k * n * r..(k + 1) * n * r];
-        let xd = self.dropped(k, x, &mut la.xd[..n * ad.inp], la.seed);
+        let xd = self.dropped(
+            k,
+            x,
+            &mut la.xd[..n * ad.inp],
+            (la.seed, la.first_row * ad.inp),
+        );
         let a = ad.a.of(&self.params);
         let b = ad.b.of(&self.params);
         matmul(
@@ -423,7 +443,12 @@ impl Lora {
             Accumulate::Overwrite,
         );
         // dA += duᵀ dropout(x)
-        let xd = self.dropped(k, x, &mut la.xd[..n * ad.inp], la.seed);
+        let xd = self.dropped(
+            k,
+            x,
+            &mut la.xd[..n * ad.inp],
+            (la.seed, la.first_row * ad.inp),
+        );
         matmul(
             prec,
             ad.a.of_mut(grads),
@@ -447,8 +472,9 @@ impl Lora {
             }
         } else {
             let inv = 1.0 / (1.0 - p);
+            let base = la.first_row * ad.inp;
             for (i, (d, v)) in dx.iter_mut().zip(dxa.iter()).enumerate() {
-                if keep(la.seed, k, i, p) {
+                if keep(la.seed, k, base + i, p) {
                     *d += v * inv;
                 }
             }

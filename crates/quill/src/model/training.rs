@@ -260,10 +260,12 @@ impl Model {
             precision: self.precision,
         };
         let targets = batch.targets;
-        let counted = targets
-            .iter()
-            .filter(|&&x| x != crossentropy::IGNORE)
-            .count();
+        let counted = batch.over.unwrap_or_else(|| {
+            targets
+                .iter()
+                .filter(|&&x| x != crossentropy::IGNORE)
+                .count()
+        });
         let scale = batch.grad_scale / counted.max(1) as f32;
         crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
         let result = crossentropy::sum_counted(&a.losses, targets);
@@ -512,6 +514,9 @@ pub struct Batch<'a> {
     pub targets: &'a [u32],
     /// Multiplies the mean loss's gradient (1/accumulation steps).
     pub grad_scale: f32,
+    /// The positions the mean is over: those counted in this batch (None), or in the whole
+    /// global batch that this one is a rank's rows of.
+    pub over: Option<usize>,
 }
 
 impl<'a> Batch<'a> {
@@ -520,6 +525,16 @@ impl<'a> Batch<'a> {
             ids,
             targets,
             grad_scale,
+            over: None,
+        }
+    }
+
+    /// The loss is the mean over `counted` positions of a global batch (of which this one
+    /// holds some rows).
+    pub fn over(self, counted: usize) -> Self {
+        Batch {
+            over: Some(counted),
+            ..self
         }
     }
 }

@@ -33,7 +33,22 @@ impl AdamW {
     }
 
     pub fn step(&mut self, layout: &ParamLayout, params: &mut [f32], grads: &[f32], lr: f32) {
-        self.update(layout, params, grads, lr, 1.0);
+        self.update(layout, (params, 0), grads, lr, 1.0);
+    }
+
+    /// AdamW on the part of the flat parameter vector that starts at `offset` (a rank's
+    /// shard in a ZeRO-1 run): `params` and `grads` are that part, `m` and `v` hold its
+    /// moments alone, and `g_scale` multiplies the gradient (clipping's factor, from the
+    /// whole gradient's norm).
+    pub fn step_part(
+        &mut self,
+        layout: &ParamLayout,
+        (params, offset): (&mut [f32], usize),
+        grads: &[f32],
+        lr: f32,
+        g_scale: f32,
+    ) {
+        self.update(layout, (params, offset), grads, lr, g_scale);
     }
 
     /// Gradient clipping and the update in one: the global norm of `grads` is measured, and
@@ -49,17 +64,17 @@ impl AdamW {
         max_norm: f32,
     ) -> f32 {
         let norm = grad_norm(grads);
-        self.update(layout, params, grads, lr, clip_scale(norm, max_norm));
+        self.update(layout, (params, 0), grads, lr, clip_scale(norm, max_norm));
         norm
     }
 
-    /// One AdamW update with the gradient `grads · g_scale`. The flat parameter vector is cut
-    /// into fixed chunks processed in parallel in one pass; each chunk applies the decay of
-    /// the tensors it overlaps.
+    /// One AdamW update with the gradient `grads · g_scale` of the parameters from `offset`
+    /// on. The vector is cut into fixed chunks processed in parallel in one pass; each chunk
+    /// applies the decay of the tensors it overlaps.
     fn update(
         &mut self,
         layout: &ParamLayout,
-        params: &mut [f32],
+        (params, offset): (&mut [f32], usize),
         grads: &[f32],
         lr: f32,
         g_scale: f32,
@@ -84,7 +99,9 @@ impl AdamW {
             )
             .enumerate()
             .for_each(|(ci, ((p, g), (m, v)))| {
-                let (c0, c1) = (ci * CHUNK, ci * CHUNK + p.len());
+                // flat indices of the chunk (the update is elementwise: where chunks start
+                // changes nothing but which tensor's decay applies, found from these)
+                let (c0, c1) = (offset + ci * CHUNK, offset + ci * CHUNK + p.len());
                 // the first tensor that ends after c0 (tensors are laid out back to back)
                 let mut ti = tensors.partition_point(|t| t.view.offset + t.view.len <= c0);
                 let mut i0 = c0;
@@ -127,7 +144,7 @@ multiversion! {
 }
 
 /// The factor clipping applies to a gradient of norm `norm`.
-fn clip_scale(norm: f32, max_norm: f32) -> f32 {
+pub fn clip_scale(norm: f32, max_norm: f32) -> f32 {
     if max_norm > 0.0 && norm > max_norm {
         max_norm / (norm + 1e-6)
     } else {
@@ -160,13 +177,19 @@ thread_local! {
 /// The global L2 norm of the gradient, summed in fixed chunks and a fixed order so the
 /// result does not depend on the thread count.
 pub fn grad_norm(grads: &[f32]) -> f32 {
+    sum_sq(grads).sqrt() as f32
+}
+
+/// Σ g² in f64, in fixed chunks and order (a rank's part of a gradient whose norm is summed
+/// over ranks).
+pub fn sum_sq(grads: &[f32]) -> f64 {
     PARTIAL.with(|cell| {
         let mut partial = cell.borrow_mut();
         grads
             .par_chunks(CHUNK)
             .map(sum_sq_f64)
             .collect_into_vec(&mut partial);
-        partial.iter().sum::<f64>().sqrt() as f32
+        partial.iter().sum::<f64>()
     })
 }
 

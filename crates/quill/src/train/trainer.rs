@@ -3,11 +3,12 @@
 //! and a checkpoint.
 
 use super::checkpoint;
+use super::dist::{self, Comm, DataParallel};
 use super::optimizer::AdamW;
 use super::plot::loss_svg;
 use super::schedule::Schedule;
 use crate::data::sft::{epoch_order, Packed};
-use crate::data::{eval_batch, eval_windows, sample_batch, Split};
+use crate::data::{eval_batch, eval_windows, sample_rows, Split};
 use crate::io::atomic::write_text;
 use crate::kernels::crossentropy::IGNORE;
 use crate::model::lora::{Lora, LoraActs};
@@ -235,6 +236,11 @@ pub struct Trainer<'a> {
     data: Data<'a>,
     out: PathBuf,
     tok: TokenizerInfo<'a>,
+    /// The ranks of a data-parallel run (one process by default) and the step's exchange.
+    dp: DataParallel,
+    /// Check after every step that every rank holds the same parameters (a hash of their
+    /// bits, gathered); a difference stops the run with an error.
+    pub verify_ranks: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -360,6 +366,8 @@ impl<'a> Trainer<'a> {
             l.acts = LoraActs::new(&l.lora, n);
         }
         Ok(Trainer {
+            dp: DataParallel::single(trained),
+            verify_ranks: false,
             grads: vec![0.0; trained],
             lora,
             acts: model.new_acts(config.batch_size, config.seq_len),
@@ -375,6 +383,70 @@ impl<'a> Trainer<'a> {
             out: out.to_path_buf(),
             tok,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run over `comm`: it trains on its
+    /// share of each global batch's rows, the gradients are summed over ranks, and with
+    /// `zero` (ZeRO-1) it keeps AdamW's moments of its shard of the parameters alone. Every
+    /// rank must call this, with trainers built the same way (rank 0's parameters are
+    /// broadcast, so every rank starts from the same ones).
+    pub fn distribute(mut self, comm: std::rc::Rc<dyn Comm>, zero: bool) -> Result<Self> {
+        let trained = trained_len(&self.model, self.lora.as_ref());
+        dist::check_split(self.config.batch_size, trained, comm.size())?;
+        self.dp = DataParallel::new(comm, trained, zero);
+        if self.dp.size() == 1 {
+            return Ok(self);
+        }
+        let params = match &mut self.lora {
+            Some(l) => &mut l.lora.params,
+            None => self.model.params_mut().1,
+        };
+        self.dp.comm.broadcast(params);
+        let own = self.dp.moment_range();
+        self.opt.m = self.opt.m[own.clone()].to_vec();
+        self.opt.v = self.opt.v[own].to_vec();
+        self.grads = vec![0.0; self.dp.grad_len()];
+        let (rows, t) = (self.rows(), self.config.seq_len);
+        let n = rows.len() * t;
+        self.acts = self.model.new_acts(rows.len(), t);
+        self.ids = vec![0; n];
+        self.targets = vec![0; n];
+        self.starts = vec![0; n];
+        if let Some(l) = &mut self.lora {
+            l.acts = LoraActs::new(&l.lora, n);
+            l.acts.first_row = rows.start * t;
+        }
+        Ok(self)
+    }
+
+    /// This rank (0 in a one-process run).
+    pub fn rank(&self) -> usize {
+        self.dp.rank()
+    }
+
+    /// Ranks of the run.
+    pub fn ranks(&self) -> usize {
+        self.dp.size()
+    }
+
+    /// What carries a data-parallel run's exchange.
+    pub fn describe_ranks(&self) -> String {
+        self.dp.comm.describe()
+    }
+
+    /// Bytes of AdamW's moments this rank holds.
+    pub fn optimizer_bytes(&self) -> usize {
+        (self.opt.m.len() + self.opt.v.len()) * 4
+    }
+
+    /// Whether AdamW's moments are sharded over the ranks (ZeRO-1).
+    pub fn zero(&self) -> bool {
+        self.dp.zero
+    }
+
+    /// The rows of each global batch this rank trains on.
+    fn rows(&self) -> std::ops::Range<usize> {
+        dist::rows(self.config.batch_size, self.dp.rank(), self.dp.size())
     }
 
     pub fn step(&self) -> usize {
@@ -396,24 +468,35 @@ impl<'a> Trainer<'a> {
             Data::Corpus(split) => split,
             Data::Examples { val, .. } => return self.evaluate_packed(val),
         };
-        let (b, t) = (self.config.batch_size, self.config.seq_len);
+        let (b, t) = (self.rows().len(), self.config.seq_len);
         let windows = eval_windows(&split.val, t);
         if windows == 0 {
             return Ok((f64::NAN, f64::NAN));
         }
+        // batches of this rank's row count, dealt round-robin over the ranks
         let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
-        let mut first = 0;
-        while first < windows {
+        let (rank, ranks) = (self.dp.rank(), self.dp.size());
+        for (i, first) in (0..windows).step_by(b).enumerate() {
+            if i % ranks != rank {
+                continue;
+            }
             eval_batch(&split.val, t, first, b, &mut self.ids, &mut self.targets);
             self.forward(false)?;
             let (s, c) = self.model.loss(&mut self.acts, &self.targets);
             sum += s;
             count += c;
             bytes += self.target_bytes();
-            first += b;
         }
-        let loss = sum / count.max(1) as f64;
-        Ok((loss, sum / std::f64::consts::LN_2 / bytes.max(1) as f64))
+        Ok(self.mean_over_ranks(sum, count, bytes))
+    }
+
+    /// (mean loss, bits per byte) from every rank's (loss sum, positions, bytes).
+    fn mean_over_ranks(&self, sum: f64, count: usize, bytes: u64) -> (f64, f64) {
+        let mut x = [sum, count as f64, bytes as f64];
+        self.dp.sum(&mut x);
+        let [sum, count, bytes] = x;
+        let loss = sum / count.max(1.0);
+        (loss, sum / std::f64::consts::LN_2 / bytes.max(1.0))
     }
 
     /// UTF-8 bytes of the counted targets of the current batch.
@@ -431,9 +514,13 @@ impl<'a> Trainer<'a> {
         if val.is_empty() {
             return Ok((f64::NAN, f64::NAN));
         }
-        let (b, t) = (self.config.batch_size, self.config.seq_len);
+        let (b, t) = (self.rows().len(), self.config.seq_len);
         let (mut sum, mut count, mut bytes) = (0.0, 0usize, 0u64);
-        for first in (0..val.len()).step_by(b) {
+        let (rank, ranks) = (self.dp.rank(), self.dp.size());
+        for (i, first) in (0..val.len()).step_by(b).enumerate() {
+            if i % ranks != rank {
+                continue;
+            }
             for r in 0..b {
                 let (ids, targets, starts) = val.window((first + r).min(val.len() - 1));
                 let rows = r * t..(r + 1) * t;
@@ -451,35 +538,36 @@ impl<'a> Trainer<'a> {
             count += c;
             bytes += self.target_bytes();
         }
-        let loss = sum / count.max(1) as f64;
-        Ok((loss, sum / std::f64::consts::LN_2 / bytes.max(1) as f64))
+        Ok(self.mean_over_ranks(sum, count, bytes))
     }
 
     /// Fills the batch with micro-batch `micro` of the current step: random windows of the
     /// corpus, or the next windows of the epoch's order of packed examples.
     fn fill_batch(&mut self, rng: &mut Rng, micro: usize) -> Result<()> {
         let (b, t) = (self.config.batch_size, self.config.seq_len);
+        let rows = self.rows();
         match self.data {
             Data::Corpus(split) => {
-                sample_batch(rng, &split.train, b, t, &mut self.ids, &mut self.targets);
+                let (ids, targets) = (&mut self.ids, &mut self.targets);
+                sample_rows(rng, &split.train, (b, rows), t, ids, targets);
                 self.forward(false)
             }
             Data::Examples { train, .. } => {
                 let n = train.len();
                 let per_step = (b * self.config.grad_accum) as u64;
                 let first = self.state.step as u64 * per_step + (micro * b) as u64;
-                for r in 0..b {
-                    let g = first + r as u64;
+                for (r, global_row) in rows.enumerate() {
+                    let g = first + global_row as u64;
                     let epoch = g / n as u64;
                     if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
                         self.order = Some((epoch, epoch_order(n, self.config.seed, epoch)));
                     }
                     let w = self.order.as_ref().expect("set").1[(g % n as u64) as usize];
                     let (ids, targets, starts) = train.window(w);
-                    let rows = r * t..(r + 1) * t;
-                    self.ids[rows.clone()].copy_from_slice(ids);
-                    self.targets[rows.clone()].copy_from_slice(targets);
-                    self.starts[rows].copy_from_slice(starts);
+                    let span = r * t..(r + 1) * t;
+                    self.ids[span.clone()].copy_from_slice(ids);
+                    self.targets[span.clone()].copy_from_slice(targets);
+                    self.starts[span].copy_from_slice(starts);
                 }
                 self.forward(true)
             }
@@ -500,18 +588,33 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// The backward pass of the last forward, adding into `grads`.
-    fn backward(&mut self, grad_scale: f32) -> (f64, usize) {
-        let batch = Batch::new(&self.ids, &self.targets, grad_scale);
-        match &mut self.lora {
-            Some(l) => self.model.backward_lora(
-                &mut self.acts,
-                (&l.lora, &mut l.acts),
-                &mut self.grads,
-                batch,
-            ),
-            None => self.model.backward(&mut self.acts, &mut self.grads, batch),
+    /// The backward pass of the last forward, adding into `grads`; the loss is the mean over
+    /// `over` positions (the global batch's, when it is split over ranks) or this batch's.
+    fn backward(&mut self, grad_scale: f32, over: Option<usize>) -> (f64, usize) {
+        let mut batch = Batch::new(&self.ids, &self.targets, grad_scale);
+        if let Some(n) = over {
+            batch = batch.over(n);
         }
+        let grads = &mut self.grads[..self.dp.shards.total];
+        match &mut self.lora {
+            Some(l) => {
+                self.model
+                    .backward_lora(&mut self.acts, (&l.lora, &mut l.acts), grads, batch)
+            }
+            None => self.model.backward(&mut self.acts, grads, batch),
+        }
+    }
+
+    /// Positions the loss counts in the current global batch (None with one rank: the
+    /// backward pass counts its own).
+    fn global_count(&self) -> Option<usize> {
+        if self.dp.size() == 1 {
+            return None;
+        }
+        let mine = self.targets.iter().filter(|&&x| x != IGNORE).count();
+        let mut x = [mine as f64];
+        self.dp.sum(&mut x);
+        Some(x[0] as usize)
     }
 
     fn metrics_path(&self) -> PathBuf {
@@ -553,8 +656,23 @@ impl<'a> Trainer<'a> {
     }
 
     /// Writes the model folder and the training state.
+    /// Every rank calls it (a ZeRO-1 run gathers the moments); rank 0 alone writes.
     pub fn save(&mut self, elapsed_s: f64) -> Result<()> {
         self.state.elapsed_s = elapsed_s;
+        let gathered = if self.dp.zero {
+            let m = self.dp.gather_moments(&self.opt.m);
+            let v = self.dp.gather_moments(&self.opt.v);
+            m.zip(v)
+        } else {
+            None
+        };
+        if self.dp.rank() != 0 {
+            return Ok(());
+        }
+        let (m, v) = match &gathered {
+            Some((m, v)) => (&m[..], &v[..]),
+            None => (&self.opt.m[..], &self.opt.v[..]),
+        };
         let out = &self.out;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         write_text(&out.join("tokenizer.json"), &self.tok.json)?;
@@ -567,12 +685,12 @@ impl<'a> Trainer<'a> {
         if let Some(l) = &self.lora {
             // the adapter (PEFT's format) is the run's model; the base stays where it is
             crate::io::peft::save(&l.lora, out, &l.base)?;
-            return checkpoint::save(out, &l.lora.params, &self.opt.m, &self.opt.v, &json);
+            return checkpoint::save(out, &l.lora.params, m, v, &json);
         }
         let mut meta = BTreeMap::new();
         meta.insert("quill_step".to_string(), self.state.step.to_string());
         crate::io::hf::save(out, &self.model, &meta)?;
-        checkpoint::save(out, self.model.params(), &self.opt.m, &self.opt.v, &json)
+        checkpoint::save(out, self.model.params(), m, v, &json)
     }
 
     fn write_plot(&self) -> Result<()> {
@@ -651,10 +769,13 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let elapsed_base = self.state.elapsed_s;
         let elapsed = |s: &Instant| elapsed_base + s.elapsed().as_secs_f64();
-        if self.state.step == 0 {
+        let lead = self.dp.rank() == 0;
+        if lead && self.state.step == 0 {
             let _ = std::fs::remove_file(self.metrics_path());
         }
-        self.trim_metrics()?;
+        if lead {
+            self.trim_metrics()?;
+        }
         if self.state.step == 0 {
             self.save(0.0)?;
         }
@@ -666,12 +787,19 @@ impl<'a> Trainer<'a> {
         let mut interval_tokens = 0u64;
         let mut steps_this_run = 0;
         while self.state.step < cfg.steps {
-            let reason = if stop.load(Ordering::Relaxed) {
+            // every rank stops at the same step: an interrupt on any rank, rank 0's clock
+            let mut flags = [
+                stop.load(Ordering::Relaxed) as u8 as f64,
+                (lead
+                    && opts
+                        .time_limit
+                        .is_some_and(|l| start.elapsed().as_secs_f64() >= l)) as u8
+                    as f64,
+            ];
+            self.dp.sum(&mut flags);
+            let reason = if flags[0] > 0.0 {
                 Some("interrupted")
-            } else if opts
-                .time_limit
-                .is_some_and(|l| start.elapsed().as_secs_f64() >= l)
-            {
+            } else if flags[1] > 0.0 {
                 Some("time limit reached")
             } else if opts.stop_after.is_some_and(|n| steps_this_run >= n) {
                 Some("--stop-after reached")
@@ -697,16 +825,27 @@ impl<'a> Trainer<'a> {
                     l.acts.seed = cfg.seed ^ ((self.state.step as u64) << 16) ^ micro as u64;
                 }
                 self.fill_batch(&mut rng, micro)?;
-                let (sum, count) = self.backward(1.0 / accum as f32);
-                step_loss += sum / count.max(1) as f64 / accum as f64;
+                let over = self.global_count();
+                let (sum, count) = self.backward(1.0 / accum as f32, over);
+                step_loss += sum / over.unwrap_or(count).max(1) as f64 / accum as f64;
             }
+            let mut summed = [step_loss];
+            self.dp.sum(&mut summed);
+            let step_loss = summed[0];
             let (layout, params) = match &mut self.lora {
                 Some(l) => (&l.lora.layout, &mut l.lora.params),
                 None => self.model.params_mut(),
             };
+            let clip = (lr, cfg.grad_clip);
             let last_norm = self
-                .opt
-                .step_clipped(layout, params, &self.grads, lr, cfg.grad_clip);
+                .dp
+                .step(&mut self.opt, layout, params, &mut self.grads, clip);
+            if self.verify_ranks && !self.dp.ranks_agree(params) {
+                return Err(Error::Input(format!(
+                    "after step {} the ranks hold different parameters",
+                    self.state.step + 1
+                )));
+            }
             self.state.step += 1;
             steps_this_run += 1;
             self.state.tokens += (b * t * accum) as u64;
@@ -750,9 +889,11 @@ impl<'a> Trainer<'a> {
                 self.state.interval_steps = 0;
                 interval_time = 0.0;
                 interval_tokens = 0;
-                self.append_metrics(&m)?;
+                if lead {
+                    self.append_metrics(&m)?;
+                }
                 on_event(Event::Eval(&m));
-                if cfg.sample_tokens > 0 {
+                if lead && cfg.sample_tokens > 0 {
                     let text = self.sample_text(cfg.sample_tokens, 0.8, 0)?;
                     on_event(Event::Sample {
                         step: self.state.step,
@@ -761,7 +902,9 @@ impl<'a> Trainer<'a> {
                 }
                 self.state.rng = rng.state();
                 self.save(elapsed(&start))?;
-                self.write_plot()?;
+                if lead {
+                    self.write_plot()?;
+                }
                 on_event(Event::Saved {
                     step: self.state.step,
                 });
