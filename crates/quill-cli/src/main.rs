@@ -108,6 +108,9 @@ enum BenchCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Under mpirun: keep AdamW's moments whole on every rank (no ZeRO-1).
+        #[arg(long)]
+        no_zero: bool,
     },
     /// Prompt tokens/s, decode tokens/s at batch 1 and the memory bandwidth decoding uses
     /// (weight bytes per token × tokens/s ÷ the measured copy bandwidth), on random prompt ids.
@@ -1291,6 +1294,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             steps,
             dtype,
             json,
+            no_zero,
         } => {
             let precision = train_cmd::parse_dtype(&dtype)?;
             let cfg = quill::bench::train_config(&config)?;
@@ -1305,28 +1309,57 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     peaks.bf16_gflops.unwrap_or(peaks.fp32_gflops)
                 }
             };
-            let r = quill::bench::train(
-                &cfg,
-                batch.unwrap_or(cfg.batch),
-                seq.unwrap_or(cfg.seq),
+            let comm = quill::train::dist::from_env()?;
+            let opts = quill::bench::TrainBenchOptions {
+                batch: batch.unwrap_or(cfg.batch),
+                seq: seq.unwrap_or(cfg.seq),
                 steps,
                 precision,
-                Some(peak),
-            )?;
+                peak_gflops: Some(peak),
+                comm: comm.clone(),
+                zero: !no_zero,
+            };
+            let r = train_cmd::on_ranks(comm.clone(), |_| Ok(quill::bench::train(&cfg, &opts)?))?;
+            if comm.rank() != 0 {
+                return Ok(());
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} ({}): {:.0} tokens/s (best {:.0}), batch {} x {}, {} threads, {:.2}M parameters",
+                    "{} ({}): {:.0} tokens/s (best {:.0}), batch {} x {}, {}{} threads, {:.2}M parameters",
                     r.config,
                     r.dtype,
                     r.tokens_per_sec,
                     r.best_tokens_per_sec,
                     r.batch,
                     r.seq,
+                    if r.ranks > 1 {
+                        format!("{} ranks x ", r.ranks)
+                    } else {
+                        String::new()
+                    },
                     r.threads,
                     r.params as f64 / 1e6
                 );
+                if r.ranks > 1 {
+                    let m = &r.memory;
+                    let mb = |b: u64| b as f64 / 1e6;
+                    println!(
+                        "per rank: parameters {:.1} MB, gradients {:.1} MB, AdamW moments {:.1} MB ({}), exchange {:.1} MB, activations {:.1} MB; {:.1} MB in all",
+                        mb(m.params),
+                        mb(m.grads),
+                        mb(m.moments),
+                        if r.zero {
+                            format!("ZeRO-1: 1/{} of them", r.ranks)
+                        } else {
+                            "whole".into()
+                        },
+                        mb(m.exchange),
+                        mb(m.activations),
+                        mb(m.total())
+                    );
+                }
                 println!(
                     "MFU {:.1}% of the measured {} peak {:.1} GFLOP/s (flops/token = 6*{} + 12*L*C*T = {:.0})",
                     100.0 * r.mfu.unwrap_or(0.0),
@@ -1337,7 +1370,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                 );
                 if let Some(rss) = r.peak_rss {
                     println!(
-                        "peak RSS {:.1} MB; accounted {:.1} MB (RSS before the model + 16 B/parameter for weights, gradients and AdamW moments + 4 B per activation value)",
+                        "peak RSS {:.1} MB; accounted {:.1} MB (RSS before the model + 4 B per parameter, gradient, AdamW moment and activation value held)",
                         rss as f64 / 1e6,
                         r.accounted_bytes as f64 / 1e6
                     );

@@ -157,10 +157,10 @@ impl RankArgs {
 /// Runs `body` as one rank of the run in `comm`: with several ranks, an error on any rank
 /// is printed with its rank and ends every rank of the job (the others would wait for it in
 /// their next exchange forever).
-pub(crate) fn on_ranks(
+pub(crate) fn on_ranks<T>(
     comm: Rc<dyn Comm>,
-    body: impl FnOnce(Rc<dyn Comm>) -> Result<()>,
-) -> Result<()> {
+    body: impl FnOnce(Rc<dyn Comm>) -> Result<T>,
+) -> Result<T> {
     match body(comm.clone()) {
         Err(e) if comm.size() > 1 => {
             eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());

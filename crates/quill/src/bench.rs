@@ -5,9 +5,11 @@
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::model::{Batch, Config, Gpt2Config, Model};
 use crate::rng::Rng;
+use crate::train::dist::{Comm, DataParallel};
 use crate::train::optimizer::AdamW;
 use crate::{Error, Result};
 use serde::Serialize;
+use std::rc::Rc;
 use std::time::Instant;
 
 #[derive(Debug, Serialize)]
@@ -131,7 +133,12 @@ pub struct TrainBench {
     pub config: String,
     /// Operand precision of the products: f32 or bf16.
     pub dtype: &'static str,
+    /// Threads of each rank.
     pub threads: usize,
+    /// Processes of a data-parallel run (1: one process).
+    pub ranks: usize,
+    /// AdamW's moments sharded over the ranks (ZeRO-1).
+    pub zero: bool,
     pub batch: usize,
     pub seq: usize,
     pub params: usize,
@@ -144,10 +151,11 @@ pub struct TrainBench {
     pub mfu: Option<f64>,
     /// Peak resident memory of the run, bytes (Linux; from the start of the model's setup).
     pub peak_rss: Option<u64>,
-    /// What the run holds by design: parameters, gradients and both AdamW moments
-    /// (16 bytes per parameter) plus every activation and backward buffer (4 bytes each),
-    /// plus the resident memory before the model was made.
+    /// What the run holds by design (`memory`) plus the resident memory before the model
+    /// was made.
     pub accounted_bytes: u64,
+    /// What one rank holds by design.
+    pub memory: RankMemory,
 }
 
 /// Peak resident set size of this process so far (VmHWM), in bytes.
@@ -171,24 +179,40 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Median tokens/s of whole training steps after `warmup` steps.
-pub fn train(
-    cfg: &TrainBenchConfig,
-    batch: usize,
-    seq: usize,
-    steps: usize,
-    precision: Precision,
-    peak_gflops: Option<f64>,
-) -> Result<TrainBench> {
+/// How a training benchmark runs.
+pub struct TrainBenchOptions {
+    /// Sequences per step (the global batch, split over the ranks).
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed steps (after 2 warm-up steps).
+    pub steps: usize,
+    pub precision: Precision,
+    /// The peak MFU is measured against (GFLOP/s of one process).
+    pub peak_gflops: Option<f64>,
+    /// The ranks of a data-parallel run (one process: [`Single`]).
+    pub comm: Rc<dyn Comm>,
+    /// ZeRO-1: AdamW's moments sharded over the ranks.
+    pub zero: bool,
+}
+
+/// Median tokens/s (of the whole global batch) of training steps after 2 warm-up steps: the
+/// forward and backward passes over this rank's rows, the gradients' exchange and AdamW.
+pub fn train(cfg: &TrainBenchConfig, o: &TrainBenchOptions) -> Result<TrainBench> {
+    let (batch, seq) = (o.batch, o.seq);
     reset_peak_rss();
     let baseline = current_rss().unwrap_or(0);
     let mc = Gpt2Config::new(cfg.vocab, seq, cfg.width, cfg.layers, cfg.heads);
     let mut model = Model::new(Config::Gpt2(mc))?;
     model.init(0);
-    model.precision = precision;
-    let mut acts = model.new_acts(batch, seq);
-    let mut grads = vec![0.0f32; model.num_params()];
-    let mut opt = AdamW::new(model.num_params(), 0.9, 0.95, 1e-8, 0.1);
+    model.precision = o.precision;
+    let ranks = o.comm.size();
+    crate::train::dist::check_split(batch, model.num_params(), ranks)?;
+    let mut dp = DataParallel::new(o.comm.clone(), model.num_params(), o.zero);
+    let rows = crate::train::dist::rows(batch, dp.rank(), ranks);
+    let mut acts = model.new_acts(rows.len(), seq);
+    let mut grads = vec![0.0f32; dp.grad_len()];
+    let own = dp.moment_range().len();
+    let mut opt = AdamW::new(own, 0.9, 0.95, 1e-8, 0.1);
     let mut rng = Rng::new(0);
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| rng.below(cfg.vocab) as u32)
@@ -196,14 +220,21 @@ pub fn train(
     let targets: Vec<u32> = (0..batch * seq)
         .map(|_| rng.below(cfg.vocab) as u32)
         .collect();
+    let mine = rows.start * seq..rows.end * seq;
+    let (ids, targets) = (&ids[mine.clone()], &targets[mine]);
     let mut times = Vec::new();
-    for step in 0..steps + 2 {
+    for step in 0..o.steps + 2 {
+        dp.comm.barrier();
         let t = Instant::now();
         grads.fill(0.0);
-        model.forward(&mut acts, &ids)?;
-        let batch = Batch::new(&ids, &targets, 1.0);
-        model.backward(&mut acts, &mut grads, batch);
-        opt.step_clipped(&model.layout, &mut model.params, &grads, 3e-4, 1.0);
+        model.forward(&mut acts, ids)?;
+        let b = Batch::new(ids, targets, 1.0).over(batch * seq);
+        let n = model.num_params();
+        model.backward(&mut acts, &mut grads[..n], b);
+        let (layout, params) = model.params_mut();
+        dp.step(&mut opt, layout, params, &mut grads, (3e-4, 1.0));
+        // every rank's step has ended: rank 0's clock then times the slowest
+        dp.comm.barrier();
         if step >= 2 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -213,10 +244,20 @@ pub fn train(
     let flops_per_token = 6.0 * n as f64 + 12.0 * (cfg.layers * cfg.width * seq) as f64;
     let best = times.iter().cloned().fold(f64::MAX, f64::min);
     let tps = tokens / median(times);
+    let p = model.num_params() as u64;
+    let memory = RankMemory {
+        params: 4 * p,
+        grads: 4 * grads.len() as u64,
+        moments: 8 * own as u64,
+        exchange: 4 * dp.shards.len as u64 * (ranks > 1) as u64,
+        activations: 4 * acts.floats() as u64,
+    };
     Ok(TrainBench {
         config: cfg.name.to_string(),
-        dtype: precision.name(),
+        dtype: o.precision.name(),
         threads: rayon::current_num_threads(),
+        ranks,
+        zero: dp.zero,
         batch,
         seq,
         params: model.num_params(),
@@ -224,10 +265,34 @@ pub fn train(
         flops_per_token,
         tokens_per_sec: tps,
         best_tokens_per_sec: tokens / best,
-        mfu: peak_gflops.map(|p| flops_per_token * tps / (p * 1e9)),
+        // against the peak of all the ranks' cores together
+        mfu: o
+            .peak_gflops
+            .map(|p| flops_per_token * tps / (p * ranks as f64 * 1e9)),
         peak_rss: peak_rss(),
-        accounted_bytes: baseline + 16 * model.num_params() as u64 + 4 * acts.floats() as u64,
+        accounted_bytes: baseline + memory.total(),
+        memory,
     })
+}
+
+/// What one rank of a training benchmark holds by design, bytes.
+#[derive(Debug, Serialize)]
+pub struct RankMemory {
+    pub params: u64,
+    /// Gradients (padded to whole shards with several ranks).
+    pub grads: u64,
+    /// AdamW's two moments: of every parameter, or of this rank's shard with ZeRO-1.
+    pub moments: u64,
+    /// The shard a reduce-scatter receives (several ranks).
+    pub exchange: u64,
+    /// Every activation and backward buffer of this rank's rows.
+    pub activations: u64,
+}
+
+impl RankMemory {
+    pub fn total(&self) -> u64 {
+        self.params + self.grads + self.moments + self.exchange + self.activations
+    }
 }
 
 #[derive(Debug, Serialize)]
