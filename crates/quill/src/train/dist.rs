@@ -255,7 +255,7 @@ impl DataParallel {
     /// ranks; returns the summed gradient's norm before clipping.
     pub fn step(
         &mut self,
-        opt: &mut crate::train::AdamW,
+        opt: &mut crate::train::optimizer::AdamW,
         layout: &crate::model::ParamLayout,
         params: &mut [f32],
         grads: &mut [f32],
