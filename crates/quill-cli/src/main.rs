@@ -1269,20 +1269,31 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
+                println!("CPU: {} ({} threads)", p.cpu, p.threads);
+                println!("kernels: {}", p.kernels.describe());
                 for (n, g) in &p.fp32_by_size {
                     println!("fp32 GEMM {n}x{n}x{n}: {g:.1} GFLOP/s");
                 }
                 println!(
                     "fp32 peak: {:.1} GFLOP/s ({} threads; quill's elementwise kernels: {})",
-                    p.fp32_gflops,
-                    p.threads,
-                    quill::kernels::simd::level()
+                    p.fp32_gflops, p.threads, p.kernels.f32
                 );
                 match p.bf16_gflops {
                     Some(g) => println!(
                         "bf16 products (f32 accumulation, quill's AVX-512 BF16 kernel): {g:.1} GFLOP/s"
                     ),
-                    None => println!("bf16: this CPU has no AVX-512 BF16"),
+                    None => println!(
+                        "bf16: no AVX-512 BF16 here (or QUILL_SIMD caps it): bf16 products take a plain path"
+                    ),
+                }
+                println!(
+                    "int8 products (Q8_0 weights, 16-bit activations, {}): {:.1} GOP/s",
+                    p.kernels.int8, p.int8_gops
+                );
+                if p.kernels.amx_bf16 || p.kernels.amx_int8 {
+                    println!("AMX: this CPU has tiles (bf16/int8); quill has no AMX kernel yet");
+                } else {
+                    println!("AMX: not on this CPU");
                 }
                 println!("copy bandwidth (read + write): {:.1} GB/s", p.copy_gbs);
             }
@@ -1326,6 +1337,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
+                println!("{}; kernels: {}", r.cpu, r.kernels.describe());
                 println!(
                     "{} ({}): {:.0} tokens/s (best {:.0}), batch {} x {}, {}{} threads, {:.2}M parameters",
                     r.config,
@@ -1396,6 +1408,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
+                println!("{}; kernels: {}", r.cpu, r.kernels.describe());
                 println!(
                     "{} ({}, {:.1}M parameters, {} threads)",
                     r.model,

@@ -175,7 +175,7 @@ pub(crate) fn parse_dtype(s: &str) -> Result<Precision> {
         .ok_or_else(|| anyhow::anyhow!("--dtype {s:?}: expected f32 or bf16"))?;
     if p == Precision::Bf16 && !quill::kernels::bf16::has_bf16() {
         eprintln!(
-            "warning: this CPU has no AVX-512 BF16 (or QUILL_SIMD=scalar is set): bf16 products run on a plain, much slower path; --dtype f32 is faster here"
+            "warning: this CPU has no AVX-512 BF16 (or QUILL_SIMD caps the kernels below avx512): bf16 products run on a plain, much slower path; --dtype f32 is faster here"
         );
     }
     Ok(p)

@@ -2,6 +2,7 @@
 //! whole training steps (forward, backward, AdamW) for standard configurations. Figures, not
 //! tests: compare them with a peer measured in the same session (BENCHMARKS.md).
 
+pub use crate::kernels::families::{cpu_name, kernels, Kernels};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::model::{Batch, Config, Gpt2Config, Model};
 use crate::rng::Rng;
@@ -14,6 +15,10 @@ use std::time::Instant;
 
 #[derive(Debug, Serialize)]
 pub struct Peak {
+    /// The CPU's model name (/proc/cpuinfo).
+    pub cpu: String,
+    /// Every kernel family and whether this run uses it.
+    pub kernels: Kernels,
     pub threads: usize,
     /// Best fp32 GEMM rate over the sizes tried, GFLOP/s (2·n³ per product).
     pub fp32_gflops: f64,
@@ -24,6 +29,39 @@ pub struct Peak {
     /// bf16 products with f32 accumulation (quill's `vdpbf16ps` kernel), best over the sizes
     /// tried, GFLOP/s; None where the CPU has no AVX-512 BF16.
     pub bf16_gflops: Option<f64>,
+    /// Integer block dot products (GGUF Q8_0 weights against activations quantized to 16
+    /// bits, AVX-512 VNNI or AVX2) on a batch of 16 rows, billions of multiply-adds × 2 a
+    /// second.
+    pub int8_gops: f64,
+}
+
+/// Multiply-adds × 2 a second of quantized products (Q8_0 weights, 2048 × 2048, in cache
+/// tiers the weights fit; a batch of 16 rows).
+fn int8_rate() -> f64 {
+    use crate::kernels::linear::{quant_linear, QPart};
+    use crate::kernels::quant::{quantize::quantize, QType};
+    let (rows, cols, n) = (2048usize, 2048usize, 16usize);
+    let mut rng = Rng::new(3);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.uniform() as f32 - 0.5)
+        .collect();
+    let mut bytes = Vec::new();
+    quantize(QType::Q8_0, &w, &mut bytes);
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform() as f32 - 0.5).collect();
+    let mut y = vec![0.0f32; n * rows];
+    let part = [QPart {
+        bytes: &bytes,
+        qtype: QType::Q8_0,
+    }];
+    quant_linear(&mut y, rows, &x, cols, &part);
+    let times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            quant_linear(&mut y, rows, &x, cols, &part);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (rows * cols * n) as f64 / median(times) / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,6 +124,9 @@ pub fn peak() -> Peak {
         best
     });
     Peak {
+        cpu: cpu_name(),
+        kernels: kernels(),
+        int8_gops: int8_rate(),
         bf16_gflops,
         threads: rayon::current_num_threads(),
         fp32_gflops: by_size.iter().map(|x| x.1).fold(0.0, f64::max),
@@ -130,6 +171,9 @@ pub fn train_config(name: &str) -> Result<TrainBenchConfig> {
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
+    /// The machine and the kernel families the run took.
+    pub cpu: String,
+    pub kernels: Kernels,
     pub config: String,
     /// Operand precision of the products: f32 or bf16.
     pub dtype: &'static str,
@@ -253,6 +297,8 @@ pub fn train(cfg: &TrainBenchConfig, o: &TrainBenchOptions) -> Result<TrainBench
         activations: 4 * acts.floats() as u64,
     };
     Ok(TrainBench {
+        cpu: cpu_name(),
+        kernels: kernels(),
         config: cfg.name.to_string(),
         dtype: o.precision.name(),
         threads: rayon::current_num_threads(),
@@ -297,6 +343,10 @@ impl RankMemory {
 
 #[derive(Debug, Serialize)]
 pub struct GenerateBench {
+    /// The machine and the kernel families the run took (results from different CPUs are
+    /// never mixed up).
+    pub cpu: String,
+    pub kernels: Kernels,
     pub model: String,
     pub architecture: String,
     pub threads: usize,
@@ -356,6 +406,8 @@ pub fn generate(
     let bytes = model.weight_bytes_per_token();
     let gbs = bytes as f64 * decode / 1e9;
     Ok(GenerateBench {
+        cpu: cpu_name(),
+        kernels: kernels(),
         model: name.to_string(),
         architecture: model.architecture().to_string(),
         threads: rayon::current_num_threads(),

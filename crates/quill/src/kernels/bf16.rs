@@ -4,7 +4,7 @@
 //! f32 lane per instruction, twice the f32 FMA rate) and accumulate in f32. The blocking,
 //! packing and kernels are in [`super::packed`]; this file holds the rounding (the product's entry is [`super::matmul`]).
 
-/// Whether this CPU runs the bf16 kernel natively (and `QUILL_SIMD=scalar` is not set).
+/// Whether this CPU runs the bf16 kernel natively (and `QUILL_SIMD` does not cap it below avx512).
 pub fn has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod bf16;
 pub mod crossentropy;
 pub mod embedding;
+pub mod families;
 pub mod gelu;
 pub mod layernorm;
 pub mod linear;

@@ -18,7 +18,7 @@ pub fn level() -> &'static str {
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        !forced_scalar()
+        cap() >= Cap::Avx512
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
     }
@@ -30,7 +30,7 @@ pub fn has_avx512() -> bool {
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        !forced_scalar()
+        cap() >= Cap::Avx2
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
     }
@@ -38,11 +38,40 @@ pub fn has_avx2() -> bool {
     false
 }
 
-/// `QUILL_SIMD=scalar` turns the SIMD paths off (for checking them against the plain path).
-fn forced_scalar() -> bool {
+/// The widest kernel family the dispatch may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cap {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Cap {
+    /// `scalar`, `avx2` or `avx512`.
+    pub fn parse(s: &str) -> Option<Cap> {
+        match s {
+            "scalar" => Some(Cap::Scalar),
+            "avx2" => Some(Cap::Avx2),
+            "avx512" => Some(Cap::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// `QUILL_SIMD=scalar|avx2|avx512` caps the kernel families the dispatch takes (to check
+/// each family against the plain path on the same inputs, or to run as a CPU without the
+/// wider ones would; AVX-512 BF16 and VNNI need `avx512`). Unset: the widest the CPU has.
+/// An unknown value is reported once and ignored.
+pub fn cap() -> Cap {
     use std::sync::OnceLock;
-    static SCALAR: OnceLock<bool> = OnceLock::new();
-    *SCALAR.get_or_init(|| std::env::var("QUILL_SIMD").is_ok_and(|v| v == "scalar"))
+    static CAP: OnceLock<Cap> = OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("QUILL_SIMD") {
+        Ok(v) => Cap::parse(&v).unwrap_or_else(|| {
+            eprintln!("warning: QUILL_SIMD={v:?} is not scalar, avx2 or avx512; ignored");
+            Cap::Avx512
+        }),
+        Err(_) => Cap::Avx512,
+    })
 }
 
 /// Defines `fn name(args) -> ret { body }` compiled for AVX-512, AVX2+FMA and the baseline,

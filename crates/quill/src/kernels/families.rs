@@ -1,0 +1,125 @@
+//! The kernel families a run takes on this CPU (and those the CPU has that quill does not
+//! use), with the CPU's name: what `quill bench` reports beside every result.
+
+use serde::Serialize;
+
+/// The kernel families of this CPU: what it has, and what this run takes (`QUILL_SIMD` caps
+/// the dispatch).
+#[derive(Debug, Serialize, Clone)]
+pub struct Kernels {
+    /// Elementwise and f32 product kernels: avx512, avx2 or scalar.
+    pub f32: &'static str,
+    /// bf16 products on AVX-512 BF16 (`vdpbf16ps`); false: a plain path.
+    pub avx512_bf16: bool,
+    /// Quantized dot products: avx512-vnni, avx2 or plain.
+    pub int8: &'static str,
+    /// The CPU has AMX tiles (bf16 / int8); quill has no AMX kernel yet.
+    pub amx_bf16: bool,
+    pub amx_int8: bool,
+    /// The value of QUILL_SIMD, when set.
+    pub forced: Option<String>,
+}
+
+/// The kernel families this run takes on this CPU.
+pub fn kernels() -> Kernels {
+    let flags = cpu_flags();
+    Kernels {
+        f32: super::simd::level(),
+        avx512_bf16: super::bf16::has_bf16(),
+        int8: match super::quant::dot::isa() {
+            super::quant::dot::Isa::Avx512Vnni => "avx512-vnni",
+            super::quant::dot::Isa::Avx2 => "avx2",
+            super::quant::dot::Isa::Plain => "plain",
+        },
+        amx_bf16: flags.iter().any(|f| f == "amx_bf16"),
+        amx_int8: flags.iter().any(|f| f == "amx_int8"),
+        forced: std::env::var("QUILL_SIMD")
+            .ok()
+            .filter(|v| super::simd::Cap::parse(v).is_some()),
+    }
+}
+
+impl Kernels {
+    /// One line: the families taken, and those the CPU has that quill does not use.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "f32 {}, bf16 {}, int8 {}",
+            self.f32,
+            if self.avx512_bf16 {
+                "avx512-bf16"
+            } else {
+                "plain"
+            },
+            self.int8
+        );
+        if self.amx_bf16 || self.amx_int8 {
+            s += "; the CPU has AMX, which quill does not use yet";
+        }
+        if let Some(f) = &self.forced {
+            s += &format!(" (QUILL_SIMD={f})");
+        }
+        s
+    }
+}
+
+fn cpuinfo_field(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+fn cpu_flags() -> Vec<String> {
+    cpuinfo_field("flags")
+        .map(|f| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// The CPU's model name, as /proc/cpuinfo gives it ("unknown CPU" elsewhere).
+pub fn cpu_name() -> String {
+    cpuinfo_field("model name").unwrap_or_else(|| "unknown CPU".into())
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use crate::kernels::quant::dot::{isa, Isa};
+    use crate::kernels::simd::{cap, has_avx2, has_avx512, level, Cap};
+
+    /// `QUILL_SIMD` bounds every family the kernels dispatch to, so that a test run under
+    /// `QUILL_SIMD=avx2` or `scalar` (run-tests does both) checks those paths against the
+    /// plain references on the same inputs; it says which families this CPU lacks.
+    #[test]
+    fn the_cap_bounds_every_kernel_family() {
+        let c = cap();
+        let k = super::kernels();
+        eprintln!("QUILL_SIMD cap {c:?}; this run's kernels: {}", k.describe());
+        for (feature, has) in [
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            (
+                "avx512bf16",
+                std::arch::is_x86_feature_detected!("avx512bf16"),
+            ),
+            (
+                "avx512vnni",
+                std::arch::is_x86_feature_detected!("avx512vnni"),
+            ),
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ] {
+            if !has {
+                eprintln!("this CPU has no {feature}: its kernels are not checked here");
+            }
+        }
+        if c < Cap::Avx512 {
+            assert!(!has_avx512() && !crate::kernels::bf16::has_bf16());
+            assert!(!crate::kernels::sgemm::available());
+            assert_ne!(isa(), Isa::Avx512Vnni);
+        }
+        if c < Cap::Avx2 {
+            assert!(!has_avx2());
+            assert_eq!(level(), "scalar");
+            assert_eq!(isa(), Isa::Plain);
+        }
+        assert_eq!(k.f32, level());
+        assert_eq!(Cap::parse("avx2"), Some(Cap::Avx2));
+        assert_eq!(Cap::parse("AVX2"), None);
+    }
+}
