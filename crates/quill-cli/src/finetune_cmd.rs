@@ -4,8 +4,8 @@
 //! metrics.jsonl, loss.svg, atomic checkpoints) and resumes exactly.
 
 use crate::train_cmd::{
-    check_rates, check_training_memory, check_writable, drive, on_ranks, parse_dtype, DriveOptions,
-    RankArgs,
+    check_rates, check_training_memory, check_writable, drive, on_ranks, parse_dtype,
+    read_run_file, DriveOptions, RankArgs,
 };
 use anyhow::{bail, Context, Result};
 use quill::chat::ChatTemplate;
@@ -604,17 +604,7 @@ impl FinetuneArgs {
 fn resume(a: &FinetuneArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
     let lead = comm.rank() == 0;
     let path = out.join(INFO_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        if a.resume || lead {
-            format!("nothing to resume in {} (no {INFO_FILE})", out.display())
-        } else {
-            format!(
-                "rank {} cannot read the run rank 0 wrote in {}: --out must be a folder every rank sees (a shared file system)",
-                comm.rank(),
-                out.display()
-            )
-        }
-    })?;
+    let text = read_run_file(out, INFO_FILE, a.resume, &*comm)?;
     let info: FinetuneInfo =
         serde_json::from_str(&text).with_context(|| format!("{}: damaged", path.display()))?;
     if lead && a.resume && (a.model.is_some() || a.data.is_some()) {

@@ -567,12 +567,17 @@ fn new_tokenizer(spec: &str, sources: &[Source], lossy: bool) -> Result<Tokenize
     Ok(Tokenizer::from_spec(spec)?)
 }
 
-fn resume(a: TrainArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
-    let lead = comm.rank() == 0;
-    let run_info_path = out.join("run.json");
-    let text = std::fs::read_to_string(&run_info_path).with_context(|| {
-        if a.resume || lead {
-            format!("nothing to resume in {} (no run.json)", out.display())
+/// The file `name` of the run saved in `out`, read to resume it (`resume`: the user asked
+/// to), or by a rank other than 0 to open the run rank 0 has just written.
+pub(crate) fn read_run_file(
+    out: &Path,
+    name: &str,
+    resume: bool,
+    comm: &dyn Comm,
+) -> Result<String> {
+    std::fs::read_to_string(out.join(name)).with_context(|| {
+        if resume || comm.rank() == 0 {
+            format!("nothing to resume in {} (no {name})", out.display())
         } else {
             format!(
                 "rank {} cannot read the run rank 0 wrote in {}: --out must be a folder every rank sees (a shared file system)",
@@ -580,7 +585,13 @@ fn resume(a: TrainArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
                 out.display()
             )
         }
-    })?;
+    })
+}
+
+fn resume(a: TrainArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
+    let lead = comm.rank() == 0;
+    let run_info_path = out.join("run.json");
+    let text = read_run_file(out, "run.json", a.resume, &*comm)?;
     let info: RunInfo = serde_json::from_str(&text)
         .with_context(|| format!("{} is damaged", run_info_path.display()))?;
     let given = [
