@@ -193,6 +193,8 @@ pub struct DataParallel {
     pub zero: bool,
     /// This rank's shard of the summed gradient, then of the updated parameters.
     part: Vec<f32>,
+    /// Numbers each rank owns (`shards.counts()`, kept: the exchange reads it every step).
+    counts: Vec<usize>,
 }
 
 impl DataParallel {
@@ -207,6 +209,7 @@ impl DataParallel {
         DataParallel {
             zero: zero && comm.size() > 1,
             comm,
+            counts: shards.counts(),
             shards,
             part,
         }
@@ -267,12 +270,12 @@ impl DataParallel {
             return opt.step_clipped(layout, params, &grads[..total], lr, clip);
         }
         let r = self.shards.range(self.rank());
-        let counts = self.shards.counts();
+        let counts = &self.counts;
         self.comm.reduce_scatter(grads, &mut self.part);
         if !self.zero {
             // every rank gets the whole summed gradient and takes the same step
             self.comm
-                .all_gather(&self.part[..r.len()], &mut grads[..total], &counts);
+                .all_gather(&self.part[..r.len()], &mut grads[..total], counts);
             return opt.step_clipped(layout, params, &grads[..total], lr, clip);
         }
         let mut s = [sum_sq(&self.part[..r.len()])];
@@ -288,22 +291,20 @@ impl DataParallel {
         );
         self.part[..r.len()].copy_from_slice(&params[r.clone()]);
         self.comm
-            .all_gather(&self.part[..r.len()], &mut params[..total], &counts);
+            .all_gather(&self.part[..r.len()], &mut params[..total], counts);
         norm
     }
 
-    /// The whole of a moment vector this rank holds part of, on rank 0 (None elsewhere).
+    /// The whole of a moment vector whose shards the ranks hold (ZeRO-1), on rank 0 (None
+    /// elsewhere).
     pub fn gather_moments(&self, mine: &[f32]) -> Option<Vec<f32>> {
-        if !self.zero {
-            return (self.rank() == 0).then(|| mine.to_vec());
-        }
-        let counts = self.shards.counts();
         if self.rank() == 0 {
             let mut full = vec![0.0; self.shards.total];
-            self.comm.gather_to_root(mine, Some(&mut full), &counts);
+            self.comm
+                .gather_to_root(mine, Some(&mut full), &self.counts);
             Some(full)
         } else {
-            self.comm.gather_to_root(mine, None, &counts);
+            self.comm.gather_to_root(mine, None, &self.counts);
             None
         }
     }
@@ -383,7 +384,15 @@ mod mpi_comm {
             format!("{} ranks over {name}", self.size)
         }
         fn sum_f64(&self, x: &mut [f64]) {
-            let send = x.to_vec();
+            // the step's few scalars (counts, losses, flags) go through a stack copy: no
+            // allocation per step
+            let mut small = [0.0f64; 4];
+            let send: std::borrow::Cow<[f64]> = if x.len() <= small.len() {
+                small[..x.len()].copy_from_slice(x);
+                std::borrow::Cow::Borrowed(&small[..x.len()])
+            } else {
+                std::borrow::Cow::Owned(x.to_vec())
+            };
             self.world
                 .all_reduce_into(&send[..], x, SystemOperation::sum());
         }
