@@ -396,6 +396,14 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
         });
 }
 
+/// New rows from which [`CachedAttention::forward`] runs in strips of products.
+const STRIP_MIN: usize = 16;
+
+thread_local! {
+    /// Scores and transposed keys of one strip task of [`CachedAttention::forward`].
+    static STRIP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Floats of `scores` scratch that [`CachedAttention::forward`] needs for `total` cached positions.
 pub fn cached_scratch_len(total: usize) -> usize {
     rayon::current_num_threads().max(1) * total
@@ -433,11 +441,32 @@ impl CachedAttention {
     ) {
         let Heads { h, kv: n_kv, d } = self.heads;
         let (k_cache, v_cache) = kv;
-        let (n, pos, scale) = (q.len() / q_rs, self.pos, self.scale);
+        let (n, pos) = (q.len() / q_rs, self.pos);
         let kv_rs = n_kv * d;
         let total = pos + n;
         assert!(k_cache.len() >= total * kv_rs && v_cache.len() >= total * kv_rs);
-        assert!(out.len() >= n * h * d);
+        assert!(out.len() >= n * h * d && q_rs >= h * d && n_kv > 0 && h % n_kv == 0);
+        if n >= STRIP_MIN {
+            return self.forward_strips(out, q, q_rs, kv);
+        }
+        self.forward_rows(out, q, q_rs, kv, scores)
+    }
+
+    /// [`CachedAttention::forward`] one query row at a time (decoding, a few rows): dot
+    /// products with each visible key, the softmax, the weighted sum of values.
+    fn forward_rows(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        q_rs: usize,
+        kv: (&[f32], &[f32]),
+        scores: &mut [f32],
+    ) {
+        let Heads { h, kv: n_kv, d } = self.heads;
+        let (k_cache, v_cache) = kv;
+        let (n, pos, scale) = (q.len() / q_rs, self.pos, self.scale);
+        let kv_rs = n_kv * d;
+        let total = pos + n;
         let threads = rayon::current_num_threads().max(1);
         assert!(scores.len() >= threads * total);
         let out_p = SendPtr(out.as_mut_ptr());
@@ -477,6 +506,75 @@ impl CachedAttention {
                     *o += w * v;
                 }
             }
+        });
+    }
+
+    /// [`CachedAttention::forward`] for many new rows (a prompt), as the training pass does
+    /// it: per (query head, strip of CAUSAL_BLOCK queries) the strip's scores against the keys
+    /// it may see are one product (Q · Kᵀ, with Kᵀ copied from the cache), soft-maxed in
+    /// place, then applied to the values (P · V) in a second product; products skip the
+    /// tiles the causal mask leaves out. Scratch is per thread.
+    fn forward_strips(&self, out: &mut [f32], q: &[f32], q_rs: usize, kv: (&[f32], &[f32])) {
+        let Heads { h, kv: n_kv, d } = self.heads;
+        let (k_cache, v_cache) = kv;
+        let (n, pos) = (q.len() / q_rs, self.pos);
+        let (kv_rs, oc) = (n_kv * d, h * d);
+        let strips = n.div_ceil(CAUSAL_BLOCK);
+        let out_p = SendPtr(out.as_mut_ptr());
+        // the last strips see the most keys: they go first
+        (0..h * strips).into_par_iter().for_each(|task| {
+            let (si, hi) = (strips - 1 - task / h, task % h);
+            let kvh = hi / (h / n_kv);
+            let (i0, i1) = (si * CAUSAL_BLOCK, (si * CAUSAL_BLOCK + CAUSAL_BLOCK).min(n));
+            // keys k0..k1: from the first that the strip's first query sees (later queries'
+            // windows start no earlier) through its last query's own
+            let (k0, k1) = (self.first(pos + i0 + 1), pos + i1);
+            let keys = k1 - k0;
+            let off = pos + i0 - k0;
+            STRIP.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.resize(CAUSAL_BLOCK * keys + d * keys, 0.0);
+                let (strip, kt) = buf.split_at_mut(CAUSAL_BLOCK * keys);
+                let sp = strip.as_mut_ptr();
+                // Safety: the strides stay inside q, the cache's rows k0..k1 and this task's
+                // rows i0..i1 and head columns of out; the scratch is this thread's.
+                unsafe {
+                    super::tile::transpose(
+                        kt,
+                        k_cache[k0 * kv_rs + kvh * d..].as_ptr(),
+                        kv_rs,
+                        keys,
+                        d,
+                    );
+                    mm(
+                        Precision::F32,
+                        Strided::new(
+                            Dims::new(i1 - i0, d, keys),
+                            ViewMut::new(sp, keys),
+                            View::new(q[i0 * q_rs + hi * d..].as_ptr(), q_rs, 1),
+                            View::new(kt.as_ptr(), keys, 1),
+                            Accumulate::Overwrite,
+                        ),
+                        Causal::ColsUpTo(off),
+                    );
+                    for r in 0..i1 - i0 {
+                        let len = pos + i0 + r + 1;
+                        let row = &mut strip[r * keys..(r + 1) * keys];
+                        softmax_causal_row(row, self.first(len) - k0, len - 1 - k0, self.scale);
+                    }
+                    mm(
+                        Precision::F32,
+                        Strided::new(
+                            Dims::new(i1 - i0, keys, d),
+                            ViewMut::new(out_p.get().add(i0 * oc + hi * d), oc),
+                            View::new(sp, keys, 1),
+                            View::new(v_cache[k0 * kv_rs + kvh * d..].as_ptr(), kv_rs, 1),
+                            Accumulate::Overwrite,
+                        ),
+                        Causal::DepthUpTo(off),
+                    );
+                }
+            });
         });
     }
 
@@ -741,6 +839,36 @@ mod tests {
         }
         for (a, b) in got.iter().zip(&full) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// A prompt's rows in strips of products equal the row-at-a-time path, with grouped-query
+    /// heads, a cache already holding positions, a partial last strip and a sliding window.
+    #[test]
+    fn cached_strips_equal_cached_rows() {
+        let mut rng = Rng::new(7);
+        let hs = Heads { h: 4, kv: 2, d: 8 };
+        let (pos, n) = (5, 2 * CAUSAL_BLOCK + 7);
+        let total = pos + n;
+        let q_rs = hs.h * hs.d + 3;
+        let q = randn(&mut rng, n * q_rs, 1.0);
+        let kc = randn(&mut rng, total * hs.kv * hs.d, 1.0);
+        let vc = randn(&mut rng, total * hs.kv * hs.d, 1.0);
+        for window in [None, Some(7), Some(40)] {
+            let at = CachedAttention {
+                heads: hs,
+                scale: 0.3,
+                window,
+                pos,
+            };
+            let mut rows = vec![0.0; n * hs.h * hs.d];
+            let mut strips = vec![f32::NAN; n * hs.h * hs.d];
+            let mut scores = vec![0.0; cached_scratch_len(total)];
+            at.forward_rows(&mut rows, &q, q_rs, (&kc, &vc), &mut scores);
+            at.forward(&mut strips, &q, q_rs, (&kc, &vc), &mut scores);
+            for (a, b) in strips.iter().zip(&rows) {
+                assert!((a - b).abs() < 1e-5, "{window:?}: {a} vs {b}");
+            }
         }
     }
 }
