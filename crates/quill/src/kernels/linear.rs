@@ -6,6 +6,7 @@
 use super::matmul::{matmul_strided, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
 use super::quant::dot::{dot_rows, isa, QuantRows};
+use super::quant::gemm;
 use super::quant::{dequantize, QType};
 use super::simd::multiversion;
 use super::SendPtr;
@@ -194,7 +195,8 @@ impl QPart<'_> {
 /// parts split over the threads in one parallel pass.
 pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
     assert!(parts.len() <= 8, "at most 8 stacked parts");
-    if x.len() / cols.max(1) >= GEMM_ROWS {
+    let many = x.len() / cols.max(1) >= GEMM_ROWS;
+    if many && !gemm::available() {
         return quant_gemm(y, y_rs, x, cols, parts);
     }
     let path = isa();
@@ -210,6 +212,9 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
         }
         let out = starts[parts.len()];
         assert!(n == 0 || (out <= y_rs && y.len() >= (n - 1) * y_rs + out));
+        if many {
+            return quant_panels(y, y_rs, xq, parts, &starts);
+        }
         let yp = SendPtr(y.as_mut_ptr());
         let ylen = y.len();
         (0..out.div_ceil(QUANT_ROWS))
@@ -229,9 +234,63 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
     });
 }
 
-/// Rows of x from which a quantized product dequantizes its weights for the f32 GEMM
-/// instead of quantizing x (a prompt): each weight is then decoded once for all the rows.
+/// Rows of x from which a quantized product decodes each panel of weights once for all the
+/// rows (a prompt): into int16 panels for the integer GEMM ([`gemm`], AVX-512 VNNI), or
+/// where that is missing, to f32 for the f32 GEMM.
 pub const GEMM_ROWS: usize = 32;
+
+thread_local! {
+    /// This thread's decoded weight panel of [`quant_panels`] (reused between calls).
+    static QPANEL: std::cell::RefCell<gemm::Panel> = std::cell::RefCell::new(gemm::Panel::default());
+}
+
+/// [`quant_linear`] for many rows on the packed integer GEMM: tasks of one panel of 32 weight
+/// rows (decoded once per task) times a share of x's rows; x's rows are split only as far as
+/// the threads need work. `starts[p]` is part p's first output column.
+fn quant_panels(y: &mut [f32], y_rs: usize, xq: &QuantRows, parts: &[QPart<'_>], starts: &[usize]) {
+    let (n, cols) = (xq.rows(), xq.cols);
+    // (part, first row of the panel)
+    let panels: Vec<(usize, usize)> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(pi, _)| {
+            (starts[pi]..starts[pi + 1])
+                .step_by(gemm::NR)
+                .map(move |j| (pi, j))
+        })
+        .collect();
+    let threads = rayon::current_num_threads();
+    let splits = (4 * threads)
+        .div_ceil(panels.len().max(1))
+        .min(n.div_ceil(8 * gemm::MR))
+        .max(1);
+    let share = n.div_ceil(splits).next_multiple_of(gemm::MR);
+    let yp = SendPtr(y.as_mut_ptr());
+    (0..panels.len() * splits).into_par_iter().for_each(|task| {
+        let (pi, j) = panels[task / splits];
+        let i0 = (task % splits) * share;
+        let i1 = (i0 + share).min(n);
+        if i0 >= i1 {
+            return;
+        }
+        let p = &parts[pi];
+        let (rb, r) = (p.row_bytes(cols), j - starts[pi]);
+        let rows = (starts[pi + 1] - j).min(gemm::NR);
+        QPANEL.with(|panel| {
+            let mut panel = panel.borrow_mut();
+            gemm::pack(
+                p.qtype,
+                &p.bytes[r * rb..(r + rows) * rb],
+                rows,
+                cols,
+                &mut panel,
+            );
+            // Safety: columns j..j + rows of rows i0..i1 lie inside y (asserted by the
+            // caller) and only this task writes them.
+            unsafe { gemm::times(p.qtype, &panel, xq, (i0, i1), yp.get().add(j), y_rs) }
+        });
+    });
+}
 
 thread_local! {
     /// Dequantized weight rows of [`quant_gemm`] (reused between calls).

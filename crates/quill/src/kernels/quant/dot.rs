@@ -273,7 +273,7 @@ pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     //! Every helper is `#[inline(always)]` so that it compiles inside the entry points'
     //! target features, and the body is generic over the format (its GGML id) so that each
     //! format's loop has its decoding inlined with no branch on the type.
@@ -283,16 +283,16 @@ mod x86 {
     /// Rows of x whose dot products share one decoding of a weight chunk.
     const XR: usize = 4;
 
-    const Q4_0: u32 = 2;
-    const Q4_1: u32 = 3;
-    const Q5_0: u32 = 6;
-    const Q5_1: u32 = 7;
-    const Q8_0: u32 = 8;
-    const Q2K: u32 = 10;
-    const Q3K: u32 = 11;
-    const Q4K: u32 = 12;
-    const Q5K: u32 = 13;
-    const Q6K: u32 = 14;
+    pub(in crate::kernels::quant) const Q4_0: u32 = 2;
+    pub(in crate::kernels::quant) const Q4_1: u32 = 3;
+    pub(in crate::kernels::quant) const Q5_0: u32 = 6;
+    pub(in crate::kernels::quant) const Q5_1: u32 = 7;
+    pub(in crate::kernels::quant) const Q8_0: u32 = 8;
+    pub(in crate::kernels::quant) const Q2K: u32 = 10;
+    pub(in crate::kernels::quant) const Q3K: u32 = 11;
+    pub(in crate::kernels::quant) const Q4K: u32 = 12;
+    pub(in crate::kernels::quant) const Q5K: u32 = 13;
+    pub(in crate::kernels::quant) const Q6K: u32 = 14;
 
     /// The f16 at `p`.
     #[inline(always)]
@@ -350,15 +350,15 @@ mod x86 {
 
     /// A decoded chunk: 32 digits (signed for Q8_0), the scales of its halves and their
     /// offsets.
-    struct Dec {
-        u: __m256i,
-        a: [f32; 2],
-        b: [f32; 2],
+    pub(in crate::kernels::quant) struct Dec {
+        pub u: __m256i,
+        pub a: [f32; 2],
+        pub b: [f32; 2],
     }
 
     /// Chunk `c` of the block at `b`, in format `T`.
     #[inline(always)]
-    unsafe fn decode<const T: u32>(b: *const u8, c: usize) -> Dec {
+    pub(in crate::kernels::quant) unsafe fn decode<const T: u32>(b: *const u8, c: usize) -> Dec {
         match T {
             Q8_0 => {
                 let d = h(b);
@@ -463,7 +463,7 @@ mod x86 {
     }
 
     /// Whether the format's two halves of a chunk have scales of their own.
-    const fn split(t: u32) -> bool {
+    pub(in crate::kernels::quant) const fn split(t: u32) -> bool {
         matches!(t, Q2K | Q3K | Q6K)
     }
 
@@ -636,6 +636,7 @@ mod x86 {
             }
         };
     }
+    pub(in crate::kernels::quant) use per_type;
 
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `w` is whole blocks of `t` for a row of `x.cols`.
@@ -653,7 +654,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::dequantize;
     use super::*;
     use crate::rng::Rng;
@@ -690,7 +691,7 @@ mod tests {
         b
     }
 
-    fn random_x(n: usize, rng: &mut Rng) -> Vec<f32> {
+    pub fn random_x(n: usize, rng: &mut Rng) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 // a few chunks of zeros and of one large value

@@ -15,6 +15,7 @@
 use half::f16;
 
 pub mod dot;
+pub mod gemm;
 pub mod quantize;
 
 /// Numbers in a K-format super-block.
