@@ -687,8 +687,10 @@ mod tests {
         }
     }
 
-    /// Prompts (GEMM_ROWS rows or more) multiply weight panels dequantized to f32: the
-    /// dequantized product, stacked parts included, at a row stride wider than the outputs.
+    /// Prompts (GEMM_ROWS rows or more) give the dequantized product, stacked parts
+    /// included, at a row stride wider than the outputs: of the activations themselves where
+    /// weight panels are dequantized to f32, of the activations quantized to int16 where the
+    /// integer GEMM runs (AVX-512 VNNI).
     #[test]
     fn quantized_prompts_match_the_dequantized_product() {
         use crate::kernels::quant::quantize::quantize;
@@ -724,7 +726,18 @@ mod tests {
                     bytes.iter().map(|b| QPart { bytes: b, qtype: t }).collect();
                 let out: usize = outs.iter().sum();
                 let mut want = vec![0.0; n * out];
-                reference::matmul(&mut want, &to_f64(&x), &w64, (n, cols, out), (false, true));
+                let x64: Vec<f64> = if gemm::available() {
+                    let mut xq = QuantRows::default();
+                    xq.quantize(&x, cols);
+                    let d = |k: usize| xq.d[k / crate::kernels::quant::dot::CHUNK] as f64;
+                    xq.q.iter()
+                        .enumerate()
+                        .map(|(k, &q)| q as f64 * d(k))
+                        .collect()
+                } else {
+                    to_f64(&x)
+                };
+                reference::matmul(&mut want, &x64, &w64, (n, cols, out), (false, true));
                 let rs = out + 2;
                 let mut y = vec![42.0f32; n * rs];
                 quant_linear(&mut y, rs, &x, cols, &parts);

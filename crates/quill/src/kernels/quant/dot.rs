@@ -60,6 +60,16 @@ impl QuantRows {
         self.q.resize(x.len(), 0);
         self.sums.resize(2 * chunks, 0);
         self.xs.resize(2 * chunks, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if super::super::simd::has_avx512() {
+            // Safety: has_avx512() found AVX-512 F and BW; the buffers were sized above.
+            return unsafe { self.quantize_avx512(x) };
+        }
+        self.quantize_plain(x)
+    }
+
+    /// [`QuantRows::quantize`]'s loop, plainly (the buffers already sized for x).
+    fn quantize_plain(&mut self, x: &[f32]) {
         for (c, xs) in x.chunks_exact(CHUNK).enumerate() {
             let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let d = amax / 32767.0;
@@ -67,12 +77,47 @@ impl QuantRows {
             self.d[c] = d;
             let q = &mut self.q[c * CHUNK..(c + 1) * CHUNK];
             for (qv, &v) in q.iter_mut().zip(xs) {
-                *qv = (v * id).round().clamp(-32767.0, 32767.0) as i16;
+                // ties to even, as the SIMD conversion rounds
+                *qv = (v * id).round_ties_even().clamp(-32767.0, 32767.0) as i16;
             }
             self.sums[2 * c] = q[..16].iter().map(|&v| v as i32).sum();
             self.sums[2 * c + 1] = q[16..].iter().map(|&v| v as i32).sum();
             self.xs[2 * c] = d * self.sums[2 * c] as f32;
             self.xs[2 * c + 1] = d * self.sums[2 * c + 1] as f32;
+        }
+    }
+
+    /// [`QuantRows::quantize`]'s loop on AVX-512: the same numbers (the maximum is exact in
+    /// any order, the products are the same f32 products, the conversion rounds to even).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW; the buffers hold x.len() / 32 chunks.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quantize_avx512(&mut self, x: &[f32]) {
+        use std::arch::x86_64::*;
+        let (lo, hi) = (_mm512_set1_epi32(-32767), _mm512_set1_epi32(32767));
+        for c in 0..x.len() / CHUNK {
+            let p = x.as_ptr().add(c * CHUNK);
+            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            let d = amax / 32767.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+            let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+            let (q0, q1) = (
+                _mm512_max_epi32(_mm512_min_epi32(q0, hi), lo),
+                _mm512_max_epi32(_mm512_min_epi32(q1, hi), lo),
+            );
+            let out = self.q.as_mut_ptr().add(c * CHUNK) as *mut __m256i;
+            _mm256_storeu_si256(out, _mm512_cvtepi32_epi16(q0));
+            _mm256_storeu_si256(out.add(1), _mm512_cvtepi32_epi16(q1));
+            let (s0, s1) = (_mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
+            *self.d.get_unchecked_mut(c) = d;
+            *self.sums.get_unchecked_mut(2 * c) = s0;
+            *self.sums.get_unchecked_mut(2 * c + 1) = s1;
+            *self.xs.get_unchecked_mut(2 * c) = d * s0 as f32;
+            *self.xs.get_unchecked_mut(2 * c + 1) = d * s1 as f32;
         }
     }
 }
@@ -797,6 +842,26 @@ pub(super) mod tests {
                 }
             }
         }
+    }
+
+    /// The SIMD quantization gives the plain loop's numbers exactly, ties included.
+    #[test]
+    fn simd_and_plain_quantization_agree_exactly() {
+        let mut rng = Rng::new(4);
+        let mut x = random_x(40 * 64, &mut rng);
+        // a chunk whose values fall on half steps (ties) and one of zeros
+        for (i, v) in x[..32].iter_mut().enumerate() {
+            *v = if i == 0 { 32767.0 } else { i as f32 + 0.5 };
+        }
+        x[32..64].fill(0.0);
+        let mut fast = QuantRows::default();
+        fast.quantize(&x, 64);
+        let mut plain = fast.clone();
+        plain.quantize_plain(&x);
+        assert_eq!(fast.q, plain.q);
+        assert_eq!(fast.d, plain.d);
+        assert_eq!(fast.sums, plain.sums);
+        assert_eq!(fast.xs, plain.xs);
     }
 
     #[test]
