@@ -591,7 +591,7 @@ pub(super) mod x86 {
                 for (lane, kk) in [k, k + 1].into_iter().enumerate() {
                     if kk < total {
                         let dec = decode::<T>(w.as_ptr().add(kk / per * bb), kk % per);
-                        off[lane] += chunk_avx512(&widen512::<T>(&dec), x, kk, &mut acc[lane]);
+                        off[lane] += chunk_avx512::<T>(&widen512::<T>(&dec), x, kk, &mut acc[lane]);
                     }
                 }
                 k += 2;
@@ -613,7 +613,7 @@ pub(super) mod x86 {
                     let k = bi * per + c;
                     for r in 0..m {
                         let xc = (i0 + r) * chunks_row + k;
-                        off[r] += chunk_avx512(&wide, x, xc, &mut acc[r]);
+                        off[r] += chunk_avx512::<T>(&wide, x, xc, &mut acc[r]);
                     }
                 }
             }
@@ -639,6 +639,13 @@ pub(super) mod x86 {
         } else {
             _mm512_cvtepu8_epi16(dec.u)
         };
+        // digits centred where the offset is a fixed multiple of the scale: no offset term
+        let c0 = centre(T);
+        let (u, b) = if c0 != 0 {
+            (_mm512_sub_epi16(u, _mm512_set1_epi16(c0)), [0.0; 2])
+        } else {
+            (u, dec.b)
+        };
         let a = if split(T) {
             _mm512_castsi512_ps(_mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_castps_si256(_mm256_set1_ps(dec.a[0]))),
@@ -648,19 +655,39 @@ pub(super) mod x86 {
         } else {
             _mm512_set1_ps(dec.a[0])
         };
-        Wide { u, a, b: dec.b }
+        Wide { u, a, b }
     }
 
     /// Adds one chunk's scaled products against activation chunk `xc` into `acc` (16 lanes);
     /// returns its offset term.
     #[inline(always)]
-    unsafe fn chunk_avx512(w: &Wide, x: &QuantRows, xc: usize, acc: &mut __m512) -> f32 {
+    unsafe fn chunk_avx512<const T: u32>(
+        w: &Wide,
+        x: &QuantRows,
+        xc: usize,
+        acc: &mut __m512,
+    ) -> f32 {
         let q = _mm512_loadu_si512(x.q.as_ptr().add(xc * CHUNK) as *const _);
         let p = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w.u, q));
         let scale = _mm512_mul_ps(w.a, _mm512_set1_ps(*x.d.get_unchecked(xc)));
         *acc = _mm512_fmadd_ps(p, scale, *acc);
+        if centre(T) != 0 || T == Q8_0 {
+            return 0.0;
+        }
         let xs = x.xs.as_ptr().add(2 * xc);
         w.b[0] * *xs + w.b[1] * *xs.add(1)
+    }
+
+    /// The value the digits of format `T` are centred on before their products (its offset
+    /// is −centre × scale), as in the packed panels of [`super::super::gemm`].
+    const fn centre(t: u32) -> i16 {
+        match t {
+            Q4_0 => 8,
+            Q5_0 => 16,
+            Q3K => 4,
+            Q6K => 32,
+            _ => 0,
+        }
     }
 
     /// `$body::<id>(args)` for the format `$t`.
