@@ -408,7 +408,7 @@ struct LogitsArgs {
     #[arg(long)]
     ids: String,
     /// Convert a GGUF file's quantized weights to f32 first (the plain twin of the quantized
-    /// kernels, which also quantize the activations to 8 bits).
+    /// kernels, which also quantize the activations, to 16 bits per 32 numbers).
     #[arg(long)]
     dequantize: bool,
 }
