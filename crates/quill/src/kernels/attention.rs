@@ -396,6 +396,20 @@ pub fn backward(layer: Layer, dqkv: &mut [f32], scratch: &mut [f32], dout: &[f32
         });
 }
 
+super::simd::multiversion! {
+/// o <- Σ_j w[j] · v[j·rs .. j·rs + o.len()] (the probabilities of one query row applied to the
+/// values).
+fn weighted_rows(o: &mut [f32], w: &[f32], v: &[f32], rs: usize) {
+    o.fill(0.0);
+    let d = o.len();
+    for (j, &wj) in w.iter().enumerate() {
+        for (o, &x) in o.iter_mut().zip(&v[j * rs..j * rs + d]) {
+            *o += wj * x;
+        }
+    }
+}
+}
+
 /// New rows from which [`CachedAttention::forward`] runs in strips of products.
 const STRIP_MIN: usize = 16;
 
@@ -483,29 +497,16 @@ impl CachedAttention {
             let tid = rayon::current_thread_index().unwrap_or(0) % threads;
             let scores =
                 unsafe { std::slice::from_raw_parts_mut(scores_p.get().add(tid * total), total) };
-            let mut mx = f32::NEG_INFINITY;
             for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
                 let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                *s = dot(qrow, krow) * scale;
-                mx = mx.max(*s);
+                *s = dot(qrow, krow);
             }
-            let mut sum = 0.0;
-            for s in scores[first..len].iter_mut() {
-                *s = super::math::exp(*s - mx);
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
+            softmax_causal_row(&mut scores[..len], first, len - 1, scale);
             // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
             let o =
                 unsafe { std::slice::from_raw_parts_mut(out_p.get().add(i * h * d + hi * d), d) };
-            o.fill(0.0);
-            for (j, &s) in scores[..len].iter().enumerate().skip(first) {
-                let w = s * inv;
-                let vrow = &v_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                for (o, &v) in o.iter_mut().zip(vrow) {
-                    *o += w * v;
-                }
-            }
+            let vs = &v_cache[first * kv_rs + kvh * d..];
+            weighted_rows(o, &scores[first..len], vs, kv_rs);
         });
     }
 
