@@ -17,10 +17,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(tok) = Tokenizer::from_json_str(text, Path::new("tokenizer.json")) else {
         return;
     };
-    for sample in [
-        "Hello, world! 123 ünïcödé <|endoftext|>\n\t",
-        &text[..text.len().min(256)],
-    ] {
+    // the input's first 256 bytes or fewer, cut at a character boundary
+    let cut = (0..=text.len().min(256))
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    for sample in ["Hello, world! 123 ünïcödé <|endoftext|>\n\t", &text[..cut]] {
         for ids in [
             tok.encode(sample),
             tok.encode_plain(sample),
