@@ -204,7 +204,7 @@ pub unsafe fn times(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::dot::x86::{
-        decode, per_type, split, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+        decode512, per_type, split, Q2K, Q3K, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
     };
     use super::super::dot::{chunks_per_block, QuantRows, CHUNK};
     use super::super::QType;
@@ -231,7 +231,7 @@ mod x86 {
         let mut tmp = [0u32; 16];
         for j in 0..rows {
             for k in 0..panel.chunks {
-                let dec = decode::<T>(w.as_ptr().add(j * rb + k / per * bb), k % per);
+                let dec = decode512::<T>(w.as_ptr().add(j * rb + k / per * bb), k % per);
                 let wide = if T == Q8_0 {
                     _mm512_cvtepi8_epi16(dec.u)
                 } else {
