@@ -5,7 +5,7 @@
 
 use super::matmul::{matmul_strided, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
-use super::quant::dot::{dot_rows, isa, QuantRows};
+use super::quant::dot::{dot_one_row, dot_rows, isa, QuantRows};
 use super::quant::gemm;
 use super::quant::{dequantize, QType};
 use super::simd::multiversion;
@@ -221,7 +221,25 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
             .into_par_iter()
             .for_each(|task| {
                 let j0 = task * QUANT_ROWS;
-                for j in j0..(j0 + QUANT_ROWS).min(out) {
+                let j1 = (j0 + QUANT_ROWS).min(out);
+                if n == 1 {
+                    // decoding: the task's rows of each part in one call
+                    let mut j = j0;
+                    while j < j1 {
+                        let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
+                        let (p, r) = (&parts[pi], j - starts[pi]);
+                        let rows = j1.min(starts[pi + 1]) - j;
+                        let rb = p.row_bytes(cols);
+                        // Safety: y[j..j + rows] lies inside y (asserted above; one row of x)
+                        // and only this task writes it.
+                        let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), rows) };
+                        let w = &p.bytes[r * rb..(r + rows) * rb];
+                        dot_one_row(path, p.qtype, w, rows, xq, yj);
+                        j += rows;
+                    }
+                    return;
+                }
+                for j in j0..j1 {
                     let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
                     let (p, r) = (&parts[pi], j - starts[pi]);
                     let rb = p.row_bytes(cols);
@@ -687,12 +705,13 @@ mod tests {
         }
     }
 
-    /// Prompts (GEMM_ROWS rows or more) give the dequantized product, stacked parts
-    /// included, at a row stride wider than the outputs: of the activations themselves where
-    /// weight panels are dequantized to f32, of the activations quantized to int16 where the
-    /// integer GEMM runs (AVX-512 VNNI).
+    /// Quantized products give the dequantized product, stacked parts (straddling the
+    /// parallel tasks' rows) included, at a row stride wider than the outputs: of the
+    /// activations quantized to int16 when decoding (one row, a few rows) and for prompts
+    /// (GEMM_ROWS rows or more) where the integer GEMM runs (AVX-512 VNNI), of the
+    /// activations themselves where prompts' weight panels are dequantized to f32.
     #[test]
-    fn quantized_prompts_match_the_dequantized_product() {
+    fn quantized_products_match_the_dequantized_product() {
         use crate::kernels::quant::quantize::quantize;
         let mut rng = Rng::new(33);
         let types = [
@@ -707,7 +726,10 @@ mod tests {
         for t in types {
             let cols = t.block() * 2;
             for &(n, outs) in &[
-                (GEMM_ROWS, [5usize, 3]),
+                (1, [37usize, 1]),
+                (1, [5, 30]),
+                (3, [19, 2]),
+                (GEMM_ROWS, [5, 3]),
                 (GEMM_ROWS + 7, [37, 1]),
                 (70, [2, 19]),
             ] {
@@ -726,7 +748,7 @@ mod tests {
                     bytes.iter().map(|b| QPart { bytes: b, qtype: t }).collect();
                 let out: usize = outs.iter().sum();
                 let mut want = vec![0.0; n * out];
-                let x64: Vec<f64> = if gemm::available() {
+                let x64: Vec<f64> = if n < GEMM_ROWS || gemm::available() {
                     let mut xq = QuantRows::default();
                     xq.quantize(&x, cols);
                     let d = |k: usize| xq.d[k / crate::kernels::quant::dot::CHUNK] as f64;

@@ -317,6 +317,24 @@ pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs
     }
 }
 
+/// y[r] = (row r of W) · x for the `rows` consecutive weight rows in `w` and the one row of
+/// `x` (decoding), on the path `isa`: [`dot_rows`] row by row, in memory order, with the
+/// dispatch on the path and the format done once for all of them.
+pub fn dot_one_row(isa: Isa, t: QType, w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
+    assert!(x.rows() == 1 && y.len() >= rows && (rows == 0 || w.len().is_multiple_of(rows)));
+    let rb = if rows == 0 { 0 } else { w.len() / rows };
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // Safety: `isa()` found the features the path is compiled for.
+        Isa::Avx512Vnni => unsafe { x86::one_row_vnni(t, w, rows, x, y) },
+        _ => {
+            for r in 0..rows {
+                dot_rows(isa, t, &w[r * rb..(r + 1) * rb], x, &mut y[r..], 1);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     //! Every helper is `#[inline(always)]` so that it compiles inside the entry points'
@@ -734,6 +752,27 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows_avx2(t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
         per_type!(t, body_avx2, w, x, y, y_rs)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW, VL) with VNNI, AVX2, FMA and F16C; `w` is `rows` whole
+    /// rows of blocks of `t` for x's one row; y holds `rows` values.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn one_row_vnni(t: QType, w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
+        per_type!(t, one_row_avx512, w, rows, x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn one_row_avx512<const T: u32>(w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
+        let rb = w.len() / rows.max(1);
+        for r in 0..rows {
+            body_avx512::<T>(
+                w.get_unchecked(r * rb..(r + 1) * rb),
+                x,
+                y.get_unchecked_mut(r..),
+                1,
+            );
+        }
     }
 
     /// # Safety
