@@ -322,7 +322,7 @@ pub fn dot_rows(isa: Isa, t: QType, w: &[u8], x: &QuantRows, y: &mut [f32], y_rs
 /// dispatch on the path and the format done once for all of them.
 pub fn dot_one_row(isa: Isa, t: QType, w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
     assert!(x.rows() == 1 && y.len() >= rows && (rows == 0 || w.len().is_multiple_of(rows)));
-    let rb = if rows == 0 { 0 } else { w.len() / rows };
+    let rb = w.len().checked_div(rows).unwrap_or(0);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // Safety: `isa()` found the features the path is compiled for.
