@@ -222,31 +222,31 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
             .for_each(|task| {
                 let j0 = task * QUANT_ROWS;
                 let j1 = (j0 + QUANT_ROWS).min(out);
-                if n == 1 {
-                    // decoding: the task's rows of each part in one call
-                    let mut j = j0;
-                    while j < j1 {
-                        let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
-                        let (p, r) = (&parts[pi], j - starts[pi]);
-                        let rows = j1.min(starts[pi + 1]) - j;
-                        let rb = p.row_bytes(cols);
+                // the task's rows, one run per stacked part they fall in
+                let mut j = j0;
+                while j < j1 {
+                    let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
+                    let (p, r) = (&parts[pi], j - starts[pi]);
+                    let rows = j1.min(starts[pi + 1]) - j;
+                    let rb = p.row_bytes(cols);
+                    let w = &p.bytes[r * rb..(r + rows) * rb];
+                    if n == 1 {
+                        // decoding: the run in one call
                         // Safety: y[j..j + rows] lies inside y (asserted above; one row of x)
                         // and only this task writes it.
                         let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), rows) };
-                        let w = &p.bytes[r * rb..(r + rows) * rb];
                         dot_one_row(path, p.qtype, w, rows, xq, yj);
-                        j += rows;
+                    } else {
+                        for (k, wk) in w.chunks_exact(rb).enumerate() {
+                            // Safety: column j + k of rows 0..n lies inside y (asserted above)
+                            // and only this task writes it.
+                            let yj = unsafe {
+                                std::slice::from_raw_parts_mut(yp.get().add(j + k), ylen - j - k)
+                            };
+                            dot_rows(path, p.qtype, wk, xq, yj, y_rs);
+                        }
                     }
-                    return;
-                }
-                for j in j0..j1 {
-                    let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
-                    let (p, r) = (&parts[pi], j - starts[pi]);
-                    let rb = p.row_bytes(cols);
-                    // Safety: column j of rows 0..n lies inside y (asserted above) and only
-                    // this task writes it.
-                    let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), ylen - j) };
-                    dot_rows(path, p.qtype, &p.bytes[r * rb..(r + 1) * rb], xq, yj, y_rs);
+                    j += rows;
                 }
             });
     });
