@@ -1,6 +1,8 @@
 //! A chat template on arbitrary bytes: compiled and rendered for a short conversation with
-//! the fuel, output and time limits quill serves with. It must return an error or text,
-//! never panic, never run past its step limit, never write more than its output cap.
+//! the output cap quill serves with and a step limit of 100,000 (a twentieth of the served
+//! one: the same code stops a runaway template, in less of the fuzzer's time). It must
+//! return an error or text, never panic, never run past its step limit, never write more
+//! than its output cap.
 //!
 //!   cargo +nightly fuzz run chat_template fuzz/corpus/chat_template -- -max_len=4096
 #![no_main]
@@ -18,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(t) = ChatTemplate::with_special(source, special) else {
         return;
     };
+    let t = t.with_fuel(100_000);
     let messages = [
         Message::new("system", "Be brief."),
         Message::new("user", "What is the capital of France?"),

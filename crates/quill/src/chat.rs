@@ -28,6 +28,8 @@ pub struct ChatTemplate {
     source: String,
     /// Special-token strings passed to the template (bos_token, eos_token, ...).
     special: serde_json::Map<String, Value>,
+    /// Steps the template may take per rendering ([`TEMPLATE_FUEL`] unless set).
+    fuel: u64,
 }
 
 /// The text of a special-token entry: a string, or an AddedToken object with "content".
@@ -67,7 +69,15 @@ impl ChatTemplate {
         ChatTemplate {
             source: source.into(),
             special: serde_json::Map::new(),
+            fuel: TEMPLATE_FUEL,
         }
+    }
+
+    /// The same template with another step limit per rendering (the fuzz target uses a
+    /// smaller one, so that runaway templates cost it less time).
+    pub fn with_fuel(mut self, steps: u64) -> Self {
+        self.fuel = steps;
+        self
     }
 
     /// A template with the special-token strings it is given (bos_token, eos_token, ...);
@@ -118,12 +128,12 @@ impl ChatTemplate {
         Ok(Some(t))
     }
 
-    /// The special-token string `key` (e.g. "eos_token") given to the template.
     /// The template's Jinja source.
     pub fn source(&self) -> &str {
         &self.source
     }
 
+    /// The special-token string `key` (e.g. "eos_token") given to the template.
     pub fn special_token(&self, key: &str) -> Option<&str> {
         self.special.get(key).and_then(Value::as_str)
     }
@@ -153,7 +163,7 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", tojson);
         // a template is code from a file: its steps are counted and its output capped
-        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_fuel(Some(self.fuel));
         env.add_template("chat", &self.source)
             .map_err(|e| Error::Input(format!("the chat template does not parse: {e}")))?;
         Ok(env)
@@ -185,7 +195,8 @@ impl ChatTemplate {
                 "the chat template wrote more than {TEMPLATE_OUTPUT} bytes; stopped"
             ))),
             Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Input(format!(
-                "the chat template ran more than {TEMPLATE_FUEL} steps; stopped"
+                "the chat template ran more than {} steps; stopped",
+                self.fuel
             ))),
             Err(e) => Err(Error::Input(format!(
                 "the chat template failed to render: {e}"
@@ -355,5 +366,25 @@ mod tests {
             "X"
         );
         assert_eq!(format_now("%Y").len(), 4);
+    }
+
+    #[test]
+    fn a_template_stops_at_its_step_limit() {
+        // 50 × 50 loop iterations, each a few steps: well under the served limit
+        let looping = "{% for i in range(50) %}{% for j in range(50) %}.{% endfor %}{% endfor %}";
+        let msgs = [Message::new("user", "Hi")];
+        assert_eq!(
+            ChatTemplate::new(looping)
+                .render(&msgs, true)
+                .unwrap()
+                .len(),
+            2500
+        );
+        let e = ChatTemplate::new(looping)
+            .with_fuel(1000)
+            .render(&msgs, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 1000 steps"), "{e}");
     }
 }
