@@ -381,3 +381,42 @@ def test_answer_scores_follow_squads_definitions(tmp_path):
     f1 = 100 * sum(squad_f1(h, r) for h, r in cases) / len(cases)
     assert abs(got["exact_match"] - em) < 1e-9, (got, em)
     assert abs(got["f1"] - f1) < 1e-9, (got, f1)
+
+
+def test_lora_on_a_gguf_base_keeps_it_quantized(tmp_path):
+    """LoRA on SmolLM2's Q4_1 GGUF: the base stays quantized while training and sampling
+    (peak memory below what its weights alone take in f32), and the adapter, run beside the
+    quantized weights, gives the logits of `transformers` + `peft` on the dequantized GGUF
+    within the quantized kernels' bound."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from test_gguf import QUANT_BOUND, quill_logits
+    path = smollm2()
+    records = [{"messages": [{"role": "user", "content": f"Translate to French: I see {w}."},
+                             {"role": "assistant", "content": f"Je vois {f}."}]}
+               for w, f in [("a cat", "un chat"), ("a dog", "un chien"), ("the sea", "la mer"),
+                            ("a house", "une maison"), ("the sun", "le soleil"), ("a tree", "un arbre")]]
+    data = write_jsonl(tmp_path / "fr.jsonl", records)
+    out = tmp_path / "lora"
+    # peak memory of the finetune process alone: measured by a fresh parent
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    r = subprocess.run([sys.executable, "-c", probe, str(QUILL), "finetune", "--model", str(path), "--data", str(data),
+                        "--out", str(out), "--lora-rank", "8", "--steps", "3", "--eval-interval", "3",
+                        "--batch", "2", "--context", "64", "--lr", "1e-3", "--quiet", "--sample-tokens", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    peak = int(r.stdout.split()[-1]) * 1024
+    f32_weights = 134_515_008 * 4
+    assert peak < f32_weights, f"peak RSS {peak / 2**20:.0f} MiB"
+    ids = [1, 504, 3458, 30, 1159, 253, 2726, 28, 314, 1064]
+    base = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(torch.tensor([ids])).logits[0].numpy()
+        want = PeftModel.from_pretrained(base, str(out)).eval()(torch.tensor([ids])).logits[0].numpy()
+    got = quill_logits(path, ids, "--adapter", str(out))
+    err = float(np.abs(got - want).max())
+    assert err < QUANT_BOUND * np.abs(want).max(), err
+    assert np.abs(plain - want).max() > 10 * err, "the adapter changed nothing"

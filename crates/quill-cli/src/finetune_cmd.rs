@@ -22,8 +22,8 @@ use std::rc::Rc;
 
 #[derive(clap::Args, Debug)]
 pub struct FinetuneArgs {
-    /// The model to start from: a Hugging Face folder, a GGUF file (dequantized to f32), or a
-    /// llama2.c checkpoint with --tokenizer.
+    /// The model to start from: a Hugging Face folder, a GGUF file (dequantized to f32 for full
+    /// fine-tuning; kept quantized under LoRA), or a llama2.c checkpoint with --tokenizer.
     #[arg(long, required_unless_present = "resume")]
     model: Option<PathBuf>,
     /// The tokenizer.bin of a llama2.c checkpoint.

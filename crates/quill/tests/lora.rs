@@ -12,6 +12,7 @@ use quill::model::lora::{Lora, LoraActs};
 use quill::model::{Activations, Batch, Model};
 mod common;
 use common::{fixture, max_abs, max_diff, read, stored_gradients};
+use std::sync::Arc;
 
 struct Case {
     model: Model,
@@ -102,6 +103,11 @@ fn lora_loss_gradients_and_logits_match_peft() {
         let merged_logits = merged.logits_all(ids).unwrap();
         let d = max_diff(&merged_logits, &want);
         assert!(d < 1e-4, "{name}: merged logits differ by {d}");
+        // and through the adapters beside the weights at inference (unmerged)
+        let mut beside = load(&fixture(name), false).unwrap();
+        beside.adapters = Some(Arc::new(c.lora.clone()));
+        let d = max_diff(&beside.logits_all(ids).unwrap(), &want);
+        assert!(d < 1e-4, "{name}: unmerged inference logits differ by {d}");
         // and the base model's are not these
         let base = c.model.logits_all(ids).unwrap();
         assert!(base
@@ -173,4 +179,115 @@ fn bad_adapters_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("GPT-2"));
+}
+
+/// llama-tiny or qwen2-tiny with every matrix quantized (block matrices in Q4_0 and Q5_1, the
+/// embedding, head and MLP matrices in Q8_0; tied in qwen2-tiny), its f32 buffer's copies
+/// poisoned with NaN, and its twin holding the dequantized numbers in f32.
+fn quantized_pair(name: &str) -> (Model, Model) {
+    use quill::kernels::quant::{dequantize, quantize::quantize, QType};
+    use quill::model::weight::{QBytes, Storage};
+    let mut quantized = load(&fixture(name), false).unwrap();
+    let mut twin = load(&fixture(name), false).unwrap();
+    let params = quantized.params.clone();
+    let mut done: Vec<(quill::model::View, Storage)> = Vec::new();
+    let mut kinds = 0;
+    quantized.for_each_weight(|w| {
+        if let Some((_, s)) = done.iter().find(|(v, _)| *v == w.view) {
+            w.storage = s.clone();
+            return;
+        }
+        let big = w.rows * w.cols >= 64 * 128;
+        let qtype = match (big, kinds % 2) {
+            (true, _) => QType::Q8_0,
+            (false, 0) => QType::Q4_0,
+            _ => QType::Q5_1,
+        };
+        kinds += 1;
+        let mut bytes = Vec::new();
+        assert!(quantize(qtype, w.view.of(&params), &mut bytes));
+        let storage = Storage::Quant {
+            bytes: QBytes::Owned(Arc::new(bytes)),
+            qtype,
+        };
+        w.storage = storage.clone();
+        done.push((w.view, storage));
+    });
+    for (view, storage) in &done {
+        let Storage::Quant { bytes, qtype } = storage else {
+            unreachable!()
+        };
+        dequantize(*qtype, bytes.as_slice(), view.of_mut(&mut twin.params));
+        // the quantized model's f32 copy is never read
+        view.of_mut(&mut quantized.params).fill(f32::NAN);
+    }
+    assert!(quantized.is_mapped() && quantized.is_quantized() && !twin.is_mapped());
+    (quantized, twin)
+}
+
+/// A LoRA base that stays quantized (as a GGUF file's does): the loss and every adapter
+/// gradient equal those on its dequantized twin, whose f32 buffer holds the same numbers;
+/// and at inference, the adapters beside the quantized weights give the merged twin's
+/// logits up to the quantized kernels' rounding.
+#[test]
+fn lora_on_a_quantized_base_equals_its_dequantized_twin() {
+    for name in ["llama-tiny", "qwen2-tiny"] {
+        let c = case(name);
+        let (quantized, twin) = quantized_pair(name);
+        let (q_loss, q_grads) = pass(
+            &Case {
+                model: quantized,
+                ..case(name)
+            },
+            &c.lora,
+        );
+        let (t_loss, t_grads) = pass(
+            &Case {
+                model: twin,
+                ..case(name)
+            },
+            &c.lora,
+        );
+        assert!(q_loss.is_finite());
+        assert!(
+            (q_loss - t_loss).abs() < 1e-6 * t_loss.abs(),
+            "{name}: loss {q_loss} vs the twin's {t_loss}"
+        );
+        // and the quantization moved the loss: the twin is not the f32 fixture
+        let (f_loss, _) = pass(&c, &c.lora);
+        assert!(
+            (f_loss - t_loss).abs() > 1e-6,
+            "{name}: quantization changed nothing"
+        );
+        for spec in &c.lora.layout.tensors {
+            let (got, want) = (spec.view.of(&q_grads), spec.view.of(&t_grads));
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+            let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            let diff = max_diff(got, &want);
+            assert!(
+                diff <= 1e-5 * scale,
+                "{name}: gradient of {} differs by {diff} (tensor max {scale})",
+                spec.name
+            );
+        }
+
+        let ids = &c.ids[..c.t];
+        let (mut quantized, mut merged) = quantized_pair(name);
+        quantized.adapters = Some(Arc::new(c.lora.clone()));
+        let got = quantized.logits_all(ids).unwrap();
+        let base = merged.logits_all(ids).unwrap();
+        c.lora.merge_into(&mut merged).unwrap();
+        let want: Vec<f64> = merged
+            .logits_all(ids)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (d, effect) = (max_diff(&got, &want), max_diff(&base, &want));
+        eprintln!("{name}: quantized + unmerged vs merged twin {d}, the adapters' effect {effect}");
+        assert!(
+            d < 1e-3 * effect && d < 5e-3,
+            "{name}: {d} vs the adapters' effect {effect}"
+        );
+    }
 }

@@ -69,7 +69,8 @@ pub fn open_adapted(
     Ok(o)
 }
 
-/// Merges the LoRA adapter in `dir` into `model`.
+/// Adds the LoRA adapter in `dir` to `model`: merged into its weights, or beside them (unmerged)
+/// when they are quantized.
 pub fn adapt(model: &mut Model, dir: &Path) -> Result<()> {
     if !dir.join("adapter_config.json").is_file() {
         return Err(Error::Input(format!(
@@ -78,6 +79,12 @@ pub fn adapt(model: &mut Model, dir: &Path) -> Result<()> {
         )));
     }
     let lora = super::peft::load(dir, model)?;
+    if model.is_quantized() {
+        // a quantized base stays quantized (its speed and memory): the adapters run
+        // beside it, unmerged
+        model.adapters = Some(std::sync::Arc::new(lora));
+        return Ok(());
+    }
     lora.merge_into(model)
 }
 

@@ -343,6 +343,98 @@ fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart
     });
 }
 
+thread_local! {
+    /// Converted weight rows of [`frozen_forward`] and [`frozen_backward`] (reused).
+    static FROZEN: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with rows r0..r1 of W [out, inp] converted to f32, block by block (a block's
+/// rows converted over the threads), in this thread's reused buffer.
+fn frozen_blocks(w: MatRef<'_>, out: usize, inp: usize, mut f: impl FnMut(usize, usize, &[f32])) {
+    let rows = (BLOCK_ELEMS / inp.max(1)).max(16).min(out);
+    let mut run = |buf: &mut Vec<f32>| {
+        buf.resize(rows * inp, 0.0);
+        for r0 in (0..out).step_by(rows.max(1)) {
+            let r1 = (r0 + rows).min(out);
+            let blk = &mut buf[..(r1 - r0) * inp];
+            blk.par_chunks_mut(inp)
+                .enumerate()
+                .for_each(|(i, row)| w.row_into(r0 + i, inp, row));
+            f(r0, r1, blk);
+        }
+    };
+    FROZEN.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        // a nested call on this thread (work stealing): a buffer of its own
+        Err(_) => run(&mut Vec::new()),
+    });
+}
+
+/// y [n, out] (row stride `y_rs`, overwritten) = x [n, inp] · Wᵀ for W [out, inp] in any
+/// stored precision, converted to f32 a block of rows at a time: the f32 twin's numbers,
+/// with one block of memory. The training passes use it for frozen weights that stay
+/// quantized or memory-mapped (LoRA's base).
+pub fn frozen_forward(y: &mut [f32], y_rs: usize, x: &[f32], w: MatRef<'_>, out: usize) {
+    let inp = w.len() / out.max(1);
+    let n = x.len() / inp.max(1);
+    assert!(w.len() == out * inp && x.len() == n * inp);
+    assert!(n == 0 || (out <= y_rs && y.len() >= (n - 1) * y_rs + out));
+    if n == 0 || out == 0 {
+        return;
+    }
+    let yp = y.as_mut_ptr();
+    frozen_blocks(w, out, inp, |r0, _, blk| {
+        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
+        unsafe { times_panel(yp.add(r0), y_rs, x, (n, inp), blk) }
+    });
+}
+
+/// dx [n, inp] (overwritten, or added to with [`Accumulate::Add`]) = dy [n, out] (row stride
+/// `dy_rs`) · W for W [out, inp] in any stored precision, as [`frozen_forward`]: a frozen
+/// weight's input gradient.
+pub fn frozen_backward(
+    dx: &mut [f32],
+    (dy, dy_rs): (&[f32], usize),
+    w: MatRef<'_>,
+    out: usize,
+    acc: Accumulate,
+) {
+    let inp = w.len() / out.max(1);
+    let n = dx.len() / inp.max(1);
+    assert!(w.len() == out * inp && dx.len() == n * inp);
+    assert!(n == 0 || (out <= dy_rs && dy.len() >= (n - 1) * dy_rs + out));
+    if n == 0 {
+        return;
+    }
+    if out == 0 {
+        if acc == Accumulate::Overwrite {
+            dx.fill(0.0);
+        }
+        return;
+    }
+    let dxp = dx.as_mut_ptr();
+    frozen_blocks(w, out, inp, |r0, r1, blk| {
+        let acc = if r0 == 0 { acc } else { Accumulate::Add };
+        // Safety: dy's columns r0..r1 of rows 0..n and all of dx lie inside the slices
+        // (asserted above); the block holds r1 - r0 rows of inp.
+        unsafe {
+            matmul_strided(
+                Precision::F32,
+                Strided {
+                    parallel: true,
+                    ..Strided::new(
+                        Dims::new(n, r1 - r0, inp),
+                        ViewMut::new(dxp, inp),
+                        View::new(dy.as_ptr().add(r0), dy_rs, 1),
+                        View::new(blk.as_ptr(), inp, 1),
+                        acc,
+                    )
+                },
+            )
+        }
+    });
+}
+
 /// Rows of x taken together by [`rows_times_rows`]: their block stays in L2 while every
 /// weight row is read once for the whole block.
 const X_BLOCK: usize = 64;

@@ -255,6 +255,9 @@ pub struct Model {
     pub head: Weight,
     /// Operand precision of the training products (`--dtype`); f32 unless set.
     pub precision: Precision,
+    /// LoRA adapters that inference adds beside the weights, unmerged (a base that stays
+    /// quantized); None unless set.
+    pub adapters: Option<std::sync::Arc<super::lora::Lora>>,
 }
 
 /// What an architecture's file reads off its configuration: (vocabulary, width, context,
@@ -353,6 +356,7 @@ impl Model {
             final_norm,
             head,
             precision: Precision::F32,
+            adapters: None,
         })
     }
 
@@ -407,6 +411,11 @@ impl Model {
                 .flat_map(|lin| lin.parts.iter())
         });
         [&self.embed, &self.head].into_iter().chain(blocks)
+    }
+
+    /// Whether any weight is block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.weights().any(|w| w.quantized())
     }
 
     /// Whether any weight is read from a memory map.

@@ -4,6 +4,7 @@
 //! read once per step for all of them.
 
 use super::decoder::{rotate_qk, Mlp, Model, Positions};
+use super::lora::{Lora, Target};
 use crate::kernels::rope::{Direction, RowPositions};
 use crate::kernels::RowStats;
 use crate::kernels::{add_inplace, attention, gelu, swiglu};
@@ -140,6 +141,7 @@ impl Model {
                 }
             }
         }
+        let lora = self.adapters.as_deref();
         for (l, blk) in self.blocks.iter().enumerate() {
             let stats = RowStats {
                 mean: &mut s.mean,
@@ -147,6 +149,13 @@ impl Model {
             };
             blk.attn_norm.forward(p, &mut s.ln, stats, &s.x);
             blk.qkv.infer(p, &mut s.qkv, &s.ln, &mut s.wbuf);
+            adapt(
+                lora,
+                (l, &[Target::Q, Target::K, Target::V]),
+                &s.ln,
+                &mut s.qkv,
+                &mut s.wbuf,
+            );
             let mut r0 = 0;
             for g in segs.iter_mut() {
                 let (k, pos) = (g.ids.len(), g.cache.len);
@@ -186,6 +195,7 @@ impl Model {
                 r0 += k;
             }
             blk.o.infer(p, &mut s.tmp, &s.atty, &mut s.wbuf);
+            adapt(lora, (l, &[Target::O]), &s.atty, &mut s.tmp, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
             let stats = RowStats {
                 mean: &mut s.mean,
@@ -193,11 +203,19 @@ impl Model {
             };
             blk.mlp_norm.forward(p, &mut s.ln, stats, &s.x);
             blk.up.infer(p, &mut s.up, &s.ln, &mut s.wbuf);
+            adapt(
+                lora,
+                (l, &[Target::Gate, Target::Up]),
+                &s.ln,
+                &mut s.up,
+                &mut s.wbuf,
+            );
             match self.mlp {
                 Mlp::Gelu => gelu::forward(&mut s.act, &s.up),
                 Mlp::SwiGlu => swiglu::forward(&mut s.act, &s.up, f),
             }
             blk.down.infer(p, &mut s.tmp, &s.act, &mut s.wbuf);
+            adapt(lora, (l, &[Target::Down]), &s.act, &mut s.tmp, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
         }
         for g in segs.iter_mut() {
@@ -320,5 +338,18 @@ impl Model {
 fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+/// Adds the unmerged adapters' outputs (if any) at a projection of layer `at.0`.
+fn adapt(
+    lora: Option<&Lora>,
+    at: (usize, &[Target]),
+    x: &[f32],
+    y: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
+    if let Some(lo) = lora {
+        lo.add_infer(at, x, y, buf);
     }
 }

@@ -403,6 +403,42 @@ impl Lora {
         }
     }
 
+    /// Inference beside the weights (unmerged): y [n, width] += s · (x Aᵀ) Bᵀ in each adapter
+    /// of `layer` at one of `targets`, on its columns of the fused projection's output.
+    /// `scratch` holds x Aᵀ and the product (grown as needed).
+    pub fn add_infer(
+        &self,
+        (layer, targets): (usize, &[Target]),
+        x: &[f32],
+        y: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (r, s) = (self.config.rank, self.scale());
+        for k in self.at(layer, targets) {
+            let ad = self.adapters[k];
+            let n = x.len() / ad.inp;
+            scratch.resize(n * (r + ad.out), 0.0);
+            let (u, tmp) = scratch.split_at_mut(n * r);
+            let (a, b) = (ad.a.of(&self.params), ad.b.of(&self.params));
+            let x = Operand::new(&x[..n * ad.inp], n, ad.inp);
+            matmul(
+                Precision::F32,
+                u,
+                x,
+                Operand::new(a, r, ad.inp).t(),
+                Accumulate::Overwrite,
+            );
+            let u = Operand::new(u, n, r);
+            let b = Operand::new(b, ad.out, r).t();
+            matmul(Precision::F32, tmp, u, b, Accumulate::Overwrite);
+            for (row, t) in y.chunks_mut(ad.width).zip(tmp.chunks(ad.out)) {
+                for (v, d) in row[ad.col0..ad.col0 + ad.out].iter_mut().zip(t) {
+                    *v += s * d;
+                }
+            }
+        }
+    }
+
     /// Backward of adapter `k`: from the gradient of its output columns in `dy` and its
     /// input `x`, adds dA and dB into `grads` (the adapters' layout) and the input's gradient
     /// into `dx`.

@@ -8,7 +8,7 @@ use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::kernels::rope::{Direction, Rope, RowPositions};
-use crate::kernels::{crossentropy, embedding, gelu, swiglu};
+use crate::kernels::{crossentropy, embedding, gelu, linear, swiglu};
 use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
 
@@ -154,7 +154,7 @@ impl Model {
         ids: &[u32],
         mut lora: Option<(&Lora, &mut LoraActs)>,
     ) -> Result<()> {
-        self.check_batch(a, ids)?;
+        self.check_batch(a, ids, lora.is_some())?;
         if let Some((_, la)) = lora.as_mut() {
             la.precision = self.precision;
         }
@@ -211,12 +211,17 @@ impl Model {
         };
         self.final_norm.forward(p, &mut a.lnf, stats, last);
         // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
-        let (v, head) = (self.vocab, self.head.view.of(p));
+        let v = self.vocab;
+        if self.head.is_mapped() {
+            let logits = &mut a.logits[..n * v];
+            linear::frozen_forward(logits, v, &a.lnf[..n * c], self.head.mat(p), v);
+            return Ok(());
+        }
         matmul(
             tr.precision,
             &mut a.logits,
             Operand::new(&a.lnf, n, c),
-            Operand::new(head, v, c).t(),
+            Operand::new(self.head.view.of(p), v, c).t(),
             Accumulate::Overwrite,
         );
         Ok(())
@@ -272,13 +277,18 @@ impl Model {
 
         // logits = lnf · headᵀ
         let (d_logits, head) = (&a.logits, self.head.view);
-        matmul(
-            tr.precision,
-            &mut a.d_lnf,
-            Operand::new(d_logits, n, v),
-            Operand::new(head.of(p), v, c),
-            Accumulate::Overwrite,
-        );
+        if self.head.is_mapped() {
+            let (d_lnf, w) = (&mut a.d_lnf[..n * c], self.head.mat(p));
+            linear::frozen_backward(d_lnf, (d_logits, v), w, v, Accumulate::Overwrite);
+        } else {
+            matmul(
+                tr.precision,
+                &mut a.d_lnf,
+                Operand::new(d_logits, n, v),
+                Operand::new(head.of(p), v, c),
+                Accumulate::Overwrite,
+            );
+        }
         if let Grads::Base(grads) = &mut g {
             matmul(
                 tr.precision,
@@ -387,6 +397,18 @@ impl Model {
     /// `positions` when given, else at its place in its sequence).
     fn embed_batch(&self, x0: &mut [f32], ids: &[u32], t: usize, positions: &[u32]) {
         let (c, p) = (self.width, &self.params);
+        if self.embed.is_mapped() {
+            // a frozen table that stays quantized or mapped: each row converted
+            for (i, (row, &id)) in x0.chunks_exact_mut(c).zip(ids).enumerate() {
+                self.embed.row_into(p, id as usize, row);
+                if let Positions::Learned(wpe) = self.positions {
+                    let at = positions.get(i).map_or(i % t, |&q| q as usize);
+                    let pos = &wpe.of(p)[at * c..(at + 1) * c];
+                    row.iter_mut().zip(pos).for_each(|(v, pv)| *v += pv);
+                }
+            }
+            return;
+        }
         match self.positions {
             Positions::Learned(wpe) if positions.is_empty() => {
                 embedding::forward(x0, ids, self.embed.view.of(p), wpe.of(p), t, c)
@@ -416,7 +438,9 @@ impl Model {
         }
     }
 
-    fn check_batch(&self, a: &Activations, ids: &[u32]) -> Result<()> {
+    /// `frozen`: the model's weights do not train (LoRA), so they may stay quantized or
+    /// memory-mapped.
+    fn check_batch(&self, a: &Activations, ids: &[u32], frozen: bool) -> Result<()> {
         let (b, t) = (a.b, a.t);
         if ids.len() != b * t {
             return Err(Error::Input(format!(
@@ -444,7 +468,9 @@ impl Model {
         if a.up_width != self.up_width() || a.layers != self.blocks.len() {
             return Err(Error::Input("activations of another model".into()));
         }
-        self.check_trainable()?;
+        if !frozen {
+            self.check_trainable()?;
+        }
         self.check_ids(ids)
     }
 

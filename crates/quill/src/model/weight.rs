@@ -272,6 +272,10 @@ impl Linear {
     /// residual fused into the product as its starting value.
     pub fn forward(&self, tr: Train, y: &mut [f32], x: &[f32], residual: Option<&[f32]>) {
         let n = x.len() / self.cols;
+        if self.is_frozen() {
+            let (y, x) = (&mut y[..n * self.rows], &x[..n * self.cols]);
+            return self.forward_frozen(tr.params, y, x, residual);
+        }
         let fused = Fused {
             bias: self.bias.map(|b| b.of(tr.params)),
             residual,
@@ -303,6 +307,7 @@ impl Linear {
         bias: BiasGrad,
     ) {
         let (n, inp, out, prec) = (x.len() / self.cols, self.cols, self.rows, tr.precision);
+        assert!(!self.is_frozen(), "a frozen layer has no weight gradient");
         let w = self.whole;
         let bias = self.bias.filter(|_| bias == BiasGrad::Sum);
         match self.orient() {
@@ -365,6 +370,20 @@ impl Linear {
     /// (overwritten), for a frozen weight.
     pub fn backward_input(&self, tr: Train, dx: &mut [f32], dy: &[f32]) {
         let (n, inp, out) = (dy.len() / self.rows, self.cols, self.rows);
+        if self.is_frozen() {
+            // each part's rows of W times its columns of dy, added up
+            let mut col = 0;
+            for (i, part) in self.parts.iter().enumerate() {
+                let acc = match i {
+                    0 => Accumulate::Overwrite,
+                    _ => Accumulate::Add,
+                };
+                let (dx, w) = (&mut dx[..n * inp], part.mat(tr.params));
+                linear::frozen_backward(dx, (&dy[col..], out), w, part.rows, acc);
+                col += part.rows;
+            }
+            return;
+        }
         let w = self.whole.of(tr.params);
         let b = match self.orient() {
             Orient::InOut => Operand::new(w, inp, out).t(),
@@ -377,6 +396,34 @@ impl Linear {
             b,
             Accumulate::Overwrite,
         );
+    }
+
+    /// Whether a part lives outside the f32 parameter buffer (quantized or memory-mapped):
+    /// then the layer is frozen, and the training passes convert its rows to f32 a block
+    /// at a time ([`linear::frozen_forward`]) instead of reading the buffer.
+    pub fn is_frozen(&self) -> bool {
+        self.parts.iter().any(Weight::is_mapped)
+    }
+
+    /// [`Linear::forward`] for a frozen layer: each part's columns of y, then the bias and
+    /// the residual added.
+    fn forward_frozen(&self, params: &[f32], y: &mut [f32], x: &[f32], residual: Option<&[f32]>) {
+        let mut col = 0;
+        for part in &self.parts {
+            debug_assert_eq!(part.orient, Orient::OutIn, "frozen weights are [out, in]");
+            linear::frozen_forward(&mut y[col..], self.rows, x, part.mat(params), part.rows);
+            col += part.rows;
+        }
+        let b = self.bias.map(|b| b.of(params));
+        for (i, row) in y.chunks_exact_mut(self.rows).enumerate() {
+            if let Some(b) = b {
+                row.iter_mut().zip(b).for_each(|(v, bv)| *v += bv);
+            }
+            if let Some(r) = residual {
+                let r = &r[i * self.rows..(i + 1) * self.rows];
+                row.iter_mut().zip(r).for_each(|(v, rv)| *v += rv);
+            }
+        }
     }
 
     /// Inference: y [n, rows] = x [n, cols] · W + b, each part read in its stored precision.

@@ -318,7 +318,11 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         let (state, moments) = start;
         let mut model = model;
-        model.materialize();
+        if lora.is_none() {
+            // full training needs every weight in the f32 buffer; LoRA's frozen base may
+            // stay quantized or memory-mapped (its rows converted a block at a time)
+            model.materialize();
+        }
         if config.seq_len > model.context() {
             return Err(Error::Input(format!(
                 "context {} is longer than the model's {} positions",
@@ -715,6 +719,13 @@ impl<'a> Trainer<'a> {
     pub fn sample_text(&mut self, n: usize, temperature: f32, salt: u64) -> Result<String> {
         // with adapters, sample from the merged weights, then put the frozen ones back as
         // they were (bit for bit: training continues from them)
+        if let (Some(l), true) = (&self.lora, self.model.is_mapped()) {
+            // a base that stays quantized or memory-mapped: the adapters run beside it
+            self.model.adapters = Some(std::sync::Arc::new(l.lora.clone()));
+            let text = self.sample_plain(n, temperature, salt);
+            self.model.adapters = None;
+            return text;
+        }
         let kept: Vec<(crate::model::View, Vec<f32>)> = match &self.lora {
             Some(l) => {
                 let kept = l
