@@ -255,9 +255,9 @@ pub struct Model {
     pub head: Weight,
     /// Operand precision of the training products (`--dtype`); f32 unless set.
     pub precision: Precision,
-    /// LoRA adapters that inference adds beside the weights, unmerged (a base that stays
-    /// quantized); None unless set.
-    pub adapters: Option<std::sync::Arc<super::lora::Lora>>,
+    /// What inference adds beside the weights: LoRA adapters left unmerged (a base that
+    /// stays quantized); None unless set.
+    pub adapters: Option<std::sync::Arc<dyn super::beside::Beside>>,
 }
 
 /// What an architecture's file reads off its configuration: (vocabulary, width, context,

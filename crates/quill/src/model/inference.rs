@@ -3,8 +3,8 @@
 //! (continuous batching in the server) is n segments of one token each. The weights are
 //! read once per step for all of them.
 
+use super::beside::{Beside, Projection};
 use super::decoder::{rotate_qk, Mlp, Model, Positions};
-use super::lora::{Lora, Target};
 use crate::kernels::rope::{Direction, RowPositions};
 use crate::kernels::RowStats;
 use crate::kernels::{add_inplace, attention, gelu, swiglu};
@@ -149,13 +149,7 @@ impl Model {
             };
             blk.attn_norm.forward(p, &mut s.ln, stats, &s.x);
             blk.qkv.infer(p, &mut s.qkv, &s.ln, &mut s.wbuf);
-            adapt(
-                lora,
-                (l, &[Target::Q, Target::K, Target::V]),
-                &s.ln,
-                &mut s.qkv,
-                &mut s.wbuf,
-            );
+            adapt(lora, (l, Projection::Qkv), &s.ln, &mut s.qkv, &mut s.wbuf);
             let mut r0 = 0;
             for g in segs.iter_mut() {
                 let (k, pos) = (g.ids.len(), g.cache.len);
@@ -195,7 +189,7 @@ impl Model {
                 r0 += k;
             }
             blk.o.infer(p, &mut s.tmp, &s.atty, &mut s.wbuf);
-            adapt(lora, (l, &[Target::O]), &s.atty, &mut s.tmp, &mut s.wbuf);
+            adapt(lora, (l, Projection::O), &s.atty, &mut s.tmp, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
             let stats = RowStats {
                 mean: &mut s.mean,
@@ -203,19 +197,13 @@ impl Model {
             };
             blk.mlp_norm.forward(p, &mut s.ln, stats, &s.x);
             blk.up.infer(p, &mut s.up, &s.ln, &mut s.wbuf);
-            adapt(
-                lora,
-                (l, &[Target::Gate, Target::Up]),
-                &s.ln,
-                &mut s.up,
-                &mut s.wbuf,
-            );
+            adapt(lora, (l, Projection::Up), &s.ln, &mut s.up, &mut s.wbuf);
             match self.mlp {
                 Mlp::Gelu => gelu::forward(&mut s.act, &s.up),
                 Mlp::SwiGlu => swiglu::forward(&mut s.act, &s.up, f),
             }
             blk.down.infer(p, &mut s.tmp, &s.act, &mut s.wbuf);
-            adapt(lora, (l, &[Target::Down]), &s.act, &mut s.tmp, &mut s.wbuf);
+            adapt(lora, (l, Projection::Down), &s.act, &mut s.tmp, &mut s.wbuf);
             add_inplace(&mut s.x, &s.tmp);
         }
         for g in segs.iter_mut() {
@@ -341,15 +329,15 @@ fn add_inplace_serial(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Adds the unmerged adapters' outputs (if any) at a projection of layer `at.0`.
+/// Adds what sits beside a projection of layer `at.0` (unmerged adapters), if anything.
 fn adapt(
-    lora: Option<&Lora>,
-    at: (usize, &[Target]),
+    beside: Option<&dyn Beside>,
+    at: (usize, Projection),
     x: &[f32],
     y: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    if let Some(lo) = lora {
-        lo.add_infer(at, x, y, buf);
+    if let Some(b) = beside {
+        b.add(at, x, y, buf);
     }
 }

@@ -13,6 +13,7 @@
 //! The training passes call [`Lora::forward_into`] and [`Lora::backward_from`] at each target
 //! projection (model/training.rs).
 
+use super::beside::{Beside, Projection};
 use super::decoder::{Mlp, Model};
 use super::params::{ParamLayout, View};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
@@ -295,6 +296,18 @@ impl Lora {
     }
 }
 
+impl Beside for Lora {
+    fn add(&self, (layer, p): (usize, Projection), x: &[f32], y: &mut [f32], buf: &mut Vec<f32>) {
+        let targets: &[Target] = match p {
+            Projection::Qkv => &[Target::Q, Target::K, Target::V],
+            Projection::O => &[Target::O],
+            Projection::Up => &[Target::Gate, Target::Up],
+            Projection::Down => &[Target::Down],
+        };
+        self.add_infer((layer, targets), x, y, buf)
+    }
+}
+
 /// Per-batch buffers of the adapters' training passes: each adapter's A x [N, r], and
 /// scratch for its input (after dropout), output and gradients.
 pub struct LoraActs {
@@ -406,7 +419,7 @@ impl Lora {
     /// Inference beside the weights (unmerged): y [n, width] += s · (x Aᵀ) Bᵀ in each adapter
     /// of `layer` at one of `targets`, on its columns of the fused projection's output.
     /// `scratch` holds x Aᵀ and the product (grown as needed).
-    pub fn add_infer(
+    fn add_infer(
         &self,
         (layer, targets): (usize, &[Target]),
         x: &[f32],

@@ -8,6 +8,7 @@
 //! - `weight.rs`: [`Weight`] (where a matrix lives) and [`Linear`] (one projection)
 //! - `gpt2.rs`, `llama.rs`: each architecture's weights under its Hugging Face names
 
+pub mod beside;
 pub mod config;
 pub mod decoder;
 pub mod gpt2;
