@@ -371,10 +371,17 @@ fn frozen_blocks(w: MatRef<'_>, out: usize, inp: usize, mut f: impl FnMut(usize,
 }
 
 /// y [n, out] (row stride `y_rs`, overwritten) = x [n, inp] · Wᵀ for W [out, inp] in any
-/// stored precision, converted to f32 a block of rows at a time: the f32 twin's numbers,
-/// with one block of memory. The training passes use it for frozen weights that stay
+/// stored precision, converted to f32 a block of rows at a time: the f32 twin's numbers
+/// (products in `precision`, as the training passes' others), with one block of memory. The training passes use it for frozen weights that stay
 /// quantized or memory-mapped (LoRA's base).
-pub fn frozen_forward(y: &mut [f32], y_rs: usize, x: &[f32], w: MatRef<'_>, out: usize) {
+pub fn frozen_forward(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    w: MatRef<'_>,
+    out: usize,
+    precision: Precision,
+) {
     let inp = w.len() / out.max(1);
     let n = x.len() / inp.max(1);
     assert!(w.len() == out * inp && x.len() == n * inp);
@@ -383,9 +390,24 @@ pub fn frozen_forward(y: &mut [f32], y_rs: usize, x: &[f32], w: MatRef<'_>, out:
         return;
     }
     let yp = y.as_mut_ptr();
-    frozen_blocks(w, out, inp, |r0, _, blk| {
-        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
-        unsafe { times_panel(yp.add(r0), y_rs, x, (n, inp), blk) }
+    frozen_blocks(w, out, inp, |r0, r1, blk| {
+        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above); the block
+        // holds r1 - r0 rows of inp.
+        unsafe {
+            matmul_strided(
+                precision,
+                Strided {
+                    parallel: true,
+                    ..Strided::new(
+                        Dims::new(n, inp, r1 - r0),
+                        ViewMut::new(yp.add(r0), y_rs),
+                        View::new(x.as_ptr(), inp, 1),
+                        View::new(blk.as_ptr(), 1, inp),
+                        Accumulate::Overwrite,
+                    )
+                },
+            )
+        }
     });
 }
 
@@ -398,6 +420,7 @@ pub fn frozen_backward(
     w: MatRef<'_>,
     out: usize,
     acc: Accumulate,
+    precision: Precision,
 ) {
     let inp = w.len() / out.max(1);
     let n = dx.len() / inp.max(1);
@@ -419,7 +442,7 @@ pub fn frozen_backward(
         // (asserted above); the block holds r1 - r0 rows of inp.
         unsafe {
             matmul_strided(
-                Precision::F32,
+                precision,
                 Strided {
                     parallel: true,
                     ..Strided::new(

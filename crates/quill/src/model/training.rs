@@ -214,7 +214,8 @@ impl Model {
         let v = self.vocab;
         if self.head.is_mapped() {
             let logits = &mut a.logits[..n * v];
-            linear::frozen_forward(logits, v, &a.lnf[..n * c], self.head.mat(p), v);
+            let (lnf, w) = (&a.lnf[..n * c], self.head.mat(p));
+            linear::frozen_forward(logits, v, lnf, w, v, tr.precision);
             return Ok(());
         }
         matmul(
@@ -279,7 +280,8 @@ impl Model {
         let (d_logits, head) = (&a.logits, self.head.view);
         if self.head.is_mapped() {
             let (d_lnf, w) = (&mut a.d_lnf[..n * c], self.head.mat(p));
-            linear::frozen_backward(d_lnf, (d_logits, v), w, v, Accumulate::Overwrite);
+            let over = Accumulate::Overwrite;
+            linear::frozen_backward(d_lnf, (d_logits, v), w, v, over, tr.precision);
         } else {
             matmul(
                 tr.precision,

@@ -274,7 +274,7 @@ impl Linear {
         let n = x.len() / self.cols;
         if self.is_frozen() {
             let (y, x) = (&mut y[..n * self.rows], &x[..n * self.cols]);
-            return self.forward_frozen(tr.params, y, x, residual);
+            return self.forward_frozen(tr, y, x, residual);
         }
         let fused = Fused {
             bias: self.bias.map(|b| b.of(tr.params)),
@@ -379,7 +379,7 @@ impl Linear {
                     _ => Accumulate::Add,
                 };
                 let (dx, w) = (&mut dx[..n * inp], part.mat(tr.params));
-                linear::frozen_backward(dx, (&dy[col..], out), w, part.rows, acc);
+                linear::frozen_backward(dx, (&dy[col..], out), w, part.rows, acc, tr.precision);
                 col += part.rows;
             }
             return;
@@ -407,11 +407,13 @@ impl Linear {
 
     /// [`Linear::forward`] for a frozen layer: each part's columns of y, then the bias and
     /// the residual added.
-    fn forward_frozen(&self, params: &[f32], y: &mut [f32], x: &[f32], residual: Option<&[f32]>) {
+    fn forward_frozen(&self, tr: Train, y: &mut [f32], x: &[f32], residual: Option<&[f32]>) {
+        let (params, prec) = (tr.params, tr.precision);
         let mut col = 0;
         for part in &self.parts {
             debug_assert_eq!(part.orient, Orient::OutIn, "frozen weights are [out, in]");
-            linear::frozen_forward(&mut y[col..], self.rows, x, part.mat(params), part.rows);
+            let (w, rows) = (part.mat(params), part.rows);
+            linear::frozen_forward(&mut y[col..], self.rows, x, w, rows, prec);
             col += part.rows;
         }
         let b = self.bias.map(|b| b.of(params));
