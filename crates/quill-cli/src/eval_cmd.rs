@@ -49,7 +49,7 @@ pub struct TaskArgs {
     /// The tokenizer of a llama2.c checkpoint.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// A LoRA adapter folder (PEFT's format) merged into the model.
+    /// A LoRA adapter folder (PEFT's format) merged into the model (run beside a quantized base).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Pairs: a .tsv file (source<TAB>reference per line), or .jsonl records

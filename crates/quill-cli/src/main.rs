@@ -272,7 +272,7 @@ struct GenerateArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -302,7 +302,7 @@ struct ExplainArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -334,7 +334,7 @@ struct ServeArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -376,7 +376,7 @@ struct ChatArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -401,7 +401,7 @@ struct LogitsArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Comma-separated token ids, e.g. 1,2,3.
@@ -419,7 +419,7 @@ struct PerplexityArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).
@@ -465,7 +465,7 @@ struct ScoreArgs {
     #[arg(long)]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT's format: adapter_config.json, adapter_model.safetensors)
-    /// merged into the model's weights.
+    /// merged into the model's weights (run beside them, unmerged, when they are quantized).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The tokenizer of a llama2.c checkpoint (llama2.c's tokenizer.bin format).

@@ -35,7 +35,8 @@ pub struct Options {
     pub model_dir: std::path::PathBuf,
     /// A llama2.c checkpoint's tokenizer.bin.
     pub tokenizer: Option<std::path::PathBuf>,
-    /// A LoRA adapter folder (PEFT's format), merged into the weights.
+    /// A LoRA adapter folder (PEFT's format): merged into the weights, or run beside a
+    /// quantized base unmerged.
     pub adapter: Option<std::path::PathBuf>,
     pub host: String,
     pub port: u16,
