@@ -372,8 +372,9 @@ fn frozen_blocks(w: MatRef<'_>, out: usize, inp: usize, mut f: impl FnMut(usize,
 
 /// y [n, out] (row stride `y_rs`, overwritten) = x [n, inp] · Wᵀ for W [out, inp] in any
 /// stored precision, converted to f32 a block of rows at a time: the f32 twin's numbers
-/// (products in `precision`, as the training passes' others), with one block of memory. The training passes use it for frozen weights that stay
-/// quantized or memory-mapped (LoRA's base).
+/// (the products in `precision`, as the training passes' others), with one block of
+/// memory. The training passes use it for frozen weights that stay quantized or
+/// memory-mapped (LoRA's base).
 pub fn frozen_forward(
     y: &mut [f32],
     y_rs: usize,
