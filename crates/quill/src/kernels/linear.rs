@@ -132,19 +132,21 @@ pub fn linear(
                     .enumerate()
                     .for_each(|(i, row)| w.row_into(r0 + i, inp, row));
                 // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
-                unsafe { times_panel(yp.add(r0), y_rs, x, (n, inp), blk) }
+                unsafe { times_panel(Precision::F32, yp.add(r0), y_rs, x, (n, inp), blk) }
             }
         }
     }
 }
 
 /// y[i, j] = x[i] · panel[j] for the first n rows of x [n, inp] and the rows of `panel`
-/// [m, inp] (f32 weight rows converted for the GEMM), written at `y` with row stride `y_rs`.
+/// [m, inp] (f32 weight rows converted for the GEMM), written at `y` with row stride `y_rs`;
+/// the product in `precision`.
 ///
 /// # Safety
 /// `y` reaches columns 0..m of n rows at stride `y_rs`, nothing else writes them, and x holds
 /// n rows of `inp`.
 unsafe fn times_panel(
+    precision: Precision,
     y: *mut f32,
     y_rs: usize,
     x: &[f32],
@@ -153,7 +155,7 @@ unsafe fn times_panel(
 ) {
     debug_assert!(x.len() >= n * inp && panel.len().is_multiple_of(inp.max(1)));
     matmul_strided(
-        Precision::F32,
+        precision,
         Strided {
             parallel: true,
             ..Strided::new(
@@ -336,7 +338,7 @@ fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart
                     .zip(p.bytes[r0 * rb..r1 * rb].par_chunks(rb * 4))
                     .for_each(|(dst, src)| dequantize(p.qtype, src, dst));
                 // Safety: columns col0 + r0..col0 + r1 of rows 0..n lie inside y (asserted).
-                unsafe { times_panel(yp.add(col0 + r0), y_rs, x, (n, cols), blk) }
+                unsafe { times_panel(Precision::F32, yp.add(col0 + r0), y_rs, x, (n, cols), blk) }
             }
             col0 += out;
         }
@@ -391,24 +393,9 @@ pub fn frozen_forward(
         return;
     }
     let yp = y.as_mut_ptr();
-    frozen_blocks(w, out, inp, |r0, r1, blk| {
-        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above); the block
-        // holds r1 - r0 rows of inp.
-        unsafe {
-            matmul_strided(
-                precision,
-                Strided {
-                    parallel: true,
-                    ..Strided::new(
-                        Dims::new(n, inp, r1 - r0),
-                        ViewMut::new(yp.add(r0), y_rs),
-                        View::new(x.as_ptr(), inp, 1),
-                        View::new(blk.as_ptr(), 1, inp),
-                        Accumulate::Overwrite,
-                    )
-                },
-            )
-        }
+    frozen_blocks(w, out, inp, |r0, _, blk| {
+        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
+        unsafe { times_panel(precision, yp.add(r0), y_rs, x, (n, inp), blk) }
     });
 }
 

@@ -383,7 +383,7 @@ impl Lora {
     /// Forward of adapter `k` over `n` rows: y[:, col0..col0+out] += s · B (A dropout(x)).
     pub fn forward_into(&self, k: usize, la: &mut LoraActs, x: &[f32], y: &mut [f32]) {
         let (ad, prec) = (self.adapters[k], la.precision);
-        let (r, s) = (self.config.rank, self.scale());
+        let r = self.config.rank;
         let n = x.len() / ad.inp;
         let u = &mut la.u[k * n * r..(k + 1) * n * r];
         let xd = self.dropped(
@@ -392,23 +392,26 @@ impl Lora {
             &mut la.xd[..n * ad.inp],
             (la.seed, la.first_row * ad.inp),
         );
-        let a = ad.a.of(&self.params);
-        let b = ad.b.of(&self.params);
-        matmul(
-            prec,
-            u,
-            Operand::new(xd, n, ad.inp),
-            Operand::new(a, r, ad.inp).t(),
-            Accumulate::Overwrite,
-        );
-        let tmp = &mut la.y[..n * ad.out];
-        matmul(
-            prec,
-            tmp,
-            Operand::new(u, n, r),
-            Operand::new(b, ad.out, r).t(),
-            Accumulate::Overwrite,
-        );
+        self.low_rank(ad, prec, xd, (u, &mut la.y[..n * ad.out]), y);
+    }
+
+    /// y[:, col0..col0+out] += s · (x Aᵀ) Bᵀ for adapter `ad` over x's n rows, with
+    /// u [n, r] = x Aᵀ and tmp [n, out] as its buffers (u kept for the backward pass).
+    fn low_rank(
+        &self,
+        ad: Adapter,
+        prec: Precision,
+        x: &[f32],
+        (u, tmp): (&mut [f32], &mut [f32]),
+        y: &mut [f32],
+    ) {
+        let (r, s, n) = (self.config.rank, self.scale(), x.len() / ad.inp);
+        let (a, b) = (ad.a.of(&self.params), ad.b.of(&self.params));
+        let over = Accumulate::Overwrite;
+        let x = Operand::new(x, n, ad.inp);
+        matmul(prec, u, x, Operand::new(a, r, ad.inp).t(), over);
+        let u = Operand::new(u, n, r);
+        matmul(prec, tmp, u, Operand::new(b, ad.out, r).t(), over);
         for (row, t) in y.chunks_mut(ad.width).zip(tmp.chunks(ad.out)) {
             for (v, d) in row[ad.col0..ad.col0 + ad.out].iter_mut().zip(t) {
                 *v += s * d;
@@ -426,29 +429,13 @@ impl Lora {
         y: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        let (r, s) = (self.config.rank, self.scale());
+        let r = self.config.rank;
         for k in self.at(layer, targets) {
             let ad = self.adapters[k];
             let n = x.len() / ad.inp;
             scratch.resize(n * (r + ad.out), 0.0);
-            let (u, tmp) = scratch.split_at_mut(n * r);
-            let (a, b) = (ad.a.of(&self.params), ad.b.of(&self.params));
-            let x = Operand::new(&x[..n * ad.inp], n, ad.inp);
-            matmul(
-                Precision::F32,
-                u,
-                x,
-                Operand::new(a, r, ad.inp).t(),
-                Accumulate::Overwrite,
-            );
-            let u = Operand::new(u, n, r);
-            let b = Operand::new(b, ad.out, r).t();
-            matmul(Precision::F32, tmp, u, b, Accumulate::Overwrite);
-            for (row, t) in y.chunks_mut(ad.width).zip(tmp.chunks(ad.out)) {
-                for (v, d) in row[ad.col0..ad.col0 + ad.out].iter_mut().zip(t) {
-                    *v += s * d;
-                }
-            }
+            let bufs = scratch.split_at_mut(n * r);
+            self.low_rank(ad, Precision::F32, &x[..n * ad.inp], bufs, y);
         }
     }
 

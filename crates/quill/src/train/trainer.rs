@@ -717,8 +717,6 @@ impl<'a> Trainer<'a> {
     /// Sample text from the current model (seeded by the step, so runs reproduce).
     /// `salt` varies the seed for samples taken at the same step.
     pub fn sample_text(&mut self, n: usize, temperature: f32, salt: u64) -> Result<String> {
-        // with adapters, sample from the merged weights, then put the frozen ones back as
-        // they were (bit for bit: training continues from them)
         if let (Some(l), true) = (&self.lora, self.model.is_mapped()) {
             // a base that stays quantized or memory-mapped: the adapters run beside it
             self.model.adapters = Some(std::sync::Arc::new(l.lora.clone()));
@@ -726,6 +724,8 @@ impl<'a> Trainer<'a> {
             self.model.adapters = None;
             return text;
         }
+        // an f32 base: sample from the merged weights, then put the frozen ones back as they
+        // were (bit for bit: training continues from them)
         let kept: Vec<(crate::model::View, Vec<f32>)> = match &self.lora {
             Some(l) => {
                 let kept = l
