@@ -568,34 +568,70 @@ fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], inp: usize, w: &[f32], j0: usi
     }
 }
 
-/// Output rows per parallel task of the matrix-vector product.
+/// The most output rows per parallel task of the matrix-vector product.
 const MATVEC_ROWS: usize = 64;
 
 /// y [out] = W [out, inp] · x [inp]: each weight read once, rows split over the threads.
 pub fn matvec(y: &mut [f32], x: &[f32], w: MatRef<'_>, inp: usize) {
+    matvec_parts(y, x, &[w], inp)
+}
+
+/// y = [W₀; W₁; …] · x for matrices [rows_p, inp] stacked by rows (q | k | v, gate | up),
+/// each read once in its stored precision, y holding their outputs one after the other. All
+/// the parts' rows go through one parallel pass, in tasks of equal size whose count is a
+/// multiple of the thread count: a part of 192 rows alone would have made three tasks of 64
+/// for two threads, one thread idle for a third of the pass.
+pub fn matvec_parts(y: &mut [f32], x: &[f32], parts: &[MatRef<'_>], inp: usize) {
     let out = y.len();
-    assert!(w.len() == out * inp && x.len() == inp);
+    assert!(
+        x.len() == inp
+            && parts.iter().all(|w| w.len().is_multiple_of(inp.max(1)))
+            && parts.iter().map(|w| w.len() / inp.max(1)).sum::<usize>() == out
+    );
+    if out == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = out.div_ceil(MATVEC_ROWS).next_multiple_of(threads);
+    let per = out.div_ceil(tasks);
     let yp = SendPtr(y.as_mut_ptr());
-    let tasks = out.div_ceil(MATVEC_ROWS);
-    (0..tasks).into_par_iter().for_each(|t| {
-        let r0 = t * MATVEC_ROWS;
-        let r1 = (r0 + MATVEC_ROWS).min(out);
-        // Safety: task t alone writes y[r0..r1].
-        let ys = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r0), r1 - r0) };
-        match w {
-            MatRef::F32(w) => dots_f32(ys, &w[r0 * inp..r1 * inp], x),
-            MatRef::Bf16(w) => dots_bf16(ys, &w[r0 * inp..r1 * inp], x),
-            MatRef::F16(w) => dots_f16(ys, &w[r0 * inp..r1 * inp], x),
-            // converted a row at a time (`linear` sends quantized weights to `quant_linear`)
-            MatRef::Quant { .. } => {
-                let mut row = vec![0.0f32; inp];
-                for (i, yv) in ys.iter_mut().enumerate() {
-                    w.row_into(r0 + i, inp, &mut row);
-                    *yv = super::math::dot(&row, x);
-                }
+    (0..out.div_ceil(per)).into_par_iter().for_each(|t| {
+        let (j0, j1) = (t * per, ((t + 1) * per).min(out));
+        // the task's rows, one run per part they fall in
+        let mut first = 0;
+        for w in parts {
+            let rows = w.len() / inp.max(1);
+            let (r0, r1) = (
+                j0.max(first) - first,
+                j1.min(first + rows).max(first) - first,
+            );
+            if r0 < r1 {
+                // Safety: task t alone writes y[j0..j1], which holds outputs first + r0 ..
+                // first + r1 (rows r0..r1 of this part).
+                let ys =
+                    unsafe { std::slice::from_raw_parts_mut(yp.get().add(first + r0), r1 - r0) };
+                dots(ys, x, *w, (r0, r1), inp);
             }
+            first += rows;
         }
     });
+}
+
+/// ys = rows r0..r1 of W · x.
+fn dots(ys: &mut [f32], x: &[f32], w: MatRef<'_>, (r0, r1): (usize, usize), inp: usize) {
+    match w {
+        MatRef::F32(w) => dots_f32(ys, &w[r0 * inp..r1 * inp], x),
+        MatRef::Bf16(w) => dots_bf16(ys, &w[r0 * inp..r1 * inp], x),
+        MatRef::F16(w) => dots_f16(ys, &w[r0 * inp..r1 * inp], x),
+        // converted a row at a time (`linear` sends quantized weights to `quant_linear`)
+        MatRef::Quant { .. } => {
+            let mut row = vec![0.0f32; inp];
+            for (i, yv) in ys.iter_mut().enumerate() {
+                w.row_into(r0 + i, inp, &mut row);
+                *yv = super::math::dot(&row, x);
+            }
+        }
+    }
 }
 
 const LANES: usize = 16;
@@ -665,6 +701,11 @@ fn dots_f16(y: &mut [f32], w: &[u16], x: &[f32]) {
         // Safety: AVX-512F and F16C are present; rows are whole (checked by `matvec`).
         return unsafe { dots_f16_avx512(y, w, x) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+        // Safety: AVX2, FMA and F16C are present; rows are whole (checked by `matvec`).
+        return unsafe { dots_f16_avx2(y, w, x) };
+    }
     let inp = x.len();
     for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
         *yv = row
@@ -700,6 +741,45 @@ unsafe fn dots_f16_avx512(y: &mut [f32], w: &[u16], x: &[f32]) {
             a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(k)), a0);
         }
         let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        for i in full..inp {
+            sum += half::f16::from_bits(row[i]).to_f32() * x[i];
+        }
+        *yv = sum;
+    }
+}
+
+/// [`dots_f16_avx512`] in 256-bit registers (Zen 3 and other CPUs without AVX-512): 8
+/// weights converted at a time, four accumulators to cover the FMA latency.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `w` holds `y.len()` rows of `x.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let inp = x.len();
+    let full = inp - inp % L;
+    let cvt = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+        let (w, xp) = (row.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut k = 0;
+        while k + 4 * L <= full {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = k + u * L;
+                *a = _mm256_fmadd_ps(cvt(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+            }
+            k += 4 * L;
+        }
+        while k < full {
+            acc[0] = _mm256_fmadd_ps(cvt(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
+            k += L;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
         for i in full..inp {
             sum += half::f16::from_bits(row[i]).to_f32() * x[i];
         }
@@ -750,6 +830,85 @@ mod tests {
             let mut y = vec![7.0; out];
             matvec_in_out(&mut y, &x, &w);
             assert!(max_rel_err(&y, &want, 1.0) < 1e-5, "{inp},{out}");
+        }
+    }
+
+    #[test]
+    fn stacked_parts_in_one_pass_match_the_reference() {
+        // parts of every stored precision, of sizes that end inside a task and tasks that
+        // span several parts, on pools of 1, 2 and 3 threads
+        let mut rng = Rng::new(37);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (inp, sizes) in [
+                (40, vec![192usize, 64, 64]),
+                (33, vec![1, 130, 7]),
+                (576, vec![576, 192, 192]),
+                (17, vec![3, 1, 200, 65]),
+            ] {
+                let x = randn(&mut rng, inp, 1.0);
+                let ws: Vec<Vec<f32>> = sizes
+                    .iter()
+                    .map(|&r| randn(&mut rng, r * inp, 1.0))
+                    .collect();
+                let halves: Vec<Vec<u16>> = ws
+                    .iter()
+                    .map(|w| {
+                        w.iter()
+                            .map(|&v| half::f16::from_f32(v).to_bits())
+                            .collect()
+                    })
+                    .collect();
+                let brains: Vec<Vec<u16>> = ws
+                    .iter()
+                    .map(|w| {
+                        w.iter()
+                            .map(|&v| half::bf16::from_f32(v).to_bits())
+                            .collect()
+                    })
+                    .collect();
+                // part i stored as f16, bf16 or f32 in turn; the reference reads the same values
+                let mut mats = Vec::new();
+                let mut want = Vec::new();
+                for (i, w) in ws.iter().enumerate() {
+                    let (m, w64): (MatRef, Vec<f64>) = match i % 3 {
+                        0 => (
+                            MatRef::F16(&halves[i]),
+                            halves[i]
+                                .iter()
+                                .map(|&h| half::f16::from_bits(h).to_f64())
+                                .collect(),
+                        ),
+                        1 => (
+                            MatRef::Bf16(&brains[i]),
+                            brains[i]
+                                .iter()
+                                .map(|&h| half::bf16::from_bits(h).to_f64())
+                                .collect(),
+                        ),
+                        _ => (MatRef::F32(w), to_f64(w)),
+                    };
+                    let mut part = vec![0.0; sizes[i]];
+                    reference::matmul(
+                        &mut part,
+                        &to_f64(&x),
+                        &w64,
+                        (1, inp, sizes[i]),
+                        (false, true),
+                    );
+                    want.extend(part);
+                    mats.push(m);
+                }
+                let mut y = vec![f32::NAN; want.len()];
+                pool.install(|| matvec_parts(&mut y, &x, &mats, inp));
+                assert!(
+                    max_rel_err(&y, &want, 1.0) < 1e-5,
+                    "{threads} threads, {inp} {sizes:?}"
+                );
+            }
         }
     }
 

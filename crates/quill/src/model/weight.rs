@@ -468,6 +468,18 @@ impl Linear {
                 self.cols,
                 &parts[..self.parts.len()],
             );
+        } else if n == 1
+            && (2..=8).contains(&self.parts.len())
+            && self.orient() == Orient::OutIn
+            && !self.parts.iter().any(Weight::quantized)
+        {
+            // decoding through stacked f32/bf16/f16 parts: one parallel pass over all rows
+            let mut mats = [MatRef::F32(&[]); 8];
+            for (slot, p) in mats.iter_mut().zip(&self.parts) {
+                *slot = p.mat(params);
+            }
+            let mats = &mats[..self.parts.len()];
+            linear::matvec_parts(&mut y[..out], &x[..self.cols], mats, self.cols);
         } else {
             let mut col = 0;
             for part in &self.parts {

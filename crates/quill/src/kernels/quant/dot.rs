@@ -113,6 +113,28 @@ impl BytePairs {
     }
 }
 
+/// Sixteen i32 in two registers narrowed to i16, in order (`packs` interleaves 128-bit lanes).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pack_i16(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b))
+}
+
+/// The sum of sixteen i32 in two registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_i32(a: std::arch::x86_64::__m256i, b: std::arch::x86_64::__m256i) -> i32 {
+    use std::arch::x86_64::*;
+    let s = _mm256_add_epi32(a, b);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+}
+
 impl QuantRows {
     pub fn rows(&self) -> usize {
         self.d.len() * CHUNK / self.cols.max(1)
@@ -127,20 +149,18 @@ impl QuantRows {
         self.q.resize(x.len(), 0);
         self.sums.resize(2 * chunks, 0);
         self.xs.resize(2 * chunks, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        let simd = super::super::simd::has_avx512();
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        if simd {
+        let path = isa();
+        match path {
             #[cfg(target_arch = "x86_64")]
-            // Safety: has_avx512() found AVX-512 F and BW; the buffers were sized above.
-            unsafe {
-                self.quantize_avx512(x)
-            }
-        } else {
-            self.quantize_plain(x)
+            // Safety: isa() found AVX-512 F and BW; the buffers were sized above.
+            Isa::Avx512Vnni => unsafe { self.quantize_avx512(x) },
+            #[cfg(target_arch = "x86_64")]
+            // Safety: isa() found AVX2; the buffers were sized above.
+            Isa::Avx2 => unsafe { self.quantize_avx2(x) },
+            _ => self.quantize_plain(x),
         }
-        if x.len() == cols {
+        // the byte pairs feed only the VNNI decoding of one row
+        if x.len() == cols && path == Isa::Avx512Vnni {
             self.bytes.split(&self.q, &self.d);
         } else {
             self.bytes.clear();
@@ -163,6 +183,51 @@ impl QuantRows {
             self.sums[2 * c + 1] = q[16..].iter().map(|&v| v as i32).sum();
             self.xs[2 * c] = d * self.sums[2 * c] as f32;
             self.xs[2 * c + 1] = d * self.sums[2 * c + 1] as f32;
+        }
+    }
+
+    /// [`QuantRows::quantize`]'s loop on AVX2: the same numbers, as on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the buffers hold x.len() / 32 chunks.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        use std::arch::x86_64::*;
+        let (lo, hi) = (_mm256_set1_epi32(-32767), _mm256_set1_epi32(32767));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for c in 0..x.len() / CHUNK {
+            let p = x.as_ptr().add(c * CHUNK);
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 32767.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            // round to nearest even (the default rounding mode), clamped
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (q, v) in q.iter_mut().zip(v) {
+                let r = _mm256_cvtps_epi32(_mm256_mul_ps(v, id));
+                *q = _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
+            }
+            let out = self.q.as_mut_ptr().add(c * CHUNK) as *mut __m256i;
+            _mm256_storeu_si256(out, pack_i16(q[0], q[1]));
+            _mm256_storeu_si256(out.add(1), pack_i16(q[2], q[3]));
+            let (s0, s1) = (sum_i32(q[0], q[1]), sum_i32(q[2], q[3]));
+            *self.d.get_unchecked_mut(c) = d;
+            *self.sums.get_unchecked_mut(2 * c) = s0;
+            *self.sums.get_unchecked_mut(2 * c + 1) = s1;
+            *self.xs.get_unchecked_mut(2 * c) = d * s0 as f32;
+            *self.xs.get_unchecked_mut(2 * c + 1) = d * s1 as f32;
         }
     }
 
@@ -406,6 +471,9 @@ pub fn dot_one_row(isa: Isa, t: QType, w: &[u8], rows: usize, x: &QuantRows, y: 
         #[cfg(target_arch = "x86_64")]
         // Safety: `isa()` found the features the path is compiled for.
         Isa::Avx512Vnni => unsafe { x86::one_row_vnni(t, w, rows, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        // Safety: as above.
+        Isa::Avx2 => unsafe { x86::one_row_avx2(t, w, rows, x, y) },
         _ => {
             for r in 0..rows {
                 dot_rows(isa, t, &w[r * rb..(r + 1) * rb], x, &mut y[r..], 1);
@@ -636,56 +704,191 @@ pub(super) mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// The AVX2 body: each chunk's halves widened to 16 bits, multiplied by the activations
-    /// and summed in pairs (`vpmaddwd`), scaled and added into f32 accumulators.
+    /// A chunk's 32 digits as 16-bit numbers in two registers (its halves), centred where
+    /// the format's offset is a fixed multiple of its scale ([`centre`]).
+    #[inline(always)]
+    unsafe fn widen_avx2<const T: u32>(dec: &Dec) -> [__m256i; 2] {
+        let (lo, hi) = (
+            _mm256_castsi256_si128(dec.u),
+            _mm256_extracti128_si256(dec.u, 1),
+        );
+        let u = if T == Q8_0 {
+            [_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)]
+        } else {
+            [_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)]
+        };
+        let c0 = centre(T);
+        if c0 == 0 {
+            return u;
+        }
+        let c = _mm256_set1_epi16(c0);
+        [_mm256_sub_epi16(u[0], c), _mm256_sub_epi16(u[1], c)]
+    }
+
+    /// Adds one widened chunk's products with activation chunk `xc` into `acc` (`vpmaddwd`
+    /// sums the 16-bit products in pairs, exactly in i32), scaled; returns its offset term.
+    #[inline(always)]
+    unsafe fn chunk_avx2<const T: u32>(
+        u: &[__m256i; 2],
+        dec: &Dec,
+        x: &QuantRows,
+        xc: usize,
+        acc: &mut __m256,
+    ) -> f32 {
+        let q = x.q.as_ptr().add(xc * CHUNK) as *const __m256i;
+        let p0 = _mm256_madd_epi16(u[0], _mm256_loadu_si256(q));
+        let p1 = _mm256_madd_epi16(u[1], _mm256_loadu_si256(q.add(1)));
+        let dx = *x.d.get_unchecked(xc);
+        if split(T) {
+            let s0 = _mm256_set1_ps(dec.a[0] * dx);
+            let s1 = _mm256_set1_ps(dec.a[1] * dx);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, *acc);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, *acc);
+        } else {
+            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+            *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(dec.a[0] * dx), *acc);
+        }
+        if centre(T) != 0 || T == Q8_0 {
+            return 0.0;
+        }
+        let xs = x.xs.as_ptr().add(2 * xc);
+        dec.b[0] * *xs + dec.b[1] * *xs.add(1)
+    }
+
+    /// The AVX2 body: rows of x in groups of up to [`XR`] ([`rows_avx2`]), each chunk of W
+    /// decoded once per group.
     #[inline(always)]
     unsafe fn body_avx2<const T: u32>(w: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
-        let t = QType::from_ggml(T).expect("a block type");
-        let (n, per, bb) = (x.rows(), chunks_per_block(t), t.block_bytes());
-        let chunks_row = x.cols / CHUNK;
+        let n = x.rows();
+        if n == 1 {
+            let (v, off) = row_sum_avx2::<T>(w, x);
+            *y.get_unchecked_mut(0) = hsum(v) + off;
+            return;
+        }
         let mut i0 = 0;
         while i0 < n {
-            let m = (n - i0).min(XR);
-            let mut acc = [_mm256_setzero_ps(); XR];
-            let mut off = [0.0f32; XR];
-            for bi in 0..w.len() / bb {
-                let b = w.as_ptr().add(bi * bb);
-                for c in 0..per {
-                    let dec = decode::<T>(b, c);
-                    let (lo, hi) = (
-                        _mm256_castsi256_si128(dec.u),
-                        _mm256_extracti128_si256(dec.u, 1),
-                    );
-                    let (u0, u1) = if T == Q8_0 {
-                        (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
-                    } else {
-                        (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
-                    };
-                    let k = bi * per + c;
-                    for r in 0..m {
-                        let xc = (i0 + r) * chunks_row + k;
-                        let q = x.q.as_ptr().add(xc * CHUNK) as *const __m256i;
-                        let p0 = _mm256_madd_epi16(u0, _mm256_loadu_si256(q));
-                        let p1 = _mm256_madd_epi16(u1, _mm256_loadu_si256(q.add(1)));
-                        let dx = *x.d.get_unchecked(xc);
-                        if split(T) {
-                            let s0 = _mm256_set1_ps(dec.a[0] * dx);
-                            let s1 = _mm256_set1_ps(dec.a[1] * dx);
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc[r]);
-                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc[r]);
-                        } else {
-                            let p = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
-                            acc[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dec.a[0] * dx), acc[r]);
-                        }
-                        let xs = x.xs.as_ptr().add(2 * xc);
-                        off[r] += dec.b[0] * *xs + dec.b[1] * *xs.add(1);
-                    }
+            let y = y.get_unchecked_mut(i0 * y_rs..);
+            match n - i0 {
+                1 => rows_avx2::<T, 1>(w, x, i0, y, y_rs),
+                2 => rows_avx2::<T, 2>(w, x, i0, y, y_rs),
+                3 => rows_avx2::<T, 3>(w, x, i0, y, y_rs),
+                _ => rows_avx2::<T, XR>(w, x, i0, y, y_rs),
+            }
+            i0 += XR;
+        }
+    }
+
+    /// One weight row against rows i0..i0 + M of x (M fixed, so that the accumulators stay
+    /// in registers), written to y[r * y_rs].
+    #[inline(always)]
+    unsafe fn rows_avx2<const T: u32, const M: usize>(
+        w: &[u8],
+        x: &QuantRows,
+        i0: usize,
+        y: &mut [f32],
+        y_rs: usize,
+    ) {
+        let t = QType::from_ggml(T).expect("a block type");
+        let (per, bb) = (chunks_per_block(t), t.block_bytes());
+        let chunks_row = x.cols / CHUNK;
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut off = [0.0f32; M];
+        for bi in 0..w.len() / bb {
+            let b = w.as_ptr().add(bi * bb);
+            for c in 0..per {
+                let dec = decode::<T>(b, c);
+                let u = widen_avx2::<T>(&dec);
+                let k = bi * per + c;
+                for r in 0..M {
+                    let xc = (i0 + r) * chunks_row + k;
+                    off[r] += chunk_avx2::<T>(&u, &dec, x, xc, &mut acc[r]);
                 }
             }
-            for r in 0..m {
-                *y.get_unchecked_mut((i0 + r) * y_rs) = hsum(acc[r]) + off[r];
+        }
+        for r in 0..M {
+            *y.get_unchecked_mut(r * y_rs) = hsum(acc[r]) + off[r];
+        }
+    }
+
+    /// One weight row against x's one row (decoding) on AVX2: two chunks at a time into two
+    /// accumulators, so that one chunk's additions do not wait for the previous one's; its 8
+    /// lanes of sums and its offset term, not yet added up.
+    #[inline(always)]
+    unsafe fn row_sum_avx2<const T: u32>(w: &[u8], x: &QuantRows) -> (__m256, f32) {
+        let t = QType::from_ggml(T).expect("a block type");
+        let (per, bb) = (chunks_per_block(t), t.block_bytes());
+        let total = w.len() / bb * per;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut o0, mut o1) = (0.0f32, 0.0f32);
+        let p = w.as_ptr();
+        if per == 1 {
+            // 32-number blocks: two blocks at a time
+            let mut k = 0;
+            while k + 1 < total {
+                o0 += chunk_at_avx2::<T>(p.add(k * bb), 0, x, k, &mut a0);
+                o1 += chunk_at_avx2::<T>(p.add((k + 1) * bb), 0, x, k + 1, &mut a1);
+                k += 2;
             }
-            i0 += m;
+            if k < total {
+                o0 += chunk_at_avx2::<T>(p.add(k * bb), 0, x, k, &mut a0);
+            }
+        } else {
+            // 256-number blocks (8 chunks): two chunks of a block at a time
+            for bi in 0..total / per {
+                let b = p.add(bi * bb);
+                for c in (0..per).step_by(2) {
+                    o0 += chunk_at_avx2::<T>(b, c, x, bi * per + c, &mut a0);
+                    o1 += chunk_at_avx2::<T>(b, c + 1, x, bi * per + c + 1, &mut a1);
+                }
+            }
+        }
+        (_mm256_add_ps(a0, a1), o0 + o1)
+    }
+
+    /// Chunk `c` of the block at `b` against activation chunk `xc`, into `acc` (a function,
+    /// not a closure: closures do not take the caller's target features).
+    #[inline(always)]
+    unsafe fn chunk_at_avx2<const T: u32>(
+        b: *const u8,
+        c: usize,
+        x: &QuantRows,
+        xc: usize,
+        acc: &mut __m256,
+    ) -> f32 {
+        let dec = decode::<T>(b, c);
+        chunk_avx2::<T>(&widen_avx2::<T>(&dec), &dec, x, xc, acc)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `w` is `rows` whole rows of blocks of `t` for x's one
+    /// row; y holds `rows` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn one_row_avx2(t: QType, w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
+        per_type!(t, one_row_body_avx2, w, rows, x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn one_row_body_avx2<const T: u32>(w: &[u8], rows: usize, x: &QuantRows, y: &mut [f32]) {
+        let rb = w.len() / rows.max(1);
+        let p = w.as_ptr();
+        let mut r = 0;
+        // four rows' lanes added up together: fewer instructions than four reductions
+        while r + 4 <= rows {
+            let row = |r: usize| std::slice::from_raw_parts(p.add(r * rb), rb);
+            let (v0, o0) = row_sum_avx2::<T>(row(r), x);
+            let (v1, o1) = row_sum_avx2::<T>(row(r + 1), x);
+            let (v2, o2) = row_sum_avx2::<T>(row(r + 2), x);
+            let (v3, o3) = row_sum_avx2::<T>(row(r + 3), x);
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let s = _mm_add_ps(s, _mm_set_ps(o3, o2, o1, o0));
+            _mm_storeu_ps(y.as_mut_ptr().add(r), s);
+            r += 4;
+        }
+        while r < rows {
+            let (v, off) = row_sum_avx2::<T>(w.get_unchecked(r * rb..(r + 1) * rb), x);
+            *y.get_unchecked_mut(r) = hsum(v) + off;
+            r += 1;
         }
     }
 
@@ -1085,8 +1288,9 @@ pub(super) mod tests {
                 &[256, 768]
             };
             for &cols in col_choices {
-                for n in [1, 3, 4, 5, 9] {
-                    let out = 3;
+                for n in [1, 2, 3, 4, 5, 7, 9] {
+                    // six weight rows: decoding's four-row group and a remainder
+                    let out = 6;
                     let w = random_weights(t, out, cols, &mut rng);
                     let x = random_x(n * cols, &mut rng);
                     let mut xq = QuantRows::default();
@@ -1095,11 +1299,22 @@ pub(super) mod tests {
                     let rb = w.len() / out;
                     let mut wd = vec![0.0; out * cols];
                     dequantize(t, &w, &mut wd);
+                    // one row of x: all the weight rows in one call too
+                    let mut one = vec![vec![f32::NAN; out + 1]; paths.len()];
+                    if n == 1 {
+                        for (y, &p) in one.iter_mut().zip(&paths) {
+                            dot_one_row(p, t, &w, out, &xq, y);
+                            assert!(y[out].is_nan(), "wrote past its rows");
+                        }
+                    }
                     for j in 0..out {
                         let wrow = &wd[j * cols..(j + 1) * cols];
-                        for &p in &paths {
+                        for (pi, &p) in paths.iter().enumerate() {
                             let mut y = vec![f32::NAN; n * 2];
                             dot_rows(p, t, &w[j * rb..(j + 1) * rb], &xq, &mut y, 2);
+                            if n == 1 {
+                                y[1] = one[pi][j];
+                            }
                             for i in 0..n {
                                 let (mut exact, mut deq, mut mag, mut bound) = (0.0, 0.0, 0.0, 0.0);
                                 for k in 0..cols {
@@ -1118,7 +1333,16 @@ pub(super) mod tests {
                                     "{t:?} {p:?} cols {cols} n {n}: {got} vs {deq}"
                                 );
                                 assert!((got - exact).abs() <= bound * 1.01 + tol);
-                                assert!(y[2 * i + 1].is_nan(), "wrote outside its stride");
+                                if n == 1 {
+                                    // dot_one_row's value for this row
+                                    let got = y[1] as f64;
+                                    assert!(
+                                        (got - deq).abs() <= tol,
+                                        "{t:?} {p:?} cols {cols} one row {j}: {got} vs {deq}"
+                                    );
+                                } else {
+                                    assert!(y[2 * i + 1].is_nan(), "wrote outside its stride");
+                                }
                             }
                         }
                     }
