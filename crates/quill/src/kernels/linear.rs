@@ -760,7 +760,6 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
     const L: usize = 8;
     let inp = x.len();
     let full = inp - inp % L;
-    let cvt = |p: *const u16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
     for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
         let (w, xp) = (row.as_ptr(), x.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -768,12 +767,12 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
         while k + 4 * L <= full {
             for (u, a) in acc.iter_mut().enumerate() {
                 let o = k + u * L;
-                *a = _mm256_fmadd_ps(cvt(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                *a = _mm256_fmadd_ps(f16x8(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
             }
             k += 4 * L;
         }
         while k < full {
-            acc[0] = _mm256_fmadd_ps(cvt(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(f16x8(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
             k += L;
         }
         let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -785,6 +784,15 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
         }
         *yv = sum;
     }
+}
+
+/// Eight f16 at `p` as f32 (a function, inlined into its caller's target features, where a
+/// closure may not be).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 multiversion! {

@@ -357,12 +357,12 @@ unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) {
     if cols == 0 {
         return;
     }
-    let v = SharedView(v);
     dst[..rows * cols]
         .par_chunks_mut(ROWS * cols)
         .enumerate()
         .for_each(|(b, blk)| {
-            let v = v.get();
+            // the whole view, not its pointer field alone (a raw pointer is not Send)
+            let v: View = v;
             let src = v.ptr.add(b * ROWS * v.rs);
             if v.cs == 1 {
                 for (i, row) in blk.chunks_exact_mut(cols).enumerate() {
@@ -378,19 +378,6 @@ unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) {
                 }
             }
         });
-}
-
-/// A view that threads may share (they only read through it).
-#[derive(Clone, Copy)]
-struct SharedView(View);
-unsafe impl Send for SharedView {}
-unsafe impl Sync for SharedView {}
-
-impl SharedView {
-    /// The view (a method, so closures capture the whole Send wrapper).
-    fn get(self) -> View {
-        self.0
-    }
 }
 
 super::simd::multiversion! {

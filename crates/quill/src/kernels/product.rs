@@ -32,6 +32,11 @@ impl View {
     }
 }
 
+// Safety: a view only reads; whoever makes one promises its elements stay alive and unwritten
+// while it is used (as for `Strided`, which holds views and is shared the same way).
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
 /// A writable matrix of unit column stride: element (i, j) at ptr + i·rs + j.
 #[derive(Clone, Copy, Debug)]
 pub struct ViewMut {
