@@ -134,6 +134,17 @@ def test_training_flags_out_of_range(tmp_path, flags, words):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("count", ["1000000000", "18446744073709551615"])
+def test_huge_max_new_tokens_stop_at_the_context(count):
+    # once aborted (a buffer sized by the flag) or panicked (capacity overflow): generation
+    # now stops at the model's context, within the address limit
+    d = FIXTURES / "stories260K"
+    r = run("generate", "--model", d / "stories260K.bin", "--tokenizer", d / "tok512.bin",
+            "--prompt", "Once", "--max-new-tokens", count, timeout=120)
+    assert r.returncode == 0 and "panicked" not in r.stderr, r.stderr
+    assert r.stdout.strip(), "no text"
+
+
 def path_tricks(tmp_path, inside):
     """Names a file index may hold that lead outside its folder or to no regular file."""
     outside = tmp_path / "outside"

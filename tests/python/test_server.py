@@ -359,6 +359,9 @@ def test_cross_site_bodies_and_oversized_attention_maps_are_refused(server):
             assert json.loads(e.read())["error"]["code"] == "unsupported_media_type"
     code, err = raw(server, "/v1/quill/attention", json.dumps({"ids": [5] * 1100}).encode())
     assert code == 400 and "1024" in err["error"]["message"], err
+    # a token id above 2^32 is refused, not truncated to a valid one
+    code, err = raw(server, "/v1/quill/attention", json.dumps({"ids": [5, 4294967301]}).encode())
+    assert code == 400, (code, err)
     code, err = raw(server, "/v1/models", None, key=KEY[:-1] + "x", method="GET")
     assert code == 401
     # still serving
