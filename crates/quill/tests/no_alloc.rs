@@ -123,10 +123,11 @@ fn check_models() {
                 "{arch}: an f32 training step allocated inside the gemm crate"
             );
         }
-        // bf16 mixed precision runs every product on quill's own kernel where the CPU has
-        // bf16 products (or none of AVX2): nothing allocates, not even inside gemm (the
-        // packing buffers are per thread, sized at first use). On AVX2 without them the
-        // rounded operands go to the f32 product, which is the gemm crate's without AVX-512.
+        // bf16 mixed precision runs every product on quill's own kernels: the packed bf16
+        // one where the CPU has bf16 products (or none of AVX2), else the f32 one on
+        // operands rounded to bf16. Nothing allocates, not even inside gemm (the packing
+        // buffers are per thread, sized at first use); only a CPU without AVX2 takes the
+        // gemm crate's path for f32.
         let own_kernel = quill::kernels::bf16::has_bf16()
             || quill::kernels::sgemm::available()
             || !quill::kernels::simd::has_avx2();

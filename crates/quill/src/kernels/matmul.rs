@@ -1,9 +1,9 @@
 //! Matrix multiply, the one product entry: C (+)= op(A) · op(B), row-major, with typed
 //! operands ([`Operand`], [`Accumulate`], [`Fused`]; [`Strided`] for views into larger
 //! buffers). f32 products run on quill's own kernel ([`super::sgemm`]) where the CPU has
-//! AVX-512, and on the `gemm` crate's cache-blocked SIMD kernels (AVX2, chosen at run time)
-//! elsewhere; bf16 operands on [`super::packed`] where the CPU has `vdpbf16ps` (or no AVX2),
-//! else rounded to bf16 and multiplied by the f32 product ([`rounded_f32`]). The kernels below this file import none of
+//! AVX-512 or AVX2 + FMA, and on the `gemm` crate's plain path elsewhere; bf16 operands on
+//! [`super::packed`] where the CPU has `vdpbf16ps` (or no AVX2), else rounded to bf16 and
+//! multiplied by the f32 product ([`rounded_f32`]). The kernels below this file import none of
 //! each other (their shared types are in [`super::product`]).
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
@@ -33,7 +33,7 @@ pub(crate) fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
 /// The precision of a training product's operands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
-    /// f32 operands (the `gemm` crate).
+    /// f32 operands.
     #[default]
     F32,
     /// Operands rounded to bf16, products accumulated in f32 (`kernels::bf16`).
@@ -130,7 +130,7 @@ impl<'a> Operand<'a> {
 }
 
 /// Work fused into a product, so it needs no pass of its own over memory: inside quill's
-/// kernels (bf16, and f32 with AVX-512) the starting values go into the tile stores and the
+/// kernels (bf16, and f32 with AVX-512 or AVX2) the starting values go into the tile stores and the
 /// column sums are taken while B is packed; on the `gemm` crate's path the same work runs as
 /// passes around the call.
 #[derive(Default)]
@@ -232,8 +232,8 @@ pub fn matmul_fused(
 }
 
 /// The strided form, for views into larger buffers (attention heads inside a qkv matrix):
-/// bf16 operands on [`super::packed`], f32 on [`super::sgemm`] where the CPU has AVX-512 and
-/// on the `gemm` crate elsewhere (which takes no fused work).
+/// bf16 operands on [`super::packed`], f32 on [`super::sgemm`] where the CPU has AVX-512 or
+/// AVX2 and on the `gemm` crate elsewhere (which takes no fused work).
 ///
 /// # Safety
 /// Every element reached through the views lies inside live allocations, `c`'s elements are

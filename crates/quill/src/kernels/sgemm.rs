@@ -1,6 +1,7 @@
-//! f32 matrix multiply on AVX-512: C (+)= op(A) · op(B), row-major C, A and B through any
-//! strides, f32 accumulation. The training step's linear layers and inference prompts run on
-//! it (CPUs without AVX-512 use the `gemm` crate instead, see [`super::matmul`]).
+//! f32 matrix multiply on AVX-512 or AVX2 + FMA: C (+)= op(A) · op(B), row-major C, A and B
+//! through any strides, f32 accumulation. The training step's linear layers and inference
+//! prompts run on it (CPUs without AVX2 use the `gemm` crate's plain path instead, see
+//! [`super::matmul`]).
 //!
 //! Blocking (BLIS-style, shaped after the measurements in BENCHMARKS.md):
 //! - C's columns go in blocks of NC; the depth in even blocks of at most KC.
@@ -10,6 +11,10 @@
 //!   broadcasts A's six values of each depth straight from A's rows, whatever its strides,
 //!   so the six rows (6 x KC floats, 12 KB) sit in L1 while the tile walks a sub-block of
 //!   B's panels (KC x NB floats) that sits in L2.
+//! - With AVX2 (16 ymm registers) the same panels are computed as four strips of 6 x 16
+//!   (12 ymm accumulators, two loads of B and a broadcast of A per depth), the six rows of A
+//!   read again from L1 for each strip. The depth blocks are shallower there (at most
+//!   [`KC_AVX2`]), so a strip's part of a panel and the six rows fit L1 together.
 //! - The threads split C by rows (every thread needs the whole packed block: it is packed by
 //!   all of them, then each computes its rows) or, when the columns divide well, by panels
 //!   (each thread packs and computes its own panels, with no wait in between).
@@ -34,12 +39,19 @@ use std::ops::Range;
 pub const MR: usize = 6;
 /// Columns of the register tile (four zmm of f32).
 pub const NR: usize = 64;
+/// Columns of the AVX2 register tile (two ymm of f32).
+const NR_AVX2: usize = 16;
 /// Most depths per block (a tile's six rows of A, 12 KB, stay in L1).
 const KC: usize = 512;
+/// Most depths per block on the AVX2 body: a 16-column strip of a panel (16 KB) and the six
+/// rows of A (6 KB) stay in L1 together.
+const KC_AVX2: usize = 640;
 /// Columns of B per packed block (a multiple of NR; KC x NC floats, 3 MB).
 const NC: usize = 1536;
 /// Rows of A copied at a time when A is not contiguous along the depth (a multiple of MR).
 const MC: usize = 96;
+/// Rows of A per block on the AVX2 body (MC_AVX2 x KC_AVX2 floats, 144 KB, stay in L2).
+const MC_AVX2: usize = 144;
 /// Panels per L2 sub-block (KC x 384 floats, 768 KB) for the tile rows to walk.
 const NB_PANELS: usize = 6;
 /// Depth blocks up to this deep walk one panel at a time instead (its KC x 64 floats, 32 KB,
@@ -51,10 +63,45 @@ const ALIGN: usize = 16;
 /// Problems smaller than this many multiply-adds run on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
-/// Whether this CPU runs [`matmul_fused`] (AVX-512 F and BW, not turned off by
-/// `QUILL_SIMD=scalar`).
+/// Whether this CPU runs [`matmul_fused`] (AVX-512 F and BW, or AVX2 and FMA; not turned off
+/// by `QUILL_SIMD=scalar`).
 pub fn available() -> bool {
-    super::simd::has_avx512()
+    super::simd::has_avx512() || super::simd::has_avx2()
+}
+
+/// Which register tile computes: AVX-512's 6 x 64, or AVX2's 6 x 16 strips.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Avx512,
+    Avx2,
+}
+
+impl Body {
+    /// The widest this CPU has (and `QUILL_SIMD` allows); needs [`available`].
+    fn detect() -> Body {
+        match super::simd::has_avx512() {
+            true => Body::Avx512,
+            false => Body::Avx2,
+        }
+    }
+
+    /// Columns of a packed panel of B: the register tile's width. (AVX2's 16-column panels,
+    /// [depth][16], are contiguous: as a quarter of a 64-column panel, at a stride of 64
+    /// floats, a panel's lines would fall in a quarter of L1's sets and not stay there.)
+    fn nr(self) -> usize {
+        match self {
+            Body::Avx512 => NR,
+            Body::Avx2 => NR_AVX2,
+        }
+    }
+
+    /// Most depths per block.
+    fn kc(self) -> usize {
+        match self {
+            Body::Avx512 => KC,
+            Body::Avx2 => KC_AVX2,
+        }
+    }
 }
 
 thread_local! {
@@ -68,6 +115,7 @@ thread_local! {
 /// The problem, with raw pointers as addresses so the closures that split it are Send.
 struct Problem<'a> {
     s: Strided<'a>,
+    body: Body,
 }
 
 /// One strided product ([`Strided`]) with its fused work (`Fusion::default()` for none). With `parallel`, the work is split between the threads of the
@@ -78,7 +126,7 @@ struct Problem<'a> {
 /// allocations, and nobody else touches `c`'s elements during the call; the residual has m
 /// rows of n readable elements, col_sums n writable ones, and bias n elements.
 pub unsafe fn matmul_fused(s: Strided) {
-    assert!(available(), "sgemm needs AVX-512");
+    assert!(available(), "sgemm needs AVX-512 or AVX2");
     let Dims { m, k, n } = s.dims;
     s.fusion.check(n, s.adds());
     if m == 0 || n == 0 {
@@ -91,7 +139,8 @@ pub unsafe fn matmul_fused(s: Strided) {
         }
         return;
     }
-    let (parallel, p) = (s.parallel, Problem { s });
+    let body = Body::detect();
+    let (parallel, p) = (s.parallel, Problem { s, body });
     let threads = rayon::current_num_threads();
     let threads = if parallel && threads > 1 && m * k * n >= PARALLEL_MIN_MACS {
         threads
@@ -106,7 +155,7 @@ pub unsafe fn matmul_fused(s: Strided) {
     });
 }
 
-/// One depth block of one column block of B, packed: panel q of it at packed + q*kc*NR.
+/// One depth block of one column block of B, packed: panel q of it at packed + q*kc*nr.
 struct Block {
     packed: *mut f32,
     /// First column of C.
@@ -136,12 +185,13 @@ impl Block {
 impl Problem<'_> {
     fn run(&self, buf: &mut Vec<f32>, threads: usize) {
         let (m, k, n) = (self.s.dims.m, self.s.dims.k, self.s.dims.n);
-        let depth_blocks = k.div_ceil(KC);
+        let depth_blocks = k.div_ceil(self.body.kc());
         let kstep = k.div_ceil(depth_blocks);
-        let ncols = n.min(NC).div_ceil(NR) * NR;
+        let nr = self.body.nr();
+        let ncols = n.min(NC).div_ceil(nr) * nr;
         if buf.len() < kstep * ncols + ALIGN {
             // the largest block there can be, so the buffer is sized once
-            buf.resize(KC * NC + ALIGN, 0.0);
+            buf.resize(KC.max(KC_AVX2) * NC + ALIGN, 0.0);
         }
         // panels start on a cache line, so no load of B straddles two
         let start = buf.as_ptr().align_offset(64).min(ALIGN);
@@ -149,24 +199,24 @@ impl Problem<'_> {
         let row_tiles = m.div_ceil(MR);
         for jc in (0..n).step_by(NC) {
             let nb = (n - jc).min(NC);
-            let panels = nb.div_ceil(NR);
+            let panels = nb.div_ceil(nr);
             // by panels when the columns divide evenly between the threads (or there are
             // few rows)
-            let even = panels % threads == 0 && nb % NR == 0;
+            let even = panels % threads == 0 && nb % nr == 0;
             // (a copied A goes by rows, so no row is copied twice)
             let few_rows = row_tiles < 2 * threads;
             let by_panels = threads > 1
                 && panels >= threads
                 && (few_rows || (self.s.a.cs == 1 && (even || panels >= 4 * threads)));
             // when the whole column block of B fits the buffer, every depth block is packed
-            // in one parallel pass (depth block pc at pc * panels * NR) and computed in
+            // in one parallel pass (depth block pc at pc * panels * nr) and computed in
             // another, instead of two passes per depth block: small products are dominated
             // by those waits
-            let whole = k * panels * NR + ALIGN <= buf.len();
+            let whole = k * panels * nr + ALIGN <= buf.len();
             let block = |pc: usize| Block {
                 packed: packed
                     .get()
-                    .wrapping_add(if whole { pc * panels * NR } else { 0 }),
+                    .wrapping_add(if whole { pc * panels * nr } else { 0 }),
                 jc,
                 nb,
                 pc,
@@ -218,25 +268,31 @@ impl Problem<'_> {
     }
 
     /// Packs panels q0..q1 of B's block (depths pc..pc+kc, columns jc..jc+nb): panel q at
-    /// q*kc*NR, [depth][NR], zero past column nb. Adds the block's column sums into
+    /// q*kc*nr, [depth][nr], zero past column nb. Adds the block's column sums into
     /// col_sums when asked.
     unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
         let b = self.s.b.ptr;
         let kc = blk.kc;
         for q in q0..q1 {
-            let j0 = q * NR;
-            let cols = (blk.nb - j0).min(NR);
-            let dst = blk.packed.add(q * kc * NR);
+            let nr = self.body.nr();
+            let j0 = q * nr;
+            let cols = (blk.nb - j0).min(nr);
+            let dst = blk.packed.add(q * kc * nr);
             let src = b.add(blk.pc * self.s.b.rs + (blk.jc + j0) * self.s.b.cs);
             let sums = self.s.fusion.col_sums.map(|s| s.add(blk.jc + j0));
-            if self.s.b.cs == 1 {
-                pack_rows(dst, src, self.s.b.rs, kc, cols, sums);
-            } else if self.s.b.rs == 1 {
-                pack_columns(dst, src, self.s.b.cs, kc, cols, sums);
+            let (rs, cs, avx512) = (self.s.b.rs, self.s.b.cs, self.body == Body::Avx512);
+            if cs == 1 && avx512 {
+                pack_rows(dst, src, rs, kc, cols, sums);
+            } else if cs == 1 {
+                pack_rows_avx2(dst, src, rs, kc, cols, sums);
+            } else if rs == 1 && avx512 {
+                pack_columns(dst, src, cs, kc, cols, sums);
+            } else if rs == 1 {
+                pack_columns_avx2(dst, src, cs, kc, cols, sums);
             } else {
                 for p in 0..kc {
-                    for j in 0..NR {
-                        *dst.add(p * NR + j) = if j < cols {
+                    for j in 0..nr {
+                        *dst.add(p * nr + j) = if j < cols {
                             *src.add(p * self.s.b.rs + j * self.s.b.cs)
                         } else {
                             0.0
@@ -270,6 +326,14 @@ impl Problem<'_> {
             });
         }
         let a = (self.s.a.ptr).add(blk.pc * self.s.a.cs);
+        if self.body == Body::Avx2 {
+            let (a_rs, a_cs) = (self.s.a.rs, self.s.a.cs);
+            for ic in (r0..r1).step_by(MC_AVX2) {
+                let ie = (ic + MC_AVX2).min(r1);
+                self.strips_avx2(blk, ic..ie, |i| (a.add(i * a_rs), a_rs, a_cs), q0..q1);
+            }
+            return;
+        }
         let walk = blk.walk();
         for qb in (q0..q1).step_by(walk) {
             let qe = (qb + walk).min(q1);
@@ -290,8 +354,9 @@ impl Problem<'_> {
         panels: Range<usize>,
     ) {
         let (Range { start: r0, end: r1 }, Range { start: q0, end: q1 }) = (rows, panels);
-        if buf.len() < MC * KC {
-            buf.resize(MC * KC, 0.0);
+        if buf.len() < MC * KC.max(KC_AVX2) + 2 {
+            // (two floats spare for copy_rows_avx2's last store)
+            buf.resize(MC * KC.max(KC_AVX2) + 2, 0.0);
         }
         let (a, kc) = ((self.s.a.ptr).add(blk.pc * self.s.a.cs), blk.kc);
         let walk = blk.walk();
@@ -299,6 +364,11 @@ impl Problem<'_> {
             let ie = (ic + MC).min(r1);
             let rows_ic = a.add(ic * self.s.a.rs);
             copy_rows(buf, rows_ic, self.s.a.rs, self.s.a.cs, ie - ic, kc);
+            if self.body == Body::Avx2 {
+                let at = |i: usize| (buf.as_ptr().add((i - ic) / MR * kc * MR), 1, MR);
+                self.strips_avx2(blk, ic..ie, at, q0..q1);
+                continue;
+            }
             for qb in (q0..q1).step_by(walk) {
                 let qe = (qb + walk).min(q1);
                 for i in (ic..ie).step_by(MR) {
@@ -306,6 +376,40 @@ impl Problem<'_> {
                     let ai = buf.as_ptr().add((i - ic) / MR * kc * MR);
                     self.row_tiles(blk, i..i + rows, (ai, 1, MR), qb..qe);
                 }
+            }
+        }
+    }
+
+    /// The AVX2 body over rows x panels of the block: each panel (at most KC_AVX2 x 16
+    /// floats, 16 KB) stays in L1 while every six of the rows pass by
+    /// (their A, at most MC_AVX2 x KC_AVX2 floats, in L2). `a(i)` is A's row i at the
+    /// block's first depth: (pointer, row stride, depth stride).
+    unsafe fn strips_avx2(
+        &self,
+        blk: &Block,
+        rows: Range<usize>,
+        a: impl Fn(usize) -> (*const f32, usize, usize),
+        panels: Range<usize>,
+    ) {
+        let f = &self.s.fusion;
+        for q in panels {
+            let j = blk.jc + q * NR_AVX2;
+            let cols = (blk.nb - q * NR_AVX2).min(NR_AVX2);
+            for i in rows.clone().step_by(MR) {
+                let (a, a_rs, a_cs) = a(i);
+                let t = Tile {
+                    kc: blk.kc,
+                    a,
+                    a_rs,
+                    a_cs,
+                    b: blk.packed.add(q * blk.kc * NR_AVX2),
+                    c: self.s.c.ptr.add(i * self.s.c.rs + j),
+                    c_rs: self.s.c.rs,
+                    rows: (rows.end - i).min(MR),
+                    cols,
+                    store: Store::at(f, blk.init, i, j),
+                };
+                tile_avx2(&t);
             }
         }
     }
@@ -360,8 +464,12 @@ unsafe fn copy_rows(
     kc: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if a_rs == 1 && available() {
+    if a_rs == 1 && super::simd::has_avx512() {
         return copy_rows_avx512(dst, a, a_cs, rows, kc);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if a_rs == 1 && super::simd::has_avx2() {
+        return copy_rows_avx2(dst, a, a_cs, rows, kc);
     }
     for t in 0..rows.div_ceil(MR) {
         let panel = &mut dst[t * kc * MR..(t + 1) * kc * MR];
@@ -464,6 +572,215 @@ unsafe fn tile<const V: usize>(t: &Tile) {
                 }
             };
             _mm512_mask_storeu_ps(row.add(at), mask, out);
+        }
+    }
+}
+
+/// AVX2 lane mask of the first min(n, 8) lanes (all bits set in a lane that is in).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn mask8(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
+}
+
+/// The tile on AVX2 + FMA: rows x cols (at most MR x 16) of C, 12 ymm accumulators, B's
+/// panel [depth][16]. Rows past `rows` repeat row 0 (so no read leaves A) and are not
+/// stored.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; A's rows, B's panel and C's tile are as [`Tile`] says.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(t: &Tile) {
+    use std::arch::x86_64::*;
+    let z = _mm256_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    let mut ar = [t.a; MR];
+    for (r, p) in ar.iter_mut().enumerate().take(t.rows) {
+        *p = t.a.add(r * t.a_rs);
+    }
+    let (a_cs, b, c, cols) = (t.a_cs, t.b, t.c, t.cols);
+    t.store.prefetch(c, t.c_rs, t.rows, cols);
+    for p in 0..t.kc {
+        let b0 = _mm256_loadu_ps(b.add(p * 16));
+        let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+        for (acc_r, ap) in acc.iter_mut().zip(&ar) {
+            let av = _mm256_broadcast_ss(&*ap.add(p * a_cs));
+            acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
+        }
+    }
+    let masks = [mask8(cols), mask8(cols.saturating_sub(8))];
+    let load = |p: *const f32, v: usize| match cols {
+        16 => _mm256_loadu_ps(p.add(8 * v)),
+        _ => _mm256_maskload_ps(p.add(8 * v), masks[v]),
+    };
+    for (r, acc_r) in acc.iter().enumerate().take(t.rows) {
+        let row = c.add(r * t.c_rs);
+        for (v, &x) in acc_r.iter().enumerate() {
+            let out = match t.store {
+                Store::Add => _mm256_add_ps(x, load(row, v)),
+                Store::Init(bias, (res, rs)) => {
+                    let mut y = x;
+                    if !bias.is_null() {
+                        y = _mm256_add_ps(y, load(bias, v));
+                    }
+                    if !res.is_null() {
+                        y = _mm256_add_ps(y, load(res.add(r * rs), v));
+                    }
+                    y
+                }
+            };
+            match cols {
+                16 => _mm256_storeu_ps(row.add(8 * v), out),
+                _ => _mm256_maskstore_ps(row.add(8 * v), masks[v], out),
+            }
+        }
+    }
+}
+
+/// [`pack_rows`] on AVX2, into a 16-column panel: kc rows of `cols` (at most 16) floats at
+/// src + p*rs to dst [depth][16].
+///
+/// # Safety
+/// AVX2; the block is readable, dst has kc*16 writable floats, sums `cols` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_rows_avx2(
+    dst: *mut f32,
+    src: *const f32,
+    rs: usize,
+    kc: usize,
+    cols: usize,
+    sums: Option<*mut f32>,
+) {
+    use std::arch::x86_64::*;
+    let masks = [mask8(cols), mask8(cols.saturating_sub(8))];
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for p in 0..kc {
+        let row = src.add(p * rs);
+        for v in 0..2 {
+            let x = match cols {
+                NR_AVX2 => _mm256_loadu_ps(row.add(8 * v)),
+                _ => _mm256_maskload_ps(row.add(8 * v), masks[v]),
+            };
+            acc[v] = _mm256_add_ps(acc[v], x);
+            _mm256_storeu_ps(dst.add(p * NR_AVX2 + 8 * v), x);
+        }
+    }
+    if let Some(s) = sums {
+        for (v, &x) in acc.iter().enumerate() {
+            let at = s.add(8 * v);
+            let old = _mm256_maskload_ps(at, masks[v]);
+            _mm256_maskstore_ps(at, masks[v], _mm256_add_ps(old, x));
+        }
+    }
+}
+
+/// 8 x 8 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // pairs of rows interleaved, then quads, within each 128-bit half
+    let mut t = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+        let ab_lo = _mm256_unpacklo_ps(a, b);
+        let ab_hi = _mm256_unpackhi_ps(a, b);
+        let cd_lo = _mm256_unpacklo_ps(c, d);
+        let cd_hi = _mm256_unpackhi_ps(c, d);
+        // t[4g + j], half H = rows 4g..4g+4 at column 4H + j
+        t[4 * g] = _mm256_shuffle_ps::<0x44>(ab_lo, cd_lo);
+        t[4 * g + 1] = _mm256_shuffle_ps::<0xee>(ab_lo, cd_lo);
+        t[4 * g + 2] = _mm256_shuffle_ps::<0x44>(ab_hi, cd_hi);
+        t[4 * g + 3] = _mm256_shuffle_ps::<0xee>(ab_hi, cd_hi);
+    }
+    let mut out = [_mm256_setzero_ps(); 8];
+    for j in 0..4 {
+        out[j] = _mm256_permute2f128_ps::<0x20>(t[j], t[4 + j]);
+        out[4 + j] = _mm256_permute2f128_ps::<0x31>(t[j], t[4 + j]);
+    }
+    out
+}
+
+/// [`pack_columns`] on AVX2, into a 16-column panel [depth][16]: 8 x 8 transposes.
+///
+/// # Safety
+/// AVX2; the block is readable, dst has kc*16 writable floats, sums `cols` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_columns_avx2(
+    dst: *mut f32,
+    src: *const f32,
+    cs: usize,
+    kc: usize,
+    cols: usize,
+    sums: Option<*mut f32>,
+) {
+    use std::arch::x86_64::*;
+    for l0 in (0..NR_AVX2).step_by(8) {
+        let lines = cols.saturating_sub(l0).min(8);
+        let mut p0 = 0;
+        while p0 < kc {
+            let depths = (kc - p0).min(8);
+            let m = mask8(depths);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (l, row) in rows.iter_mut().enumerate().take(lines) {
+                let at = src.add((l0 + l) * cs + p0);
+                *row = match depths {
+                    8 => _mm256_loadu_ps(at),
+                    _ => _mm256_maskload_ps(at, m),
+                };
+            }
+            let t = transpose8(rows);
+            for (d, col) in t.iter().enumerate().take(depths) {
+                _mm256_storeu_ps(dst.add((p0 + d) * NR_AVX2 + l0), *col);
+            }
+            p0 += 8;
+        }
+    }
+    if let Some(s) = sums {
+        for j in 0..cols {
+            let line = std::slice::from_raw_parts(src.add(j * cs), kc);
+            *s.add(j) += line.iter().fold(0.0, |acc, &x| acc + x);
+        }
+    }
+}
+
+/// [`copy_rows`] on AVX2 when A's rows are adjacent at each depth (A stored [k, m]). Each
+/// depth's six values are stored as eight floats (masked stores are slow on AMD), so the
+/// panels are written in order, each depth after the one before: the two extra floats land
+/// where the next store goes, and past the last panel in `dst`'s spare end.
+///
+/// # Safety
+/// AVX2; as [`copy_rows`], with two more floats in dst.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn copy_rows_avx2(dst: &mut [f32], a: *const f32, a_cs: usize, rows: usize, kc: usize) {
+    use std::arch::x86_64::*;
+    let panels = rows.div_ceil(MR);
+    assert!(dst.len() >= panels * kc * MR + 2);
+    let out = dst.as_mut_ptr();
+    for t in 0..panels {
+        let left = rows - t * MR;
+        let (src, to, m) = (a.add(t * MR), out.add(t * kc * MR), mask8(left.min(MR)));
+        for p in 0..kc {
+            let v = match left >= 8 {
+                true => _mm256_loadu_ps(src.add(p * a_cs)),
+                false => _mm256_maskload_ps(src.add(p * a_cs), m),
+            };
+            // (the two floats past this depth's six are overwritten by the next depth's)
+            _mm256_storeu_ps(to.add(p * MR), v);
         }
     }
 }
