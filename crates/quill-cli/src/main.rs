@@ -1282,6 +1282,9 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     Some(g) => println!(
                         "bf16 products (f32 accumulation, quill's AVX-512 BF16 kernel): {g:.1} GFLOP/s"
                     ),
+                    None if p.kernels.f32 != "scalar" => println!(
+                        "bf16: no AVX-512 BF16 here (or QUILL_SIMD caps it): bf16 operands are rounded and multiplied by the f32 product"
+                    ),
                     None => println!(
                         "bf16: no AVX-512 BF16 here (or QUILL_SIMD caps it): bf16 products take a plain path"
                     ),

@@ -9,7 +9,8 @@ use serde::Serialize;
 pub struct Kernels {
     /// Elementwise and f32 product kernels: avx512, avx2 or scalar.
     pub f32: &'static str,
-    /// bf16 products on AVX-512 BF16 (`vdpbf16ps`); false: a plain path.
+    /// bf16 products on AVX-512 BF16 (`vdpbf16ps`); false: operands rounded to bf16 and
+    /// multiplied by the f32 product (with AVX2), or a plain path.
     pub avx512_bf16: bool,
     /// Quantized dot products: avx512-vnni, avx2 or plain.
     pub int8: &'static str,
@@ -47,6 +48,8 @@ impl Kernels {
             self.f32,
             if self.avx512_bf16 {
                 "avx512-bf16"
+            } else if self.f32 != "scalar" {
+                "as rounded f32"
             } else {
                 "plain"
             },
@@ -110,11 +113,11 @@ mod tests {
         }
         if c < Cap::Avx512 {
             assert!(!has_avx512() && !crate::kernels::bf16::has_bf16());
-            assert!(!crate::kernels::sgemm::available());
             assert_ne!(isa(), Isa::Avx512Vnni);
         }
         if c < Cap::Avx2 {
             assert!(!has_avx2());
+            assert!(!crate::kernels::sgemm::available());
             assert_eq!(level(), "scalar");
             assert_eq!(isa(), Isa::Plain);
         }

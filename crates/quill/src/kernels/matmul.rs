@@ -320,15 +320,23 @@ unsafe fn rounded_f32(s: Strided) {
     // taken out of the thread-local while in use: the f32 product may run other rayon work
     // on this thread, which may be another such product
     let (mut ra, mut rb) = ROUNDED.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    ra.resize(m * k, 0.0);
-    rb.resize(k * n, 0.0);
-    copy_rounded(&mut ra, s.a, m, k);
-    copy_rounded(&mut rb, s.b, k, n);
+    for (buf, len) in [(&mut ra, m * k), (&mut rb, k * n)] {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+    }
+    let a = copy_rounded(&mut ra[..m * k], s.a, m, k);
+    let b = copy_rounded(&mut rb[..k * n], s.b, k, n);
     if let Some(sums) = f.col_sums {
         let sums = std::slice::from_raw_parts_mut(sums, n);
-        for p in 0..k {
-            for (j, acc) in sums.iter_mut().enumerate() {
-                *acc += *s.b.ptr.add(p * s.b.rs + j * s.b.cs);
+        if s.b.cs == 1 && s.b.rs == n {
+            // B's rows are adjacent: summed in k order, over the threads by column blocks
+            super::reduce::col_sum_acc(sums, std::slice::from_raw_parts(s.b.ptr, k * n), k);
+        } else {
+            for p in 0..k {
+                for (j, acc) in sums.iter_mut().enumerate() {
+                    *acc += *s.b.ptr.add(p * s.b.rs + j * s.b.cs);
+                }
             }
         }
     }
@@ -336,8 +344,8 @@ unsafe fn rounded_f32(s: Strided) {
         f.write_start(s.c.ptr, s.c.rs, m, n);
     }
     let product = Strided {
-        a: View::new(ra.as_ptr(), k, 1),
-        b: View::new(rb.as_ptr(), n, 1),
+        a: View::new(ra.as_ptr(), a.0, a.1),
+        b: View::new(rb.as_ptr(), b.0, b.1),
         accumulate: (s.adds() || start).into(),
         fusion: Default::default(),
         ..s
@@ -346,38 +354,45 @@ unsafe fn rounded_f32(s: Strided) {
     ROUNDED.with(|b| *b.borrow_mut() = (ra, rb));
 }
 
-/// dst [rows, cols] (contiguous) = the view's elements rounded to bf16, as f32: blocks of
-/// 16 rows over the threads; a transposed view is read a column of a block at a time (16
-/// contiguous elements when its rows are adjacent).
+/// dst = the view's rows × cols elements rounded to bf16, as f32, in the view's own layout
+/// where it is a dense one: [rows, cols] when its rows are contiguous, [cols, rows] when its
+/// columns are (a transposed operand stays transposed, and the f32 product reads it so);
+/// any other view is gathered into [rows, cols]. Lines of the layout go over the threads in
+/// blocks of 16. Returns the (row stride, column stride) to read dst with.
 ///
 /// # Safety
-/// The view reaches rows × cols readable elements.
-unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) {
-    const ROWS: usize = 16;
-    if cols == 0 {
-        return;
+/// The view reaches rows × cols readable elements; dst holds exactly rows × cols.
+unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) -> (usize, usize) {
+    const LINES: usize = 16;
+    // (lines, line length, stride between lines in the view, strides of dst)
+    let (lines, len, stride, strides) = if v.cs == 1 || v.rs != 1 {
+        (rows, cols, v.rs, (cols, 1))
+    } else {
+        (cols, rows, v.cs, (1, rows))
+    };
+    if len == 0 || lines == 0 {
+        return strides;
     }
-    dst[..rows * cols]
-        .par_chunks_mut(ROWS * cols)
+    let dense = v.cs == 1 || v.rs == 1;
+    dst.par_chunks_mut(LINES * len)
         .enumerate()
         .for_each(|(b, blk)| {
             // the whole view, not its pointer field alone (a raw pointer is not Send)
             let v: View = v;
-            let src = v.ptr.add(b * ROWS * v.rs);
-            if v.cs == 1 {
-                for (i, row) in blk.chunks_exact_mut(cols).enumerate() {
-                    round_row(row, std::slice::from_raw_parts(src.add(i * v.rs), cols));
-                }
-            } else {
-                let n = blk.len() / cols;
-                for j in 0..cols {
-                    for i in 0..n {
-                        let x = *src.add(i * v.rs + j * v.cs);
-                        *blk.get_unchecked_mut(i * cols + j) = bf16_to_f32(round_bf16(x));
+            let first = b * LINES;
+            for (i, line) in blk.chunks_exact_mut(len).enumerate() {
+                if dense {
+                    let src = v.ptr.add((first + i) * stride);
+                    round_row(line, std::slice::from_raw_parts(src, len));
+                } else {
+                    for (j, d) in line.iter_mut().enumerate() {
+                        let x = *v.ptr.add((first + i) * v.rs + j * v.cs);
+                        *d = bf16_to_f32(round_bf16(x));
                     }
                 }
             }
         });
+    strides
 }
 
 super::simd::multiversion! {
@@ -590,6 +605,53 @@ mod tests {
                     assert!(err < 3e-2, "vs f32 {m}x{k}x{n}: {err}");
                 }
             }
+        }
+    }
+
+    /// Views whose rows and columns are both strided (every other element), which the bf16
+    /// product gathers instead of copying lines, with B's column sums, against float64.
+    #[test]
+    fn gathered_views_in_bf16() {
+        let mut rng = Rng::new(9);
+        for &(m, k, n) in &[(1, 1, 1), (7, 19, 5), (40, 70, 33)] {
+            // A(i, p) at 2·(i·k + p) + 1; B(p, j) at 3·(p·n + j)
+            let a = randn(&mut rng, 2 * m * k + 1, 1.0);
+            let b = randn(&mut rng, 3 * k * n, 1.0);
+            let ga: Vec<f32> = (0..m * k).map(|x| a[2 * x + 1]).collect();
+            let gb: Vec<f32> = (0..k * n).map(|x| b[3 * x]).collect();
+            let mut want = vec![0.0; m * n];
+            let q = rounded;
+            crate::kernels::reference::matmul(
+                &mut want,
+                &q(&ga),
+                &q(&gb),
+                (m, k, n),
+                (false, false),
+            );
+            let want_sums: Vec<f64> = (0..n)
+                .map(|j| (0..k).map(|p| gb[p * n + j] as f64).sum())
+                .collect();
+            let (mut c, mut sums) = (vec![f32::NAN; m * n], vec![0.0f32; n]);
+            // Safety: the strides reach only the elements above.
+            unsafe {
+                let s = Strided::new(
+                    Dims::new(m, k, n),
+                    ViewMut::new(c.as_mut_ptr(), n),
+                    View::new(a.as_ptr().add(1), 2 * k, 2),
+                    View::new(b.as_ptr(), 3 * n, 3),
+                    Accumulate::Overwrite,
+                );
+                let fusion = Fusion {
+                    col_sums: Some(sums.as_mut_ptr()),
+                    ..Fusion::default()
+                };
+                matmul_strided(Precision::Bf16, Strided { fusion, ..s });
+            }
+            assert!(max_rel_err(&c, &want, 1.0) < 2e-5, "{m}x{k}x{n}");
+            assert!(
+                max_rel_err(&sums, &want_sums, 1.0) < 1e-5,
+                "{m}x{k}x{n} sums"
+            );
         }
     }
 
