@@ -756,10 +756,19 @@ unsafe fn pack_columns_avx2(
         }
     }
     if let Some(s) = sums {
-        for j in 0..cols {
-            let line = std::slice::from_raw_parts(src.add(j * cs), kc);
-            *s.add(j) += line.iter().fold(0.0, |acc, &x| acc + x);
-        }
+        line_sums(s, src, cs, kc, cols);
+    }
+}
+
+/// sums[j] += the kc floats of line j at src + j*cs (in depth order), for j < cols: the
+/// column sums of a B stored [n, k].
+///
+/// # Safety
+/// The lines are readable, sums has `cols` writable floats.
+unsafe fn line_sums(sums: *mut f32, src: *const f32, cs: usize, kc: usize, cols: usize) {
+    for j in 0..cols {
+        let line = std::slice::from_raw_parts(src.add(j * cs), kc);
+        *sums.add(j) += line.iter().fold(0.0, |acc, &x| acc + x);
     }
 }
 
@@ -860,10 +869,7 @@ unsafe fn pack_columns(
         }
     }
     if let Some(s) = sums {
-        for j in 0..cols {
-            let line = std::slice::from_raw_parts(src.add(j * cs), kc);
-            *s.add(j) += line.iter().fold(0.0, |acc, &x| acc + x);
-        }
+        line_sums(s, src, cs, kc, cols);
     }
 }
 
@@ -879,7 +885,7 @@ mod tests {
     #[test]
     fn agrees_with_float64() {
         if !available() {
-            eprintln!("no AVX-512: sgemm not tested on this CPU");
+            eprintln!("neither AVX-512 nor AVX2: sgemm not tested on this CPU");
             return;
         }
         let mut rng = Rng::new(5);
