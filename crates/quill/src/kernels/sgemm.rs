@@ -75,7 +75,7 @@ pub fn available() -> bool {
     super::simd::has_avx512() || super::simd::has_avx2()
 }
 
-/// Which register tile computes: AVX-512's 6 x 64, or AVX2's 6 x 16 strips.
+/// Which register tile computes: AVX-512's 6 x 64, or AVX2's 6 x 16.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Body {
     Avx512,
@@ -279,8 +279,8 @@ impl Problem<'_> {
     unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
         let b = self.s.b.ptr;
         let kc = blk.kc;
+        let nr = self.body.nr();
         for q in q0..q1 {
-            let nr = self.body.nr();
             let j0 = q * nr;
             let cols = (blk.nb - j0).min(nr);
             let dst = blk.packed.add(q * kc * nr);
@@ -336,7 +336,7 @@ impl Problem<'_> {
             let (a_rs, a_cs) = (self.s.a.rs, self.s.a.cs);
             for ic in (r0..r1).step_by(MC_AVX2) {
                 let ie = (ic + MC_AVX2).min(r1);
-                self.strips_avx2(blk, ic..ie, |i| (a.add(i * a_rs), a_rs, a_cs), q0..q1);
+                self.panels_avx2(blk, ic..ie, |i| (a.add(i * a_rs), a_rs, a_cs), q0..q1);
             }
             return;
         }
@@ -360,9 +360,9 @@ impl Problem<'_> {
         panels: Range<usize>,
     ) {
         let (Range { start: r0, end: r1 }, Range { start: q0, end: q1 }) = (rows, panels);
-        if buf.len() < MC * KC.max(KC_AVX2) + 2 {
+        if buf.len() < MC * self.body.kc() + 2 {
             // (two floats spare for copy_rows_avx2's last store)
-            buf.resize(MC * KC.max(KC_AVX2) + 2, 0.0);
+            buf.resize(MC * self.body.kc() + 2, 0.0);
         }
         let (a, kc) = ((self.s.a.ptr).add(blk.pc * self.s.a.cs), blk.kc);
         let walk = blk.walk();
@@ -372,7 +372,7 @@ impl Problem<'_> {
             copy_rows(buf, rows_ic, self.s.a.rs, self.s.a.cs, ie - ic, kc);
             if self.body == Body::Avx2 {
                 let at = |i: usize| (buf.as_ptr().add((i - ic) / MR * kc * MR), 1, MR);
-                self.strips_avx2(blk, ic..ie, at, q0..q1);
+                self.panels_avx2(blk, ic..ie, at, q0..q1);
                 continue;
             }
             for qb in (q0..q1).step_by(walk) {
@@ -387,10 +387,10 @@ impl Problem<'_> {
     }
 
     /// The AVX2 body over rows x panels of the block: each panel (at most KC_AVX2 x 16
-    /// floats, 16 KB) stays in L1 while every six of the rows pass by
-    /// (their A, at most MC_AVX2 x KC_AVX2 floats, in L2). `a(i)` is A's row i at the
+    /// floats, 40 KB; 32 KB at depth 512) stays in L1 (or close, in L2) while every six of
+    /// the rows pass by (their A, at most MC_AVX2 x KC_AVX2 floats, in L2). `a(i)` is A's row i at the
     /// block's first depth: (pointer, row stride, depth stride).
-    unsafe fn strips_avx2(
+    unsafe fn panels_avx2(
         &self,
         blk: &Block,
         rows: Range<usize>,
