@@ -13,7 +13,6 @@ mod common;
 use common::{fixture, max_abs, max_diff, read, stored_gradients};
 
 fn check(name: &str) {
-    let model = load(&fixture(name), false).unwrap();
     let f = SafetensorsFile::open(&fixture(name).join("packed.safetensors")).unwrap();
     let (shape, ids) = read(&f, "input_ids");
     let (b, t) = (shape[0], shape[1]);
@@ -28,10 +27,23 @@ fn check(name: &str) {
         .iter()
         .enumerate()
         .any(|(r, &s)| s as usize != 0 && r % t != 0));
+    // with the logits of every row, and of the learned rows only
+    for counted_only in [false, true] {
+        check_pass(name, (&ids, &starts, &targets), (b, t), counted_only);
+    }
+}
+
+fn check_pass(name: &str, batch: (&[u32], &[u32], &[u32]), bt: (usize, usize), only: bool) {
+    let model = load(&fixture(name), false).unwrap();
+    let f = SafetensorsFile::open(&fixture(name).join("packed.safetensors")).unwrap();
+    let ((ids, starts, targets), (b, t)) = (batch, bt);
     let mut acts = Activations::new(&model, b, t);
-    model.forward_packed(&mut acts, &ids, &starts).unwrap();
+    if only {
+        acts.logits_where_counted(targets);
+    }
+    model.forward_packed(&mut acts, ids, starts).unwrap();
     let mut grads = vec![0.0; model.num_params()];
-    let (sum, count) = model.backward(&mut acts, &mut grads, Batch::new(&ids, &targets, 1.0));
+    let (sum, count) = model.backward(&mut acts, &mut grads, Batch::new(ids, targets, 1.0));
     let want_loss = read(&f, "loss").1[0];
     let loss = sum / count as f64;
     assert!(

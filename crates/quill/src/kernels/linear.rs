@@ -3,7 +3,7 @@
 //! product that reads each weight once, in its stored precision, with f32 accumulation;
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
-use super::matmul::{matmul_strided, Precision};
+use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
 use super::quant::dot::{dot_one_row, dot_rows, isa, QuantRows};
 use super::quant::gemm;
@@ -348,28 +348,70 @@ fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart
 thread_local! {
     /// Converted weight rows of [`frozen_forward`] and [`frozen_backward`] (reused).
     static FROZEN: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Their other operand rounded to bf16 ([`bf16_is_rounded_f32`]; reused).
+    static ROUNDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Calls `f` with rows r0..r1 of W [out, inp] converted to f32, block by block (a block's
-/// rows converted over the threads), in this thread's reused buffer.
-fn frozen_blocks(w: MatRef<'_>, out: usize, inp: usize, mut f: impl FnMut(usize, usize, &[f32])) {
+/// Runs `f` with this thread's reused buffer in `cell` (a buffer of its own for a nested call
+/// on this thread, from rayon's work stealing).
+fn with_buffer<R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> R,
+) -> R {
+    cell.with(|b| match b.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// Calls `f` with rows r0..r1 of W [out, inp] converted to f32 (and rounded to bf16 when
+/// `round`), block by block (a block's rows converted over the threads), in this thread's
+/// reused buffer.
+fn frozen_blocks(
+    w: MatRef<'_>,
+    (out, inp): (usize, usize),
+    round: bool,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
     let rows = (BLOCK_ELEMS / inp.max(1)).max(16).min(out);
-    let mut run = |buf: &mut Vec<f32>| {
+    with_buffer(&FROZEN, |buf| {
         buf.resize(rows * inp, 0.0);
         for r0 in (0..out).step_by(rows.max(1)) {
             let r1 = (r0 + rows).min(out);
             let blk = &mut buf[..(r1 - r0) * inp];
-            blk.par_chunks_mut(inp)
-                .enumerate()
-                .for_each(|(i, row)| w.row_into(r0 + i, inp, row));
+            blk.par_chunks_mut(inp).enumerate().for_each(|(i, row)| {
+                w.row_into(r0 + i, inp, row);
+                if round {
+                    round_in_place(row);
+                }
+            });
             f(r0, r1, blk);
         }
-    };
-    FROZEN.with(|b| match b.try_borrow_mut() {
-        Ok(mut buf) => run(&mut buf),
-        // a nested call on this thread (work stealing): a buffer of its own
-        Err(_) => run(&mut Vec::new()),
     });
+}
+
+/// The frozen products' precision: where a bf16 product rounds its operands into an f32 one
+/// ([`bf16_is_rounded_f32`]), `rows` [n, cols] (row stride `rs`) rounded once into this
+/// thread's buffer and f32 products of the rounded numbers (each weight block rounded as it
+/// is converted): the same results as bf16 products, without rounding the activations again
+/// for every block of weight rows. Otherwise `rows` as they are, in `precision`.
+/// `f` gets (the rows, their row stride, the products' precision, whether to round W).
+fn frozen_operand<R>(
+    precision: Precision,
+    (rows, n, cols, rs): (&[f32], usize, usize, usize),
+    f: impl FnOnce(&[f32], usize, Precision, bool) -> R,
+) -> R {
+    if precision != Precision::Bf16 || !bf16_is_rounded_f32() {
+        return f(rows, rs, precision, false);
+    }
+    with_buffer(&ROUNDED, |buf| {
+        buf.resize(n * cols, 0.0);
+        buf.par_chunks_mut(cols).enumerate().for_each(|(i, d)| {
+            d.copy_from_slice(&rows[i * rs..i * rs + cols]);
+            round_in_place(d);
+        });
+        f(buf, cols, Precision::F32, true)
+    })
 }
 
 /// y [n, out] (row stride `y_rs`, overwritten) = x [n, inp] · Wᵀ for W [out, inp] in any
@@ -393,9 +435,11 @@ pub fn frozen_forward(
         return;
     }
     let yp = y.as_mut_ptr();
-    frozen_blocks(w, out, inp, |r0, _, blk| {
-        // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
-        unsafe { times_panel(precision, yp.add(r0), y_rs, x, (n, inp), blk) }
+    frozen_operand(precision, (x, n, inp, inp), |x, _, precision, round| {
+        frozen_blocks(w, (out, inp), round, |r0, _, blk| {
+            // Safety: columns r0..r1 of rows 0..n lie inside y (asserted above).
+            unsafe { times_panel(precision, yp.add(r0), y_rs, x, (n, inp), blk) }
+        })
     });
 }
 
@@ -424,26 +468,33 @@ pub fn frozen_backward(
         return;
     }
     let dxp = dx.as_mut_ptr();
-    frozen_blocks(w, out, inp, |r0, r1, blk| {
-        let acc = if r0 == 0 { acc } else { Accumulate::Add };
-        // Safety: dy's columns r0..r1 of rows 0..n and all of dx lie inside the slices
-        // (asserted above); the block holds r1 - r0 rows of inp.
-        unsafe {
-            matmul_strided(
-                precision,
-                Strided {
-                    parallel: true,
-                    ..Strided::new(
-                        Dims::new(n, r1 - r0, inp),
-                        ViewMut::new(dxp, inp),
-                        View::new(dy.as_ptr().add(r0), dy_rs, 1),
-                        View::new(blk.as_ptr(), inp, 1),
-                        acc,
+    frozen_operand(
+        precision,
+        (dy, n, out, dy_rs),
+        |dy, dy_rs, precision, round| {
+            frozen_blocks(w, (out, inp), round, |r0, r1, blk| {
+                let acc = if r0 == 0 { acc } else { Accumulate::Add };
+                // Safety: dy's columns r0..r1 of rows 0..n and all of dx lie inside the slices
+                // (asserted above, and dy's rounded copy holds n rows of `out`); the block holds
+                // r1 - r0 rows of inp.
+                unsafe {
+                    matmul_strided(
+                        precision,
+                        Strided {
+                            parallel: true,
+                            ..Strided::new(
+                                Dims::new(n, r1 - r0, inp),
+                                ViewMut::new(dxp, inp),
+                                View::new(dy.as_ptr().add(r0), dy_rs, 1),
+                                View::new(blk.as_ptr(), inp, 1),
+                                acc,
+                            )
+                        },
                     )
-                },
-            )
-        }
-    });
+                }
+            })
+        },
+    );
 }
 
 /// Rows of x taken together by [`rows_times_rows`]: their block stays in L2 while every

@@ -404,6 +404,23 @@ super::simd::multiversion! {
     }
 }
 
+super::simd::multiversion! {
+    /// x rounded to bf16 in place, as [`round_row`].
+    pub fn round_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = bf16_to_f32(round_bf16(*v));
+        }
+    }
+}
+
+/// Whether this CPU's bf16 product is [`rounded_f32`]'s: both operands rounded to bf16 in f32
+/// copies, then the f32 product (a CPU with AVX2 but no `vdpbf16ps`). A caller that uses one
+/// operand in several products may then round it once itself ([`round_in_place`]) and ask for
+/// f32 products of the rounded numbers: the same results, without rounding it again each time.
+pub fn bf16_is_rounded_f32() -> bool {
+    !has_bf16() && super::simd::has_avx2()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

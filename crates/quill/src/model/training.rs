@@ -6,9 +6,10 @@ use super::decoder::{qk_cols, rotate_qk, Mlp, Model, Positions, Saved};
 use super::lora::{Lora, LoraActs, Target};
 use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
+use crate::kernels::crossentropy::{self, IGNORE};
 use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
 use crate::kernels::rope::{Direction, Rope, RowPositions};
-use crate::kernels::{crossentropy, embedding, gelu, linear, swiglu};
+use crate::kernels::{embedding, gelu, linear, swiglu};
 use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
 
@@ -155,9 +156,6 @@ impl Model {
         mut lora: Option<(&Lora, &mut LoraActs)>,
     ) -> Result<()> {
         self.check_batch(a, ids, lora.is_some())?;
-        if let Some((_, la)) = lora.as_mut() {
-            la.precision = self.precision;
-        }
         let (n, c, t, hs) = (a.b * a.t, self.width, a.t, self.heads);
         let (w, hd, up, f) = (hs.qkv_width(), hs.h * hs.d, a.up_width, self.mlp_width);
         let p = &self.params;
@@ -210,18 +208,23 @@ impl Model {
             rstd: &mut a.lnf_rstd,
         };
         self.final_norm.forward(p, &mut a.lnf, stats, last);
-        // logits [N, V] = lnf [N, C] · headᵀ (head stored [V, C])
+        // logits [M, V] = lnf [M, C] · headᵀ (head stored [V, C]) for the M rows the head
+        // computes: all N, or the counted ones moved to the front of lnf
+        let m = a.gather_head_rows(c);
         let v = self.vocab;
+        if m == 0 {
+            return Ok(());
+        }
         if self.head.is_mapped() {
-            let logits = &mut a.logits[..n * v];
-            let (lnf, w) = (&a.lnf[..n * c], self.head.mat(p));
+            let logits = &mut a.logits[..m * v];
+            let (lnf, w) = (&a.lnf[..m * c], self.head.mat(p));
             linear::frozen_forward(logits, v, lnf, w, v, tr.precision);
             return Ok(());
         }
         matmul(
             tr.precision,
-            &mut a.logits,
-            Operand::new(&a.lnf, n, c),
+            &mut a.logits[..m * v],
+            Operand::new(&a.lnf[..m * c], m, c),
             Operand::new(self.head.view.of(p), v, c).t(),
             Accumulate::Overwrite,
         );
@@ -231,8 +234,9 @@ impl Model {
     /// Sum of the cross-entropy losses of the logits from the last `forward` against targets
     /// [B·T] (`crossentropy::IGNORE` skips a position), and the positions counted.
     pub fn loss(&self, acts: &mut Activations, targets: &[u32]) -> (f64, usize) {
-        crossentropy::forward(&mut acts.losses, &acts.logits, targets, self.vocab);
-        crossentropy::sum_counted(&acts.losses, targets)
+        let h = acts.head_loss_parts(targets, self.vocab);
+        crossentropy::forward(h.losses, h.logits, h.targets, self.vocab);
+        crossentropy::sum_counted(h.losses, h.targets)
     }
 
     /// Backward pass after `forward`: turns the logits into their gradient in place, then
@@ -273,33 +277,36 @@ impl Model {
                 .count()
         });
         let scale = batch.grad_scale / counted.max(1) as f32;
-        crossentropy::forward_backward_inplace(&mut a.logits, &mut a.losses, targets, v, scale);
-        let result = crossentropy::sum_counted(&a.losses, targets);
+        let h = a.head_loss_parts(targets, v);
+        let m = h.targets.len();
+        crossentropy::forward_backward_inplace(h.logits, h.losses, h.targets, v, scale);
+        let result = crossentropy::sum_counted(h.losses, h.targets);
 
-        // logits = lnf · headᵀ
-        let (d_logits, head) = (&a.logits, self.head.view);
-        if self.head.is_mapped() {
-            let (d_lnf, w) = (&mut a.d_lnf[..n * c], self.head.mat(p));
-            let over = Accumulate::Overwrite;
+        // logits = lnf · headᵀ over the head's M rows (the first M of lnf)
+        let (d_logits, head) = (&a.logits[..m * v], self.head.view);
+        let d_lnf = &mut a.d_lnf[..m * c];
+        if m > 0 && self.head.is_mapped() {
+            let (over, w) = (Accumulate::Overwrite, self.head.mat(p));
             linear::frozen_backward(d_lnf, (d_logits, v), w, v, over, tr.precision);
-        } else {
+        } else if m > 0 {
             matmul(
                 tr.precision,
-                &mut a.d_lnf,
-                Operand::new(d_logits, n, v),
+                d_lnf,
+                Operand::new(d_logits, m, v),
                 Operand::new(head.of(p), v, c),
                 Accumulate::Overwrite,
             );
         }
-        if let Grads::Base(grads) = &mut g {
+        if let (Grads::Base(grads), true) = (&mut g, m > 0) {
             matmul(
                 tr.precision,
                 head.of_mut(grads),
-                Operand::new(d_logits, n, v).t(),
-                Operand::new(&a.lnf, n, c),
+                Operand::new(d_logits, m, v).t(),
+                Operand::new(&a.lnf[..m * c], m, c),
                 Accumulate::Add,
             );
         }
+        a.scatter_head_rows(c);
         a.d_res.fill(0.0);
         let last = at(&a.res3, self.blocks.len() - 1, n * c);
         let fin = Saved {
@@ -567,6 +574,13 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// What the loss of the head's rows works on ([`Activations::head_loss_parts`]).
+struct HeadLoss<'a> {
+    targets: &'a [u32],
+    losses: &'a mut [f32],
+    logits: &'a mut [f32],
+}
+
 /// Every activation of a training forward pass for a batch [B, T], plus backward scratch.
 /// Per-layer buffers hold all L layers back to back.
 pub struct Activations {
@@ -594,7 +608,8 @@ pub struct Activations {
     lnf: Vec<f32>,
     lnf_mean: Vec<f32>,
     lnf_rstd: Vec<f32>,
-    /// [B·T, V]: the logits after `forward`, their gradient after `backward`.
+    /// [B·T, V]: the logits after `forward`, their gradient after `backward` (only the
+    /// first rows, in order, after [`Activations::logits_where_counted`]).
     pub logits: Vec<f32>,
     pub losses: Vec<f32>,
     d_res: Vec<f32>,
@@ -610,6 +625,10 @@ pub struct Activations {
     /// each row's position in it. Empty: one document per sequence.
     starts: Vec<u32>,
     positions: Vec<u32>,
+    /// The rows the head computes logits for, ascending ([`Activations::logits_where_counted`]),
+    /// or every row (`None`); and those rows' targets, gathered for the loss.
+    head_rows: Option<Vec<u32>>,
+    head_targets: Vec<u32>,
 }
 
 impl Activations {
@@ -661,6 +680,89 @@ impl Activations {
             d_lnf: z(n * c),
             starts: Vec::new(),
             positions: Vec::new(),
+            head_rows: None,
+            head_targets: Vec::with_capacity(n),
+        }
+    }
+
+    /// From the next forward pass on, the head computes logits only at the rows whose target
+    /// in `targets` [B·T] counts (is not `crossentropy::IGNORE`): in fine-tuning most rows
+    /// are context (a prompt), and the head over a large vocabulary is a large share of the
+    /// work. `logits` then holds those rows' logits, in order, and `loss` and `backward` must
+    /// be given the same targets. The losses and gradients are those of every row.
+    pub fn logits_where_counted(&mut self, targets: &[u32]) {
+        assert_eq!(targets.len(), self.b * self.t, "one target per row");
+        let rows = self
+            .head_rows
+            .get_or_insert_with(|| Vec::with_capacity(targets.len()));
+        rows.clear();
+        let counted = targets.iter().enumerate().filter(|(_, &x)| x != IGNORE);
+        rows.extend(counted.map(|(r, _)| r as u32));
+    }
+
+    /// From the next forward pass on, the head computes the logits of every row (the default).
+    pub fn logits_everywhere(&mut self) {
+        self.head_rows = None;
+    }
+
+    /// Moves the head's rows of `lnf` [N, C] to its front (in place: row `rows[i]` ≥ i goes
+    /// to i, ascending, so no row is overwritten before it moves); returns their number.
+    fn gather_head_rows(&mut self, c: usize) -> usize {
+        let Some(rows) = &self.head_rows else {
+            return self.b * self.t;
+        };
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            if r != i {
+                self.lnf.copy_within(r * c..(r + 1) * c, i * c);
+            }
+        }
+        rows.len()
+    }
+
+    /// The inverse of [`Activations::gather_head_rows`] for the gradient: row i of `d_lnf`
+    /// goes back to row `rows[i]` (descending, so no row is overwritten before it moves),
+    /// and the rows the head skipped get a zero gradient.
+    fn scatter_head_rows(&mut self, c: usize) {
+        let Some(rows) = &self.head_rows else {
+            return;
+        };
+        let n = self.b * self.t;
+        let mut end = n;
+        for (i, &r) in rows.iter().enumerate().rev() {
+            let r = r as usize;
+            self.d_lnf[(r + 1) * c..end * c].fill(0.0);
+            if r != i {
+                self.d_lnf.copy_within(i * c..(i + 1) * c, r * c);
+            }
+            end = r;
+        }
+        self.d_lnf[..end * c].fill(0.0);
+    }
+
+    /// The targets of the head's rows, and the buffers of their losses and logits (or
+    /// logits' gradient).
+    fn head_loss_parts<'a>(&'a mut self, targets: &'a [u32], v: usize) -> HeadLoss<'a> {
+        let targets = match &self.head_rows {
+            None => targets,
+            Some(rows) => {
+                assert_eq!(targets.len(), self.b * self.t, "one target per row");
+                self.head_targets.clear();
+                let gathered = rows.iter().map(|&r| targets[r as usize]);
+                self.head_targets.extend(gathered);
+                let elsewhere = targets.iter().filter(|&&x| x != IGNORE).count();
+                assert!(
+                    !self.head_targets.contains(&IGNORE) && elsewhere == rows.len(),
+                    "the targets differ from those the head's rows were chosen by"
+                );
+                &self.head_targets
+            }
+        };
+        let m = targets.len();
+        HeadLoss {
+            targets,
+            losses: &mut self.losses[..m],
+            logits: &mut self.logits[..m * v],
         }
     }
 

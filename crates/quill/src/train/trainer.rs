@@ -579,9 +579,15 @@ impl<'a> Trainer<'a> {
     }
 
     /// The forward pass over the batch in `ids` (packed by `starts` when `packed`), through
-    /// the adapters when training LoRA.
+    /// the adapters when training LoRA. Packed examples learn only some rows (a prompt is
+    /// context): the head computes the logits of those rows alone.
     fn forward(&mut self, packed: bool) -> Result<()> {
         let (m, a, ids) = (&self.model, &mut self.acts, &self.ids);
+        if packed {
+            a.logits_where_counted(&self.targets);
+        } else {
+            a.logits_everywhere();
+        }
         match (&mut self.lora, packed) {
             (Some(l), _) => {
                 let starts = packed.then_some(&self.starts[..]);
