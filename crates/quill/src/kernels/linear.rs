@@ -872,6 +872,42 @@ mod tests {
     use crate::kernels::{reference, testutil::*};
     use crate::rng::Rng;
 
+    /// The frozen products (weights converted a block of rows at a time; in bf16, on a CPU
+    /// that rounds into f32 products, the activations rounded once for all blocks) equal the
+    /// plain product of the same precision, over several blocks, with a strided gradient.
+    #[test]
+    fn frozen_products_equal_the_plain_product() {
+        use crate::kernels::matmul::{matmul, Operand};
+        let mut rng = Rng::new(77);
+        let (n, inp, out, dy_rs) = (5, 64, 4100, 4103);
+        assert!(out * inp > BLOCK_ELEMS, "two blocks of rows at least");
+        let x = randn(&mut rng, n * inp, 1.0);
+        let w = randn(&mut rng, out * inp, 1.0);
+        let dy = randn(&mut rng, n * dy_rs, 1.0);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut want = vec![0.0; n * out];
+            let (xo, wo) = (Operand::new(&x, n, inp), Operand::new(&w, out, inp));
+            matmul(precision, &mut want, xo, wo.t(), Accumulate::Overwrite);
+            let mut got = vec![f32::NAN; n * out];
+            frozen_forward(&mut got, out, &x, MatRef::F32(&w), out, precision);
+            let err = max_rel_err(&got, &to_f64(&want), 1.0);
+            assert!(err <= 1e-5, "{precision:?} forward: {err}");
+
+            let dense: Vec<f32> = (0..n)
+                .flat_map(|i| dy[i * dy_rs..i * dy_rs + out].to_vec())
+                .collect();
+            let mut want = vec![0.0; n * inp];
+            let dyo = Operand::new(&dense, n, out);
+            matmul(precision, &mut want, dyo, wo, Accumulate::Overwrite);
+            let mut got = vec![f32::NAN; n * inp];
+            let w = MatRef::F32(&w);
+            let over = Accumulate::Overwrite;
+            frozen_backward(&mut got, (&dy, dy_rs), w, out, over, precision);
+            let err = max_rel_err(&got, &to_f64(&want), 1.0);
+            assert!(err <= 1e-5, "{precision:?} backward: {err}");
+        }
+    }
+
     #[test]
     fn input_major_matvec_matches_the_reference() {
         let mut rng = Rng::new(32);
