@@ -8,7 +8,7 @@
 use quill::io::hf::load;
 use quill::io::safetensors::SafetensorsFile;
 use quill::kernels::crossentropy::IGNORE;
-use quill::model::{Activations, Batch};
+use quill::model::{Activations, Batch, Model};
 mod common;
 use common::{fixture, max_abs, max_diff, read, stored_gradients};
 
@@ -27,24 +27,28 @@ fn check(name: &str) {
         .iter()
         .enumerate()
         .any(|(r, &s)| s as usize != 0 && r % t != 0));
+    let model = load(&fixture(name), false).unwrap();
     // with the logits of every row, and of the learned rows only
-    for counted_only in [false, true] {
-        check_pass(name, (&ids, &starts, &targets), (b, t), counted_only);
+    for only in [false, true] {
+        check_pass(name, (&model, &f), (&ids, &starts, &targets), (b, t), only);
     }
 }
 
-fn check_pass(name: &str, batch: (&[u32], &[u32], &[u32]), bt: (usize, usize), only: bool) {
-    let model = load(&fixture(name), false).unwrap();
-    let f = SafetensorsFile::open(&fixture(name).join("packed.safetensors")).unwrap();
-    let ((ids, starts, targets), (b, t)) = (batch, bt);
-    let mut acts = Activations::new(&model, b, t);
+fn check_pass(
+    name: &str,
+    (model, f): (&Model, &SafetensorsFile),
+    (ids, starts, targets): (&[u32], &[u32], &[u32]),
+    (b, t): (usize, usize),
+    only: bool,
+) {
+    let mut acts = Activations::new(model, b, t);
     if only {
         acts.logits_where_counted(targets);
     }
     model.forward_packed(&mut acts, ids, starts).unwrap();
     let mut grads = vec![0.0; model.num_params()];
     let (sum, count) = model.backward(&mut acts, &mut grads, Batch::new(ids, targets, 1.0));
-    let want_loss = read(&f, "loss").1[0];
+    let want_loss = read(f, "loss").1[0];
     let loss = sum / count as f64;
     assert!(
         (loss - want_loss).abs() < 1e-5,
@@ -52,7 +56,7 @@ fn check_pass(name: &str, batch: (&[u32], &[u32], &[u32]), bt: (usize, usize), o
     );
     let mut checked = 0;
     for spec in &model.layout.tensors {
-        let (gshape, want) = read(&f, &format!("grad.{}", spec.name));
+        let (gshape, want) = read(f, &format!("grad.{}", spec.name));
         assert_eq!(gshape, spec.shape, "{}", spec.name);
         let got = spec.view.of(&grads);
         let scale = max_abs(&want);
@@ -66,7 +70,7 @@ fn check_pass(name: &str, batch: (&[u32], &[u32], &[u32]), bt: (usize, usize), o
     }
     assert_eq!(
         checked,
-        stored_gradients(&f),
+        stored_gradients(f),
         "{name}: every stored gradient is checked"
     );
 }

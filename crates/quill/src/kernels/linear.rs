@@ -3,7 +3,7 @@
 //! product that reads each weight once, in its stored precision, with f32 accumulation;
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
-use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, Precision};
+use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, round_row, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
 use super::quant::dot::{dot_one_row, dot_rows, isa, QuantRows};
 use super::quant::gemm;
@@ -406,10 +406,9 @@ fn frozen_operand<R>(
     }
     with_buffer(&ROUNDED, |buf| {
         buf.resize(n * cols, 0.0);
-        buf.par_chunks_mut(cols).enumerate().for_each(|(i, d)| {
-            d.copy_from_slice(&rows[i * rs..i * rs + cols]);
-            round_in_place(d);
-        });
+        buf.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, d)| round_row(d, &rows[i * rs..i * rs + cols]));
         f(buf, cols, Precision::F32, true)
     })
 }

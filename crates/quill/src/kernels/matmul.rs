@@ -397,7 +397,7 @@ unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) -> (u
 
 super::simd::multiversion! {
     /// dst = src rounded to bf16 (to nearest even; NaN stays NaN), as f32.
-    fn round_row(dst: &mut [f32], src: &[f32]) {
+    pub fn round_row(dst: &mut [f32], src: &[f32]) {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = bf16_to_f32(round_bf16(x));
         }
