@@ -39,8 +39,8 @@ def write_jsonl(path, records):
     return path
 
 
-def preview(model, data, n):
-    r = quill("finetune", "--model", model, "--data", data, "--out", data.parent / "unused", "--preview", n)
+def preview(model, data, n, *flags):
+    r = quill("finetune", "--model", model, "--data", data, "--out", data.parent / "unused", "--preview", n, *flags)
     return [json.loads(line) for line in r.stdout.splitlines()]
 
 
@@ -77,6 +77,16 @@ def test_learned_tokens_are_the_assistant_turns_as_transformers_renders_them(tmp
     for (p, c), g in zip(PAIRS, preview(path, data, len(PAIRS))):
         ids_p = tok(p)["input_ids"]
         ids_c = tok(c, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert g["ids"] == ids_p + ids_c
+        assert g["learn"] == [False] * len(ids_p) + [True] * len(ids_c)
+    # .tsv pairs written as plain text by --pair-template: the prompt up to {target} (its
+    # trailing space moved to the completion), then the target and the end token learned
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("Good morning.\tBonjour.\n  The cat sleeps. \t Le chat dort.\n")
+    got = preview(path, tsv, 2, "--pair-template", "English: {source}\\nFrench: {target}")
+    for (src, tgt), g in zip([("Good morning.", "Bonjour."), ("The cat sleeps.", "Le chat dort.")], got):
+        ids_p = tok(f"English: {src}\nFrench:")["input_ids"]
+        ids_c = tok(" " + tgt, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
         assert g["ids"] == ids_p + ids_c
         assert g["learn"] == [False] * len(ids_p) + [True] * len(ids_c)
 
@@ -357,6 +367,17 @@ def test_eval_commands_run_a_model_and_score_as_defined(tiny, tmp_path):
     refs = [a for _, a in pairs]
     assert abs(got["bleu"] - sacrebleu.corpus_bleu(hyps, [refs]).score) < 1e-9
     assert abs(got["chrf"] - sacrebleu.corpus_chrf(hyps, [refs]).score) < 1e-9
+    # --pair-template asks with plain text: the same replies as prompt/completion records
+    # holding that text
+    quill("eval", "translate", "--model", tiny["model"], "--data", data, "--pair-template", "Say: {source}\\n=> {target}",
+          "--max-new-tokens", "12", "--out", tmp_path / "templated.txt", "--json")
+    records = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"Say: {q}\n=>", "completion": f" {a}"} for q, a in pairs])
+    quill("eval", "translate", "--model", tiny["model"], "--data", records, "--max-new-tokens", "12",
+          "--out", tmp_path / "plain.txt", "--json")
+    assert (tmp_path / "templated.txt").read_text() == (tmp_path / "plain.txt").read_text()
+    refused(subprocess.run([QUILL, "eval", "translate", "--model", tiny["model"], "--data", data, "--pair-template",
+                            "{target} after {source}"], capture_output=True, text=True, timeout=60),
+            "{source} and then {target}")
     got = json.loads(quill("eval", "qa", "--model", tiny["model"], "--data", data, "--max-new-tokens", "12",
                            "--out", out, "--json").stdout)
     hyps = out.read_text().splitlines()

@@ -60,6 +60,11 @@ pub struct TaskArgs {
     /// A system message before each request.
     #[arg(long)]
     system: Option<String>,
+    /// Plain text instead of a conversation, for .tsv pairs and source/target records: the
+    /// template fine-tuning used (`quill finetune --pair-template`), e.g. 'English:
+    /// {source}\nFrench: {target}'; the model continues the text before {target}.
+    #[arg(long, conflicts_with_all = ["system", "instruction"])]
+    pair_template: Option<String>,
     /// Score only the first N pairs (0: all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
@@ -115,7 +120,14 @@ fn read_pairs(a: &TaskArgs, instruction: &str) -> Result<Vec<Pair>> {
     let path = &a.data;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let template = match &a.pair_template {
+        Some(t) => Some(quill::data::sft::PairTemplate::parse(t).map_err(|e| anyhow::anyhow!(e))?),
+        None => None,
+    };
     let ask = |source: &str| {
+        if let Some(t) = &template {
+            return Request::Text(t.prompt(source));
+        }
         let mut m = Vec::new();
         if let Some(s) = &a.system {
             m.push(Message::new("system", s));

@@ -41,6 +41,10 @@ pub struct FinetuneArgs {
     /// For .tsv pairs: a system message before each request.
     #[arg(long)]
     system: Option<String>,
+    /// For .tsv pairs: plain text instead of a conversation, e.g. 'English: {source}\nFrench:
+    /// {target}' (\n a newline); the target and an end token are learned.
+    #[arg(long, conflicts_with_all = ["system", "instruction"])]
+    pair_template: Option<String>,
     /// Validation records (same format) [default: --val-fraction of --data, held out].
     #[arg(long)]
     val_data: Option<PathBuf>,
@@ -154,6 +158,8 @@ struct FinetuneInfo {
     instruction: String,
     #[serde(default)]
     system: Option<String>,
+    #[serde(default)]
+    pair_template: Option<String>,
     /// The llama2.c tokenizer of the base, if any.
     #[serde(default)]
     tokenizer: Option<PathBuf>,
@@ -191,11 +197,16 @@ impl LoraSettings {
 const INFO_FILE: &str = "finetune.json";
 
 impl FinetuneInfo {
-    fn pairs(&self) -> sft::Pairs {
-        sft::Pairs {
+    fn pairs(&self) -> Result<sft::Pairs> {
+        let template = match &self.pair_template {
+            Some(t) => Some(sft::PairTemplate::parse(t).map_err(|e| anyhow::anyhow!(e))?),
+            None => None,
+        };
+        Ok(sft::Pairs {
             instruction: self.instruction.clone(),
             system: self.system.clone(),
-        }
+            template,
+        })
     }
 }
 
@@ -398,12 +409,13 @@ fn run_rank(a: FinetuneArgs, comm: Rc<dyn Comm>) -> Result<()> {
         lora: lora_settings,
         instruction: a.instruction.clone(),
         system: a.system.clone(),
+        pair_template: a.pair_template.clone(),
     };
     let format = Format {
         tok: &tok,
         template: template.as_ref(),
         eos,
-        pairs: info.pairs(),
+        pairs: info.pairs()?,
     };
     info.context = match a.context {
         Some(c) if c == 0 || c > MAX_CONTEXT => {
@@ -587,13 +599,24 @@ impl FinetuneArgs {
                 Some(_) => "LoRA adapter in PEFT's format".into(),
                 None => "Hugging Face folder".into(),
             },
-            hint: match info.lora {
-                Some(_) => format!(
+            hint: match (&info.lora, &info.pair_template) {
+                (_, Some(t)) => format!(
+                    "quill generate --model {}{} --prompt TEXT   (TEXT as --pair-template {t:?} writes it, up to {{target}})",
+                    match info.lora {
+                        Some(_) => info.model.display(),
+                        None => out.display(),
+                    },
+                    match info.lora {
+                        Some(_) => format!(" --adapter {}", out.display()),
+                        None => String::new(),
+                    },
+                ),
+                (Some(_), None) => format!(
                     "quill chat --model {} --adapter {}   (or `quill merge` for a merged model folder)",
                     info.model.display(),
                     out.display()
                 ),
-                None => format!("quill chat --model {}", out.display()),
+                (None, None) => format!("quill chat --model {}", out.display()),
             },
             out: out.to_path_buf(),
             loss_log: self.ranks.loss_log.clone(),
@@ -634,7 +657,7 @@ fn resume(a: &FinetuneArgs, out: &Path, comm: Rc<dyn Comm>) -> Result<()> {
         tok: &tok,
         template: template.as_ref(),
         eos: info.eos,
-        pairs: info.pairs(),
+        pairs: info.pairs()?,
     };
     let w = windows(&info, &format, lead)?;
     let config_json = std::fs::read_to_string(out.join("tokenizer_config.json"))?;

@@ -49,17 +49,96 @@ pub struct Format<'a> {
 }
 
 /// A `.tsv` line `source<TAB>target` becomes a conversation: the optional system message,
-/// the user asking `instruction source`, the assistant answering `target`.
+/// the user asking `instruction source`, the assistant answering `target`; or, with a
+/// [`PairTemplate`], plain text.
 #[derive(Clone, Debug, Default)]
 pub struct Pairs {
     pub instruction: String,
     pub system: Option<String>,
+    pub template: Option<PairTemplate>,
+}
+
+/// A pair written as plain text instead of a conversation, from a template such as
+/// `English: {source}\nFrench: {target}`: everything before `{target}` is the prompt (with
+/// the source in place of `{source}`), and the target, whatever follows `{target}`, and an
+/// end token are learned. Spaces that end the prompt's part move to the start of the
+/// completion, so that the target's first word is written with its leading space, as BPE
+/// vocabularies spell words inside text (`French: Stop` is `French`, `:`, ` Stop`). The
+/// template's `\n`, `\t` and `\\` stand for a newline, a tab and a backslash, so that it can
+/// be given on a command line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairTemplate {
+    /// Before `{source}`.
+    head: String,
+    /// Between `{source}` and `{target}`, without the spaces that end it.
+    mid: String,
+    /// The spaces that ended `mid`, and what follows `{target}`.
+    lead: String,
+    tail: String,
+}
+
+impl PairTemplate {
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let mut t = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                t.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('n') => t.push('\n'),
+                Some('t') => t.push('\t'),
+                Some('\\') => t.push('\\'),
+                Some(other) => {
+                    t.push('\\');
+                    t.push(other);
+                }
+                None => t.push('\\'),
+            }
+        }
+        let once = |k: &str| t.matches(k).count() == 1;
+        let (Some(s), Some(g)) = (t.find("{source}"), t.find("{target}")) else {
+            return Err(format!(
+                "the pair template '{text}' needs {{source}} and then {{target}}"
+            ));
+        };
+        if !once("{source}") || !once("{target}") || g < s {
+            return Err(format!(
+                "the pair template '{text}' needs {{source}} and then {{target}}, once each"
+            ));
+        }
+        let between = &t[s + "{source}".len()..g];
+        let mid = between.trim_end_matches([' ', '\t']);
+        Ok(PairTemplate {
+            head: t[..s].to_string(),
+            mid: mid.to_string(),
+            lead: between[mid.len()..].to_string(),
+            tail: t[g + "{target}".len()..].to_string(),
+        })
+    }
+
+    /// What the model reads before it writes the target.
+    pub fn prompt(&self, source: &str) -> String {
+        format!("{}{}{}", self.head, source, self.mid)
+    }
+
+    /// What the model learns to write after the prompt (before the end token).
+    pub fn completion(&self, target: &str) -> String {
+        format!("{}{}{}", self.lead, target, self.tail)
+    }
 }
 
 impl Pairs {
     fn record(&self, line: &str) -> std::result::Result<Value, String> {
         let (src, tgt) = line.split_once('\t').ok_or("expected source<TAB>target")?;
         let tgt = tgt.split('\t').next().unwrap_or("");
+        if let Some(t) = &self.template {
+            return Ok(serde_json::json!({
+                "prompt": t.prompt(src.trim()),
+                "completion": t.completion(tgt.trim()),
+            }));
+        }
         let user = if self.instruction.is_empty() {
             src.trim().to_string()
         } else {
@@ -381,6 +460,32 @@ mod tests {
             ids: (0..n as u32).map(|i| 100 * line as u32 + i).collect(),
             learn: (0..n).map(|i| i >= prompt).collect(),
             line,
+        }
+    }
+
+    #[test]
+    fn pair_templates_split_at_the_target_and_refuse_what_they_cannot() {
+        let t = PairTemplate::parse(r"English: {source}\nFrench: {target}").unwrap();
+        assert_eq!(t.prompt("Stop!"), "English: Stop!\nFrench:");
+        assert_eq!(t.completion("Arrête !"), " Arrête !");
+        // escapes, a tab before the target, text after it, an unknown escape kept
+        let t = PairTemplate::parse(r"<{source}>\t{target}\\\q").unwrap();
+        assert_eq!(t.prompt("a"), "<a>");
+        assert_eq!(t.completion("b"), "\tb\\\\q");
+        let t = PairTemplate::parse("Q: {source}\nA:\n{target}").unwrap();
+        assert_eq!(
+            (t.prompt("x").as_str(), t.completion("y").as_str()),
+            ("Q: x\nA:\n", "y")
+        );
+        for bad in [
+            "{source} only",
+            "{target} only",
+            "{target} {source}",
+            "{source} {source} {target}",
+            "{source} {target} {target}",
+        ] {
+            let e = PairTemplate::parse(bad).unwrap_err();
+            assert!(e.contains("{source} and then {target}"), "{e}");
         }
     }
 
