@@ -174,9 +174,15 @@ pub(crate) fn parse_dtype(s: &str) -> Result<Precision> {
     let p = Precision::parse(s)
         .ok_or_else(|| anyhow::anyhow!("--dtype {s:?}: expected f32 or bf16"))?;
     if p == Precision::Bf16 && !quill::kernels::bf16::has_bf16() {
-        eprintln!(
-            "warning: this CPU has no AVX-512 BF16 (or QUILL_SIMD caps the kernels below avx512): bf16 products run on a plain, much slower path; --dtype f32 is faster here"
-        );
+        if quill::kernels::matmul::bf16_is_rounded_f32() {
+            eprintln!(
+                "note: this CPU has no AVX-512 BF16 (or QUILL_SIMD caps the kernels below avx512): bf16 products run as f32 products of operands rounded to bf16, a little slower than --dtype f32 here"
+            );
+        } else {
+            eprintln!(
+                "warning: this CPU has no AVX-512 BF16 or AVX2 (or QUILL_SIMD caps the kernels): bf16 products run on a plain, much slower path; --dtype f32 is faster here"
+            );
+        }
     }
     Ok(p)
 }
