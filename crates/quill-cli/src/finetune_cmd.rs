@@ -601,7 +601,7 @@ impl FinetuneArgs {
             },
             hint: match (&info.lora, &info.pair_template) {
                 (_, Some(t)) => format!(
-                    "quill generate --model {}{} --prompt TEXT   (TEXT as --pair-template {t:?} writes it, up to {{target}})",
+                    "quill generate --model {}{} --prompt TEXT   (TEXT as --pair-template '{t}' writes it, up to {{target}})",
                     match info.lora {
                         Some(_) => info.model.display(),
                         None => out.display(),
