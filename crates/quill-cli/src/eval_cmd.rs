@@ -120,10 +120,9 @@ fn read_pairs(a: &TaskArgs, instruction: &str) -> Result<Vec<Pair>> {
     let path = &a.data;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let template = match &a.pair_template {
-        Some(t) => Some(quill::data::sft::PairTemplate::parse(t).map_err(|e| anyhow::anyhow!(e))?),
-        None => None,
-    };
+    let template = (a.pair_template.as_deref())
+        .map(quill::data::sft::PairTemplate::parse)
+        .transpose()?;
     let ask = |source: &str| {
         if let Some(t) = &template {
             return Request::Text(t.prompt(source));

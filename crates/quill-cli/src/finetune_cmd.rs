@@ -198,14 +198,12 @@ const INFO_FILE: &str = "finetune.json";
 
 impl FinetuneInfo {
     fn pairs(&self) -> Result<sft::Pairs> {
-        let template = match &self.pair_template {
-            Some(t) => Some(sft::PairTemplate::parse(t).map_err(|e| anyhow::anyhow!(e))?),
-            None => None,
-        };
         Ok(sft::Pairs {
             instruction: self.instruction.clone(),
             system: self.system.clone(),
-            template,
+            template: (self.pair_template.as_deref())
+                .map(sft::PairTemplate::parse)
+                .transpose()?,
         })
     }
 }
@@ -600,17 +598,13 @@ impl FinetuneArgs {
                 None => "Hugging Face folder".into(),
             },
             hint: match (&info.lora, &info.pair_template) {
-                (_, Some(t)) => format!(
-                    "quill generate --model {}{} --prompt TEXT   (TEXT as --pair-template '{t}' writes it, up to {{target}})",
-                    match info.lora {
-                        Some(_) => info.model.display(),
-                        None => out.display(),
-                    },
-                    match info.lora {
-                        Some(_) => format!(" --adapter {}", out.display()),
-                        None => String::new(),
-                    },
-                ),
+                (_, Some(t)) => {
+                    let model = match info.lora {
+                        Some(_) => format!("{} --adapter {}", info.model.display(), out.display()),
+                        None => out.display().to_string(),
+                    };
+                    format!("quill generate --model {model} --prompt TEXT   (TEXT as --pair-template '{t}' writes it, up to {{target}})")
+                }
                 (Some(_), None) => format!(
                     "quill chat --model {} --adapter {}   (or `quill merge` for a merged model folder)",
                     info.model.display(),

@@ -78,7 +78,7 @@ pub struct PairTemplate {
 }
 
 impl PairTemplate {
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self> {
         let mut t = String::with_capacity(text.len());
         let mut chars = text.chars();
         while let Some(c) = chars.next() {
@@ -99,14 +99,14 @@ impl PairTemplate {
         }
         let once = |k: &str| t.matches(k).count() == 1;
         let (Some(s), Some(g)) = (t.find("{source}"), t.find("{target}")) else {
-            return Err(format!(
+            return Err(Error::Input(format!(
                 "the pair template '{text}' needs {{source}} and then {{target}}"
-            ));
+            )));
         };
         if !once("{source}") || !once("{target}") || g < s {
-            return Err(format!(
+            return Err(Error::Input(format!(
                 "the pair template '{text}' needs {{source}} and then {{target}}, once each"
-            ));
+            )));
         }
         let between = &t[s + "{source}".len()..g];
         let mid = between.trim_end_matches([' ', '\t']);
@@ -484,7 +484,7 @@ mod tests {
             "{source} {source} {target}",
             "{source} {target} {target}",
         ] {
-            let e = PairTemplate::parse(bad).unwrap_err();
+            let e = PairTemplate::parse(bad).unwrap_err().to_string();
             assert!(e.contains("{source} and then {target}"), "{e}");
         }
     }
