@@ -244,6 +244,28 @@ def test_lora_adapters_load_in_peft_merge_and_resume_exactly(tiny, tmp_path):
     assert (part / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
+def test_lora_plus_scales_the_first_update_of_b_alone(tiny, tmp_path):
+    """LoRA+ (`--lora-plus R`): B learns at R × the rate of A. B starts at zero, so the
+    first step's gradient of A is zero and Adam's first update of B is lr · g / (|g| + eps):
+    after one step A is untouched and B is exactly R times plain LoRA's B."""
+    from safetensors.numpy import load_file
+    import numpy as np
+    common = ["--model", tiny["model"], "--data", tiny["data"], "--steps", "1", "--batch", "2", "--context", "64",
+              "--lr", "1e-3", "--quiet", "--lora-rank", "4"]
+    quill("finetune", *common, "--out", tmp_path / "plain")
+    r = quill("finetune", *common, "--lora-plus", "8", "--out", tmp_path / "plus")
+    assert "LoRA+ ratio 8" in r.stderr
+    plain, plus = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("plain", "plus"))
+    assert plain.keys() == plus.keys()
+    for name, b in plain.items():
+        if ".lora_A." in name:
+            assert np.array_equal(plus[name], b), name
+        else:
+            assert np.abs(b).max() > 1e-4, name
+            np.testing.assert_allclose(plus[name], 8 * b, rtol=1e-5, atol=1e-9, err_msg=name)
+    assert json.loads((tmp_path / "plus" / "finetune.json").read_text())["lora"]["plus_ratio"] == 8
+
+
 def test_bad_lora_settings_and_adapters_get_one_clear_line(tiny, tmp_path):
     from safetensors.numpy import save_file
     import numpy as np
@@ -260,6 +282,8 @@ def test_bad_lora_settings_and_adapters_get_one_clear_line(tiny, tmp_path):
     refused(ft("--lora-rank", "4", "--lora-alpha=-1"), "alpha")
     refused(ft("--lora-rank", "4", "--lora-alpha", "nan"), "alpha")
     refused(ft("--lora-rank", "4", "--lora-dropout", "1"), "dropout")
+    refused(ft("--lora-rank", "4", "--lora-plus", "0"), "LoRA+")
+    refused(ft("--lora-rank", "4", "--lora-plus", "inf"), "LoRA+")
     # an adapter made for another base: its shapes do not fit
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -132,6 +132,9 @@ pub struct FinetuneArgs {
     /// rsLoRA: scale by alpha / √rank instead of alpha / rank.
     #[arg(long, requires = "lora_rank")]
     rslora: bool,
+    /// LoRA+: the B matrices learn at RATIO × --lr (A at --lr) [default: 1, plain LoRA].
+    #[arg(long, value_name = "RATIO", requires = "lora_rank")]
+    lora_plus: Option<f32>,
     /// Print the first N training records as they will be learned (one JSON line each: the
     /// ids, which of them are learned, and the text with the learned parts in ⟦ ⟧), then
     /// stop without training.
@@ -176,6 +179,12 @@ struct LoraSettings {
     dropout: f32,
     targets: Vec<String>,
     rslora: bool,
+    #[serde(default = "plain_lora")]
+    plus_ratio: f32,
+}
+
+fn plain_lora() -> f32 {
+    1.0
 }
 
 impl LoraSettings {
@@ -190,6 +199,7 @@ impl LoraSettings {
                 .map(|t| Target::parse(t.trim()))
                 .collect::<quill::Result<Vec<_>>>()?,
             rslora: self.rslora,
+            plus_ratio: self.plus_ratio,
         })
     }
 }
@@ -375,6 +385,7 @@ fn run_rank(a: FinetuneArgs, comm: Rc<dyn Comm>) -> Result<()> {
             .clone()
             .unwrap_or_else(|| ALL_TARGETS.iter().map(|t| t.module().to_string()).collect()),
         rslora: a.rslora,
+        plus_ratio: a.lora_plus.unwrap_or(1.0),
     });
     let lora = match &lora_settings {
         Some(ls) => {
@@ -470,10 +481,15 @@ fn run_rank(a: FinetuneArgs, comm: Rc<dyn Comm>) -> Result<()> {
     );
     let header = match &lora {
         Some(l) => format!(
-            "{header}\nLoRA: rank {}, alpha {}{}, on {}: {} trainable parameters ({:.2}% of the model's {})",
+            "{header}\nLoRA: rank {}, alpha {}{}{}, on {}: {} trainable parameters ({:.2}% of the model's {})",
             l.lora.config.rank,
             l.lora.config.alpha,
             if l.lora.config.rslora { " (rsLoRA)" } else { "" },
+            if l.lora.config.plus_ratio == 1.0 {
+                String::new()
+            } else {
+                format!(", LoRA+ ratio {}", l.lora.config.plus_ratio)
+            },
             l.lora
                 .config
                 .targets

@@ -180,6 +180,7 @@ fn bad_adapters_are_refused() {
         dropout: 0.0,
         targets: ALL_TARGETS.to_vec(),
         rslora: false,
+        plus_ratio: 1.0,
     };
     for r in [0, 10_000] {
         let e = Lora::new(&model, cfg(r)).unwrap_err().to_string();

@@ -125,6 +125,8 @@ pub fn load(dir: &Path, model: &Model) -> Result<Lora> {
         dropout,
         targets,
         rslora,
+        // a training setting, not the adapter's: PEFT keeps it with the optimizer
+        plus_ratio: 1.0,
     };
     let mut lora = Lora::new(model, config).map_err(|e| bad(e.to_string()))?;
     let wpath = dir.join("adapter_model.safetensors");

@@ -85,6 +85,9 @@ pub struct LoraConfig {
     pub targets: Vec<Target>,
     /// rsLoRA: scale alpha / √r instead of alpha / r.
     pub rslora: bool,
+    /// LoRA+ (Hayou et al., 2024): the B matrices learn at `plus_ratio` × the learning rate
+    /// of the A matrices (1: plain LoRA).
+    pub plus_ratio: f32,
 }
 
 impl LoraConfig {
@@ -177,6 +180,12 @@ impl Lora {
                 config.alpha
             )));
         }
+        if !(config.plus_ratio.is_finite() && config.plus_ratio > 0.0) {
+            return Err(Error::Input(format!(
+                "the LoRA+ ratio must be a positive number (got {})",
+                config.plus_ratio
+            )));
+        }
         if !(0.0..1.0).contains(&config.dropout) {
             return Err(Error::Input(format!(
                 "LoRA dropout must be at least 0 and below 1 (got {})",
@@ -209,6 +218,20 @@ impl Lora {
             params,
             adapters,
         })
+    }
+
+    /// Each tensor's learning-rate factor, in the layout's order: LoRA+'s ratio for the B
+    /// matrices, 1 for the A matrices.
+    pub fn lr_factors(&self) -> Vec<f32> {
+        let mut f = vec![1.0; self.layout.tensors.len()];
+        for ad in &self.adapters {
+            let i = self
+                .layout
+                .tensors
+                .partition_point(|t| t.view.offset < ad.b.offset);
+            f[i] = self.config.plus_ratio;
+        }
+        f
     }
 
     /// PEFT's initialisation: A uniform in ±1/√inp (Kaiming-uniform with a = √5), B zero.

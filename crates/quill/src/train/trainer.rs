@@ -359,6 +359,9 @@ impl<'a> Trainer<'a> {
             1e-8,
             config.weight_decay,
         );
+        if let Some(l) = &lora {
+            opt.lr_factors = l.lora.lr_factors();
+        }
         if let Some((m, v)) = moments {
             opt.m = m;
             opt.v = v;
