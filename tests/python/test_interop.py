@@ -233,6 +233,51 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
     assert got == want + "\n"
 
 
+def test_beam_search_matches_transformers_generate(tmp_path):
+    """`quill generate --beams K` writes the text of transformers' `generate(num_beams=K,
+    do_sample=False)` (length penalty 1, early_stopping false): on a random GPT-2, whose
+    beams run to the length limit, and on the same model with the end token's embedding
+    turned toward the final norm's bias, so that hypotheses end after 1, 3 and 8 tokens and
+    the early-stop rule decides."""
+    import shutil
+    from tokenizers import Tokenizer
+    torch.manual_seed(7)
+    cfg = GPT2Config(n_embd=48, n_head=4, n_layer=2, n_positions=64)
+    model = GPT2LMHeadModel(cfg).eval()
+    randomize(model)
+    tok = Tokenizer.from_file(str(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json"))
+    prompts = ["Hello world, the", "Once upon a time", "A"]
+
+    def run(prompt, beams):
+        ids = tok.encode(prompt).ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, num_beams=beams,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=50256)
+        new = out[0, len(ids):].tolist()
+        new = new[: new.index(50256)] if 50256 in new else new
+        got = quill("generate", "--model", tmp_path, "--prompt", prompt, "--beams", beams,
+                    "--max-new-tokens", "10").stdout
+        assert got == prompt + tok.decode(new) + "\n", (prompt, beams)
+        return len(new)
+
+    def save():
+        model.save_pretrained(tmp_path)
+        shutil.copy(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json", tmp_path / "tokenizer.json")
+
+    save()
+    assert [run(p, b) for p in prompts for b in (2, 4)] == [10] * 6
+    # beam search is not greedy search here
+    assert any(quill("generate", "--model", tmp_path, "--prompt", p, "--beams", "4", "--max-new-tokens", "10").stdout
+               != quill("generate", "--model", tmp_path, "--prompt", p, "--temperature", "0",
+                        "--max-new-tokens", "10").stdout for p in prompts)
+    with torch.no_grad():
+        bias = model.transformer.ln_f.bias
+        model.transformer.wte.weight[50256] = 9.0 * bias / (bias @ bias)
+    save()
+    lengths = [run(p, b) for p in prompts for b in (2, 4)]
+    assert sorted(set(lengths)) == [1, 3, 8], lengths
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     cfg = GPT2Config(n_embd=32, n_head=4, n_layer=3, n_positions=24, vocab_size=300)
     model = GPT2LMHeadModel(cfg).eval()

@@ -1,6 +1,6 @@
 //! `quill eval`: how well a model does a task, in the task's own scores.
-//! - `translate`: the model translates held-out sentences (greedy, through its chat
-//!   template); BLEU and chrF as sacreBLEU computes them, and a few examples.
+//! - `translate`: the model translates held-out sentences (greedy or by beam search,
+//!   through its chat template or a plain-text template); BLEU and chrF as sacreBLEU computes them, and a few examples.
 //! - `qa`: the model answers held-out questions; exact match and token F1 as SQuAD's
 //!   evaluation defines them.
 //! - `score`: BLEU and chrF of a file of hypotheses against a file of references.
@@ -8,7 +8,7 @@
 use anyhow::{bail, Context, Result};
 use quill::chat::Message;
 use quill::eval::{corpus_bleu, corpus_chrf};
-use quill::sample::{generate, Sampler, SamplingParams, Stop};
+use quill::sample::{beam_search, generate, BeamSearch, Sampler, SamplingParams, Stop};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,10 @@ pub struct TaskArgs {
     /// Most tokens per reply.
     #[arg(long, default_value_t = 96)]
     max_new_tokens: usize,
+    /// Beam search with this many beams (transformers' `num_beams`, length penalty 1)
+    /// instead of greedy decoding (1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    beams: u16,
     /// Examples printed (source, reference, model).
     #[arg(long, default_value_t = 5)]
     examples: usize,
@@ -210,7 +214,8 @@ fn read_pairs(a: &TaskArgs, instruction: &str) -> Result<Vec<Pair>> {
     Ok(pairs)
 }
 
-/// The model's replies (each its first line, trimmed) to every pair's request, greedy.
+/// The model's replies (each its first line, trimmed) to every pair's request, greedy or by
+/// beam search.
 fn replies(a: &TaskArgs, pairs: &[Pair]) -> Result<(Vec<String>, f64)> {
     let o = quill::io::open_adapted(&a.model, a.tokenizer.as_deref(), a.adapter.as_deref())?;
     let mut hyps = Vec::with_capacity(pairs.len());
@@ -230,15 +235,24 @@ fn replies(a: &TaskArgs, pairs: &[Pair]) -> Result<(Vec<String>, f64)> {
             Request::Chat(_) => o.tok.encode(&text)?,
             Request::Text(_) => o.tok.encode_with_special(&text)?,
         };
-        let mut sampler = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        })?;
-        let stop = Stop {
-            max_new: a.max_new_tokens,
-            eos: &o.eos,
+        let mut out = if a.beams > 1 {
+            let b = BeamSearch {
+                beams: a.beams as usize,
+                max_new: a.max_new_tokens,
+                length_penalty: 1.0,
+            };
+            beam_search(&o.model, &ids, &o.eos, b)?
+        } else {
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            })?;
+            let stop = Stop {
+                max_new: a.max_new_tokens,
+                eos: &o.eos,
+            };
+            generate(&o.model, &ids, stop, &mut sampler, |_| {}, |_| Ok(true))?
         };
-        let mut out = generate(&o.model, &ids, stop, &mut sampler, |_| {}, |_| Ok(true))?;
         out.retain(|t| !o.eos.contains(t));
         let hyp = o.tok.decode(&out)?;
         // the translation is the reply's first line

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use quill::chat::{ChatTemplate, Message};
 use quill::io::hf::GenerationConfig;
 use quill::io::Opened;
-use quill::sample::{generate, GenerateEvent, Sampler, SamplingParams, Stop};
+use quill::sample::{
+    beam_search, generate, BeamSearch, GenerateEvent, Sampler, SamplingParams, Stop,
+};
 use quill::tokenizer::{train_byte_level_bpe, StreamDecoder, Tokenizer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -287,6 +289,13 @@ struct GenerateArgs {
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Beam search with this many beams (transformers' `num_beams`, length penalty 1): the
+    /// most likely continuation the beams find, printed when the search ends, in place of
+    /// sampling.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64),
+          conflicts_with_all = ["temperature", "top_k", "top_p", "min_p", "presence_penalty",
+                                "frequency_penalty", "repetition_penalty", "seed"])]
+    beams: Option<u16>,
     /// Most tokens to generate (fewer if the model writes an end token)
     /// [default: generation_config.json's max_new_tokens, else 500].
     #[arg(long)]
@@ -590,6 +599,9 @@ fn require_template<'a>(o: &'a Opened, dir: &Path) -> Result<&'a ChatTemplate> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.model.is_file() && !quill::io::gguf::load::is_gguf(&a.model) {
+        if a.beams.is_some_and(|b| b > 1) {
+            bail!("--beams runs on model folders and GGUF files, not on llama2.c checkpoints");
+        }
         let params = a.sampling.params(&GenerationConfig::default());
         let mut sampler = Sampler::new(params)?;
         return run_generate_llama2c(&a, &mut sampler);
@@ -626,6 +638,16 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         out.flush()?;
     }
     let eos = &o.eos;
+    if let Some(beams) = a.beams.filter(|&b| b > 1) {
+        let b = BeamSearch {
+            beams: beams as usize,
+            max_new,
+            length_penalty: 1.0,
+        };
+        let found = beam_search(model, &prompt, eos, b)?;
+        writeln!(out, "{}", tok.decode(&found)?)?;
+        return Ok(());
+    }
     let mut stream = StreamDecoder::new();
     generate(
         model,

@@ -42,6 +42,15 @@ impl Cache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Becomes a copy of `other`'s positions (a cache of the same model and capacity): a
+    /// beam that continues another's sequence.
+    pub fn copy_from(&mut self, other: &Cache) {
+        assert_eq!(self.k.len(), other.k.len(), "caches of different sizes");
+        self.k.copy_from_slice(&other.k);
+        self.v.copy_from_slice(&other.v);
+        self.len = other.len;
+    }
 }
 
 /// New tokens `ids` continuing the sequence held in `cache`.

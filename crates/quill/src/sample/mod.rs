@@ -12,9 +12,11 @@
 //! give the model's own log-probabilities (no processing), for logprobs and scoring.
 //! Temperature 0 means greedy: the most likely token after the penalties.
 
+mod beam;
 mod generate;
 mod sampler;
 mod score;
+pub use beam::{beam_search, BeamSearch};
 pub use generate::{generate, GenerateEvent, Stop};
 pub use sampler::{
     argmax, log_softmax_at, logsumexp, top_logprobs, Draw, Sampler, SamplingParams, Top,
