@@ -399,14 +399,16 @@ def test_eval_commands_run_a_model_and_score_as_defined(tiny, tmp_path):
     quill("eval", "translate", "--model", tiny["model"], "--data", records, "--max-new-tokens", "12",
           "--out", tmp_path / "plain.txt", "--json")
     assert (tmp_path / "templated.txt").read_text() == (tmp_path / "plain.txt").read_text()
-    # --beams: each reply is the first line of what `quill generate --beams` writes after
-    # the same text (beam search itself is checked against transformers in test_interop.py)
-    quill("eval", "translate", "--model", tiny["model"], "--data", data, "--pair-template", "Say: {source}\\n=> {target}",
-          "--max-new-tokens", "12", "--beams", "3", "--out", tmp_path / "beams.txt", "--json")
-    for (q, _), reply in zip(pairs, (tmp_path / "beams.txt").read_text().splitlines()):
-        text = quill("generate", "--model", tiny["model"], "--prompt", f"Say: {q}\n=>", "--beams", "3",
-                     "--max-new-tokens", "12").stdout[len(f"Say: {q}\n=>"):]
-        assert reply == (text.strip().splitlines() or [""])[0].strip(), (q, reply, text)
+    # each reply is the first line of what `quill generate` writes after the same text,
+    # greedy (where the reply stops once its first line is whole) and with --beams (beam
+    # search itself is checked against transformers in test_interop.py)
+    for name, flags in [("greedy", ["--temperature", "0"]), ("beams", ["--beams", "3"])]:
+        quill("eval", "translate", "--model", tiny["model"], "--data", data, "--pair-template", "Say: {source}\\n=> {target}",
+              "--max-new-tokens", "12", *flags[2 if name == "greedy" else 0:], "--out", tmp_path / f"{name}.txt", "--json")
+        for (q, _), reply in zip(pairs, (tmp_path / f"{name}.txt").read_text().splitlines()):
+            text = quill("generate", "--model", tiny["model"], "--prompt", f"Say: {q}\n=>", *flags,
+                         "--max-new-tokens", "12").stdout[len(f"Say: {q}\n=>"):]
+            assert reply == (text.strip().splitlines() or [""])[0].strip(), (name, q, reply, text)
     refused(subprocess.run([QUILL, "eval", "translate", "--model", tiny["model"], "--data", data, "--pair-template",
                             "{target} after {source}"], capture_output=True, text=True, timeout=60),
             "{source} and then {target}")

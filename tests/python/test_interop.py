@@ -278,6 +278,38 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     assert sorted(set(lengths)) == [1, 3, 8], lengths
 
 
+def test_eval_stops_a_greedy_reply_at_its_first_line(tmp_path):
+    """`quill eval translate` keeps a reply's first line, and greedy decoding stops there
+    (what follows cannot change it): its replies equal the first lines of `quill generate
+    --temperature 0`'s whole continuations, on a random GPT-2 whose newline token is made
+    likely, so that a line ends after a few tokens and generation goes on after it."""
+    import shutil
+    torch.manual_seed(3)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=48, n_head=4, n_layer=2, n_positions=64)).eval()
+    randomize(model)
+    with torch.no_grad():
+        bias = model.transformer.ln_f.bias
+        model.transformer.wte.weight[198] = 7.0 * bias / (bias @ bias)  # "\n"
+    model.save_pretrained(tmp_path)
+    shutil.copy(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json", tmp_path / "tokenizer.json")
+    sources = ["Hello world", "Once upon a time", "A", "The cat is sleeping", "Good morning"]
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"{x}\tx\n" for x in sources))
+    quill("eval", "translate", "--model", tmp_path, "--data", data, "--pair-template", "{source} => {target}",
+          "--max-new-tokens", "16", "--out", tmp_path / "replies.txt", "--json")
+    replies = (tmp_path / "replies.txt").read_text().splitlines()
+    cut = 0
+    for x, reply in zip(sources, replies):
+        text = quill("generate", "--model", tmp_path, "--prompt", f"{x} =>", "--temperature", "0",
+                     "--max-new-tokens", "16").stdout[len(f"{x} =>"):]
+        lines = text.strip().splitlines()
+        assert reply == (lines or [""])[0].strip(), (x, reply, text)
+        rest = text.lstrip()
+        # a whole first line, and tokens generated after it (where eval stopped)
+        cut += "\n" in rest and bool(lines[0].strip()) and len(rest) > rest.index("\n") + 1
+    assert cut >= 1, "no reply had a whole first line before the token limit"
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     cfg = GPT2Config(n_embd=32, n_head=4, n_layer=3, n_positions=24, vocab_size=300)
     model = GPT2LMHeadModel(cfg).eval()

@@ -251,7 +251,21 @@ fn replies(a: &TaskArgs, pairs: &[Pair]) -> Result<(Vec<String>, f64)> {
                 max_new: a.max_new_tokens,
                 eos: &o.eos,
             };
-            generate(&o.model, &ids, stop, &mut sampler, |_| {}, |_| Ok(true))?
+            // greedy decoding is causal: once the reply's first line is whole, what follows
+            // cannot change it, so the reply stops there
+            let mut so_far = Vec::new();
+            generate(
+                &o.model,
+                &ids,
+                stop,
+                &mut sampler,
+                |_| {},
+                |id| {
+                    so_far.push(id);
+                    let text = o.tok.decode(&so_far).unwrap_or_default();
+                    Ok(!text.trim_start().contains('\n'))
+                },
+            )?
         };
         out.retain(|t| !o.eos.contains(t));
         let hyp = o.tok.decode(&out)?;
