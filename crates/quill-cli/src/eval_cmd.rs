@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use quill::chat::Message;
 use quill::eval::{corpus_bleu, corpus_chrf};
 use quill::sample::{beam_search, generate, BeamSearch, Sampler, SamplingParams, Stop};
+use quill::tokenizer::StreamDecoder;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -253,7 +254,7 @@ fn replies(a: &TaskArgs, pairs: &[Pair]) -> Result<(Vec<String>, f64)> {
             };
             // greedy decoding is causal: once the reply's first line is whole, what follows
             // cannot change it, so the reply stops there
-            let mut so_far = Vec::new();
+            let (mut stream, mut text) = (StreamDecoder::new(), String::new());
             generate(
                 &o.model,
                 &ids,
@@ -261,8 +262,7 @@ fn replies(a: &TaskArgs, pairs: &[Pair]) -> Result<(Vec<String>, f64)> {
                 &mut sampler,
                 |_| {},
                 |id| {
-                    so_far.push(id);
-                    let text = o.tok.decode(&so_far).unwrap_or_default();
+                    text += &stream.push(&o.tok, id)?;
                     Ok(!text.trim_start().contains('\n'))
                 },
             )?

@@ -32,6 +32,9 @@ pub struct BeamSearch {
     pub length_penalty: f32,
 }
 
+/// The most beams a search runs.
+pub const MAX_BEAMS: usize = 64;
+
 /// A live beam: its generated tokens and summed log-probability.
 #[derive(Clone)]
 struct Beam {
@@ -98,10 +101,10 @@ fn top_logprobs_of(logits: &[f32], n: usize, out: &mut Vec<(u32, f64)>) {
 /// The tokens of the best hypothesis after `prompt` (without its end token), by beam search.
 pub fn beam_search(model: &Model, prompt: &[u32], eos: &[u32], b: BeamSearch) -> Result<Vec<u32>> {
     let k = b.beams;
-    if k == 0 {
-        return Err(Error::Input(
-            "the number of beams must be at least 1".into(),
-        ));
+    if !(1..=MAX_BEAMS).contains(&k) {
+        return Err(Error::Input(format!(
+            "the number of beams must be 1 to {MAX_BEAMS} (got {k})"
+        )));
     }
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty (no tokens)".into()));
@@ -134,7 +137,7 @@ pub fn beam_search(model: &Model, prompt: &[u32], eos: &[u32], b: BeamSearch) ->
     };
     let v = model.vocab;
     let keep = 2.max(1 + eos.len()) * k;
-    let (mut top, mut cands) = (Vec::new(), Vec::new());
+    let (mut top, mut cands, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     let mut scratch = Scratch::default();
     let mut generated = 0;
     loop {
@@ -167,9 +170,22 @@ pub fn beam_search(model: &Model, prompt: &[u32], eos: &[u32], b: BeamSearch) ->
         if last || next.is_empty() || finished.done(next[0].2, generated) {
             return Ok(best(finished));
         }
-        // the new beams, each continuing its parent's cache
+        // the new beams, each continuing its parent's cache: a parent's first child takes
+        // its cache over (a swap), the others copy it (before any is taken)
+        let mut taken = [false; MAX_BEAMS];
+        let first: Vec<bool> = next
+            .iter()
+            .map(|&(i, _, _)| !std::mem::replace(&mut taken[i], true))
+            .collect();
         for (j, &(i, _, _)) in next.iter().enumerate() {
-            spare[j].copy_from(&caches[i]);
+            if !first[j] {
+                spare[j].copy_from(&caches[i]);
+            }
+        }
+        for (j, &(i, _, _)) in next.iter().enumerate() {
+            if first[j] {
+                std::mem::swap(&mut spare[j], &mut caches[i]);
+            }
         }
         std::mem::swap(&mut caches, &mut spare);
         beams = next
@@ -180,7 +196,8 @@ pub fn beam_search(model: &Model, prompt: &[u32], eos: &[u32], b: BeamSearch) ->
                 Beam { tokens, score }
             })
             .collect();
-        let ids: Vec<u32> = next.iter().map(|&(_, t, _)| t).collect();
+        ids.clear();
+        ids.extend(next.iter().map(|&(_, t, _)| t));
         let mut segs: Vec<Segment> = caches
             .iter_mut()
             .zip(ids.chunks(1))
