@@ -2,7 +2,7 @@
 //! GGUF type: `cargo run --release --example qbench -- [ROWS]` (ROWS of x, default 512), the
 //! fastest of many calls per shape; `-- ROWS TYPE` times one type only.
 use quill::kernels::linear::{quant_linear, QPart};
-use quill::kernels::quant::{quantize::quantize, QType};
+use quill::kernels::quant::{quantize::quantize, x8, QType};
 use quill::rng::Rng;
 use std::time::Instant;
 
@@ -35,9 +35,15 @@ fn main() {
             quantize(t, &w, &mut bytes);
             let x: Vec<f32> = (0..n * inp).map(|_| rng.uniform() as f32 - 0.5).collect();
             let mut y = vec![0.0f32; n * out];
+            // the layout a model opened here keeps
+            let x8 = x8::wanted(t);
+            if x8 {
+                bytes = x8::pack(t, &bytes, out, inp);
+            }
             let part = [QPart {
                 bytes: &bytes,
                 qtype: t,
+                x8,
             }];
             quant_linear(&mut y, out, &x, inp, &part);
             // the fastest of many calls: other work on the machine only ever adds time

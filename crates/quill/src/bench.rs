@@ -49,10 +49,7 @@ fn int8_rate() -> f64 {
     quantize(QType::Q8_0, &w, &mut bytes);
     let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform() as f32 - 0.5).collect();
     let mut y = vec![0.0f32; n * rows];
-    let part = [QPart {
-        bytes: &bytes,
-        qtype: QType::Q8_0,
-    }];
+    let part = [QPart::rows(&bytes, QType::Q8_0)];
     quant_linear(&mut y, rows, &x, cols, &part);
     let times: Vec<f64> = (0..5)
         .map(|_| {

@@ -197,15 +197,15 @@ fn bad_adapters_are_refused() {
 /// embedding, head and MLP matrices in Q8_0; tied in qwen2-tiny), its f32 buffer's copies
 /// poisoned with NaN, and its twin holding the dequantized numbers in f32.
 fn quantized_pair(name: &str) -> (Model, Model) {
-    use quill::kernels::quant::{dequantize, quantize::quantize, QType};
+    use quill::kernels::quant::{dequantize, quantize::quantize, x8, QType};
     use quill::model::weight::{QBytes, Storage};
     let mut quantized = load(&fixture(name), false).unwrap();
     let mut twin = load(&fixture(name), false).unwrap();
     let params = quantized.params.clone();
-    let mut done: Vec<(quill::model::View, Storage)> = Vec::new();
+    let mut done: Vec<(quill::model::View, Storage, Vec<u8>)> = Vec::new();
     let mut kinds = 0;
     quantized.for_each_weight(|w| {
-        if let Some((_, s)) = done.iter().find(|(v, _)| *v == w.view) {
+        if let Some((_, s, _)) = done.iter().find(|(v, _, _)| *v == w.view) {
             w.storage = s.clone();
             return;
         }
@@ -218,18 +218,25 @@ fn quantized_pair(name: &str) -> (Model, Model) {
         kinds += 1;
         let mut bytes = Vec::new();
         assert!(quantize(qtype, w.view.of(&params), &mut bytes));
+        // Q4_0 interleaved by eight rows (as the AVX2 path keeps it), whatever this CPU
+        let x8 = x8::packable(qtype) && w.rows >= x8::ROWS;
+        let kept = match x8 {
+            true => x8::pack(qtype, &bytes, w.rows, w.cols),
+            false => bytes.clone(),
+        };
         let storage = Storage::Quant {
-            bytes: QBytes::Owned(Arc::new(bytes)),
+            bytes: QBytes::Owned(Arc::new(kept)),
             qtype,
+            x8,
         };
         w.storage = storage.clone();
-        done.push((w.view, storage));
+        done.push((w.view, storage, bytes));
     });
-    for (view, storage) in &done {
-        let Storage::Quant { bytes, qtype } = storage else {
+    for (view, storage, bytes) in &done {
+        let Storage::Quant { qtype, .. } = storage else {
             unreachable!()
         };
-        dequantize(*qtype, bytes.as_slice(), view.of_mut(&mut twin.params));
+        dequantize(*qtype, bytes, view.of_mut(&mut twin.params));
         // the quantized model's f32 copy is never read
         view.of_mut(&mut quantized.params).fill(f32::NAN);
     }

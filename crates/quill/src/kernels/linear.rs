@@ -5,9 +5,9 @@
 
 use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, round_row, Precision};
 use super::product::{Accumulate, Dims, Strided, View, ViewMut};
-use super::quant::dot::{dot_one_row, dot_rows, isa, QuantRows};
-use super::quant::gemm;
+use super::quant::dot::{dot_one_row, dot_rows, isa, Isa, QuantRows};
 use super::quant::{dequantize, QType};
+use super::quant::{gemm, x8};
 use super::simd::multiversion;
 use super::SendPtr;
 use rayon::prelude::*;
@@ -18,10 +18,12 @@ pub enum MatRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
-    /// Rows of blocks of a quantized format (each row whole blocks).
+    /// Rows of blocks of a quantized format (each row whole blocks), in the file's layout or,
+    /// where `x8`, interleaved by eight rows ([`super::quant::x8`]).
     Quant {
         bytes: &'a [u8],
         qtype: QType,
+        x8: bool,
     },
 }
 
@@ -31,7 +33,7 @@ impl MatRef<'_> {
         match self {
             MatRef::F32(w) => w.len(),
             MatRef::Bf16(w) | MatRef::F16(w) => w.len(),
-            MatRef::Quant { bytes, qtype } => bytes.len() / qtype.block_bytes() * qtype.block(),
+            MatRef::Quant { bytes, qtype, .. } => bytes.len() / qtype.block_bytes() * qtype.block(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -55,9 +57,14 @@ impl MatRef<'_> {
                     *d = half::f16::from_bits(h).to_f32();
                 }
             }
-            MatRef::Quant { bytes, qtype } => {
+            MatRef::Quant { bytes, qtype, x8 } => {
                 let rb = cols / qtype.block() * qtype.block_bytes();
-                dequantize(*qtype, &bytes[r * rb..(r + 1) * rb], &mut dst[..cols]);
+                if *x8 {
+                    let rows = bytes.len() / rb;
+                    x8::dequantize_row(*qtype, bytes, (rows, cols), r, &mut dst[..cols]);
+                } else {
+                    dequantize(*qtype, &bytes[r * rb..(r + 1) * rb], &mut dst[..cols]);
+                }
             }
         }
     }
@@ -92,8 +99,8 @@ pub fn linear(
     if n == 0 || out == 0 {
         return;
     }
-    if let MatRef::Quant { bytes, qtype } = w {
-        let part = QPart { bytes, qtype };
+    if let MatRef::Quant { bytes, qtype, x8 } = w {
+        let part = QPart { bytes, qtype, x8 };
         return quant_linear(y, y_rs, &x[..n * inp], inp, &[part]);
     }
     if n == 1 {
@@ -178,23 +185,51 @@ thread_local! {
 /// Weight rows per parallel task of the quantized product.
 const QUANT_ROWS: usize = 16;
 
-/// One quantized matrix [rows, in] of a product whose matrices are stacked (q | k | v).
+/// One quantized matrix [rows, in] of a product whose matrices are stacked (q | k | v), in
+/// the file's layout or, where `x8`, interleaved by eight rows ([`x8`]).
 #[derive(Clone, Copy, Debug)]
 pub struct QPart<'a> {
     pub bytes: &'a [u8],
     pub qtype: QType,
+    pub x8: bool,
 }
 
-impl QPart<'_> {
+impl<'a> QPart<'a> {
+    /// A matrix in the file's layout.
+    pub fn rows(bytes: &'a [u8], qtype: QType) -> Self {
+        QPart {
+            bytes,
+            qtype,
+            x8: false,
+        }
+    }
+
     fn row_bytes(&self, inp: usize) -> usize {
         inp / self.qtype.block() * self.qtype.block_bytes()
+    }
+
+    /// Rows r0..r1 in the file's layout: borrowed, or unpacked into `buf`.
+    fn file_rows<'b>(
+        &'b self,
+        inp: usize,
+        (r0, r1): (usize, usize),
+        buf: &'b mut Vec<u8>,
+    ) -> &'b [u8] {
+        let rb = self.row_bytes(inp);
+        if !self.x8 {
+            return &self.bytes[r0 * rb..r1 * rb];
+        }
+        let rows = self.bytes.len() / rb;
+        x8::unpack_rows(self.qtype, self.bytes, (rows, inp), (r0, r1), buf);
+        buf
     }
 }
 
 /// y = x · [W₀; W₁; …]ᵀ for quantized matrices stacked by rows (each part's outputs follow
 /// the previous part's, at row stride `y_rs`): x's rows quantized once, to int16 per 32
 /// numbers, then integer block dot products (see [`super::quant::dot`]); the rows of all the
-/// parts split over the threads in one parallel pass.
+/// parts split over the threads in one parallel pass, in tasks of up to 16 rows of one part
+/// (starting at a multiple of 16 in it, so that interleaved groups of eight stay whole).
 pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart<'_>]) {
     assert!(parts.len() <= 8, "at most 8 stacked parts");
     let many = x.len() / cols.max(1) >= GEMM_ROWS;
@@ -207,10 +242,12 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
         xq.quantize(x, cols);
         let n = xq.rows();
         let xq = &*xq;
-        // where each part's rows start, in output columns
-        let mut starts = [0usize; 9];
+        // where each part's rows start, in output columns, and its first task
+        let (mut starts, mut first) = ([0usize; 9], [0usize; 9]);
         for (i, p) in parts.iter().enumerate() {
-            starts[i + 1] = starts[i] + p.bytes.len() / p.row_bytes(cols);
+            let rows = p.bytes.len() / p.row_bytes(cols);
+            starts[i + 1] = starts[i] + rows;
+            first[i + 1] = first[i] + rows.div_ceil(QUANT_ROWS);
         }
         let out = starts[parts.len()];
         assert!(n == 0 || (out <= y_rs && y.len() >= (n - 1) * y_rs + out));
@@ -219,38 +256,48 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
         }
         let yp = SendPtr(y.as_mut_ptr());
         let ylen = y.len();
-        (0..out.div_ceil(QUANT_ROWS))
-            .into_par_iter()
-            .for_each(|task| {
-                let j0 = task * QUANT_ROWS;
-                let j1 = (j0 + QUANT_ROWS).min(out);
-                // the task's rows, one run per stacked part they fall in
-                let mut j = j0;
-                while j < j1 {
-                    let pi = (0..parts.len()).rfind(|&i| starts[i] <= j).unwrap_or(0);
-                    let (p, r) = (&parts[pi], j - starts[pi]);
-                    let rows = j1.min(starts[pi + 1]) - j;
-                    let rb = p.row_bytes(cols);
-                    let w = &p.bytes[r * rb..(r + rows) * rb];
-                    if n == 1 {
-                        // decoding: the run in one call
-                        // Safety: y[j..j + rows] lies inside y (asserted above; one row of x)
-                        // and only this task writes it.
-                        let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), rows) };
-                        dot_one_row(path, p.qtype, w, rows, xq, yj);
-                    } else {
-                        for (k, wk) in w.chunks_exact(rb).enumerate() {
-                            // Safety: column j + k of rows 0..n lies inside y (asserted above)
-                            // and only this task writes it.
-                            let yj = unsafe {
-                                std::slice::from_raw_parts_mut(yp.get().add(j + k), ylen - j - k)
-                            };
-                            dot_rows(path, p.qtype, wk, xq, yj, y_rs);
-                        }
-                    }
-                    j += rows;
+        (0..first[parts.len()]).into_par_iter().for_each(|task| {
+            let pi = (0..parts.len()).rfind(|&i| first[i] <= task).unwrap_or(0);
+            let p = &parts[pi];
+            let total = starts[pi + 1] - starts[pi];
+            let r0 = (task - first[pi]) * QUANT_ROWS;
+            let r1 = (r0 + QUANT_ROWS).min(total);
+            let rb = p.row_bytes(cols);
+            let mut r = r0;
+            if p.x8 {
+                // whole groups of eight (r0 is a multiple of 16)
+                let gb = x8::ROWS * rb;
+                while r + x8::ROWS <= r1.min(total / x8::ROWS * x8::ROWS) {
+                    let j = starts[pi] + r;
+                    // Safety: columns j..j + 8 of rows 0..n lie inside y (asserted above)
+                    // and only this task writes them.
+                    let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), ylen - j) };
+                    let g = &p.bytes[r / x8::ROWS * gb..][..gb];
+                    x8::dot_group(path != Isa::Plain, p.qtype, g, xq, yj, y_rs);
+                    r += x8::ROWS;
                 }
-            });
+            }
+            // rows in the file's layout (past the last whole group, where interleaved)
+            let (j, rows) = (starts[pi] + r, r1 - r);
+            let w = &p.bytes[r * rb..r1 * rb];
+            if rows == 0 {
+            } else if n == 1 {
+                // decoding: the run in one call
+                // Safety: y[j..j + rows] lies inside y (asserted above; one row of x) and
+                // only this task writes it.
+                let yj = unsafe { std::slice::from_raw_parts_mut(yp.get().add(j), rows) };
+                dot_one_row(path, p.qtype, w, rows, xq, yj);
+            } else {
+                for (k, wk) in w.chunks_exact(rb).enumerate() {
+                    // Safety: column j + k of rows 0..n lies inside y (asserted above) and
+                    // only this task writes it.
+                    let yj = unsafe {
+                        std::slice::from_raw_parts_mut(yp.get().add(j + k), ylen - j - k)
+                    };
+                    dot_rows(path, p.qtype, wk, xq, yj, y_rs);
+                }
+            }
+        });
     });
 }
 
@@ -294,13 +341,14 @@ fn quant_panels(y: &mut [f32], y_rs: usize, xq: &QuantRows, parts: &[QPart<'_>],
             return;
         }
         let p = &parts[pi];
-        let (rb, r) = (p.row_bytes(cols), j - starts[pi]);
+        let r = j - starts[pi];
         let rows = (starts[pi + 1] - j).min(gemm::NR);
         QPANEL.with(|panel| {
             let mut panel = panel.borrow_mut();
+            let mut buf = Vec::new();
             gemm::pack(
                 p.qtype,
-                &p.bytes[r * rb..(r + rows) * rb],
+                p.file_rows(cols, (r, r + rows), &mut buf),
                 rows,
                 cols,
                 &mut panel,
@@ -329,14 +377,26 @@ fn quant_gemm(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &[QPart
             let rb = p.row_bytes(cols);
             let out = p.bytes.len() / rb;
             assert!(col0 + out <= y_rs && y.len() >= (n - 1) * y_rs + col0 + out);
-            let rows = (BLOCK_ELEMS / cols.max(1)).max(16).min(out);
+            // whole groups of eight rows per block, where interleaved
+            let rows = (BLOCK_ELEMS / cols.max(1)).max(16) / 8 * 8;
+            let rows = rows.min(out);
             panel.resize(rows * cols, 0.0);
             for r0 in (0..out).step_by(rows) {
                 let r1 = (r0 + rows).min(out);
                 let blk = &mut panel[..(r1 - r0) * cols];
-                blk.par_chunks_mut(cols * 4)
-                    .zip(p.bytes[r0 * rb..r1 * rb].par_chunks(rb * 4))
-                    .for_each(|(dst, src)| dequantize(p.qtype, src, dst));
+                if p.x8 {
+                    blk.par_chunks_mut(8 * cols)
+                        .enumerate()
+                        .for_each(|(i, dst)| {
+                            let ra = r0 + 8 * i;
+                            let rr = (ra + 8).min(r1);
+                            x8::dequantize_rows(p.qtype, p.bytes, (out, cols), (ra, rr), dst)
+                        });
+                } else {
+                    blk.par_chunks_mut(cols * 4)
+                        .zip(p.bytes[r0 * rb..r1 * rb].par_chunks(rb * 4))
+                        .for_each(|(dst, src)| dequantize(p.qtype, src, dst));
+                }
                 // Safety: columns col0 + r0..col0 + r1 of rows 0..n lie inside y (asserted).
                 unsafe { times_panel(Precision::F32, yp.add(col0 + r0), y_rs, x, (n, cols), blk) }
             }
@@ -1084,7 +1144,9 @@ mod tests {
             for &(n, outs) in &[
                 (1, [37usize, 1]),
                 (1, [5, 30]),
+                (1, [40, 17]),
                 (3, [19, 2]),
+                (6, [24, 9]),
                 (GEMM_ROWS, [5, 3]),
                 (GEMM_ROWS + 7, [37, 1]),
                 (70, [2, 19]),
@@ -1100,8 +1162,7 @@ mod tests {
                     w64.extend(d.iter().map(|&v| v as f64));
                     bytes.push(b);
                 }
-                let parts: Vec<QPart> =
-                    bytes.iter().map(|b| QPart { bytes: b, qtype: t }).collect();
+                let parts: Vec<QPart> = bytes.iter().map(|b| QPart::rows(b, t)).collect();
                 let out: usize = outs.iter().sum();
                 let mut want = vec![0.0; n * out];
                 let x64: Vec<f64> = if n < GEMM_ROWS || gemm::available() {
@@ -1116,14 +1177,43 @@ mod tests {
                     to_f64(&x)
                 };
                 reference::matmul(&mut want, &x64, &w64, (n, cols, out), (false, true));
-                let rs = out + 2;
-                let mut y = vec![42.0f32; n * rs];
-                quant_linear(&mut y, rs, &x, cols, &parts);
-                let got: Vec<f32> = (0..n)
-                    .flat_map(|i| y[i * rs..i * rs + out].to_vec())
+                // Q4_0 and Q4_1 also interleaved by eight rows, whatever this CPU
+                let packed: Vec<Vec<u8>> = match x8::packable(t) {
+                    true => bytes
+                        .iter()
+                        .zip(&outs)
+                        .map(|(b, &o)| x8::pack(t, b, o, cols))
+                        .collect(),
+                    false => Vec::new(),
+                };
+                let x8_parts: Vec<QPart> = packed
+                    .iter()
+                    .map(|b| QPart {
+                        bytes: b,
+                        qtype: t,
+                        x8: true,
+                    })
                     .collect();
-                assert!(max_rel_err(&got, &want, 1.0) < 1e-5, "{t:?} {n} {outs:?}");
-                assert!((0..n).all(|i| y[i * rs + out..(i + 1) * rs].iter().all(|&v| v == 42.0)));
+                let layouts: &[&[QPart]] = match x8::packable(t) {
+                    true => &[&parts, &x8_parts],
+                    false => &[&parts],
+                };
+                for parts in layouts {
+                    let rs = out + 2;
+                    let mut y = vec![42.0f32; n * rs];
+                    quant_linear(&mut y, rs, &x, cols, parts);
+                    let got: Vec<f32> = (0..n)
+                        .flat_map(|i| y[i * rs..i * rs + out].to_vec())
+                        .collect();
+                    let x8 = parts[0].x8;
+                    assert!(
+                        max_rel_err(&got, &want, 1.0) < 1e-5,
+                        "{t:?} {n} {outs:?} x8 {x8}"
+                    );
+                    let gaps =
+                        (0..n).all(|i| y[i * rs + out..(i + 1) * rs].iter().all(|&v| v == 42.0));
+                    assert!(gaps);
+                }
             }
         }
     }

@@ -54,8 +54,13 @@ pub enum Storage {
         start: usize,
         dtype: MappedDtype,
     },
-    /// Block-quantized rows (a GGUF tensor), read in place by the quantized kernels.
-    Quant { bytes: QBytes, qtype: QType },
+    /// Block-quantized rows (a GGUF tensor), read in place by the quantized kernels; where
+    /// `x8`, interleaved by eight rows for the AVX2 products ([`crate::kernels::quant::x8`]).
+    Quant {
+        bytes: QBytes,
+        qtype: QType,
+        x8: bool,
+    },
 }
 
 /// The bytes of a quantized matrix: a range of a read-only memory map, or an owned copy
@@ -155,9 +160,10 @@ impl Weight {
                     }
                 }
             }
-            Storage::Quant { bytes, qtype } => MatRef::Quant {
+            Storage::Quant { bytes, qtype, x8 } => MatRef::Quant {
                 bytes: bytes.as_slice(),
                 qtype: *qtype,
+                x8: *x8,
             },
         }
     }
@@ -452,13 +458,10 @@ impl Linear {
         let stacked = self.parts.len() > 1 && self.parts.iter().all(|p| p.quantized());
         if stacked {
             // q | k | v or gate | up in one parallel pass over one quantization of x
-            let mut parts = [QPart {
-                bytes: &[],
-                qtype: QType::Q8_0,
-            }; 8];
+            let mut parts = [QPart::rows(&[], QType::Q8_0); 8];
             for (slot, p) in parts.iter_mut().zip(&self.parts) {
-                if let MatRef::Quant { bytes, qtype } = p.mat(params) {
-                    *slot = QPart { bytes, qtype };
+                if let MatRef::Quant { bytes, qtype, x8 } = p.mat(params) {
+                    *slot = QPart { bytes, qtype, x8 };
                 }
             }
             linear::quant_linear(

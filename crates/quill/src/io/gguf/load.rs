@@ -12,7 +12,7 @@ use crate::chat::ChatTemplate;
 use crate::io::generation::GenerationConfig;
 use crate::io::llama2c::pairs_to_halves;
 use crate::io::opened::Opened;
-use crate::kernels::quant::QType;
+use crate::kernels::quant::{x8, QType};
 use crate::kernels::rope::{self, RopeScaling};
 use crate::model::weight::{MappedDtype, Orient, QBytes, Storage};
 use crate::model::{Config, Gpt2Config, LlamaConfig, Model};
@@ -20,6 +20,7 @@ use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Architectures read from `general.architecture`.
 pub const ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "gpt2"];
@@ -155,7 +156,14 @@ pub fn load(g: &Gguf, weights: Weights) -> Result<Model> {
                 }
             };
             let qtype = t.qtype;
-            kept.push((spec.view, Storage::Quant { bytes, qtype }));
+            // interleaved by eight rows where the AVX2 products read them so
+            let (rows, cols) = (want[0], want.get(1).copied().unwrap_or(1));
+            let x8 = want.len() == 2 && rows >= x8::ROWS && x8::wanted(qtype);
+            let bytes = match x8 {
+                true => QBytes::Owned(Arc::new(x8::pack(qtype, bytes.as_slice(), rows, cols))),
+                false => bytes,
+            };
+            kept.push((spec.view, Storage::Quant { bytes, qtype, x8 }));
             continue;
         }
         let float = match t.qtype {

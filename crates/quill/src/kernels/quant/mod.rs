@@ -17,6 +17,7 @@ use half::f16;
 pub mod dot;
 pub mod gemm;
 pub mod quantize;
+pub mod x8;
 
 /// Numbers in a K-format super-block.
 pub const QK_K: usize = 256;
