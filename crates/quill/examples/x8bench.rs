@@ -21,9 +21,15 @@ fn main() {
     let shapes = [(576usize, 576usize), (576, 192), (576, 1536), (1536, 576)];
     let mut rng = Rng::new(1);
     let path = isa();
-    for t in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+    for t in [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q8_0,
+        QType::Q6K,
+    ] {
         let (mut a, mut b) = (0.0, 0.0);
-        for &(inp, out) in &shapes {
+        for &(inp, out) in shapes.iter().filter(|s| s.0 % t.block() == 0) {
             let w: Vec<f32> = (0..inp * out).map(|_| rng.uniform() as f32 - 0.5).collect();
             let mut bytes = Vec::new();
             quantize(t, &w, &mut bytes);

@@ -1,4 +1,4 @@
-//! Q4_0, Q4_1, Q5_0 and Q8_0 matrices with their rows interleaved in groups of eight, for the AVX2
+//! Q4_0, Q4_1, Q5_0, Q8_0 and Q6_K matrices with their rows interleaved in groups of eight, for the AVX2
 //! products (where the row-by-row kernels of [`super::dot`] spend most of their instructions
 //! widening one row's digits and scaling one row's sums at a time).
 //!
@@ -14,6 +14,8 @@
 //!   2(4L + j) + 1's, so that one shift and a mask put it above its nibble's place;
 //! - Q8_0: eight vectors; lane r of vector L holds the bytes of digits 4L, 4L + 2, 4L + 1,
 //!   4L + 3, in that order.
+//!
+//! Q6_K's block columns (256 numbers) are laid out in [`q6k`]'s doc.
 //!
 //! Rows past the last whole group stay in the file's layout, where they were.
 //!
@@ -38,7 +40,10 @@ pub const ROWS: usize = 8;
 
 /// Whether matrices of `t` can be interleaved.
 pub fn packable(t: QType) -> bool {
-    matches!(t, QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q8_0)
+    matches!(
+        t,
+        QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q8_0 | QType::Q6K
+    )
 }
 
 /// Whether a model opened here keeps matrices of `t` interleaved: where the quantized
@@ -143,8 +148,8 @@ fn lane_digits(t: QType, w: u32, l: usize, u: &mut [u8; 32]) {
 /// `bytes` (`rows` rows of `cols` numbers of `t`, the file's layout) with its whole groups
 /// of eight rows interleaved.
 pub fn pack(t: QType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    assert!(packable(t) && cols.is_multiple_of(CHUNK));
-    let (bb, blocks) = (t.block_bytes(), cols / CHUNK);
+    assert!(packable(t) && cols.is_multiple_of(t.block()));
+    let (bb, blocks) = (t.block_bytes(), cols / t.block());
     let rb = blocks * bb;
     assert_eq!(bytes.len(), rows * rb);
     let sb = scale_bytes(t);
@@ -154,6 +159,10 @@ pub fn pack(t: QType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
             let dst = &mut out[g * ROWS * rb + k * ROWS * bb..][..ROWS * bb];
             for r in 0..ROWS {
                 let blk = &bytes[(ROWS * g + r) * rb + k * bb..][..bb];
+                if t == QType::Q6K {
+                    q6k::pack_block(blk, dst, r);
+                    continue;
+                }
                 dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
                 if t == QType::Q4_1 {
                     dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
@@ -175,6 +184,9 @@ pub fn pack(t: QType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
 
 /// Row i's block (the file's layout) from one block column `src` of a group.
 fn unpack_block(t: QType, src: &[u8], i: usize, blk: &mut [u8]) {
+    if t == QType::Q6K {
+        return q6k::unpack_block(src, i, blk);
+    }
     blk[..2].copy_from_slice(&src[2 * i..2 * i + 2]);
     if t == QType::Q4_1 {
         blk[2..4].copy_from_slice(&src[16 + 2 * i..18 + 2 * i]);
@@ -217,7 +229,7 @@ pub fn unpack_rows(
     (r0, r1): (usize, usize),
     out: &mut Vec<u8>,
 ) {
-    let (bb, blocks) = (t.block_bytes(), cols / CHUNK);
+    let (bb, blocks) = (t.block_bytes(), cols / t.block());
     let rb = blocks * bb;
     assert!(r0 <= r1 && r1 <= rows && packed.len() == rows * rb);
     let whole = rows / ROWS * ROWS;
@@ -246,15 +258,15 @@ pub fn dequantize_row(
     r: usize,
     dst: &mut [f32],
 ) {
-    let (bb, blocks) = (t.block_bytes(), cols / CHUNK);
+    let (bb, blocks) = (t.block_bytes(), cols / t.block());
     let rb = blocks * bb;
     assert!(r < rows && packed.len() == rows * rb && dst.len() == cols);
     if r >= rows / ROWS * ROWS {
         return super::dequantize(t, &packed[r * rb..][..rb], dst);
     }
     let (g, i) = (r / ROWS, r % ROWS);
-    let mut blk = [0u8; 34];
-    for (k, o) in dst.chunks_exact_mut(CHUNK).enumerate() {
+    let mut blk = [0u8; 210];
+    for (k, o) in dst.chunks_exact_mut(t.block()).enumerate() {
         let src = &packed[g * ROWS * rb + k * ROWS * bb..][..ROWS * bb];
         unpack_block(t, src, i, &mut blk[..bb]);
         super::dequantize(t, &blk[..bb], o);
@@ -271,7 +283,7 @@ pub fn dequantize_rows(
     (r0, r1): (usize, usize),
     dst: &mut [f32],
 ) {
-    let (bb, blocks) = (t.block_bytes(), cols / CHUNK);
+    let (bb, blocks) = (t.block_bytes(), cols / t.block());
     let rb = blocks * bb;
     assert!(r0 <= r1 && r1 <= rows && packed.len() == rows * rb);
     assert_eq!(dst.len(), (r1 - r0) * cols);
@@ -280,7 +292,7 @@ pub fn dequantize_rows(
     let mut r = r0;
     while r < r1 {
         let out = &mut dst[(r - r0) * cols..];
-        if !r.is_multiple_of(ROWS) || r + ROWS > r1.min(whole) {
+        if t == QType::Q6K || !r.is_multiple_of(ROWS) || r + ROWS > r1.min(whole) {
             dequantize_row(t, packed, (rows, cols), r, &mut out[..cols]);
             r += 1;
             continue;
@@ -312,12 +324,104 @@ pub fn dequantize_rows(
     }
 }
 
+/// Q6_K's group layout. A block column (8 rows × 210 bytes) holds the eight rows' f16 d, then
+/// their int8 sub-block scales (sub-block s of row r at byte 16 + 8s + r), then per chunk c of
+/// 32 numbers (0..8) four vectors of the digits' low four bits, as Q4_0's (digit 32c + 2(4L +
+/// j) at nibble j of vector L), and two vectors of their top two bits: in vector h, bits
+/// 2k..2k+2 of lane r's low half (k = 4(L − 2h) + j, L = 2h, 2h + 1) belong to digit
+/// 32c + 2(4L + j), the same bits of its high half to the next digit.
+mod q6k {
+    use super::ROWS;
+
+    /// Digit n (0..256) of a block in the file's layout, from `super::super::dequantize`'s
+    /// reading of it: (number 128g + 32j + l has its low bits in nibble j / 2 of byte
+    /// 64g + 32(j % 2) + l, its top bits at 2j of byte 128 + 32g + l).
+    fn digit(blk: &[u8], n: usize) -> u8 {
+        let (g, j, l) = (n / 128, n % 128 / 32, n % 32);
+        let low = (blk[64 * g + 32 * (j % 2) + l] >> (4 * (j / 2))) & 15;
+        let high = (blk[128 + 32 * g + l] >> (2 * j)) & 3;
+        low | high << 4
+    }
+
+    fn set_digit(blk: &mut [u8], n: usize, u: u8) {
+        let (g, j, l) = (n / 128, n % 128 / 32, n % 32);
+        blk[64 * g + 32 * (j % 2) + l] |= (u & 15) << (4 * (j / 2));
+        blk[128 + 32 * g + l] |= (u >> 4) << (2 * j);
+    }
+
+    /// Where chunk c's vectors start in a block column.
+    pub(super) fn chunk_at(c: usize) -> usize {
+        16 + 8 * 16 + 192 * c
+    }
+
+    pub(super) fn pack_block(blk: &[u8], dst: &mut [u8], r: usize) {
+        dst[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+        for s in 0..16 {
+            dst[16 + 8 * s + r] = blk[192 + s];
+        }
+        for c in 0..8 {
+            let at = chunk_at(c);
+            let u = |m: usize| digit(blk, 32 * c + m);
+            for l in 0..4 {
+                let mut w = 0u32;
+                for j in 0..4 {
+                    let m = 2 * (4 * l + j);
+                    w |= ((u(m) & 15) as u32) << (4 * j) | ((u(m + 1) & 15) as u32) << (16 + 4 * j);
+                }
+                dst[at + 32 * l + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
+            }
+            for h in 0..2 {
+                let mut w = 0u32;
+                for k in 0..8 {
+                    let m = 2 * (8 * h + k);
+                    w |= ((u(m) >> 4) as u32) << (2 * k) | ((u(m + 1) >> 4) as u32) << (16 + 2 * k);
+                }
+                dst[at + 128 + 32 * h + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        debug_assert!(r < ROWS);
+    }
+
+    pub(super) fn unpack_block(src: &[u8], i: usize, blk: &mut [u8]) {
+        blk.fill(0);
+        blk[208..210].copy_from_slice(&src[2 * i..2 * i + 2]);
+        for s in 0..16 {
+            blk[192 + s] = src[16 + 8 * s + i];
+        }
+        let word = |at: usize| u32::from_le_bytes(src[at + 4 * i..][..4].try_into().unwrap());
+        for c in 0..8 {
+            let at = chunk_at(c);
+            let mut u = [0u8; 32];
+            for l in 0..4 {
+                let w = word(at + 32 * l);
+                for j in 0..4 {
+                    let m = 2 * (4 * l + j);
+                    u[m] = (w >> (4 * j)) as u8 & 15;
+                    u[m + 1] = (w >> (16 + 4 * j)) as u8 & 15;
+                }
+            }
+            for h in 0..2 {
+                let w = word(at + 128 + 32 * h);
+                for k in 0..8 {
+                    let m = 2 * (8 * h + k);
+                    u[m] |= ((w >> (2 * k)) as u8 & 3) << 4;
+                    u[m + 1] |= ((w >> (16 + 2 * k)) as u8 & 3) << 4;
+                }
+            }
+            for (m, &v) in u.iter().enumerate() {
+                set_digit(blk, 32 * c + m, v);
+            }
+        }
+    }
+}
+
 /// y[i · y_rs + r] = (row r of the group) · (row i of x) for the eight rows of one group
 /// (`group`: its bytes, whole block columns for rows of `x.cols`) and every row of x: on
 /// AVX2 where `avx2` says so, else plainly (the rows unpacked, then [`dot_plain`]).
 pub fn dot_group(avx2: bool, t: QType, group: &[u8], x: &QuantRows, y: &mut [f32], y_rs: usize) {
     let n = x.rows();
-    assert!(packable(t) && group.len() == ROWS * x.cols / CHUNK * t.block_bytes());
+    assert!(packable(t) && x.cols.is_multiple_of(t.block()));
+    assert_eq!(group.len(), ROWS * x.cols / t.block() * t.block_bytes());
     assert!(n == 0 || y.len() >= (n - 1) * y_rs + ROWS);
     #[cfg(target_arch = "x86_64")]
     if avx2 {
@@ -354,6 +458,18 @@ mod x86 {
             QType::Q4_0 => by_rows::<Q4_0>(g, x, y, y_rs),
             QType::Q4_1 => by_rows::<Q4_1>(g, x, y, y_rs),
             QType::Q5_0 => by_rows::<Q5_0>(g, x, y, y_rs),
+            QType::Q6K => {
+                // two rows of x at a time (two integer sums per row: its sub-blocks)
+                let (n, y) = (x.rows(), y.as_mut_ptr());
+                let mut i0 = 0;
+                while i0 < n {
+                    match n - i0 {
+                        1 => rows_q6k::<1>(g, x, i0, y.add(i0 * y_rs), y_rs),
+                        _ => rows_q6k::<2>(g, x, i0, y.add(i0 * y_rs), y_rs),
+                    }
+                    i0 += 2;
+                }
+            }
             _ => by_rows::<Q8_0>(g, x, y, y_rs),
         }
     }
@@ -418,6 +534,90 @@ mod x86 {
             _ => _mm256_srli_epi16::<11>(f),
         };
         _mm256_and_si256(at, _mm256_set1_epi32(0x0010_0010))
+    }
+
+    /// Q6_K's top two bits of pair j of vector l (bits 2k, k = 4(l % 2) + j, of each 16-bit
+    /// half of the vector l / 2) moved to bits 4 and 5, above the nibble's place.
+    #[inline(always)]
+    unsafe fn high2(h: __m256i, k: usize) -> __m256i {
+        let at = match k {
+            0 => _mm256_slli_epi16::<4>(h),
+            1 => _mm256_slli_epi16::<2>(h),
+            2 => h,
+            3 => _mm256_srli_epi16::<2>(h),
+            4 => _mm256_srli_epi16::<4>(h),
+            5 => _mm256_srli_epi16::<6>(h),
+            6 => _mm256_srli_epi16::<8>(h),
+            _ => _mm256_srli_epi16::<10>(h),
+        };
+        _mm256_and_si256(at, _mm256_set1_epi32(0x0030_0030))
+    }
+
+    /// A Q6_K group against rows i0..i0 + M of x: per chunk, the sums of its two sub-blocks
+    /// (vectors 0–1 and 2–3) apart, each scaled by its eight rows' int8 scales.
+    #[inline(always)]
+    unsafe fn rows_q6k<const M: usize>(
+        g: &[u8],
+        x: &QuantRows,
+        i0: usize,
+        y: *mut f32,
+        y_rs: usize,
+    ) {
+        let (blocks, chunks_row) = (x.cols / 256, x.cols / CHUNK);
+        let mask = _mm256_set1_epi32(0x000F_000F);
+        let mut acc = [_mm256_setzero_ps(); M];
+        let (xq, xd, xsum) = (x.q.as_ptr(), x.d.as_ptr(), x.sums.as_ptr());
+        for b in 0..blocks {
+            let p = g.as_ptr().add(b * 8 * 210);
+            let dv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            for c in 0..8 {
+                let at = p.add(super::q6k::chunk_at(c));
+                let hv = [
+                    _mm256_loadu_si256(at.add(128) as *const __m256i),
+                    _mm256_loadu_si256(at.add(160) as *const __m256i),
+                ];
+                let (mut sa, mut sb) = ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                for l in 0..4 {
+                    let v = _mm256_loadu_si256(at.add(32 * l) as *const __m256i);
+                    let e = [
+                        _mm256_and_si256(v, mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<8>(v), mask),
+                        _mm256_srli_epi16::<12>(v),
+                    ];
+                    for (j, e) in e.iter().enumerate() {
+                        let e = _mm256_or_si256(*e, high2(hv[l / 2], 4 * (l % 2) + j));
+                        for r in 0..M {
+                            let cg = (i0 + r) * chunks_row + 8 * b + c;
+                            let q = (xq.add(cg * CHUNK) as *const i32).add(4 * l + j);
+                            let prod = _mm256_madd_epi16(e, _mm256_set1_epi32(q.read_unaligned()));
+                            if l < 2 {
+                                sa[r] = _mm256_add_epi32(sa[r], prod);
+                            } else {
+                                sb[r] = _mm256_add_epi32(sb[r], prod);
+                            }
+                        }
+                    }
+                }
+                let sc = |s: usize| {
+                    let v = _mm_loadl_epi64(p.add(16 + 8 * s) as *const __m128i);
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+                };
+                let (sca, scb) = (sc(2 * c), sc(2 * c + 1));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let cg = (i0 + r) * chunks_row + 8 * b + c;
+                    let dd = _mm256_mul_ps(dv, _mm256_set1_ps(*xd.add(cg)));
+                    // the offset −32 off the integer sums, as Q4_0's −8
+                    let ia = _mm256_sub_epi32(sa[r], _mm256_set1_epi32(32 * *xsum.add(2 * cg)));
+                    let ib = _mm256_sub_epi32(sb[r], _mm256_set1_epi32(32 * *xsum.add(2 * cg + 1)));
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia), _mm256_mul_ps(sca, dd), *a);
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), _mm256_mul_ps(scb, dd), *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(r * y_rs), *a);
+        }
     }
 
     /// The group against rows i0..i0 + M of x (M fixed: the accumulators stay in registers).
@@ -502,8 +702,15 @@ mod tests {
     #[test]
     fn pack_then_unpack_gives_the_rows_back() {
         let mut rng = Rng::new(3);
-        for t in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
-            for (rows, cols) in [(8, 32), (19, 64), (3, 96), (24, 160)] {
+        for t in [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q8_0,
+            QType::Q6K,
+        ] {
+            for (rows, blocks) in [(8, 1), (19, 2), (3, 3), (24, 5)] {
+                let cols = blocks * t.block();
                 let w: Vec<f32> = (0..rows * cols)
                     .map(|_| rng.uniform() as f32 - 0.5)
                     .collect();
@@ -552,9 +759,15 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(5);
-        for t in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+        for t in [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q5_0,
+            QType::Q8_0,
+            QType::Q6K,
+        ] {
             for blocks in 1..=7 {
-                let cols = blocks * CHUNK;
+                let cols = blocks * t.block();
                 let w: Vec<f32> = (0..ROWS * cols)
                     .map(|_| rng.uniform() as f32 - 0.5)
                     .collect();
