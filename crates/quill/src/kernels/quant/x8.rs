@@ -15,7 +15,7 @@
 //! - Q8_0: eight vectors; lane r of vector L holds the bytes of digits 4L, 4L + 2, 4L + 1,
 //!   4L + 3, in that order.
 //!
-//! Q6_K's block columns (256 numbers) are laid out in [`q6k`]'s doc.
+//! Q6_K's block columns (256 numbers) are laid out as the private module `q6k` says.
 //!
 //! Rows past the last whole group stay in the file's layout, where they were.
 //!
