@@ -34,6 +34,7 @@
 use super::dot::{dot_plain, QuantRows, CHUNK};
 use super::QType;
 use half::f16;
+use rayon::prelude::*;
 
 /// Rows per group.
 pub const ROWS: usize = 8;
@@ -154,31 +155,36 @@ pub fn pack(t: QType, bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
     assert_eq!(bytes.len(), rows * rb);
     let sb = scale_bytes(t);
     let mut out = bytes.to_vec();
-    for g in 0..rows / ROWS {
-        for k in 0..blocks {
-            let dst = &mut out[g * ROWS * rb + k * ROWS * bb..][..ROWS * bb];
-            for r in 0..ROWS {
-                let blk = &bytes[(ROWS * g + r) * rb + k * bb..][..bb];
-                if t == QType::Q6K {
-                    q6k::pack_block(blk, dst, r);
-                    continue;
-                }
-                dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                if t == QType::Q4_1 {
-                    dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
-                }
-                let u = digits(t, blk);
-                for l in 0..vectors(t) {
-                    let w = lane_word(t, &u, l);
-                    dst[sb + 32 * l + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
-                }
-                if t == QType::Q5_0 {
-                    let w = fifth_word(&u);
-                    dst[sb + 128 + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
+    // the groups over the threads (a 7B model's matrices are gigabytes)
+    let whole = rows / ROWS * ROWS * rb;
+    out[..whole]
+        .par_chunks_mut(ROWS * rb)
+        .enumerate()
+        .for_each(|(g, out)| {
+            for k in 0..blocks {
+                let dst = &mut out[k * ROWS * bb..][..ROWS * bb];
+                for r in 0..ROWS {
+                    let blk = &bytes[(ROWS * g + r) * rb + k * bb..][..bb];
+                    if t == QType::Q6K {
+                        q6k::pack_block(blk, dst, r);
+                        continue;
+                    }
+                    dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                    if t == QType::Q4_1 {
+                        dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
+                    }
+                    let u = digits(t, blk);
+                    for l in 0..vectors(t) {
+                        let w = lane_word(t, &u, l);
+                        dst[sb + 32 * l + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
+                    }
+                    if t == QType::Q5_0 {
+                        let w = fifth_word(&u);
+                        dst[sb + 128 + 4 * r..][..4].copy_from_slice(&w.to_le_bytes());
+                    }
                 }
             }
-        }
-    }
+        });
     out
 }
 
