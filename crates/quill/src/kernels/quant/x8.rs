@@ -517,46 +517,42 @@ mod x86 {
         ]
     }
 
-    /// Q5_0's fifth bits of pair j of vector l (bit 4l + j of each 16-bit half) moved to bit 4,
-    /// above the nibble's place (l and j are constants once the loops are unrolled).
+    /// Bit `from` (0..16) of each 16-bit half of `v` moved to bit 4 (`from` is a constant
+    /// once the loops are unrolled), the other bits along with it.
+    #[inline(always)]
+    unsafe fn to_bit4(v: __m256i, from: usize) -> __m256i {
+        match from {
+            0 => _mm256_slli_epi16::<4>(v),
+            1 => _mm256_slli_epi16::<3>(v),
+            2 => _mm256_slli_epi16::<2>(v),
+            3 => _mm256_slli_epi16::<1>(v),
+            4 => v,
+            5 => _mm256_srli_epi16::<1>(v),
+            6 => _mm256_srli_epi16::<2>(v),
+            7 => _mm256_srli_epi16::<3>(v),
+            8 => _mm256_srli_epi16::<4>(v),
+            9 => _mm256_srli_epi16::<5>(v),
+            10 => _mm256_srli_epi16::<6>(v),
+            11 => _mm256_srli_epi16::<7>(v),
+            12 => _mm256_srli_epi16::<8>(v),
+            13 => _mm256_srli_epi16::<9>(v),
+            14 => _mm256_srli_epi16::<10>(v),
+            _ => _mm256_srli_epi16::<11>(v),
+        }
+    }
+
+    /// Q5_0's fifth bits of pair j of vector l (bit 4l + j of each 16-bit half) at bit 4,
+    /// above the nibble's place.
     #[inline(always)]
     unsafe fn fifth(f: __m256i, l: usize, j: usize) -> __m256i {
-        let at = match 4 * l + j {
-            0 => _mm256_slli_epi16::<4>(f),
-            1 => _mm256_slli_epi16::<3>(f),
-            2 => _mm256_slli_epi16::<2>(f),
-            3 => _mm256_slli_epi16::<1>(f),
-            4 => f,
-            5 => _mm256_srli_epi16::<1>(f),
-            6 => _mm256_srli_epi16::<2>(f),
-            7 => _mm256_srli_epi16::<3>(f),
-            8 => _mm256_srli_epi16::<4>(f),
-            9 => _mm256_srli_epi16::<5>(f),
-            10 => _mm256_srli_epi16::<6>(f),
-            11 => _mm256_srli_epi16::<7>(f),
-            12 => _mm256_srli_epi16::<8>(f),
-            13 => _mm256_srli_epi16::<9>(f),
-            14 => _mm256_srli_epi16::<10>(f),
-            _ => _mm256_srli_epi16::<11>(f),
-        };
-        _mm256_and_si256(at, _mm256_set1_epi32(0x0010_0010))
+        _mm256_and_si256(to_bit4(f, 4 * l + j), _mm256_set1_epi32(0x0010_0010))
     }
 
     /// Q6_K's top two bits of pair j of vector l (bits 2k, k = 4(l % 2) + j, of each 16-bit
-    /// half of the vector l / 2) moved to bits 4 and 5, above the nibble's place.
+    /// half of the vector l / 2) at bits 4 and 5, above the nibble's place.
     #[inline(always)]
     unsafe fn high2(h: __m256i, k: usize) -> __m256i {
-        let at = match k {
-            0 => _mm256_slli_epi16::<4>(h),
-            1 => _mm256_slli_epi16::<2>(h),
-            2 => h,
-            3 => _mm256_srli_epi16::<2>(h),
-            4 => _mm256_srli_epi16::<4>(h),
-            5 => _mm256_srli_epi16::<6>(h),
-            6 => _mm256_srli_epi16::<8>(h),
-            _ => _mm256_srli_epi16::<10>(h),
-        };
-        _mm256_and_si256(at, _mm256_set1_epi32(0x0030_0030))
+        _mm256_and_si256(to_bit4(h, 2 * k), _mm256_set1_epi32(0x0030_0030))
     }
 
     /// A Q6_K group against rows i0..i0 + M of x: per chunk, the sums of its two sub-blocks
