@@ -39,12 +39,18 @@ use rayon::prelude::*;
 /// Rows per group.
 pub const ROWS: usize = 8;
 
+/// The formats that can be interleaved.
+pub const TYPES: [QType; 5] = [
+    QType::Q4_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q8_0,
+    QType::Q6K,
+];
+
 /// Whether matrices of `t` can be interleaved.
 pub fn packable(t: QType) -> bool {
-    matches!(
-        t,
-        QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q8_0 | QType::Q6K
-    )
+    TYPES.contains(&t)
 }
 
 /// Whether a model opened here keeps matrices of `t` interleaved: where the quantized
@@ -704,13 +710,7 @@ mod tests {
     #[test]
     fn pack_then_unpack_gives_the_rows_back() {
         let mut rng = Rng::new(3);
-        for t in [
-            QType::Q4_0,
-            QType::Q4_1,
-            QType::Q5_0,
-            QType::Q8_0,
-            QType::Q6K,
-        ] {
+        for t in TYPES {
             for (rows, blocks) in [(8, 1), (19, 2), (3, 3), (24, 5)] {
                 let cols = blocks * t.block();
                 let w: Vec<f32> = (0..rows * cols)
@@ -761,13 +761,7 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(5);
-        for t in [
-            QType::Q4_0,
-            QType::Q4_1,
-            QType::Q5_0,
-            QType::Q8_0,
-            QType::Q6K,
-        ] {
+        for t in TYPES {
             for blocks in 1..=7 {
                 let cols = blocks * t.block();
                 let w: Vec<f32> = (0..ROWS * cols)
