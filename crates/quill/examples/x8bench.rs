@@ -2,8 +2,8 @@
 //! the file's layout against the eight-row groups of `quant::x8`, one thread, the fastest of
 //! many calls: `cargo run --release -p quill --example x8bench`.
 use quill::kernels::quant::dot::{dot_one_row, isa, QuantRows};
+use quill::kernels::quant::quantize::quantize;
 use quill::kernels::quant::x8;
-use quill::kernels::quant::{quantize::quantize, QType};
 use quill::rng::Rng;
 use std::time::Instant;
 
@@ -21,13 +21,7 @@ fn main() {
     let shapes = [(576usize, 576usize), (576, 192), (576, 1536), (1536, 576)];
     let mut rng = Rng::new(1);
     let path = isa();
-    for t in [
-        QType::Q4_0,
-        QType::Q4_1,
-        QType::Q5_0,
-        QType::Q8_0,
-        QType::Q6K,
-    ] {
+    for t in x8::TYPES {
         let (mut a, mut b) = (0.0, 0.0);
         for &(inp, out) in shapes.iter().filter(|s| s.0 % t.block() == 0) {
             let w: Vec<f32> = (0..inp * out).map(|_| rng.uniform() as f32 - 0.5).collect();

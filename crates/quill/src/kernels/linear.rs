@@ -266,8 +266,8 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
             let mut r = r0;
             if p.x8 {
                 // whole groups of eight (r0 is a multiple of 16)
-                let gb = x8::ROWS * rb;
-                while r + x8::ROWS <= r1.min(total / x8::ROWS * x8::ROWS) {
+                let (gb, end) = (x8::ROWS * rb, r1.min(total / x8::ROWS * x8::ROWS));
+                while r + x8::ROWS <= end {
                     let j = starts[pi] + r;
                     // Safety: columns j..j + 8 of rows 0..n lie inside y (asserted above)
                     // and only this task writes them.
@@ -280,8 +280,7 @@ pub fn quant_linear(y: &mut [f32], y_rs: usize, x: &[f32], cols: usize, parts: &
             // rows in the file's layout (past the last whole group, where interleaved)
             let (j, rows) = (starts[pi] + r, r1 - r);
             let w = &p.bytes[r * rb..r1 * rb];
-            if rows == 0 {
-            } else if n == 1 {
+            if n == 1 && rows > 0 {
                 // decoding: the run in one call
                 // Safety: y[j..j + rows] lies inside y (asserted above; one row of x) and
                 // only this task writes it.
@@ -1177,7 +1176,7 @@ mod tests {
                     to_f64(&x)
                 };
                 reference::matmul(&mut want, &x64, &w64, (n, cols, out), (false, true));
-                // Q4_0 and Q4_1 also interleaved by eight rows, whatever this CPU
+                // the interleavable formats also interleaved by eight rows, whatever this CPU
                 let packed: Vec<Vec<u8>> = match x8::packable(t) {
                     true => bytes
                         .iter()

@@ -33,7 +33,6 @@
 
 use super::dot::{dot_plain, QuantRows, CHUNK};
 use super::QType;
-use half::f16;
 use rayon::prelude::*;
 
 /// Rows per group.
@@ -286,8 +285,7 @@ pub fn dequantize_row(
 }
 
 /// Rows r0..r1 of a matrix that [`pack`] wrote, dequantized into `dst` ((r1 − r0) · cols
-/// numbers): the numbers [`super::dequantize`] gives for the file's rows, a group's block
-/// column at a time where whole groups are asked for.
+/// numbers): [`dequantize_row`] for each.
 pub fn dequantize_rows(
     t: QType,
     packed: &[u8],
@@ -295,44 +293,9 @@ pub fn dequantize_rows(
     (r0, r1): (usize, usize),
     dst: &mut [f32],
 ) {
-    let (bb, blocks) = (t.block_bytes(), cols / t.block());
-    let rb = blocks * bb;
-    assert!(r0 <= r1 && r1 <= rows && packed.len() == rows * rb);
-    assert_eq!(dst.len(), (r1 - r0) * cols);
-    let whole = rows / ROWS * ROWS;
-    let h = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-    let mut r = r0;
-    while r < r1 {
-        let out = &mut dst[(r - r0) * cols..];
-        if t == QType::Q6K || !r.is_multiple_of(ROWS) || r + ROWS > r1.min(whole) {
-            dequantize_row(t, packed, (rows, cols), r, &mut out[..cols]);
-            r += 1;
-            continue;
-        }
-        let g = &packed[r * rb..][..ROWS * rb];
-        for k in 0..blocks {
-            let src = &g[k * ROWS * bb..][..ROWS * bb];
-            for i in 0..ROWS {
-                let d = h(src, 2 * i);
-                let m = if t == QType::Q4_1 {
-                    h(src, 16 + 2 * i)
-                } else {
-                    0.0
-                };
-                let u = group_digits(t, src, i);
-                let o = &mut out[i * cols + k * CHUNK..][..CHUNK];
-                // the dequantizer's own arithmetic
-                for (v, &q) in o.iter_mut().zip(&u) {
-                    *v = match t {
-                        QType::Q4_0 => d * (q as i32 - 8) as f32,
-                        QType::Q4_1 => d * q as f32 + m,
-                        QType::Q5_0 => d * (q as i32 - 16) as f32,
-                        _ => q as i8 as f32 * d,
-                    };
-                }
-            }
-        }
-        r += ROWS;
+    assert!(r0 <= r1 && dst.len() == (r1 - r0) * cols);
+    for (r, out) in (r0..r1).zip(dst.chunks_exact_mut(cols.max(1))) {
+        dequantize_row(t, packed, (rows, cols), r, out);
     }
 }
 
