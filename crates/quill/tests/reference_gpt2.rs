@@ -380,3 +380,77 @@ fn score_matches_transformers_loss() {
     let got = total / b as f64;
     assert!((got - want[0] as f64).abs() < 1e-5, "{got} vs {}", want[0]);
 }
+
+/// A bf16 or f16 GPT-2 folder opened for generation keeps every matrix in its stored half
+/// precision, the input-major block matrices (Conv1D, `[in, out]`) included: they are turned
+/// to `[out, in]` still in 2 bytes a weight, so decoding reads half of f32's bytes. The
+/// prompt's and each decoded token's logits equal those of the same rounded weights read
+/// into f32 (the training layout, itself checked against transformers above).
+#[test]
+fn half_precision_folders_decode_from_their_stored_halves() {
+    use quill::kernels::linear::MatRef;
+    use safetensors::tensor::{Dtype, TensorView};
+    let model = load(&fixture(), false).unwrap();
+    for (dtype, tag) in [(Dtype::BF16, "bf16"), (Dtype::F16, "f16")] {
+        let dir = std::env::temp_dir().join(format!("quill-half-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+        let bytes: Vec<Vec<u8>> = model
+            .layout
+            .tensors
+            .iter()
+            .map(|t| {
+                let v = t.view.of(&model.params);
+                v.iter()
+                    .flat_map(|&x| match dtype {
+                        Dtype::BF16 => half::bf16::from_f32(x).to_le_bytes(),
+                        _ => half::f16::from_f32(x).to_le_bytes(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = model
+            .layout
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, b)| {
+                (
+                    t.name.clone(),
+                    TensorView::new(dtype, t.shape.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+
+        let mut mapped = load(&dir, true).unwrap();
+        let rounded = load(&dir, false).unwrap();
+        let mut halves = 0;
+        let params = std::mem::take(&mut mapped.params);
+        mapped.for_each_weight(|w| {
+            let half = matches!(w.mat(&params), MatRef::Bf16(_) | MatRef::F16(_));
+            assert!(half, "a {}x{} matrix was read into f32", w.rows, w.cols);
+            halves += 1;
+        });
+        mapped.params = params;
+        assert!(halves > 2 * 4, "{halves} matrices");
+
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 255) as u32).collect();
+        let (prompt, rest) = ids.split_at(24);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut ca, mut cb) = (mapped.new_cache(64), rounded.new_cache(64));
+        for (step, chunk) in std::iter::once(prompt).chain(rest.chunks(1)).enumerate() {
+            mapped.forward_cached(&mut ca, chunk, &mut a, true).unwrap();
+            rounded
+                .forward_cached(&mut cb, chunk, &mut b, true)
+                .unwrap();
+            let d = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 1e-4, "{tag} step {step}: logits differ by {d}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

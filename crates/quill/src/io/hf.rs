@@ -140,15 +140,14 @@ pub fn load(dir: &Path, map: bool) -> Result<Model> {
     }
     let mut model = Model::new(config)?;
     let mut mapped: Vec<(View, Storage)> = Vec::new();
-    let mappable: Vec<View> = {
-        let mut v = Vec::new();
-        model.for_each_weight(|w| {
-            if w.orient == Orient::OutIn {
-                v.push(w.view)
-            }
-        });
-        v
-    };
+    let mut mappable: Vec<View> = Vec::new();
+    // input-major matrices (GPT-2's): view, outputs, inputs
+    let mut input_major: Vec<(View, usize, usize)> = Vec::new();
+    model.for_each_weight(|w| match w.orient {
+        Orient::OutIn => mappable.push(w.view),
+        Orient::InOut => input_major.push((w.view, w.rows, w.cols)),
+    });
+    let mut turned: Vec<View> = Vec::new();
     for spec in &model.layout.tensors.clone() {
         let bare = spec.name.strip_prefix("transformer.").unwrap_or(&spec.name);
         let Some(stored) = [spec.name.as_str(), bare]
@@ -180,11 +179,21 @@ pub fn load(dir: &Path, map: bool) -> Result<Model> {
                 continue;
             }
         }
+        if let Some(&(view, rows, cols)) = input_major.iter().find(|m| map && m.0 == spec.view) {
+            if let Some(storage) = turn_half(&weights, stored, rows, cols)? {
+                mapped.push((view, storage));
+                turned.push(view);
+                continue;
+            }
+        }
         weights.read_into(stored, &spec.shape, spec.view.of_mut(&mut model.params))?;
     }
     model.for_each_weight(|w| {
         if let Some((_, s)) = mapped.iter().find(|(v, _)| *v == w.view) {
             w.storage = s.clone();
+        }
+        if turned.contains(&w.view) {
+            w.orient = Orient::OutIn;
         }
     });
     if map {
@@ -241,6 +250,51 @@ fn map_tensor(weights: &Weights, name: &str, len: usize) -> Result<Option<Storag
     }
     let start = bytes.as_ptr() as usize - map.as_ptr() as usize;
     Ok(Storage::mapped(map, start, len, md))
+}
+
+/// An input-major half-precision matrix (`[in, out]`, GPT-2's Conv1D layout) turned to
+/// `[out, in]` in anonymous memory, still in its stored bf16 or f16, so that decoding reads
+/// two bytes per weight as it does for a mapped output-major matrix. None for f32 (read into
+/// the parameters and turned there by [`Model::to_inference_layout`]) and for sizes that do
+/// not match (left to `read_into`'s error).
+fn turn_half(weights: &Weights, name: &str, rows: usize, cols: usize) -> Result<Option<Storage>> {
+    use rayon::prelude::*;
+    let file = weights
+        .file(name)
+        .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
+    let (dtype, bytes) = file.raw(name)?;
+    let md = match dtype {
+        ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
+        ::safetensors::Dtype::F16 => MappedDtype::F16,
+        _ => return Ok(None),
+    };
+    let len = rows * cols;
+    if bytes.len() != len * 2 || len == 0 {
+        return Ok(None);
+    }
+    let mut turned =
+        memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(&file.path, e))?;
+    // 16 output rows per task: each input's 16 weights are one 32-byte run of the file
+    const ROWS: usize = 16;
+    turned
+        .par_chunks_mut(ROWS * cols * 2)
+        .enumerate()
+        .for_each(|(t, dst)| {
+            let (j0, n) = (t * ROWS, dst.len() / (cols * 2));
+            for i in 0..cols {
+                let src = &bytes[(i * rows + j0) * 2..(i * rows + j0 + n) * 2];
+                for (r, w) in src.chunks_exact(2).enumerate() {
+                    let at = (r * cols + i) * 2;
+                    dst[at..at + 2].copy_from_slice(w);
+                }
+            }
+        });
+    let map = std::sync::Arc::new(
+        turned
+            .make_read_only()
+            .map_err(|e| Error::io(&file.path, e))?,
+    );
+    Ok(Storage::mapped(map, 0, len, md))
 }
 
 /// Reads config.json into the architecture's configuration.
