@@ -884,10 +884,10 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
             acc[0] = _mm256_fmadd_ps(f16x8(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
             k += L;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let mut sum = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+        let mut sum = hsum8(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
         for i in full..inp {
             sum += half::f16::from_bits(row[i]).to_f32() * x[i];
         }
@@ -904,8 +904,18 @@ unsafe fn f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
+/// y[r] = (row r of the bf16 matrix w) · x.
+fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if !super::simd::has_avx512() && super::simd::has_avx2() {
+        // Safety: AVX2 and FMA are present; rows are whole (checked by `matvec`).
+        return unsafe { dots_bf16_avx2(y, w, x) };
+    }
+    dots_bf16_lanes(y, w, x)
+}
+
 multiversion! {
-    fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
+    fn dots_bf16_lanes(y: &mut [f32], w: &[u16], x: &[f32]) {
         let inp = x.len();
         let full = inp - inp % LANES;
         for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
@@ -922,6 +932,65 @@ multiversion! {
             *yv = acc.iter().sum::<f32>() + tail;
         }
     }
+}
+
+/// [`dots_f16_avx2`] for bf16 rows (Zen 3 and other CPUs without AVX-512): 8 weights widened
+/// at a time (zero-extended to 32 bits and shifted into the top half), four accumulators to
+/// cover the FMA latency; the compiled 16-lane loop kept two and ran at about two thirds of
+/// the memory's speed.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` holds `y.len()` rows of `x.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_bf16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
+    use std::arch::x86_64::*;
+    const L: usize = 8;
+    let inp = x.len();
+    let full = inp - inp % L;
+    for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
+        let (w, xp) = (row.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut k = 0;
+        while k + 4 * L <= full {
+            for (u, a) in acc.iter_mut().enumerate() {
+                let o = k + u * L;
+                *a = _mm256_fmadd_ps(bf16x8(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+            }
+            k += 4 * L;
+        }
+        while k < full {
+            acc[0] = _mm256_fmadd_ps(bf16x8(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
+            k += L;
+        }
+        let mut sum = hsum8(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        for i in full..inp {
+            sum += f32::from_bits((row[i] as u32) << 16) * x[i];
+        }
+        *yv = sum;
+    }
+}
+
+/// Eight bf16 at `p` as f32 (see [`f16x8`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bf16x8(p: *const u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+    _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+}
+
+/// The sum of a register's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsum8(s: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
 #[cfg(test)]
