@@ -1199,6 +1199,11 @@ fn bench_reports_peaks_and_training_speed() {
         g["weight_bytes_per_token"].as_u64().unwrap(),
         (params - 64 * 64) * 4
     );
+    // the share of the memory's read bandwidth that decoding reached
+    let read = g["bandwidth"]["read_gbs"].as_f64().unwrap();
+    assert!(read > 0.0 && g["bandwidth"]["copy_gbs"].as_f64().unwrap() > 0.0);
+    let util = g["bandwidth_util"].as_f64().unwrap();
+    assert!((util - g["decode_gbs"].as_f64().unwrap() / read).abs() < 1e-9 * util.max(1.0));
     let e = run_err(
         quill()
             .args([

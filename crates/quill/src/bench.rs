@@ -26,6 +26,9 @@ pub struct Peak {
     pub fp32_by_size: Vec<(usize, f64)>,
     /// Copy bandwidth of a 1 GiB buffer, bytes read + written, GB/s.
     pub copy_gbs: f64,
+    /// Read bandwidth of a 1 GiB buffer (summed over the threads), GB/s: what decoding, which
+    /// reads its weights and writes almost nothing, can approach.
+    pub read_gbs: f64,
     /// bf16 products with f32 accumulation (quill's `vdpbf16ps` kernel), best over the sizes
     /// tried, GFLOP/s; None where the CPU has no AVX-512 BF16.
     pub bf16_gflops: Option<f64>,
@@ -84,23 +87,7 @@ pub fn peak() -> Peak {
             .collect();
         by_size.push((n, 2.0 * (n * n * n) as f64 / median(times) / 1e9));
     }
-    let len = (1usize << 30) / 4;
-    let src = vec![1.0f32; len];
-    let mut dst = vec![0.0f32; len];
-    use rayon::prelude::*;
-    let copy = |dst: &mut [f32]| {
-        dst.par_chunks_mut(1 << 20)
-            .zip(src.par_chunks(1 << 20))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    };
-    copy(&mut dst);
-    let times: Vec<f64> = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            copy(&mut dst);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
+    let bw = bandwidth();
     let bf16_gflops = crate::kernels::bf16::has_bf16().then(|| {
         let mut best = 0.0f64;
         for n in [512usize, 1024, 2048] {
@@ -128,8 +115,66 @@ pub fn peak() -> Peak {
         threads: rayon::current_num_threads(),
         fp32_gflops: by_size.iter().map(|x| x.1).fold(0.0, f64::max),
         fp32_by_size: by_size,
-        copy_gbs: 2.0 * (len * 4) as f64 / median(times) / 1e9,
+        copy_gbs: bw.copy_gbs,
+        read_gbs: bw.read_gbs,
     }
+}
+
+/// Memory bandwidth over a 1 GiB buffer, GB/s, each the median of three passes after a
+/// first one that faults the pages in.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Bandwidth {
+    /// A parallel copy into a second buffer: bytes read + written.
+    pub copy_gbs: f64,
+    /// A parallel sum: bytes read.
+    pub read_gbs: f64,
+}
+
+pub fn bandwidth() -> Bandwidth {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let len = (1usize << 30) / 4;
+    let src = vec![1.0f32; len];
+    let timed = |f: &mut dyn FnMut()| {
+        f();
+        let times: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        median(times)
+    };
+    let read = timed(&mut || {
+        let s: f32 = src.par_chunks(CHUNK).map(sum_lanes).sum();
+        std::hint::black_box(s);
+    });
+    let mut dst = vec![0.0f32; len];
+    let copy = timed(&mut || {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s))
+    });
+    let bytes = (len * 4) as f64;
+    Bandwidth {
+        copy_gbs: 2.0 * bytes / copy / 1e9,
+        read_gbs: bytes / read / 1e9,
+    }
+}
+
+/// A sum in 32 independent lanes (vectorized even for the baseline x86-64 target, and enough
+/// chains to hide the adds' latency), so that reading memory is the only limit.
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 32];
+    let chunks = x.chunks_exact(32);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..32 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 
 /// A standard training configuration (the PyTorch peer scripts use the same ones).
@@ -358,7 +403,9 @@ pub struct GenerateBench {
     pub weight_bytes_per_token: usize,
     /// weight bytes per token × decode tokens/s, GB/s.
     pub decode_gbs: f64,
-    /// decode_gbs ÷ the measured copy bandwidth (when given).
+    /// The memory bandwidth measured before the model was opened (when given).
+    pub bandwidth: Option<Bandwidth>,
+    /// decode_gbs ÷ the measured read bandwidth (when given).
     pub bandwidth_util: Option<f64>,
     pub peak_rss: Option<u64>,
 }
@@ -369,7 +416,7 @@ pub fn generate(
     name: &str,
     prompt_len: usize,
     new: usize,
-    copy_gbs: Option<f64>,
+    bandwidth: Option<Bandwidth>,
 ) -> Result<GenerateBench> {
     if prompt_len == 0 || new == 0 {
         return Err(Error::Input(
@@ -415,7 +462,8 @@ pub fn generate(
         decode_tokens_per_sec: decode,
         weight_bytes_per_token: bytes,
         decode_gbs: gbs,
-        bandwidth_util: copy_gbs.map(|b| gbs / b),
+        bandwidth,
+        bandwidth_util: bandwidth.map(|b| gbs / b.read_gbs),
         peak_rss: peak_rss(),
     })
 }
