@@ -217,6 +217,25 @@ struct StripRows<'a> {
 }
 
 super::simd::multiversion! {
+/// s[j] = q · (row j of `k`, row stride `rs`) for every j of `s`: one query's scores against
+/// the cached keys, the dot product inlined (one call per row of keys cost a sixth of a long
+/// context's decoding step).
+fn key_scores(s: &mut [f32], q: &[f32], k: &[f32], rs: usize) {
+    let d = q.len();
+    for (j, s) in s.iter_mut().enumerate() {
+        // the rows lie a whole cache row apart (every head's keys between them): asked for
+        // KEYS_AHEAD rows early, their reads overlap
+        #[cfg(target_arch = "x86_64")]
+        super::simd::prefetch_tile(k.as_ptr().wrapping_add((j + KEYS_AHEAD) * rs), rs, 1, d, false);
+        *s = super::math::dot(q, &k[j * rs..j * rs + d]);
+    }
+}
+}
+
+/// How many rows of cached keys or values ahead [`key_scores`] and [`weighted_rows`] ask for.
+const KEYS_AHEAD: usize = 16;
+
+super::simd::multiversion! {
 /// Rows r of a column strip hold query j0 + r against keys j0 .. j0 + cols (row stride
 /// CAUSAL_BLOCK). P = exp(S·scale - lse) where the key is visible to the query (not after
 /// it, and not before its document's start `firsts[r] - j0` when given), else 0, written
@@ -403,6 +422,8 @@ fn weighted_rows(o: &mut [f32], w: &[f32], v: &[f32], rs: usize) {
     o.fill(0.0);
     let d = o.len();
     for (j, &wj) in w.iter().enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        super::simd::prefetch_tile(v.as_ptr().wrapping_add((j + KEYS_AHEAD) * rs), rs, 1, d, false);
         for (o, &x) in o.iter_mut().zip(&v[j * rs..j * rs + d]) {
             *o += wj * x;
         }
@@ -497,10 +518,12 @@ impl CachedAttention {
             let tid = rayon::current_thread_index().unwrap_or(0) % threads;
             let scores =
                 unsafe { std::slice::from_raw_parts_mut(scores_p.get().add(tid * total), total) };
-            for (j, s) in scores[..len].iter_mut().enumerate().skip(first) {
-                let krow = &k_cache[j * kv_rs + kvh * d..j * kv_rs + kvh * d + d];
-                *s = dot(qrow, krow);
-            }
+            key_scores(
+                &mut scores[first..len],
+                qrow,
+                &k_cache[first * kv_rs + kvh * d..],
+                kv_rs,
+            );
             softmax_causal_row(&mut scores[..len], first, len - 1, scale);
             // Safety: (i, hi) owns out[i, hi·D .. hi·D+D].
             let o =
