@@ -1,6 +1,7 @@
 //! Softmax + cross-entropy, fused: the loss of each row and, in place, its gradient.
 //! loss = logsumexp(logits) - logits[target]; d loss / d logits = softmax(logits) - onehot(target).
 
+use super::bf16::{bf16_to_f32, round_bf16};
 use super::rows_per_task;
 use rayon::prelude::*;
 
@@ -46,13 +47,16 @@ super::simd::multiversion! {
 }
 
 /// Fills losses [N] and overwrites logits [N,V] with grad_scale · d loss_row / d logits
-/// (zero rows where the target is IGNORE). No second vocabulary-sized buffer is kept.
+/// (zero rows where the target is IGNORE). No second vocabulary-sized buffer is kept. With
+/// `round_bf16`, each gradient is then rounded to bf16 (to nearest even), while its row is
+/// still in cache: for bf16 products that would round it anyway, once per product, over the
+/// whole [N, V] buffer.
 pub fn forward_backward_inplace(
     logits: &mut [f32],
     losses: &mut [f32],
     targets: &[u32],
     v: usize,
-    grad_scale: f32,
+    (grad_scale, round_bf16): (f32, bool),
 ) {
     let n = targets.len();
     assert!(logits.len() >= n * v && losses.len() >= n);
@@ -60,11 +64,12 @@ pub fn forward_backward_inplace(
     logits[..n * v]
         .par_chunks_mut(rpt * v)
         .zip(losses[..n].par_chunks_mut(rpt).zip(targets.par_chunks(rpt)))
-        .for_each(|(lg, (ls, tg))| rows_backward(lg, ls, tg, v, grad_scale));
+        .for_each(|(lg, (ls, tg))| rows_backward(lg, ls, tg, v, (grad_scale, round_bf16)));
 }
 
 super::simd::multiversion! {
-    fn rows_backward(lg: &mut [f32], ls: &mut [f32], tg: &[u32], v: usize, grad_scale: f32) {
+    fn rows_backward(lg: &mut [f32], ls: &mut [f32], tg: &[u32], v: usize, scale_round: (f32, bool)) {
+            let (grad_scale, round) = scale_round;
             for (r, (&t, l)) in tg.iter().zip(ls.iter_mut()).enumerate() {
                 let row = &mut lg[r * v..(r + 1) * v];
                 if t == IGNORE {
@@ -78,6 +83,11 @@ super::simd::multiversion! {
                     *x = super::math::exp(*x - lse) * grad_scale;
                 }
                 row[t as usize] -= grad_scale;
+                if round {
+                    for x in row.iter_mut() {
+                        *x = bf16_to_f32(round_bf16(*x));
+                    }
+                }
             }
     }
 }
@@ -118,11 +128,19 @@ mod tests {
 
         let mut g = logits.clone();
         let mut l2 = vec![0.0; n];
-        forward_backward_inplace(&mut g, &mut l2, &targets, v, 1.0 / counted);
+        forward_backward_inplace(&mut g, &mut l2, &targets, v, (1.0 / counted, false));
         assert_eq!(losses, l2);
         let fd = finite_diff(&to_f64(&logits), |x| {
             reference::cross_entropy(x, &targets, v)
         });
         assert!(max_rel_err(&g, &fd, 1e-2) < 1e-5);
+
+        // rounded to bf16 as written: exactly the gradient, rounded afterwards
+        let mut r = logits.clone();
+        forward_backward_inplace(&mut r, &mut l2, &targets, v, (1.0 / counted, true));
+        assert_eq!(losses, l2);
+        let want: Vec<f32> = g.iter().map(|&x| bf16_to_f32(round_bf16(x))).collect();
+        assert_eq!(r, want);
+        assert_ne!(r, g, "rounding changed nothing");
     }
 }

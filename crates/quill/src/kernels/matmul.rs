@@ -73,6 +73,8 @@ pub struct Operand<'a> {
     pub rows: usize,
     pub cols: usize,
     pub transpose: Transpose,
+    /// Every value is a bf16 number already (see [`Operand::rounded`]).
+    pub rounded: bool,
 }
 
 impl<'a> Operand<'a> {
@@ -87,6 +89,19 @@ impl<'a> Operand<'a> {
             rows,
             cols,
             transpose: Transpose::No,
+            rounded: false,
+        }
+    }
+
+    /// The same operand, marked as holding bf16 numbers only (the caller rounded it, e.g.
+    /// [`super::crossentropy::forward_backward_inplace`]'s gradients): a bf16 product that
+    /// rounds its operands into f32 copies ([`rounded_f32`]) reads it in place instead. Only
+    /// a speed hint: rounding a bf16 number changes nothing, so every kernel gives the same
+    /// result for it either way.
+    pub fn rounded(self) -> Self {
+        Operand {
+            rounded: true,
+            ..self
         }
     }
 
@@ -198,8 +213,14 @@ pub fn matmul_fused(
             parallel: true,
             fusion,
         };
+        let ready = (a.rounded, b.rounded);
         // Safety: the asserts above bound every index the views reach.
-        return unsafe { matmul_strided(precision, s) };
+        return unsafe {
+            match precision == Precision::Bf16 && bf16_is_rounded_f32() {
+                true => rounded_f32(s, ready),
+                false => matmul_strided(precision, s),
+            }
+        };
     }
     // the `gemm` crate's path: the fused work as passes around the product
     let c = &mut c[..m * n];
@@ -244,7 +265,7 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
         return;
     }
     match precision {
-        Precision::Bf16 if !has_bf16() && super::simd::has_avx2() => return rounded_f32(s),
+        Precision::Bf16 if bf16_is_rounded_f32() => return rounded_f32(s, (false, false)),
         Precision::Bf16 => return super::packed::matmul_fused(s),
         Precision::F32 if super::sgemm::available() => return super::sgemm::matmul_fused(s),
         Precision::F32 => {}
@@ -306,11 +327,12 @@ thread_local! {
 /// accumulation) as [`super::packed`]'s, summed in another order; the plain packed kernel it
 /// replaced ran 4x slower than f32 on an AVX2 machine (AMD EPYC Zen 3). The fused work is done
 /// around the f32 product, whichever kernel that is: the starting value written first, the
-/// column sums of B taken from its unrounded values, in k order.
+/// column sums of B taken from its unrounded values, in k order. An operand whose `ready` flag
+/// is set holds bf16 numbers already and is read in place.
 ///
 /// # Safety
 /// As [`matmul_strided`].
-unsafe fn rounded_f32(s: Strided) {
+unsafe fn rounded_f32(s: Strided, ready: (bool, bool)) {
     let Dims { m, k, n } = s.dims;
     if m == 0 || n == 0 {
         return;
@@ -320,13 +342,25 @@ unsafe fn rounded_f32(s: Strided) {
     // taken out of the thread-local while in use: the f32 product may run other rayon work
     // on this thread, which may be another such product
     let (mut ra, mut rb) = ROUNDED.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    for (buf, len) in [(&mut ra, m * k), (&mut rb, k * n)] {
-        if buf.len() < len {
+    for (buf, len, ready) in [(&mut ra, m * k, ready.0), (&mut rb, k * n, ready.1)] {
+        if buf.len() < len && !ready {
             buf.resize(len, 0.0);
         }
     }
-    let a = copy_rounded(&mut ra[..m * k], s.a, m, k);
-    let b = copy_rounded(&mut rb[..k * n], s.b, k, n);
+    let a = match ready.0 {
+        true => s.a,
+        false => {
+            let (rs, cs) = copy_rounded(&mut ra[..m * k], s.a, m, k);
+            View::new(ra.as_ptr(), rs, cs)
+        }
+    };
+    let b = match ready.1 {
+        true => s.b,
+        false => {
+            let (rs, cs) = copy_rounded(&mut rb[..k * n], s.b, k, n);
+            View::new(rb.as_ptr(), rs, cs)
+        }
+    };
     if let Some(sums) = f.col_sums {
         let sums = std::slice::from_raw_parts_mut(sums, n);
         if s.b.cs == 1 && s.b.rs == n {
@@ -344,8 +378,8 @@ unsafe fn rounded_f32(s: Strided) {
         f.write_start(s.c.ptr, s.c.rs, m, n);
     }
     let product = Strided {
-        a: View::new(ra.as_ptr(), a.0, a.1),
-        b: View::new(rb.as_ptr(), b.0, b.1),
+        a,
+        b,
         accumulate: (s.adds() || start).into(),
         fusion: Default::default(),
         ..s
@@ -599,6 +633,23 @@ mod tests {
                     );
                     let err = max_rel_err(&got, &want, 1.0);
                     assert!(err < 2e-5, "{m}x{k}x{n} ta={ta} tb={tb} acc={acc}: {err}");
+                    // operands the caller rounded and marked so (read in place where the
+                    // product rounds into copies): the same product
+                    let f = |v: &[f32]| -> Vec<f32> { q(v).iter().map(|&x| x as f32).collect() };
+                    let (ra, rb) = (f(&a), f(&b));
+                    for (ma, mb) in [(true, false), (false, true), (true, true)] {
+                        let oa = Operand::op(if ma { &ra } else { &a }, m, k, ta);
+                        let ob = Operand::op(if mb { &rb } else { &b }, k, n, tb);
+                        let oa = if ma { oa.rounded() } else { oa };
+                        let ob = if mb { ob.rounded() } else { ob };
+                        let mut marked = c0.clone();
+                        matmul(Precision::Bf16, &mut marked, oa, ob, Accumulate::from(acc));
+                        let err = max_rel_err(&marked, &want, 1.0);
+                        assert!(
+                            err < 2e-5,
+                            "marked {ma} {mb} {m}x{k}x{n} ta={ta} tb={tb}: {err}"
+                        );
+                    }
                     let mut plain = c0.clone();
                     crate::kernels::packed::tests::plain(Strided {
                         accumulate: Accumulate::from(acc),

@@ -7,7 +7,7 @@ use super::lora::{Lora, LoraActs, Target};
 use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::crossentropy::{self, IGNORE};
-use crate::kernels::matmul::{matmul, Accumulate, Operand, Precision};
+use crate::kernels::matmul::{bf16_is_rounded_f32, matmul, Accumulate, Operand, Precision};
 use crate::kernels::rope::{Direction, Rope, RowPositions};
 use crate::kernels::{embedding, gelu, linear, swiglu};
 use crate::kernels::{RowStats, Stats};
@@ -279,7 +279,11 @@ impl Model {
         let scale = batch.grad_scale / counted.max(1) as f32;
         let h = a.head_loss_parts(targets, v);
         let m = h.targets.len();
-        crossentropy::forward_backward_inplace(h.logits, h.losses, h.targets, v, scale);
+        // where bf16 products round their operands into copies, the logits' gradient (the
+        // largest operand of the step, [M, V]) is rounded once here, as it is written, and
+        // both of its products read it in place
+        let round = tr.precision == Precision::Bf16 && bf16_is_rounded_f32();
+        crossentropy::forward_backward_inplace(h.logits, h.losses, h.targets, v, (scale, round));
         let result = crossentropy::sum_counted(h.losses, h.targets);
 
         // logits = lnf · headᵀ over the head's M rows (the first M of lnf)
@@ -289,19 +293,21 @@ impl Model {
             let (over, w) = (Accumulate::Overwrite, self.head.mat(p));
             linear::frozen_backward(d_lnf, (d_logits, v), w, v, over, tr.precision);
         } else if m > 0 {
+            let d_logits = Operand::new(d_logits, m, v);
             matmul(
                 tr.precision,
                 d_lnf,
-                Operand::new(d_logits, m, v),
+                if round { d_logits.rounded() } else { d_logits },
                 Operand::new(head.of(p), v, c),
                 Accumulate::Overwrite,
             );
         }
         if let (Grads::Base(grads), true) = (&mut g, m > 0) {
+            let d_logits = Operand::new(d_logits, m, v).t();
             matmul(
                 tr.precision,
                 head.of_mut(grads),
-                Operand::new(d_logits, m, v).t(),
+                if round { d_logits.rounded() } else { d_logits },
                 Operand::new(&a.lnf[..m * c], m, c),
                 Accumulate::Add,
             );
