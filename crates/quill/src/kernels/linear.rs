@@ -813,7 +813,7 @@ fn dots_f16(y: &mut [f32], w: &[u16], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
         // Safety: AVX2, FMA and F16C are present; rows are whole (checked by `matvec`).
-        return unsafe { dots_f16_avx2(y, w, x) };
+        return unsafe { dots_half_avx2::<false>(y, w, x) };
     }
     let inp = x.len();
     for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
@@ -857,16 +857,23 @@ unsafe fn dots_f16_avx512(y: &mut [f32], w: &[u16], x: &[f32]) {
     }
 }
 
-/// [`dots_f16_avx512`] in 256-bit registers (Zen 3 and other CPUs without AVX-512): 8
-/// weights converted at a time, four accumulators to cover the FMA latency.
+/// [`dots_f16_avx512`] in 256-bit registers (Zen 3 and other CPUs without AVX-512), for f16
+/// rows or, with `BF16`, bf16 ones: 8 weights widened at a time, four accumulators to cover
+/// the FMA latency (bf16's compiled 16-lane loop kept two and ran at about two thirds of the
+/// memory's speed).
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `w` holds `y.len()` rows of `x.len()` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c,fma")]
-unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
+unsafe fn dots_half_avx2<const BF16: bool>(y: &mut [f32], w: &[u16], x: &[f32]) {
     use std::arch::x86_64::*;
     const L: usize = 8;
+    let widen = |p: *const u16| if BF16 { bf16x8(p) } else { f16x8(p) };
+    let one = |h: u16| match BF16 {
+        true => f32::from_bits((h as u32) << 16),
+        false => half::f16::from_bits(h).to_f32(),
+    };
     let inp = x.len();
     let full = inp - inp % L;
     for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
@@ -876,12 +883,12 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
         while k + 4 * L <= full {
             for (u, a) in acc.iter_mut().enumerate() {
                 let o = k + u * L;
-                *a = _mm256_fmadd_ps(f16x8(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                *a = _mm256_fmadd_ps(widen(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
             }
             k += 4 * L;
         }
         while k < full {
-            acc[0] = _mm256_fmadd_ps(f16x8(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(widen(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
             k += L;
         }
         let mut sum = hsum8(_mm256_add_ps(
@@ -889,7 +896,7 @@ unsafe fn dots_f16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
             _mm256_add_ps(acc[2], acc[3]),
         ));
         for i in full..inp {
-            sum += half::f16::from_bits(row[i]).to_f32() * x[i];
+            sum += one(row[i]) * x[i];
         }
         *yv = sum;
     }
@@ -907,9 +914,12 @@ unsafe fn f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
 /// y[r] = (row r of the bf16 matrix w) · x.
 fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if !super::simd::has_avx512() && super::simd::has_avx2() {
-        // Safety: AVX2 and FMA are present; rows are whole (checked by `matvec`).
-        return unsafe { dots_bf16_avx2(y, w, x) };
+    if !super::simd::has_avx512()
+        && super::simd::has_avx2()
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        // Safety: AVX2, FMA and F16C are present; rows are whole (checked by `matvec`).
+        return unsafe { dots_half_avx2::<true>(y, w, x) };
     }
     dots_bf16_lanes(y, w, x)
 }
@@ -931,46 +941,6 @@ multiversion! {
             }
             *yv = acc.iter().sum::<f32>() + tail;
         }
-    }
-}
-
-/// [`dots_f16_avx2`] for bf16 rows (Zen 3 and other CPUs without AVX-512): 8 weights widened
-/// at a time (zero-extended to 32 bits and shifted into the top half), four accumulators to
-/// cover the FMA latency; the compiled 16-lane loop kept two and ran at about two thirds of
-/// the memory's speed.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; `w` holds `y.len()` rows of `x.len()` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_bf16_avx2(y: &mut [f32], w: &[u16], x: &[f32]) {
-    use std::arch::x86_64::*;
-    const L: usize = 8;
-    let inp = x.len();
-    let full = inp - inp % L;
-    for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
-        let (w, xp) = (row.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut k = 0;
-        while k + 4 * L <= full {
-            for (u, a) in acc.iter_mut().enumerate() {
-                let o = k + u * L;
-                *a = _mm256_fmadd_ps(bf16x8(w.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
-            }
-            k += 4 * L;
-        }
-        while k < full {
-            acc[0] = _mm256_fmadd_ps(bf16x8(w.add(k)), _mm256_loadu_ps(xp.add(k)), acc[0]);
-            k += L;
-        }
-        let mut sum = hsum8(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ));
-        for i in full..inp {
-            sum += f32::from_bits((row[i] as u32) << 16) * x[i];
-        }
-        *yv = sum;
     }
 }
 
