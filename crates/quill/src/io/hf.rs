@@ -82,6 +82,15 @@ impl Weights {
         self.index.get(name).map(|&i| &self.files[i])
     }
 
+    /// The file holding tensor `name`, its stored dtype and its bytes.
+    fn raw(&self, name: &str) -> Result<(&SafetensorsFile, ::safetensors::Dtype, &[u8])> {
+        let file = self
+            .file(name)
+            .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
+        let (dtype, bytes) = file.raw(name)?;
+        Ok((file, dtype, bytes))
+    }
+
     pub fn shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
         match self.index.get(name) {
             Some(&i) => self.files[i].shape(name),
@@ -227,10 +236,7 @@ fn shape_fields(config: &Config) -> String {
 /// Tensor `name` left in its file: None when its bytes cannot be read in place (misaligned),
 /// an error for a dtype quill cannot multiply by.
 fn map_tensor(weights: &Weights, name: &str, len: usize) -> Result<Option<Storage>> {
-    let file = weights
-        .file(name)
-        .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
-    let (dtype, bytes) = file.raw(name)?;
+    let (file, dtype, bytes) = weights.raw(name)?;
     let md = match dtype {
         ::safetensors::Dtype::F32 => MappedDtype::F32,
         ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
@@ -259,10 +265,7 @@ fn map_tensor(weights: &Weights, name: &str, len: usize) -> Result<Option<Storag
 /// not match (left to `read_into`'s error).
 fn turn_half(weights: &Weights, name: &str, rows: usize, cols: usize) -> Result<Option<Storage>> {
     use rayon::prelude::*;
-    let file = weights
-        .file(name)
-        .ok_or_else(|| Error::Input(format!("no tensor named {name}")))?;
-    let (dtype, bytes) = file.raw(name)?;
+    let (file, dtype, bytes) = weights.raw(name)?;
     let md = match dtype {
         ::safetensors::Dtype::BF16 => MappedDtype::Bf16,
         ::safetensors::Dtype::F16 => MappedDtype::F16,
