@@ -35,6 +35,24 @@ pub fn bf16_to_f32(x: u16) -> f32 {
     f32::from_bits((x as u32) << 16)
 }
 
+super::simd::multiversion! {
+    /// dst = src rounded to bf16 (to nearest even; NaN stays NaN), as f32.
+    pub fn round_row(dst: &mut [f32], src: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = bf16_to_f32(round_bf16(x));
+        }
+    }
+}
+
+super::simd::multiversion! {
+    /// x rounded to bf16 in place, as [`round_row`].
+    pub fn round_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = bf16_to_f32(round_bf16(*v));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! each other (their shared types are in [`super::product`]).
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
+pub use super::bf16::{round_in_place, round_row};
 pub use super::product::Accumulate;
 use super::product::{Dims, Fusion, Strided, View, ViewMut};
 use gemm::Parallelism;
@@ -203,6 +204,7 @@ pub fn matmul_fused(
             bias: fused.bias,
             residual: fused.residual.map(|r| (r.as_ptr(), n)),
             col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
+            round_b: false,
         };
         let s = Strided {
             dims,
@@ -272,7 +274,7 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
     }
     let no_fusion = s.fusion.bias.is_none() && s.fusion.residual.is_none();
     assert!(
-        no_fusion && s.fusion.col_sums.is_none(),
+        no_fusion && s.fusion.col_sums.is_none() && !s.fusion.round_b,
         "the gemm crate fuses no work"
     );
     let c = s.c.ptr;
@@ -317,75 +319,46 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
 }
 
 thread_local! {
-    /// [`rounded_f32`]'s copies of A and B, rounded to bf16 (reused between calls).
-    static ROUNDED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// [`rounded_f32`]'s rounded copies of A, reused between calls: one per product in
+    /// progress on this thread (the f32 product may run other rayon work here, which may be
+    /// another such product), so none is freed and allocated again.
+    static ROUNDED: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The bf16 product where the CPU has no bf16 dot product (`vdpbf16ps`): A and B rounded to
-/// bf16 (to nearest even) into f32 copies, then the f32 product. The products of bf16 numbers
-/// are exact in f32, so this is the same mixed-precision product (bf16 operands, f32
-/// accumulation) as [`super::packed`]'s, summed in another order; the plain packed kernel it
-/// replaced ran 4x slower than f32 on an AVX2 machine (AMD EPYC Zen 3). The fused work is done
-/// around the f32 product, whichever kernel that is: the starting value written first, the
-/// column sums of B taken from its unrounded values, in k order. An operand whose `ready` flag
-/// is set holds bf16 numbers already and is read in place.
+/// The bf16 product where the CPU has no bf16 dot product (`vdpbf16ps`): the f32 product of
+/// the operands rounded to bf16 (to nearest even), A into an f32 copy, B as quill's f32
+/// kernel packs it (`Fusion::round_b`), the fused work done by that kernel as for f32 (the
+/// column sums from B's unrounded values). The products of bf16 numbers are exact in f32, so
+/// this is the same mixed-precision product (bf16 operands, f32 accumulation) as
+/// [`super::packed`]'s, summed in another order; the plain packed kernel it replaced ran 4x
+/// slower than f32 on an AVX2 machine (AMD EPYC Zen 3). An operand whose `ready` flag is set
+/// holds bf16 numbers already and is read as it is.
 ///
 /// # Safety
-/// As [`matmul_strided`].
+/// As [`matmul_strided`]; the CPU has AVX2 (so [`super::sgemm`] runs the f32 product).
 unsafe fn rounded_f32(s: Strided, ready: (bool, bool)) {
     let Dims { m, k, n } = s.dims;
     if m == 0 || n == 0 {
         return;
     }
-    let f = s.fusion;
-    let start = f.bias.is_some() || f.residual.is_some();
-    // taken out of the thread-local while in use: the f32 product may run other rayon work
-    // on this thread, which may be another such product
-    let (mut ra, mut rb) = ROUNDED.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    for (buf, len, ready) in [(&mut ra, m * k, ready.0), (&mut rb, k * n, ready.1)] {
-        if buf.len() < len && !ready {
-            buf.resize(len, 0.0);
-        }
-    }
+    debug_assert!(super::sgemm::available());
+    let mut ra = ROUNDED.with(|p| p.borrow_mut().pop()).unwrap_or_default();
     let a = match ready.0 {
         true => s.a,
         false => {
+            if ra.len() < m * k {
+                ra.resize(m * k, 0.0);
+            }
             let (rs, cs) = copy_rounded(&mut ra[..m * k], s.a, m, k);
             View::new(ra.as_ptr(), rs, cs)
         }
     };
-    let b = match ready.1 {
-        true => s.b,
-        false => {
-            let (rs, cs) = copy_rounded(&mut rb[..k * n], s.b, k, n);
-            View::new(rb.as_ptr(), rs, cs)
-        }
+    let fusion = Fusion {
+        round_b: !ready.1,
+        ..s.fusion
     };
-    if let Some(sums) = f.col_sums {
-        let sums = std::slice::from_raw_parts_mut(sums, n);
-        if s.b.cs == 1 && s.b.rs == n {
-            // B's rows are adjacent: summed in k order, over the threads by column blocks
-            super::reduce::col_sum_acc(sums, std::slice::from_raw_parts(s.b.ptr, k * n), k);
-        } else {
-            for p in 0..k {
-                for (j, acc) in sums.iter_mut().enumerate() {
-                    *acc += *s.b.ptr.add(p * s.b.rs + j * s.b.cs);
-                }
-            }
-        }
-    }
-    if start {
-        f.write_start(s.c.ptr, s.c.rs, m, n);
-    }
-    let product = Strided {
-        a,
-        b,
-        accumulate: (s.adds() || start).into(),
-        fusion: Default::default(),
-        ..s
-    };
-    matmul_strided(Precision::F32, product);
-    ROUNDED.with(|b| *b.borrow_mut() = (ra, rb));
+    super::sgemm::matmul_fused(Strided { a, fusion, ..s });
+    ROUNDED.with(|p| p.borrow_mut().push(ra));
 }
 
 /// dst = the view's rows × cols elements rounded to bf16, as f32, in the view's own layout
@@ -427,24 +400,6 @@ unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) -> (u
             }
         });
     strides
-}
-
-super::simd::multiversion! {
-    /// dst = src rounded to bf16 (to nearest even; NaN stays NaN), as f32.
-    pub fn round_row(dst: &mut [f32], src: &[f32]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = bf16_to_f32(round_bf16(x));
-        }
-    }
-}
-
-super::simd::multiversion! {
-    /// x rounded to bf16 in place, as [`round_row`].
-    pub fn round_in_place(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = bf16_to_f32(round_bf16(*v));
-        }
-    }
 }
 
 /// Whether this CPU's bf16 product is [`rounded_f32`]'s: both operands rounded to bf16 in f32
@@ -538,6 +493,7 @@ mod tests {
                             bias: Some(&bias),
                             residual: Some((res.as_ptr(), n)),
                             col_sums: Some(sums.as_mut_ptr()),
+                            round_b: false,
                         };
                         let s = Strided {
                             fusion,

@@ -114,6 +114,10 @@ pub struct Fusion<'a> {
     /// Σ over k of op(b)[k, j] is added into col_sums[j] (f32 values, in k order) while B is
     /// packed: a bias gradient, when B is the output gradient.
     pub col_sums: Option<*mut f32>,
+    /// B's values are rounded to bf16 (to nearest even) as they are packed, the column sums
+    /// still taken from them unrounded: the B of a bf16 product run by the f32 kernel,
+    /// without a rounded copy of B. Only quill's f32 kernel ([`super::sgemm`]) does it.
+    pub round_b: bool,
 }
 
 impl Fusion<'_> {

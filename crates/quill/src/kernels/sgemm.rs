@@ -275,7 +275,7 @@ impl Problem<'_> {
 
     /// Packs panels q0..q1 of B's block (depths pc..pc+kc, columns jc..jc+nb): panel q at
     /// q*kc*nr, [depth][nr], zero past column nb. Adds the block's column sums into
-    /// col_sums when asked.
+    /// col_sums when asked, then rounds the panel to bf16 when asked (`round_b`).
     unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
         let b = self.s.b.ptr;
         let kc = blk.kc;
@@ -314,6 +314,10 @@ impl Problem<'_> {
                         *s.add(j) += acc;
                     }
                 }
+            }
+            if self.s.fusion.round_b {
+                // the panel just written, still in L1
+                super::bf16::round_in_place(std::slice::from_raw_parts_mut(dst, kc * nr));
             }
         }
     }
@@ -950,6 +954,7 @@ mod tests {
                                 bias: Some(&bias),
                                 residual: Some((res.as_ptr(), n)),
                                 col_sums: Some(sums.as_mut_ptr()),
+                                round_b: false,
                             }
                         } else {
                             Fusion::default()
@@ -1004,6 +1009,7 @@ mod tests {
             bias: Some(&bias),
             residual: Some((res.as_ptr(), 3)),
             col_sums: None,
+            round_b: false,
         };
         // Safety: k = 0 reads nothing from A or B; C has 2 x 3 elements.
         unsafe {
