@@ -22,6 +22,9 @@ pub static GEMM_CALLS_ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// costs more than it brings (../shared/notes/cpu-matmul.md).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
+/// Operands smaller than this many elements are rounded ([`copy_rounded`]) on one thread.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
 pub(crate) fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
     if threads > 1 && m * k * n >= PARALLEL_MIN_MACS {
@@ -349,7 +352,7 @@ unsafe fn rounded_f32(s: Strided, ready: (bool, bool)) {
             if ra.len() < m * k {
                 ra.resize(m * k, 0.0);
             }
-            let (rs, cs) = copy_rounded(&mut ra[..m * k], s.a, m, k);
+            let (rs, cs) = copy_rounded(&mut ra[..m * k], s.a, (m, k), s.parallel);
             View::new(ra.as_ptr(), rs, cs)
         }
     };
@@ -364,12 +367,19 @@ unsafe fn rounded_f32(s: Strided, ready: (bool, bool)) {
 /// dst = the view's rows × cols elements rounded to bf16, as f32, in the view's own layout
 /// where it is a dense one: [rows, cols] when its rows are contiguous, [cols, rows] when its
 /// columns are (a transposed operand stays transposed, and the f32 product reads it so);
-/// any other view is gathered into [rows, cols]. Lines of the layout go over the threads in
-/// blocks of 16. Returns the (row stride, column stride) to read dst with.
+/// any other view is gathered into [rows, cols]. With `parallel`, lines of the layout go over
+/// the threads in blocks of 16 when there are enough of them (a one-thread product, such as
+/// attention's per head, copies on its own thread). Returns the (row stride, column stride)
+/// to read dst with.
 ///
 /// # Safety
 /// The view reaches rows × cols readable elements; dst holds exactly rows × cols.
-unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) -> (usize, usize) {
+unsafe fn copy_rounded(
+    dst: &mut [f32],
+    v: View,
+    (rows, cols): (usize, usize),
+    parallel: bool,
+) -> (usize, usize) {
     const LINES: usize = 16;
     // (lines, line length, stride between lines in the view, strides of dst)
     let (lines, len, stride, strides) = if v.cs == 1 || v.rs != 1 {
@@ -381,24 +391,27 @@ unsafe fn copy_rounded(dst: &mut [f32], v: View, rows: usize, cols: usize) -> (u
         return strides;
     }
     let dense = v.cs == 1 || v.rs == 1;
-    dst.par_chunks_mut(LINES * len)
-        .enumerate()
-        .for_each(|(b, blk)| {
-            // the whole view, not its pointer field alone (a raw pointer is not Send)
-            let v: View = v;
-            let first = b * LINES;
-            for (i, line) in blk.chunks_exact_mut(len).enumerate() {
-                if dense {
-                    let src = v.ptr.add((first + i) * stride);
-                    round_row(line, std::slice::from_raw_parts(src, len));
-                } else {
-                    for (j, d) in line.iter_mut().enumerate() {
-                        let x = *v.ptr.add((first + i) * v.rs + j * v.cs);
-                        *d = bf16_to_f32(round_bf16(x));
-                    }
+    let block = |(b, blk): (usize, &mut [f32])| {
+        // the whole view, not its pointer field alone (a raw pointer is not Send)
+        let v: View = v;
+        let first = b * LINES;
+        for (i, line) in blk.chunks_exact_mut(len).enumerate() {
+            if dense {
+                let src = v.ptr.add((first + i) * stride);
+                round_row(line, std::slice::from_raw_parts(src, len));
+            } else {
+                for (j, d) in line.iter_mut().enumerate() {
+                    let x = *v.ptr.add((first + i) * v.rs + j * v.cs);
+                    *d = bf16_to_f32(round_bf16(x));
                 }
             }
-        });
+        }
+    };
+    if parallel && rows * cols >= PARALLEL_MIN_ELEMS {
+        dst.par_chunks_mut(LINES * len).enumerate().for_each(block);
+    } else {
+        dst.chunks_mut(LINES * len).enumerate().for_each(block);
+    }
     strides
 }
 
