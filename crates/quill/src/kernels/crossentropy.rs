@@ -1,7 +1,6 @@
 //! Softmax + cross-entropy, fused: the loss of each row and, in place, its gradient.
 //! loss = logsumexp(logits) - logits[target]; d loss / d logits = softmax(logits) - onehot(target).
 
-use super::bf16::{bf16_to_f32, round_bf16};
 use super::rows_per_task;
 use rayon::prelude::*;
 
@@ -84,9 +83,7 @@ super::simd::multiversion! {
                 }
                 row[t as usize] -= grad_scale;
                 if round {
-                    for x in row.iter_mut() {
-                        *x = bf16_to_f32(round_bf16(*x));
-                    }
+                    super::bf16::round_in_place(row);
                 }
             }
     }
@@ -108,6 +105,7 @@ pub fn sum_counted(losses: &[f32], targets: &[u32]) -> (f64, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::bf16::{bf16_to_f32, round_bf16};
     use crate::kernels::{reference, testutil::*};
     use crate::rng::Rng;
 
