@@ -6,13 +6,11 @@
 //! multiplied by the f32 product ([`rounded_f32`]). The kernels below this file import none of
 //! each other (their shared types are in [`super::product`]).
 
-use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
+use super::bf16::has_bf16;
 pub use super::bf16::{round_in_place, round_row};
 pub use super::product::Accumulate;
 use super::product::{Dims, Fusion, Strided, View, ViewMut};
 use gemm::Parallelism;
-use rayon::prelude::*;
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Calls into the `gemm` crate in progress, on any thread.
@@ -21,9 +19,6 @@ pub static GEMM_CALLS_ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// Problems smaller than this many multiply-adds run on one thread: a second thread
 /// costs more than it brings (../shared/notes/cpu-matmul.md).
 const PARALLEL_MIN_MACS: usize = 1 << 17;
-
-/// Operands smaller than this many elements are rounded ([`copy_rounded`]) on one thread.
-const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 pub(crate) fn parallelism(m: usize, k: usize, n: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
@@ -208,6 +203,7 @@ pub fn matmul_fused(
             residual: fused.residual.map(|r| (r.as_ptr(), n)),
             col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
             round_b: false,
+            round_a: false,
         };
         let s = Strided {
             dims,
@@ -277,7 +273,7 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
     }
     let no_fusion = s.fusion.bias.is_none() && s.fusion.residual.is_none();
     assert!(
-        no_fusion && s.fusion.col_sums.is_none() && !s.fusion.round_b,
+        no_fusion && s.fusion.col_sums.is_none() && !s.fusion.round_b && !s.fusion.round_a,
         "the gemm crate fuses no work"
     );
     let c = s.c.ptr;
@@ -321,98 +317,27 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
     GEMM_CALLS_ACTIVE.fetch_sub(1, Ordering::SeqCst);
 }
 
-thread_local! {
-    /// [`rounded_f32`]'s rounded copies of A, reused between calls: one per product in
-    /// progress on this thread (the f32 product may run other rayon work here, which may be
-    /// another such product), so none is freed and allocated again.
-    static ROUNDED: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
-}
-
 /// The bf16 product where the CPU has no bf16 dot product (`vdpbf16ps`): the f32 product of
-/// the operands rounded to bf16 (to nearest even), A into an f32 copy, B as quill's f32
-/// kernel packs it (`Fusion::round_b`), the fused work done by that kernel as for f32 (the
+/// the operands rounded to bf16 (to nearest even), each rounded as quill's f32 kernel copies
+/// it into its own cache-sized buffers (B as it packs it, `Fusion::round_b`; A a block of
+/// rows at a time, `Fusion::round_a`), the fused work done by that kernel as for f32 (the
 /// column sums from B's unrounded values). The products of bf16 numbers are exact in f32, so
 /// this is the same mixed-precision product (bf16 operands, f32 accumulation) as
 /// [`super::packed`]'s, summed in another order; the plain packed kernel it replaced ran 4x
 /// slower than f32 on an AVX2 machine (AMD EPYC Zen 3). An operand whose `ready` flag is set
-/// holds bf16 numbers already and is read as it is.
+/// holds bf16 numbers already and is read as it is. Nothing is allocated: the buffers are the
+/// f32 kernel's own, each sized once to its largest block.
 ///
 /// # Safety
 /// As [`matmul_strided`]; the CPU has AVX2 (so [`super::sgemm`] runs the f32 product).
 unsafe fn rounded_f32(s: Strided, ready: (bool, bool)) {
-    let Dims { m, k, n } = s.dims;
-    if m == 0 || n == 0 {
-        return;
-    }
     debug_assert!(super::sgemm::available());
-    let mut ra = ROUNDED.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-    let a = match ready.0 {
-        true => s.a,
-        false => {
-            if ra.len() < m * k {
-                ra.resize(m * k, 0.0);
-            }
-            let (rs, cs) = copy_rounded(&mut ra[..m * k], s.a, (m, k), s.parallel);
-            View::new(ra.as_ptr(), rs, cs)
-        }
-    };
     let fusion = Fusion {
+        round_a: !ready.0,
         round_b: !ready.1,
         ..s.fusion
     };
-    super::sgemm::matmul_fused(Strided { a, fusion, ..s });
-    ROUNDED.with(|p| p.borrow_mut().push(ra));
-}
-
-/// dst = the view's rows × cols elements rounded to bf16, as f32, in the view's own layout
-/// where it is a dense one: [rows, cols] when its rows are contiguous, [cols, rows] when its
-/// columns are (a transposed operand stays transposed, and the f32 product reads it so);
-/// any other view is gathered into [rows, cols]. With `parallel`, lines of the layout go over
-/// the threads in blocks of 16 when there are enough of them (a one-thread product, such as
-/// attention's per head, copies on its own thread). Returns the (row stride, column stride)
-/// to read dst with.
-///
-/// # Safety
-/// The view reaches rows × cols readable elements; dst holds exactly rows × cols.
-unsafe fn copy_rounded(
-    dst: &mut [f32],
-    v: View,
-    (rows, cols): (usize, usize),
-    parallel: bool,
-) -> (usize, usize) {
-    const LINES: usize = 16;
-    // (lines, line length, stride between lines in the view, strides of dst)
-    let (lines, len, stride, strides) = if v.cs == 1 || v.rs != 1 {
-        (rows, cols, v.rs, (cols, 1))
-    } else {
-        (cols, rows, v.cs, (1, rows))
-    };
-    if len == 0 || lines == 0 {
-        return strides;
-    }
-    let dense = v.cs == 1 || v.rs == 1;
-    let block = |(b, blk): (usize, &mut [f32])| {
-        // the whole view, not its pointer field alone (a raw pointer is not Send)
-        let v: View = v;
-        let first = b * LINES;
-        for (i, line) in blk.chunks_exact_mut(len).enumerate() {
-            if dense {
-                let src = v.ptr.add((first + i) * stride);
-                round_row(line, std::slice::from_raw_parts(src, len));
-            } else {
-                for (j, d) in line.iter_mut().enumerate() {
-                    let x = *v.ptr.add((first + i) * v.rs + j * v.cs);
-                    *d = bf16_to_f32(round_bf16(x));
-                }
-            }
-        }
-    };
-    if parallel && rows * cols >= PARALLEL_MIN_ELEMS {
-        dst.par_chunks_mut(LINES * len).enumerate().for_each(block);
-    } else {
-        dst.chunks_mut(LINES * len).enumerate().for_each(block);
-    }
-    strides
+    super::sgemm::matmul_fused(Strided { fusion, ..s });
 }
 
 /// Whether this CPU's bf16 product is [`rounded_f32`]'s: both operands rounded to bf16 in f32
@@ -507,6 +432,7 @@ mod tests {
                             residual: Some((res.as_ptr(), n)),
                             col_sums: Some(sums.as_mut_ptr()),
                             round_b: false,
+                            round_a: false,
                         };
                         let s = Strided {
                             fusion,

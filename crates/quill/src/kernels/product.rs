@@ -118,6 +118,10 @@ pub struct Fusion<'a> {
     /// still taken from them unrounded: the B of a bf16 product run by the f32 kernel,
     /// without a rounded copy of B. Only quill's f32 kernel ([`super::sgemm`]) does it.
     pub round_b: bool,
+    /// A's values are rounded to bf16 (to nearest even) as they are copied, a block of rows
+    /// at a time, into the computing thread's own buffer: the A of a bf16 product run by the
+    /// f32 kernel, without a rounded copy of the whole of A. Only [`super::sgemm`] does it.
+    pub round_a: bool,
 }
 
 impl Fusion<'_> {

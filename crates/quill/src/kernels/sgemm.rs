@@ -213,7 +213,7 @@ impl Problem<'_> {
             let few_rows = row_tiles < 2 * threads;
             let by_panels = threads > 1
                 && panels >= threads
-                && (few_rows || (self.s.a.cs == 1 && (even || panels >= 4 * threads)));
+                && (few_rows || (!self.copies_a() && (even || panels >= 4 * threads)));
             // when the whole column block of B fits the buffer, every depth block is packed
             // in one parallel pass (depth block pc at pc * panels * nr) and computed in
             // another, instead of two passes per depth block: small products are dominated
@@ -322,12 +322,18 @@ impl Problem<'_> {
         }
     }
 
+    /// Whether A's rows are copied before the tiles read them: when A is not contiguous along
+    /// the depth, or is to be rounded to bf16.
+    fn copies_a(&self) -> bool {
+        self.s.a.cs != 1 || self.s.fusion.round_a
+    }
+
     /// Rows r0..r1 x panels q0..q1 of C's part of the block.
     unsafe fn compute(&self, blk: &Block, r0: usize, r1: usize, q0: usize, q1: usize) {
-        if self.s.a.cs != 1 {
+        if self.copies_a() {
             // A is not contiguous along the depth (each depth of a transposed A is another
-            // line, often another page): its rows are copied, MC at a time, into micro-panels
-            // [depth][MR], read from there by every panel
+            // line, often another page), or is rounded to bf16: its rows are copied, MC at a
+            // time, into this thread's buffer, read from there by every panel
             return ROWS.with(|cell| {
                 // (a nested product on this thread copies into a buffer of its own)
                 let (mut own, mut shared) = (Vec::new(), cell.try_borrow_mut());
@@ -355,7 +361,9 @@ impl Problem<'_> {
         }
     }
 
-    /// [`Self::compute`] with A's rows copied into `buf`, MC rows at a time.
+    /// [`Self::compute`] with A's rows copied into `buf`, MC rows at a time: into micro-panels
+    /// [depth][MR] when A is not contiguous along the depth, else row by row as they are
+    /// ([rows][kc]); rounded to bf16 with `round_a`.
     unsafe fn compute_copied(
         &self,
         buf: &mut Vec<f32>,
@@ -370,12 +378,27 @@ impl Problem<'_> {
         }
         let (a, kc) = ((self.s.a.ptr).add(blk.pc * self.s.a.cs), blk.kc);
         let walk = blk.walk();
+        let (rs, cs) = (self.s.a.rs, self.s.a.cs);
         for ic in (r0..r1).step_by(MC) {
             let ie = (ic + MC).min(r1);
-            let rows_ic = a.add(ic * self.s.a.rs);
-            copy_rows(buf, rows_ic, self.s.a.rs, self.s.a.cs, ie - ic, kc);
+            let rows_ic = a.add(ic * rs);
+            // where row i of the copy starts: (pointer, row stride, depth stride)
+            let at: &dyn Fn(usize) -> (*const f32, usize, usize) = if cs == 1 {
+                for (r, dst) in buf.chunks_exact_mut(kc).take(ie - ic).enumerate() {
+                    let src = std::slice::from_raw_parts(rows_ic.add(r * rs), kc);
+                    // (only round_a brings a contiguous A here)
+                    super::bf16::round_row(dst, src);
+                }
+                &|i: usize| (buf.as_ptr().add((i - ic) * kc), kc, 1)
+            } else {
+                copy_rows(buf, rows_ic, rs, cs, ie - ic, kc);
+                if self.s.fusion.round_a {
+                    let len = (ie - ic).div_ceil(MR) * kc * MR;
+                    super::bf16::round_in_place(&mut buf[..len]);
+                }
+                &|i: usize| (buf.as_ptr().add((i - ic) / MR * kc * MR), 1, MR)
+            };
             if self.body == Body::Avx2 {
-                let at = |i: usize| (buf.as_ptr().add((i - ic) / MR * kc * MR), 1, MR);
                 self.panels_avx2(blk, ic..ie, at, q0..q1);
                 continue;
             }
@@ -383,8 +406,7 @@ impl Problem<'_> {
                 let qe = (qb + walk).min(q1);
                 for i in (ic..ie).step_by(MR) {
                     let rows = (ie - i).min(MR);
-                    let ai = buf.as_ptr().add((i - ic) / MR * kc * MR);
-                    self.row_tiles(blk, i..i + rows, (ai, 1, MR), qb..qe);
+                    self.row_tiles(blk, i..i + rows, at(i), qb..qe);
                 }
             }
         }
@@ -885,7 +907,9 @@ mod tests {
 
     /// Every tile width and row remainder, every transpose, several depth and column blocks,
     /// both thread splits, strided views, accumulation, and the fused starting values and
-    /// column sums, against float64. C starts as NaN, so any output the kernel skips shows.
+    /// column sums, and operands rounded to bf16 as they are copied (`round_a`, `round_b`, on
+    /// strided views, the sums from B unrounded), against float64. C starts as NaN, so any
+    /// output the kernel skips shows.
     #[test]
     fn agrees_with_float64() {
         if !available() {
@@ -909,9 +933,14 @@ mod tests {
             (20, 1100, 800),
         ] {
             for &(ta, tb) in &[(false, false), (false, true), (true, false), (true, true)] {
-                for way in 0..4 {
-                    // 0: plain; 1: accumulate; 2: bias + residual + sums; 3: strided views
-                    let pad = if way == 3 { 3 } else { 0 };
+                for way in 0..5 {
+                    // 0: plain; 1: accumulate; 2: bias + residual + sums; 3: strided views;
+                    // 4: strided views, both operands rounded to bf16, B's sums
+                    let pad = if way >= 3 { 3 } else { 0 };
+                    let q = |x: f32| match way {
+                        4 => crate::kernels::bf16::bf16_to_f32(crate::kernels::bf16::round_bf16(x)),
+                        _ => x,
+                    };
                     let (ak, bk) = (k + pad, n + pad);
                     let a = randn(&mut rng, m.max(k) * (m.max(k) + pad), 1.0);
                     let b = randn(&mut rng, k.max(n) * (k.max(n) + pad), 1.0);
@@ -932,7 +961,8 @@ mod tests {
                                 _ => 0.0,
                             };
                             for p in 0..k {
-                                s += a[i * a_rs + p * a_cs] as f64 * b[p * b_rs + j * b_cs] as f64;
+                                s += q(a[i * a_rs + p * a_cs]) as f64
+                                    * q(b[p * b_rs + j * b_cs]) as f64;
                             }
                             want[i * n + j] = s;
                         }
@@ -949,15 +979,21 @@ mod tests {
                             vec![f32::NAN; m * c_rs]
                         };
                         let mut sums = sums0.clone();
-                        let fusion = if way == 2 {
-                            Fusion {
+                        let fusion = match way {
+                            2 => Fusion {
                                 bias: Some(&bias),
                                 residual: Some((res.as_ptr(), n)),
                                 col_sums: Some(sums.as_mut_ptr()),
                                 round_b: false,
-                            }
-                        } else {
-                            Fusion::default()
+                                round_a: false,
+                            },
+                            4 => Fusion {
+                                col_sums: Some(sums.as_mut_ptr()),
+                                round_b: true,
+                                round_a: true,
+                                ..Fusion::default()
+                            },
+                            _ => Fusion::default(),
                         };
                         // Safety: the strides stay inside the buffers (sized for the padding).
                         pool.install(|| unsafe {
@@ -979,10 +1015,10 @@ mod tests {
                         let what = format!("{m}x{k}x{n} ta={ta} tb={tb} way={way} par={parallel}");
                         let err = max_rel_err(&got, &want, 1.0);
                         assert!(err < 1e-5, "{what}: {err}");
-                        if way == 2 {
+                        if way == 2 || way == 4 {
                             assert!(max_rel_err(&sums, &want_sums, 1.0) < 1e-5, "{what}: sums");
                         }
-                        if way == 3 {
+                        if way >= 3 {
                             // the padding columns of C are not touched
                             for i in 0..m {
                                 for j in n..c_rs {
@@ -1010,6 +1046,7 @@ mod tests {
             residual: Some((res.as_ptr(), 3)),
             col_sums: None,
             round_b: false,
+            round_a: false,
         };
         // Safety: k = 0 reads nothing from A or B; C has 2 x 3 elements.
         unsafe {
