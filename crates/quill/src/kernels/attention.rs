@@ -249,15 +249,17 @@ fn strip_softmax_backward(s: &mut [f32], dp: &mut [f32], rows: StripRows, cols: 
         // the first visible column of this strip for query j0 + r
         let lo = firsts.map_or(0, |f| (f[r] as usize).saturating_sub(j0));
         // past the diagonal (c > r) the scores may be unwritten: only zeros are stored there
-        for c in 0..cols {
-            if c <= r && c >= lo {
-                let p = super::math::exp(sr[c] * scale - l);
-                sr[c] = p;
-                dr[c] = p * (dr[c] - dd) * scale;
-            } else {
-                sr[c] = 0.0;
-                dr[c] = 0.0;
-            }
+        // (three loops without a branch, so the visible part's runs in vectors)
+        let hi = (r + 1).min(cols);
+        let lo = lo.min(hi);
+        for (sv, dv) in sr[lo..hi].iter_mut().zip(&mut dr[lo..hi]) {
+            let p = super::math::exp(*sv * scale - l);
+            *sv = p;
+            *dv = p * (*dv - dd) * scale;
+        }
+        for part in [0..lo, hi..cols] {
+            sr[part.clone()].fill(0.0);
+            dr[part].fill(0.0);
         }
     }
 }

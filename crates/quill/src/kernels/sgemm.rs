@@ -32,6 +32,8 @@
 use super::product::{Accumulate, Fusion, View, ViewMut};
 use super::product::{Dims, Store, Strided};
 use super::simd::{mask16, transpose16};
+#[cfg(target_arch = "x86_64")]
+use super::simd::{mask8, transpose8};
 use super::SendPtr;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -608,18 +610,6 @@ unsafe fn tile<const V: usize>(t: &Tile) {
     }
 }
 
-/// AVX2 lane mask of the first min(n, 8) lanes (all bits set in a lane that is in).
-///
-/// # Safety
-/// The CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn mask8(n: usize) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
-}
-
 /// The tile on AVX2 + FMA: rows x cols (at most MR x 16) of C, 12 ymm accumulators, B's
 /// panel [depth][16]. Rows past `rows` repeat row 0 (so no read leaves A) and are not
 /// stored.
@@ -712,37 +702,6 @@ unsafe fn pack_rows_avx2(
             _mm256_maskstore_ps(at, masks[v], _mm256_add_ps(old, x));
         }
     }
-}
-
-/// 8 x 8 transpose of 32-bit elements: out[j] lane i = rows[i] lane j.
-///
-/// # Safety
-/// The CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
-    use std::arch::x86_64::*;
-    // pairs of rows interleaved, then quads, within each 128-bit half
-    let mut t = [_mm256_setzero_ps(); 8];
-    for g in 0..2 {
-        let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
-        let ab_lo = _mm256_unpacklo_ps(a, b);
-        let ab_hi = _mm256_unpackhi_ps(a, b);
-        let cd_lo = _mm256_unpacklo_ps(c, d);
-        let cd_hi = _mm256_unpackhi_ps(c, d);
-        // t[4g + j], half H = rows 4g..4g+4 at column 4H + j
-        t[4 * g] = _mm256_shuffle_ps::<0x44>(ab_lo, cd_lo);
-        t[4 * g + 1] = _mm256_shuffle_ps::<0xee>(ab_lo, cd_lo);
-        t[4 * g + 2] = _mm256_shuffle_ps::<0x44>(ab_hi, cd_hi);
-        t[4 * g + 3] = _mm256_shuffle_ps::<0xee>(ab_hi, cd_hi);
-    }
-    let mut out = [_mm256_setzero_ps(); 8];
-    for j in 0..4 {
-        out[j] = _mm256_permute2f128_ps::<0x20>(t[j], t[4 + j]);
-        out[4 + j] = _mm256_permute2f128_ps::<0x31>(t[j], t[4 + j]);
-    }
-    out
 }
 
 /// [`pack_columns`] on AVX2, into a 16-column panel [depth][16]: 8 x 8 transposes.

@@ -80,9 +80,50 @@ pub unsafe fn transpose(dst: &mut [f32], src: *const f32, src_rs: usize, rows: u
     if super::simd::has_avx512() {
         return avx512::transpose(dst, src, src_rs, rows, cols);
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx2() {
+        return transpose_avx2(dst, src, src_rs, rows, cols);
+    }
     for j in 0..rows {
         for p in 0..cols {
             dst[p * rows + j] = *src.add(j * src_rs + p);
+        }
+    }
+}
+
+/// [`transpose`] in 8 x 8 blocks through registers, the edges past the last whole block one
+/// element at a time.
+///
+/// # Safety
+/// AVX2; as [`transpose`], with dst holding rows x cols.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_avx2(
+    dst: &mut [f32],
+    src: *const f32,
+    src_rs: usize,
+    rows: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let out = dst.as_mut_ptr();
+    let (whole_rows, whole_cols) = (rows / 8 * 8, cols / 8 * 8);
+    for j0 in (0..whole_rows).step_by(8) {
+        for p0 in (0..whole_cols).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (j, x) in r.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(src.add((j0 + j) * src_rs + p0));
+            }
+            for (p, x) in super::simd::transpose8(r).iter().enumerate() {
+                _mm256_storeu_ps(out.add((p0 + p) * rows + j0), *x);
+            }
+        }
+    }
+    for j in 0..rows {
+        // the columns past the whole blocks, and every column of the rows past them
+        let from = if j < whole_rows { whole_cols } else { 0 };
+        for p in from..cols {
+            *out.add(p * rows + j) = *src.add(j * src_rs + p);
         }
     }
 }
@@ -254,7 +295,16 @@ mod tests {
     #[test]
     fn transpose_matches_definition() {
         let mut rng = Rng::new(42);
-        for &(rows, cols) in &[(1, 1), (5, 3), (16, 16), (17, 33), (256, 64), (40, 7)] {
+        for &(rows, cols) in &[
+            (1, 1),
+            (5, 3),
+            (8, 8),
+            (16, 16),
+            (17, 33),
+            (256, 64),
+            (40, 7),
+            (9, 23),
+        ] {
             let src_rs = cols + 3;
             let src = randn(&mut rng, rows * src_rs, 1.0);
             let mut dst = vec![f32::NAN; rows * cols];
