@@ -53,6 +53,48 @@ super::simd::multiversion! {
     }
 }
 
+super::simd::multiversion! {
+    /// dst = the bf16 values of src, as f32 (exact).
+    pub fn widen_bf16(dst: &mut [f32], src: &[u16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = bf16_to_f32(x);
+        }
+    }
+}
+
+/// dst = the f16 values of src, as f32 (exact): eight at a time with F16C where the CPU has
+/// it.
+pub fn widen_f16(dst: &mut [f32], src: &[u16]) {
+    let n = dst.len().min(src.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && super::simd::has_avx2() {
+        // Safety: F16C and AVX are present; n elements of each slice are in bounds.
+        return unsafe { widen_f16_f16c(&mut dst[..n], &src[..n]) };
+    }
+    for (d, &x) in dst[..n].iter_mut().zip(&src[..n]) {
+        *d = half::f16::from_bits(x).to_f32();
+    }
+}
+
+/// [`widen_f16`] on F16C.
+///
+/// # Safety
+/// The CPU has F16C and AVX; the slices have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(dst: &mut [f32], src: &[u16]) {
+    use std::arch::x86_64::*;
+    let n = dst.len();
+    let whole = n / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in whole..n {
+        dst[i] = half::f16::from_bits(src[i]).to_f32();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

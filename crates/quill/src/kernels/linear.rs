@@ -4,7 +4,7 @@
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
 use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, round_row, Precision};
-use super::product::{Accumulate, Dims, Strided, View, ViewMut};
+use super::product::{Accumulate, Dims, Fusion, Half, Strided, View, ViewMut};
 use super::quant::dot::{dot_one_row, dot_rows, isa, Isa, QuantRows};
 use super::quant::{dequantize, QType};
 use super::quant::{gemm, x8};
@@ -124,6 +124,34 @@ pub fn linear(
                         ViewMut::new(yp, y_rs),
                         View::new(x.as_ptr(), inp, 1),
                         View::new(w.as_ptr(), 1, inp),
+                        Accumulate::Overwrite,
+                    )
+                },
+            )
+        },
+        // half-precision weights, where quill's f32 kernel runs: widened as it packs them
+        MatRef::Bf16(_) | MatRef::F16(_) if super::sgemm::available() => unsafe {
+            let (ptr, kind) = match w {
+                MatRef::Bf16(w) => (w.as_ptr(), Half::Bf16),
+                MatRef::F16(w) => (w.as_ptr(), Half::F16),
+                _ => unreachable!("matched above"),
+            };
+            let fusion = Fusion {
+                b_half: Some(kind),
+                ..Fusion::default()
+            };
+            // Safety: the asserts above bound every index; B's view is the weights' address,
+            // read as 2-byte values by the kernel.
+            matmul_strided(
+                Precision::F32,
+                Strided {
+                    parallel: true,
+                    fusion,
+                    ..Strided::new(
+                        Dims::new(n, inp, out),
+                        ViewMut::new(yp, y_rs),
+                        View::new(x.as_ptr(), inp, 1),
+                        View::new(ptr as *const f32, 1, inp),
                         Accumulate::Overwrite,
                     )
                 },
@@ -1117,6 +1145,10 @@ mod tests {
             (3, 7, 9),
             (5, 40, 300),
             (2, 1000, 70),
+            // prompts: half weights widened as the f32 kernel packs them, across its depth
+            // blocks and column blocks, with partial panels
+            (37, 1300, 70),
+            (40, 700, 1601),
         ] {
             let x = randn(&mut rng, n * inp, 1.0);
             let w = randn(&mut rng, out * inp, 1.0);

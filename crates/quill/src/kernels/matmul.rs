@@ -204,6 +204,7 @@ pub fn matmul_fused(
             col_sums: fused.col_sums.map(|s| s.as_mut_ptr()),
             round_b: false,
             round_a: false,
+            b_half: None,
         };
         let s = Strided {
             dims,
@@ -273,7 +274,11 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
     }
     let no_fusion = s.fusion.bias.is_none() && s.fusion.residual.is_none();
     assert!(
-        no_fusion && s.fusion.col_sums.is_none() && !s.fusion.round_b && !s.fusion.round_a,
+        no_fusion
+            && s.fusion.col_sums.is_none()
+            && !s.fusion.round_b
+            && !s.fusion.round_a
+            && s.fusion.b_half.is_none(),
         "the gemm crate fuses no work"
     );
     let c = s.c.ptr;
@@ -433,6 +438,7 @@ mod tests {
                             col_sums: Some(sums.as_mut_ptr()),
                             round_b: false,
                             round_a: false,
+                            b_half: None,
                         };
                         let s = Strided {
                             fusion,

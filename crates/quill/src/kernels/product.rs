@@ -122,6 +122,20 @@ pub struct Fusion<'a> {
     /// at a time, into the computing thread's own buffer: the A of a bf16 product run by the
     /// f32 kernel, without a rounded copy of the whole of A. Only [`super::sgemm`] does it.
     pub round_a: bool,
+    /// B's values are stored in 2 bytes of this kind (B's view holds their address, cast, and
+    /// strides counted in elements) and widened to f32 as they are packed: weights kept in
+    /// half precision, multiplied with no f32 copy of their own. Needs B's depths contiguous
+    /// (row stride 1, as for W [out, in] read as Wᵀ). Only [`super::sgemm`] does it.
+    pub b_half: Option<Half>,
+}
+
+/// The two 2-byte float formats weights come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    /// bfloat16: f32's upper half.
+    Bf16,
+    /// IEEE binary16.
+    F16,
 }
 
 impl Fusion<'_> {

@@ -30,7 +30,7 @@
 
 #[cfg(test)]
 use super::product::{Accumulate, Fusion, View, ViewMut};
-use super::product::{Dims, Store, Strided};
+use super::product::{Dims, Half, Store, Strided};
 use super::simd::{mask16, transpose16};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{mask8, transpose8};
@@ -118,6 +118,9 @@ thread_local! {
     /// A's rows copied into micro-panels (when A is not contiguous along the depth), per
     /// computing thread.
     static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A panel's columns of a half-precision B widened to f32 ([depth] per column) before
+    /// they are packed, per packing thread.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The problem, with raw pointers as addresses so the closures that split it are Send.
@@ -137,6 +140,10 @@ pub unsafe fn matmul_fused(s: Strided) {
     assert!(available(), "sgemm needs AVX-512 or AVX2");
     let Dims { m, k, n } = s.dims;
     s.fusion.check(n, s.adds());
+    assert!(
+        s.fusion.b_half.is_none() || s.b.rs == 1,
+        "a half-precision B is read along its depths"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -277,7 +284,9 @@ impl Problem<'_> {
 
     /// Packs panels q0..q1 of B's block (depths pc..pc+kc, columns jc..jc+nb): panel q at
     /// q*kc*nr, [depth][nr], zero past column nb. Adds the block's column sums into
-    /// col_sums when asked, then rounds the panel to bf16 when asked (`round_b`).
+    /// col_sums when asked, then rounds the panel to bf16 when asked (`round_b`). Half
+    /// precision B (`b_half`) is widened a panel's columns at a time into this thread's
+    /// [`WIDE`] buffer and packed from there.
     unsafe fn pack_b(&self, blk: &Block, q0: usize, q1: usize) {
         let b = self.s.b.ptr;
         let kc = blk.kc;
@@ -286,9 +295,36 @@ impl Problem<'_> {
             let j0 = q * nr;
             let cols = (blk.nb - j0).min(nr);
             let dst = blk.packed.add(q * kc * nr);
-            let src = b.add(blk.pc * self.s.b.rs + (blk.jc + j0) * self.s.b.cs);
+            let offset = blk.pc * self.s.b.rs + (blk.jc + j0) * self.s.b.cs;
             let sums = self.s.fusion.col_sums.map(|s| s.add(blk.jc + j0));
             let (rs, cs, avx512) = (self.s.b.rs, self.s.b.cs, self.body == Body::Avx512);
+            if let Some(kind) = self.s.fusion.b_half {
+                WIDE.with(|cell| {
+                    // (nothing runs on this thread while it is borrowed)
+                    let mut wide = cell.borrow_mut();
+                    if wide.len() < nr * kc {
+                        wide.resize(nr * self.body.kc(), 0.0);
+                    }
+                    let src = (b as *const u16).add(offset);
+                    for (j, line) in wide.chunks_exact_mut(kc).take(cols).enumerate() {
+                        let col = std::slice::from_raw_parts(src.add(j * cs), kc);
+                        match kind {
+                            Half::Bf16 => super::bf16::widen_bf16(line, col),
+                            Half::F16 => super::bf16::widen_f16(line, col),
+                        }
+                    }
+                    let (w, avx2) = (wide.as_ptr(), !avx512);
+                    match avx2 {
+                        true => pack_columns_avx2(dst, w, kc, kc, cols, sums),
+                        false => pack_columns(dst, w, kc, kc, cols, sums),
+                    }
+                });
+                if self.s.fusion.round_b {
+                    super::bf16::round_in_place(std::slice::from_raw_parts_mut(dst, kc * nr));
+                }
+                continue;
+            }
+            let src = b.add(offset);
             if cs == 1 && avx512 {
                 pack_rows(dst, src, rs, kc, cols, sums);
             } else if cs == 1 {
@@ -945,6 +981,7 @@ mod tests {
                                 col_sums: Some(sums.as_mut_ptr()),
                                 round_b: false,
                                 round_a: false,
+                                b_half: None,
                             },
                             4 => Fusion {
                                 col_sums: Some(sums.as_mut_ptr()),
@@ -1006,6 +1043,7 @@ mod tests {
             col_sums: None,
             round_b: false,
             round_a: false,
+            b_half: None,
         };
         // Safety: k = 0 reads nothing from A or B; C has 2 x 3 elements.
         unsafe {
