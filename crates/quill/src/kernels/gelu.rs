@@ -7,17 +7,27 @@ use rayon::prelude::*;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const CHUNK: usize = 1 << 13;
 
+/// As 0.5·x·(1 + tanh(u)) = x·e/(e + 1) with e = exp(2u): no cancellation where tanh(u)
+/// is near -1, and a shorter chain of operations after the exponential.
 #[inline(always)]
 fn gelu(x: f32) -> f32 {
     let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    0.5 * x * (1.0 + super::math::tanh(u))
+    let e = super::math::exp(2.0 * u);
+    x * (e / (e + 1.0))
 }
 
+/// gelu'(x) = 0.5(1 + t) + 0.5·x·(1 - t²)·u'(x) with t = tanh(u); with e = exp(2u),
+/// σ = (1 + t)/2 = e/(e + 1) and 1 - σ = 1/(e + 1), so 0.5(1 - t²) = 2σ(1 - σ): one
+/// division, no cancellation, and the factor of x computed beside the exponential.
 #[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-    let t = super::math::tanh(u);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x2 * x);
+    let k = 2.0 * SQRT_2_OVER_PI * x * (1.0 + 3.0 * 0.044715 * x2);
+    let e = super::math::exp(2.0 * u);
+    let s = 1.0 / (e + 1.0);
+    let sigma = e * s;
+    sigma + k * sigma * s
 }
 
 multiversion! {
