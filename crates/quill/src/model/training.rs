@@ -7,11 +7,14 @@ use super::lora::{Lora, LoraActs, Target};
 use super::weight::{BiasGrad, Linear, Train};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::crossentropy::{self, IGNORE};
-use crate::kernels::matmul::{bf16_is_rounded_f32, matmul, Accumulate, Operand, Precision};
+use crate::kernels::matmul::{
+    bf16_is_rounded_f32, matmul, round_in_place, Accumulate, Operand, Precision,
+};
 use crate::kernels::rope::{Direction, Rope, RowPositions};
 use crate::kernels::{embedding, gelu, linear, swiglu};
 use crate::kernels::{RowStats, Stats};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// Layer `l`'s slice of a buffer holding `per` values for each layer.
 fn at(buf: &[f32], l: usize, per: usize) -> &[f32] {
@@ -208,6 +211,15 @@ impl Model {
             rstd: &mut a.lnf_rstd,
         };
         self.final_norm.forward(p, &mut a.lnf, stats, last);
+        // where bf16 products round their operands as they copy them, lnf is rounded once
+        // here: the head's product has many column blocks (V / 1,536 of them), and each
+        // would round A again
+        a.lnf_rounded = tr.precision == Precision::Bf16 && bf16_is_rounded_f32();
+        if a.lnf_rounded {
+            a.lnf[..n * c]
+                .par_chunks_mut(c.max(1) * 64)
+                .for_each(round_in_place);
+        }
         // logits [M, V] = lnf [M, C] · headᵀ (head stored [V, C]) for the M rows the head
         // computes: all N, or the counted ones moved to the front of lnf
         let m = a.gather_head_rows(c);
@@ -221,10 +233,11 @@ impl Model {
             linear::frozen_forward(logits, v, lnf, w, v, tr.precision);
             return Ok(());
         }
+        let lnf = Operand::new(&a.lnf[..m * c], m, c);
         matmul(
             tr.precision,
             &mut a.logits[..m * v],
-            Operand::new(&a.lnf[..m * c], m, c),
+            if a.lnf_rounded { lnf.rounded() } else { lnf },
             Operand::new(self.head.view.of(p), v, c).t(),
             Accumulate::Overwrite,
         );
@@ -304,11 +317,16 @@ impl Model {
         }
         if let (Grads::Base(grads), true) = (&mut g, m > 0) {
             let d_logits = Operand::new(d_logits, m, v).t();
+            let lnf = Operand::new(&a.lnf[..m * c], m, c);
             matmul(
                 tr.precision,
                 head.of_mut(grads),
                 if round { d_logits.rounded() } else { d_logits },
-                Operand::new(&a.lnf[..m * c], m, c),
+                if a.lnf_rounded && round {
+                    lnf.rounded()
+                } else {
+                    lnf
+                },
                 Accumulate::Add,
             );
         }
@@ -612,6 +630,9 @@ pub struct Activations {
     act: Vec<f32>,
     res3: Vec<f32>,
     lnf: Vec<f32>,
+    /// Whether `forward` rounded lnf to bf16 as it wrote it (bf16 products emulated in f32):
+    /// the head's two products then read it as it is.
+    lnf_rounded: bool,
     lnf_mean: Vec<f32>,
     lnf_rstd: Vec<f32>,
     /// [B·T, V]: the logits after `forward`, their gradient after `backward` (only the
@@ -672,6 +693,7 @@ impl Activations {
             act: z(l * n * f),
             res3: z(l * n * c),
             lnf: z(n * c),
+            lnf_rounded: false,
             lnf_mean: means(n),
             lnf_rstd: z(n),
             logits: z(n * v),
