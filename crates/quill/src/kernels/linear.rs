@@ -113,6 +113,29 @@ pub fn linear(
         MatRef::F32(w) if n <= X_BLOCK => {
             rows_times_rows(y, y_rs, &x[..n * inp], &w[..out * inp], inp)
         }
+        // many rows (a prompt) where quill's f32 kernel runs: yᵀ [out, n] = W · xᵀ, so the
+        // weights are read in place as the kernel's A and only x is packed (packing W into
+        // panels cost a tenth of a 128-row product), then turned into y
+        MatRef::F32(w) if super::sgemm::available() => {
+            scratch.resize(out * n, 0.0);
+            // Safety: the asserts above bound every index; scratch holds out x n.
+            unsafe {
+                matmul_strided(
+                    Precision::F32,
+                    Strided {
+                        parallel: true,
+                        ..Strided::new(
+                            Dims::new(out, inp, n),
+                            ViewMut::new(scratch.as_mut_ptr(), n),
+                            View::new(w.as_ptr(), inp, 1),
+                            View::new(x.as_ptr(), 1, inp),
+                            Accumulate::Overwrite,
+                        )
+                    },
+                )
+            };
+            transpose_into(y, y_rs, &scratch[..out * n], (out, n));
+        }
         // Safety: the asserts above bound every index.
         MatRef::F32(w) => unsafe {
             matmul_strided(
@@ -171,6 +194,25 @@ pub fn linear(
             }
         }
     }
+}
+
+/// y[t, o] = yt[o, t] for yt [out, n]: y's first `out` columns of n rows at row stride y_rs,
+/// eight rows of y per task (each reads eight adjacent floats of every row of yt).
+fn transpose_into(y: &mut [f32], y_rs: usize, yt: &[f32], (out, n): (usize, usize)) {
+    const ROWS: usize = 8;
+    y.par_chunks_mut(ROWS * y_rs)
+        .take(n.div_ceil(ROWS))
+        .enumerate()
+        .for_each(|(b, ys)| {
+            let t0 = b * ROWS;
+            let rows = (n - t0).min(ROWS);
+            for o in 0..out {
+                let col = &yt[o * n + t0..o * n + t0 + rows];
+                for (i, &v) in col.iter().enumerate() {
+                    ys[i * y_rs + o] = v;
+                }
+            }
+        });
 }
 
 /// y[i, j] = x[i] · panel[j] for the first n rows of x [n, inp] and the rows of `panel`
@@ -1149,6 +1191,9 @@ mod tests {
             // blocks and column blocks, with partial panels
             (37, 1300, 70),
             (40, 700, 1601),
+            // past X_BLOCK rows: f32 weights read in place (yᵀ = W·xᵀ, then turned)
+            (70, 300, 130),
+            (131, 700, 1601),
         ] {
             let x = randn(&mut rng, n * inp, 1.0);
             let w = randn(&mut rng, out * inp, 1.0);
