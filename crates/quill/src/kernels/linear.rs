@@ -3,6 +3,7 @@
 //! product that reads each weight once, in its stored precision, with f32 accumulation;
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
+use super::bf16::{widen_bf16, widen_f16};
 use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, round_row, Precision};
 use super::product::{Accumulate, Dims, Fusion, Half, Strided, View, ViewMut};
 use super::quant::dot::{dot_one_row, dot_rows, isa, Isa, QuantRows};
@@ -51,12 +52,8 @@ impl MatRef<'_> {
     pub fn row_into(&self, r: usize, cols: usize, dst: &mut [f32]) {
         match self {
             MatRef::F32(w) => dst.copy_from_slice(&w[r * cols..(r + 1) * cols]),
-            MatRef::Bf16(w) => bf16_to_f32(dst, &w[r * cols..(r + 1) * cols]),
-            MatRef::F16(w) => {
-                for (d, &h) in dst.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
-                    *d = half::f16::from_bits(h).to_f32();
-                }
-            }
+            MatRef::Bf16(w) => widen_bf16(dst, &w[r * cols..(r + 1) * cols]),
+            MatRef::F16(w) => widen_f16(dst, &w[r * cols..(r + 1) * cols]),
             MatRef::Quant { bytes, qtype, x8 } => {
                 let rb = cols / qtype.block() * qtype.block_bytes();
                 if *x8 {
@@ -66,14 +63,6 @@ impl MatRef<'_> {
                     dequantize(*qtype, &bytes[r * rb..(r + 1) * rb], &mut dst[..cols]);
                 }
             }
-        }
-    }
-}
-
-multiversion! {
-    pub fn bf16_to_f32(dst: &mut [f32], src: &[u16]) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s as u32) << 16);
         }
     }
 }
