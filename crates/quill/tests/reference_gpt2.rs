@@ -63,7 +63,10 @@ fn logits_loss_and_every_gradient_match_transformers() {
         .iter()
         .zip(&want_logits)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
     assert!(max_diff < 1e-4, "logits differ by {max_diff}");
 
     let (sum, count) = model.loss(&mut acts, &targets);
@@ -88,7 +91,10 @@ fn logits_loss_and_every_gradient_match_transformers() {
             .iter()
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+            .fold(
+                0.0,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            );
         assert!(
             diff <= 1e-4 * scale.max(1e-3) || diff < 1e-5,
             "gradient of {} differs by {diff} (tensor max {scale})",
@@ -155,7 +161,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
 }
 
 /// A bf16 gradient against the f32 reference: 5e-2 of the tensor's largest |value| and a
@@ -229,7 +238,10 @@ fn check_greedy(model: Model) {
             .iter()
             .zip(want)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+            .fold(
+                0.0,
+                |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+            );
         assert!(diff < 1e-4, "step {i}: cached logits differ by {diff}");
         model
             .forward_cached(&mut cache, &[out[i]], &mut logits, false)
@@ -263,7 +275,10 @@ fn accumulated_micro_batches_equal_the_full_batch() {
         .iter()
         .zip(&accum)
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        );
     assert!(
         diff < 1e-5 * scale.max(1.0),
         "accumulated gradient differs by {diff}"
@@ -448,7 +463,10 @@ fn half_precision_folders_decode_from_their_stored_halves() {
                 .iter()
                 .zip(&b)
                 .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
+                .fold(
+                    0.0,
+                    |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                );
             assert!(d < 1e-4, "{tag} step {step}: logits differ by {d}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

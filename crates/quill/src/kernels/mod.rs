@@ -154,13 +154,15 @@ pub(crate) mod testutil {
         x.iter().map(|&v| v as f64).collect()
     }
 
-    /// Largest |a - b| relative to the largest |b| (at least `floor`).
+    /// The largest |a - b| over the largest |b| (at least `floor`); infinite where an element
+    /// is NaN (f64::max would pass over it).
     pub fn max_rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
         assert_eq!(a.len(), b.len());
         let scale = b.iter().fold(floor, |m, &v| m.max(v.abs()));
         a.iter()
             .zip(b)
             .map(|(&x, &y)| (x as f64 - y).abs())
+            .map(|d| if d.is_nan() { f64::INFINITY } else { d })
             .fold(0.0, f64::max)
             / scale
     }

@@ -37,7 +37,10 @@ pub fn max_diff(got: &[f32], want: &[f64]) -> f64 {
     got.iter()
         .zip(want)
         .map(|(a, b)| (*a as f64 - b).abs())
-        .fold(0.0, f64::max)
+        .fold(
+            0.0,
+            |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+        )
 }
 
 /// max |x|.
