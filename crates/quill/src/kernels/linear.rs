@@ -141,6 +141,32 @@ pub fn linear(
                 },
             )
         },
+        // bf16 weights where the CPU multiplies bf16 (`vdpbf16ps`): the rows of x rounded to
+        // bf16 as they are packed, the weights' pairs copied into the panels as they are, f32
+        // accumulation (a bf16 model's own precision, as transformers runs it; twice the f32
+        // kernel's rate)
+        MatRef::Bf16(w) if super::bf16::has_bf16() => unsafe {
+            let fusion = Fusion {
+                b_half: Some(Half::Bf16),
+                ..Fusion::default()
+            };
+            // Safety: the asserts above bound every index; B's view is the weights' address,
+            // read as 2-byte values by the kernel.
+            matmul_strided(
+                Precision::Bf16,
+                Strided {
+                    parallel: true,
+                    fusion,
+                    ..Strided::new(
+                        Dims::new(n, inp, out),
+                        ViewMut::new(yp, y_rs),
+                        View::new(x.as_ptr(), inp, 1),
+                        View::new(w.as_ptr() as *const f32, 1, inp),
+                        Accumulate::Overwrite,
+                    )
+                },
+            )
+        },
         // half-precision weights, where quill's f32 kernel runs: widened as it packs them
         MatRef::Bf16(_) | MatRef::F16(_) if super::sgemm::available() => unsafe {
             let (ptr, kind) = match w {
@@ -1176,13 +1202,15 @@ mod tests {
             (3, 7, 9),
             (5, 40, 300),
             (2, 1000, 70),
-            // prompts: half weights widened as the f32 kernel packs them, across its depth
-            // blocks and column blocks, with partial panels
+            // prompts: half weights widened as the f32 kernel packs them (or, bf16 ones where
+            // the CPU multiplies bf16, copied into the bf16 kernel's panels), across the
+            // kernels' depth blocks and column blocks, with partial panels and odd depths
             (37, 1300, 70),
             (40, 700, 1601),
             // past X_BLOCK rows: f32 weights read in place (yᵀ = W·xᵀ, then turned)
             (70, 300, 130),
             (131, 700, 1601),
+            (66, 385, 50),
         ] {
             let x = randn(&mut rng, n * inp, 1.0);
             let w = randn(&mut rng, out * inp, 1.0);
@@ -1202,13 +1230,20 @@ mod tests {
                 .iter()
                 .map(|&b| half::f16::from_bits(b).to_f64())
                 .collect();
-            for (m, w64) in [
-                (MatRef::F32(&w), to_f64(&w)),
-                (MatRef::Bf16(&bf), wb),
-                (MatRef::F16(&hf), wh),
+            // where the CPU multiplies bf16, several rows times bf16 weights multiply x
+            // rounded to bf16 too
+            let xb: Vec<f64> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f64())
+                .collect();
+            let x_bf16 = n > 1 && crate::kernels::bf16::has_bf16();
+            for (m, w64, x64) in [
+                (MatRef::F32(&w), to_f64(&w), to_f64(&x)),
+                (MatRef::Bf16(&bf), wb, if x_bf16 { xb } else { to_f64(&x) }),
+                (MatRef::F16(&hf), wh, to_f64(&x)),
             ] {
                 let mut want = vec![0.0; n * out];
-                reference::matmul(&mut want, &to_f64(&x), &w64, (n, inp, out), (false, true));
+                reference::matmul(&mut want, &x64, &w64, (n, inp, out), (false, true));
                 // written at a row stride wider than `out`: the gaps must stay untouched
                 let rs = out + 3;
                 let mut y = vec![42.0f32; n * rs];

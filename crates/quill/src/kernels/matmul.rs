@@ -267,7 +267,9 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
         return;
     }
     match precision {
-        Precision::Bf16 if bf16_is_rounded_f32() => return rounded_f32(s, (false, false)),
+        Precision::Bf16 if bf16_is_rounded_f32() => {
+            return rounded_f32(s, (false, s.fusion.b_half.is_some()))
+        }
         Precision::Bf16 => return super::packed::matmul_fused(s),
         Precision::F32 if super::sgemm::available() => return super::sgemm::matmul_fused(s),
         Precision::F32 => {}
@@ -456,6 +458,74 @@ mod tests {
                     assert!(max_rel_err(&c, &want, 1.0) < tol, "{what}: product");
                     assert!(max_rel_err(&sums, &want_sums, 1.0) < 1e-5, "{what}: sums");
                 }
+            }
+        }
+    }
+
+    /// The bf16 kernel reading B as stored bf16 weights (`Fusion::b_half`, W [n, k] read as
+    /// Wᵀ, its pairs copied into the panels as they are) against float64 products of A rounded
+    /// to bf16 and the stored weights: odd depths (the last pair's missing partner; the rows'
+    /// gaps hold NaN), several
+    /// depth blocks, more column blocks than one, both split sides, with a bias, in parallel,
+    /// serially and on the plain path.
+    #[test]
+    fn bf16_weights_are_read_as_stored() {
+        use super::super::product::Half;
+        let mut rng = Rng::new(79);
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 33, 31),
+            (40, 801, 70),
+            (130, 515, 70),
+            (70, 384, 1601),
+            (128, 960, 2560),
+        ] {
+            let a = randn(&mut rng, m * k, 1.0);
+            let w = randn(&mut rng, n * k, 1.0);
+            // rows of W at a stride past k, the gaps NaN: a read past a row's depth shows
+            let stride = k + 3;
+            let mut wb = vec![0x7fc0u16; n * stride];
+            for j in 0..n {
+                for p in 0..k {
+                    wb[j * stride + p] = round_bf16(w[j * k + p]);
+                }
+            }
+            let bias = randn(&mut rng, n, 1.0);
+            let w64: Vec<f64> = w
+                .iter()
+                .map(|&v| bf16_to_f32(round_bf16(v)) as f64)
+                .collect();
+            let mut want = vec![0.0; m * n];
+            reference::matmul(&mut want, &rounded(&a), &w64, (m, k, n), (false, true));
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += bias[i % n] as f64;
+            }
+            for way in 0..3 {
+                let mut c = vec![f32::NAN; m * n];
+                let fusion = Fusion {
+                    bias: Some(&bias),
+                    b_half: Some(Half::Bf16),
+                    ..Fusion::default()
+                };
+                let s = Strided {
+                    fusion,
+                    parallel: way == 0,
+                    ..Strided::new(
+                        Dims::new(m, k, n),
+                        ViewMut::new(c.as_mut_ptr(), n),
+                        View::new(a.as_ptr(), k, 1),
+                        View::new(wb.as_ptr() as *const f32, 1, stride),
+                        Accumulate::Overwrite,
+                    )
+                };
+                match way {
+                    // Safety: the views hold m x k floats and n rows of k bf16 values; C is m x n.
+                    0 | 1 => unsafe { super::super::packed::matmul_fused(s) },
+                    _ => super::super::packed::tests::plain(s),
+                }
+                let err = max_rel_err(&c, &want, 1.0);
+                assert!(err < 2e-5, "way {way} {m}x{k}x{n}: {err}");
             }
         }
     }

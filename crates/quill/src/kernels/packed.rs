@@ -17,13 +17,15 @@
 //! stores of the first depth block, and the column sums of B (a bias gradient) are taken while
 //! B is packed, so neither costs a pass over memory.
 //!
+//! B may be bf16 already (weights stored in half precision, `Fusion::b_half`): its pairs
+//! are copied into the panels as they are, with no f32 copy and no rounding.
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
 //! shared one grown to the largest block seen): once every shape has run, nothing allocates.
 //! Without the CPU features (or with `QUILL_SIMD=scalar`) the same panels go through plain
 //! loops; the tests check one path against the other and both against float64.
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
-use super::product::{Dims, Store, Strided};
+use super::product::{Dims, Half, Store, Strided};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{mask16, transpose16};
 use rayon::prelude::*;
@@ -58,6 +60,18 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 pub unsafe fn matmul_fused(s: Strided) {
     let Dims { m, k, n } = s.dims;
     s.fusion.check(n, s.adds());
+    assert!(
+        match s.fusion.b_half {
+            None => true,
+            Some(Half::Bf16) => s.b.rs == 1 && s.fusion.col_sums.is_none(),
+            Some(Half::F16) => false,
+        },
+        "bf16 products read half-precision B only as bf16 with its depths contiguous"
+    );
+    assert!(
+        !s.fusion.round_a && !s.fusion.round_b,
+        "the bf16 kernel rounds both operands itself"
+    );
     let parallel = s.parallel;
     let p = Problem {
         s,
@@ -114,6 +128,11 @@ thread_local! {
 }
 
 impl Problem<'_> {
+    /// Whether B holds bf16 values (weights stored in half precision).
+    fn b_is_half(&self) -> bool {
+        self.s.fusion.b_half == Some(Half::Bf16)
+    }
+
     /// The whole product, on this thread alone (`threads` = 1) or split between `threads`
     /// threads. The larger side of C is split (whole register tiles per part); the other
     /// operand, which every part needs, is packed once per depth block (by all threads
@@ -147,6 +166,7 @@ impl Problem<'_> {
         } else {
             (m, MR, self.s.a.rs, self.s.a.cs, self.s.a.ptr as usize)
         };
+        let half = split_m && self.b_is_half();
         let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
         let tiles = len.div_ceil(unit);
         let parts = threads.min(tiles).max(1);
@@ -175,7 +195,7 @@ impl Problem<'_> {
                         shared.ptr().add(q0 * kp * w),
                         (q1 - q0) * kp * w,
                     );
-                    let s = (src as *const f32).add(q0 * w * l_s + pc * k_s);
+                    let s = at(src as *const f32, q0 * w * l_s + pc * k_s, half);
                     let sums = match self.s.fusion.col_sums {
                         Some(p) if split_m => p.add(q0 * w),
                         _ => std::ptr::null_mut(),
@@ -188,6 +208,7 @@ impl Problem<'_> {
                             k_s,
                             lines: n_lines,
                             kc,
+                            half,
                         },
                         w,
                         self.native,
@@ -271,6 +292,7 @@ impl Problem<'_> {
                                 k_s: self.s.a.cs,
                                 lines: xc,
                                 kc,
+                                half: false,
                             },
                             MR,
                             self.native,
@@ -289,11 +311,12 @@ impl Problem<'_> {
                         pack(
                             bp,
                             Lines {
-                                ptr: b.add(pc * self.s.b.rs + x0 * self.s.b.cs),
+                                ptr: at(b, pc * self.s.b.rs + x0 * self.s.b.cs, self.b_is_half()),
                                 l_s: self.s.b.cs,
                                 k_s: self.s.b.rs,
                                 lines: xc,
                                 kc,
+                                half: self.b_is_half(),
                             },
                             NR,
                             self.native,
@@ -319,7 +342,7 @@ impl Problem<'_> {
 }
 
 /// `lines` lines x `kc` depth of a strided operand: element (line l, depth k) at
-/// ptr + l·l_s + k·k_s.
+/// ptr + l·l_s + k·k_s, an f32, or a bf16 (2 bytes, the offsets counted in them) if `half`.
 #[derive(Clone, Copy)]
 struct Lines {
     ptr: *const f32,
@@ -327,6 +350,18 @@ struct Lines {
     k_s: usize,
     lines: usize,
     kc: usize,
+    half: bool,
+}
+
+/// The address `elems` elements past `ptr`: f32 elements, or bf16 ones if `half`.
+///
+/// # Safety
+/// The address lies inside the operand.
+unsafe fn at(ptr: *const f32, elems: usize, half: bool) -> *const f32 {
+    match half {
+        true => (ptr as *const u16).add(elems) as *const f32,
+        false => ptr.add(elems),
+    }
 }
 
 /// Packs `lines` lines x `kc` depth of a strided operand into panels of `w` lines: element
@@ -344,10 +379,38 @@ unsafe fn pack(dst: &mut [u32], src: Lines, w: usize, native: bool, sums: *mut f
         k_s,
         lines,
         kc,
+        half,
     } = src;
     let kp = kc.div_ceil(2);
     let panels = lines.div_ceil(w);
     let dst = &mut dst[..panels * kp * w];
+    if half {
+        // bf16 already, depths contiguous (checked on entry): pairs copied as they are
+        debug_assert!(k_s == 1 && sums.is_null());
+        let src = src as *const u16;
+        for (q, panel) in dst.chunks_exact_mut(kp * w).enumerate() {
+            let n_lines = (lines - q * w).min(w);
+            let s = src.add(q * w * l_s);
+            #[cfg(target_arch = "x86_64")]
+            if native {
+                pack_half_pairs(panel, s, l_s, n_lines, kc, w);
+                continue;
+            }
+            for p in 0..kp {
+                let out = &mut panel[p * w..(p + 1) * w];
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = if l >= n_lines {
+                        0
+                    } else {
+                        let e = s.add(l * l_s + 2 * p);
+                        let hi = if 2 * p + 1 < kc { *e.add(1) } else { 0 };
+                        *e as u32 | (hi as u32) << 16
+                    };
+                }
+            }
+        }
+        return;
+    }
     let native_sums = native && l_s == 1 && k_s != 1;
     if !sums.is_null() && !native_sums {
         // the plain path, and lines along the depth: a plain pass over the block (cached)
@@ -378,6 +441,7 @@ unsafe fn pack(dst: &mut [u32], src: Lines, w: usize, native: bool, sums: *mut f
                     k_s,
                     lines: n_lines,
                     kc,
+                    half: false,
                 };
                 pack_lines_contiguous(panel, lines, w, sums);
             }
@@ -434,6 +498,52 @@ unsafe fn pack_k_contiguous(
                     let lo = _mm512_maskz_loadu_ps(m_lo, line);
                     let hi = _mm512_maskz_loadu_ps(m_hi, line.add(16));
                     *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+            }
+            let cols = transpose16(rows);
+            for (t, col) in cols.iter().enumerate().take((kp - p0).min(16)) {
+                _mm512_mask_storeu_epi32(out.add((p0 + t) * w + l0) as *mut _, store, *col);
+            }
+            p0 += 16;
+        }
+        l0 += 16;
+    }
+}
+
+/// Panel packing of bf16 lines whose depth is contiguous (weights W [out, in] read as B):
+/// 32 consecutive bf16 of a line are 16 pairs already, loaded as they are (the missing
+/// partner of an odd last depth is zero); 16 lines at a time are transposed in registers as
+/// for f32 lines.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_half_pairs(
+    panel: &mut [u32],
+    src: *const u16,
+    l_s: usize,
+    n_lines: usize,
+    kc: usize,
+    w: usize,
+) {
+    use std::arch::x86_64::*;
+    let kp = kc.div_ceil(2);
+    let out = panel.as_mut_ptr();
+    let mut l0 = 0;
+    while l0 < w {
+        let lanes = (w - l0).min(16);
+        let store: __mmask16 = ((1u32 << lanes) - 1) as u16;
+        let mut p0 = 0;
+        while p0 < kp {
+            let left = kc - 2 * p0;
+            let m: __mmask32 = if left >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << left) - 1
+            };
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (l, row) in rows.iter_mut().enumerate() {
+                if l0 + l < n_lines {
+                    let line = src.add((l0 + l) * l_s + 2 * p0);
+                    *row = _mm512_maskz_loadu_epi16(m, line as *const _);
                 }
             }
             let cols = transpose16(rows);
