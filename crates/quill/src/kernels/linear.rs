@@ -141,32 +141,36 @@ pub fn linear(
                 },
             )
         },
-        // bf16 weights where the CPU multiplies bf16 (`vdpbf16ps`): the rows of x rounded to
-        // bf16 as they are packed, the weights' pairs copied into the panels as they are, f32
-        // accumulation (a bf16 model's own precision, as transformers runs it; twice the f32
-        // kernel's rate)
-        MatRef::Bf16(w) if super::bf16::has_bf16() => unsafe {
+        // bf16 weights where the CPU multiplies bf16 (`vdpbf16ps`): yᵀ [out, n] = W · xᵀ,
+        // the weights' pairs broadcast in place by the bf16 kernel's tiles (no packing), the
+        // rows of x rounded to bf16 as they are packed (a bf16 model's own precision, as
+        // transformers runs it; twice the f32 kernel's rate), f32 sums, then turned into y
+        MatRef::Bf16(w) if super::bf16::has_bf16() => {
+            scratch.resize(out * n, 0.0);
             let fusion = Fusion {
-                b_half: Some(Half::Bf16),
+                a_bf16: true,
                 ..Fusion::default()
             };
-            // Safety: the asserts above bound every index; B's view is the weights' address,
-            // read as 2-byte values by the kernel.
-            matmul_strided(
-                Precision::Bf16,
-                Strided {
-                    parallel: true,
-                    fusion,
-                    ..Strided::new(
-                        Dims::new(n, inp, out),
-                        ViewMut::new(yp, y_rs),
-                        View::new(x.as_ptr(), inp, 1),
-                        View::new(w.as_ptr() as *const f32, 1, inp),
-                        Accumulate::Overwrite,
-                    )
-                },
-            )
-        },
+            // Safety: the asserts above bound every index; A's view is the weights' address,
+            // read as 2-byte values by the kernel; scratch holds out x n.
+            unsafe {
+                matmul_strided(
+                    Precision::Bf16,
+                    Strided {
+                        parallel: true,
+                        fusion,
+                        ..Strided::new(
+                            Dims::new(out, inp, n),
+                            ViewMut::new(scratch.as_mut_ptr(), n),
+                            View::new(w.as_ptr() as *const f32, inp, 1),
+                            View::new(x.as_ptr(), 1, inp),
+                            Accumulate::Overwrite,
+                        )
+                    },
+                )
+            };
+            transpose_into(y, y_rs, &scratch[..out * n], (out, n));
+        }
         // half-precision weights, where quill's f32 kernel runs: widened as it packs them
         MatRef::Bf16(_) | MatRef::F16(_) if super::sgemm::available() => unsafe {
             let (ptr, kind) = match w {

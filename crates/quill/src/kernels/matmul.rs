@@ -205,6 +205,7 @@ pub fn matmul_fused(
             round_b: false,
             round_a: false,
             b_half: None,
+            a_bf16: false,
         };
         let s = Strided {
             dims,
@@ -280,7 +281,8 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
             && s.fusion.col_sums.is_none()
             && !s.fusion.round_b
             && !s.fusion.round_a
-            && s.fusion.b_half.is_none(),
+            && s.fusion.b_half.is_none()
+            && !s.fusion.a_bf16,
         "the gemm crate fuses no work"
     );
     let c = s.c.ptr;
@@ -441,6 +443,7 @@ mod tests {
                             round_b: false,
                             round_a: false,
                             b_half: None,
+                            a_bf16: false,
                         };
                         let s = Strided {
                             fusion,
@@ -462,12 +465,14 @@ mod tests {
         }
     }
 
-    /// The bf16 kernel reading B as stored bf16 weights (`Fusion::b_half`, W [n, k] read as
-    /// Wᵀ, its pairs copied into the panels as they are) against float64 products of A rounded
-    /// to bf16 and the stored weights: odd depths (the last pair's missing partner; the rows'
-    /// gaps hold NaN), several
-    /// depth blocks, more column blocks than one, both split sides, with a bias, in parallel,
-    /// serially and on the plain path.
+    /// The bf16 kernel reading stored bf16 weights W [n, k] (`Fusion::b_half`: W read as Wᵀ,
+    /// its pairs copied into the panels as they are; `Fusion::a_bf16`: W as the A of
+    /// yᵀ = W·xᵀ, its pairs broadcast in place where its rows hold whole pairs, else packed)
+    /// against float64 products of the other operand rounded to bf16 and the stored weights:
+    /// odd depths (the last pair's missing partner) and row strides, the rows' gaps NaN (a
+    /// read past a row's depth shows), weights at an address that is not 4-byte aligned, row
+    /// counts that are not whole tiles, several depth blocks, more column blocks than one,
+    /// both split sides, a bias; in parallel, serially and on the plain path.
     #[test]
     fn bf16_weights_are_read_as_stored() {
         use super::super::product::Half;
@@ -480,52 +485,74 @@ mod tests {
             (130, 515, 70),
             (70, 384, 1601),
             (128, 960, 2560),
+            (131, 800, 37),
         ] {
-            let a = randn(&mut rng, m * k, 1.0);
-            let w = randn(&mut rng, n * k, 1.0);
-            // rows of W at a stride past k, the gaps NaN: a read past a row's depth shows
-            let stride = k + 3;
-            let mut wb = vec![0x7fc0u16; n * stride];
-            for j in 0..n {
-                for p in 0..k {
-                    wb[j * stride + p] = round_bf16(w[j * k + p]);
+            for (gap, shift) in [(3, 0), (2, 1), (2, 0)] {
+                let x = randn(&mut rng, m * k, 1.0);
+                let w = randn(&mut rng, n * k, 1.0);
+                let stride = k + gap;
+                let mut wb = vec![0x7fc0u16; shift + n * stride];
+                for j in 0..n {
+                    for p in 0..k {
+                        wb[shift + j * stride + p] = round_bf16(w[j * k + p]);
+                    }
                 }
-            }
-            let bias = randn(&mut rng, n, 1.0);
-            let w64: Vec<f64> = w
-                .iter()
-                .map(|&v| bf16_to_f32(round_bf16(v)) as f64)
-                .collect();
-            let mut want = vec![0.0; m * n];
-            reference::matmul(&mut want, &rounded(&a), &w64, (m, k, n), (false, true));
-            for (i, v) in want.iter_mut().enumerate() {
-                *v += bias[i % n] as f64;
-            }
-            for way in 0..3 {
-                let mut c = vec![f32::NAN; m * n];
-                let fusion = Fusion {
-                    bias: Some(&bias),
-                    b_half: Some(Half::Bf16),
-                    ..Fusion::default()
-                };
-                let s = Strided {
-                    fusion,
-                    parallel: way == 0,
-                    ..Strided::new(
-                        Dims::new(m, k, n),
-                        ViewMut::new(c.as_mut_ptr(), n),
-                        View::new(a.as_ptr(), k, 1),
-                        View::new(wb.as_ptr() as *const f32, 1, stride),
-                        Accumulate::Overwrite,
-                    )
-                };
-                match way {
-                    // Safety: the views hold m x k floats and n rows of k bf16 values; C is m x n.
-                    0 | 1 => unsafe { super::super::packed::matmul_fused(s) },
-                    _ => super::super::packed::tests::plain(s),
+                let wp = wb[shift..].as_ptr() as *const f32;
+                let w64: Vec<f64> = w
+                    .iter()
+                    .map(|&v| bf16_to_f32(round_bf16(v)) as f64)
+                    .collect();
+                // y = x·Wᵀ [m, n] with W as B; yᵀ = W·xᵀ [n, m] with W as A
+                let mut want = vec![0.0; m * n];
+                reference::matmul(&mut want, &rounded(&x), &w64, (m, k, n), (false, true));
+                let mut want_t = vec![0.0; n * m];
+                reference::matmul(&mut want_t, &w64, &rounded(&x), (n, k, m), (false, true));
+                let bias = randn(&mut rng, n.max(m), 1.0);
+                for (i, v) in want.iter_mut().enumerate() {
+                    *v += bias[i % n] as f64;
                 }
-                let err = max_rel_err(&c, &want, 1.0);
-                assert!(err < 2e-5, "way {way} {m}x{k}x{n}: {err}");
+                for (i, v) in want_t.iter_mut().enumerate() {
+                    *v += bias[i % m] as f64;
+                }
+                for way in 0..6 {
+                    let w_is_a = way >= 3;
+                    let (rows, cols) = if w_is_a { (n, m) } else { (m, n) };
+                    let mut c = vec![f32::NAN; rows * cols];
+                    let fusion = Fusion {
+                        bias: Some(&bias[..cols]),
+                        b_half: (!w_is_a).then_some(Half::Bf16),
+                        a_bf16: w_is_a,
+                        ..Fusion::default()
+                    };
+                    let (a, b) = if w_is_a {
+                        (View::new(wp, stride, 1), View::new(x.as_ptr(), 1, k))
+                    } else {
+                        (View::new(x.as_ptr(), k, 1), View::new(wp, 1, stride))
+                    };
+                    let s = Strided {
+                        fusion,
+                        parallel: way % 3 == 0,
+                        ..Strided::new(
+                            Dims::new(rows, k, cols),
+                            ViewMut::new(c.as_mut_ptr(), cols),
+                            a,
+                            b,
+                            Accumulate::Overwrite,
+                        )
+                    };
+                    match way % 3 {
+                        // Safety: the views hold m x k floats and n rows of k bf16 values at
+                        // their stride; C is rows x cols.
+                        0 | 1 => unsafe { super::super::packed::matmul_fused(s) },
+                        _ => super::super::packed::tests::plain(s),
+                    }
+                    let want = if w_is_a { &want_t } else { &want };
+                    let err = max_rel_err(&c, want, 1.0);
+                    assert!(
+                        err < 2e-5,
+                        "way {way} {m}x{k}x{n} gap {gap} shift {shift}: {err}"
+                    );
+                }
             }
         }
     }

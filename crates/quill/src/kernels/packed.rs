@@ -18,7 +18,10 @@
 //! B is packed, so neither costs a pass over memory.
 //!
 //! B may be bf16 already (weights stored in half precision, `Fusion::b_half`): its pairs
-//! are copied into the panels as they are, with no f32 copy and no rounding.
+//! are copied into the panels as they are, with no f32 copy and no rounding. So may A
+//! (`Fusion::a_bf16`, weights as the A of yᵀ = W·xᵀ): where its rows hold whole pairs and
+//! its rows are the split side, the register tile broadcasts its pairs straight from the
+//! weights, and A is not packed at all.
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
 //! shared one grown to the largest block seen): once every shape has run, nothing allocates.
 //! Without the CPU features (or with `QUILL_SIMD=scalar`) the same panels go through plain
@@ -71,6 +74,10 @@ pub unsafe fn matmul_fused(s: Strided) {
     assert!(
         !s.fusion.round_a && !s.fusion.round_b,
         "the bf16 kernel rounds both operands itself"
+    );
+    assert!(
+        !s.fusion.a_bf16 || s.a.cs == 1,
+        "a bf16 A is read along its depths"
     );
     let parallel = s.parallel;
     let p = Problem {
@@ -133,6 +140,15 @@ impl Problem<'_> {
         self.s.fusion.b_half == Some(Half::Bf16)
     }
 
+    /// A's row stride in pairs where the tiles read A's bf16 pairs in place (the CPU runs
+    /// `vdpbf16ps`, A is bf16 with contiguous depths, and every row holds whole pairs, so no
+    /// pair straddles two rows and an odd last depth never occurs); None where A is packed.
+    fn a_pairs_in_place(&self) -> Option<usize> {
+        let s = &self.s;
+        let whole_pairs = s.a.rs.is_multiple_of(2) && s.dims.k.is_multiple_of(2);
+        (self.native && s.fusion.a_bf16 && s.a.cs == 1 && whole_pairs).then_some(s.a.rs / 2)
+    }
+
     /// The whole product, on this thread alone (`threads` = 1) or split between `threads`
     /// threads. The larger side of C is split (whole register tiles per part); the other
     /// operand, which every part needs, is packed once per depth block (by all threads
@@ -166,7 +182,11 @@ impl Problem<'_> {
         } else {
             (m, MR, self.s.a.rs, self.s.a.cs, self.s.a.ptr as usize)
         };
-        let half = split_m && self.b_is_half();
+        let half = if split_m {
+            self.b_is_half()
+        } else {
+            self.s.fusion.a_bf16
+        };
         let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
         let tiles = len.div_ceil(unit);
         let parts = threads.min(tiles).max(1);
@@ -244,7 +264,7 @@ impl Problem<'_> {
         }
         let f = &self.s.fusion;
         // the tile at (i, j) of C, stored as the depth block says
-        let tile = |i: usize, j: usize, rows: usize, cols: usize, apan, bpan| {
+        let tile = |i: usize, j: usize, rows: usize, cols: usize, apan, a_rs, bpan| {
             // Safety: (i, j) is a tile of C inside this part; the starting values have the
             // shape of C.
             unsafe {
@@ -254,6 +274,7 @@ impl Problem<'_> {
                     Panels {
                         kp,
                         a: apan,
+                        a_rs,
                         b: bpan,
                     },
                     TileOut {
@@ -278,21 +299,42 @@ impl Problem<'_> {
             // the private operand in blocks (MC rows of A, or NC columns of B), each against
             // all of the shared one
             let block = if split_m { MC } else { NC };
+            let in_place = if split_m {
+                self.a_pairs_in_place()
+            } else {
+                None
+            };
             for x0 in (lo..hi).step_by(block) {
                 let xc = (hi - x0).min(block);
                 // Safety: the blocks lie inside the operands; panels hold kp steps; the tiles
                 // lie in this thread's part of C.
                 unsafe {
-                    if split_m {
+                    if let Some(a_rs) = in_place {
+                        // A's pairs in place: row x0 + ir's pairs from depth pc on
+                        let a = a as *const u32;
+                        for jr in (0..self.s.dims.n).step_by(NR) {
+                            let cols = (self.s.dims.n - jr).min(NR);
+                            let bpan = shared.add(jr / NR * kp * NR);
+                            for ir in (0..xc).step_by(MR) {
+                                let apan = a.add((x0 + ir) * a_rs + pc / 2);
+                                let rows = (xc - ir).min(MR);
+                                tile(x0 + ir, jr, rows, cols, apan, a_rs, bpan);
+                            }
+                        }
+                    } else if split_m {
                         pack(
                             ap,
                             Lines {
-                                ptr: a.add(x0 * self.s.a.rs + pc * self.s.a.cs),
+                                ptr: at(
+                                    a,
+                                    x0 * self.s.a.rs + pc * self.s.a.cs,
+                                    self.s.fusion.a_bf16,
+                                ),
                                 l_s: self.s.a.rs,
                                 k_s: self.s.a.cs,
                                 lines: xc,
                                 kc,
-                                half: false,
+                                half: self.s.fusion.a_bf16,
                             },
                             MR,
                             self.native,
@@ -304,7 +346,7 @@ impl Problem<'_> {
                             for ir in (0..xc).step_by(MR) {
                                 let apan = ap.as_ptr().add(ir / MR * kp * MR);
                                 let rows = (xc - ir).min(MR);
-                                tile(x0 + ir, jr, rows, cols, apan, bpan);
+                                tile(x0 + ir, jr, rows, cols, apan, 0, bpan);
                             }
                         }
                     } else {
@@ -330,7 +372,7 @@ impl Problem<'_> {
                                 for ir in (0..mc).step_by(MR) {
                                     let apan = shared.add((ic + ir) / MR * kp * MR);
                                     let rows = (mc - ir).min(MR);
-                                    tile(ic + ir, x0 + jr, rows, cols, apan, bpan);
+                                    tile(ic + ir, x0 + jr, rows, cols, apan, 0, bpan);
                                 }
                             }
                         }
@@ -622,11 +664,13 @@ unsafe fn pack_lines_contiguous(panel: &mut [u32], src: Lines, w: usize, sums: *
     }
 }
 
-/// A packed A panel (MR rows) and B panel (NR columns) of `kp` steps.
+/// A packed A panel (MR rows) and B panel (NR columns) of `kp` steps; or, where `a_rs` is
+/// not 0, A's pairs in place: row r's step p at a + r·a_rs + p.
 #[derive(Clone, Copy)]
 struct Panels {
     kp: usize,
     a: *const u32,
+    a_rs: usize,
     b: *const u32,
 }
 
@@ -650,7 +694,10 @@ struct TileOut {
 unsafe fn kernel(panels: Panels, out: TileOut, native: bool) {
     #[cfg(target_arch = "x86_64")]
     if native {
-        return kernel_avx512bf16(panels, out);
+        return match panels.a_rs {
+            0 => kernel_avx512bf16(panels, out),
+            _ => kernel_rows_avx512bf16(panels, out),
+        };
     }
     let (kp, a, b) = (panels.kp, panels.a, panels.b);
     let (c, c_rs, rows, cols, store) = (out.c, out.c_rs, out.rows, out.cols, out.store);
@@ -658,8 +705,11 @@ unsafe fn kernel(panels: Panels, out: TileOut, native: bool) {
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kp {
         let bv = std::slice::from_raw_parts(b.add(p * NR), NR);
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let x = *a.add(p * MR + r);
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+            let x = match panels.a_rs {
+                0 => *a.add(p * MR + r),
+                a_rs => a.add(r * a_rs + p).read_unaligned(),
+            };
             let (a0, a1) = (bf16_to_f32(x as u16), bf16_to_f32((x >> 16) as u16));
             for (o, &y) in acc_r.iter_mut().zip(bv) {
                 *o += a0 * bf16_to_f32(y as u16) + a1 * bf16_to_f32((y >> 16) as u16);
@@ -743,6 +793,32 @@ unsafe fn kernel_avx512bf16(panels: Panels, out: TileOut) {
         let ap = a.add(p * MR);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
+            acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+        }
+    }
+    store_tile!(acc, c, c_rs, rows, cols, store);
+}
+
+/// [`kernel_avx512bf16`] with A's pairs broadcast from A's rows in place (`a_rs` pairs
+/// apart); rows past `rows` read the last row again (their sums are not stored), so no read
+/// leaves A.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn kernel_rows_avx512bf16(panels: Panels, out: TileOut) {
+    let (kp, a, a_rs, b) = (panels.kp, panels.a, panels.a_rs, panels.b);
+    let (c, c_rs, rows, cols, store) = (out.c, out.c_rs, out.rows, out.cols, out.store);
+    use std::arch::x86_64::*;
+    store.prefetch(c, c_rs, rows, cols);
+    let row: [*const u32; MR] = std::array::from_fn(|r| a.add(r.min(rows - 1) * a_rs));
+    let z = _mm512_setzero_ps();
+    let mut acc = [[z; 2]; MR];
+    for p in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let pair = row[r].add(p).read_unaligned();
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
             acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }

@@ -128,6 +128,10 @@ pub struct Fusion<'a> {
     /// (row stride 1, as for W [out, in] read as Wᵀ). [`super::sgemm`] takes both kinds;
     /// the bf16 kernel ([`super::packed`]) takes bf16, whose pairs it copies as they are.
     pub b_half: Option<Half>,
+    /// A's values are bf16, stored with depths contiguous (column stride 1; its address cast,
+    /// strides counted in elements): weights W [out, in] as the A of yᵀ = W·xᵀ. Only the bf16
+    /// kernel ([`super::packed`]) takes it, reading A's pairs in place where it can.
+    pub a_bf16: bool,
 }
 
 /// The two 2-byte float formats weights come in.

@@ -144,6 +144,7 @@ pub unsafe fn matmul_fused(s: Strided) {
         s.fusion.b_half.is_none() || s.b.rs == 1,
         "a half-precision B is read along its depths"
     );
+    assert!(!s.fusion.a_bf16, "sgemm reads A in f32");
     if m == 0 || n == 0 {
         return;
     }
@@ -982,6 +983,7 @@ mod tests {
                                 round_b: false,
                                 round_a: false,
                                 b_half: None,
+                                a_bf16: false,
                             },
                             4 => Fusion {
                                 col_sums: Some(sums.as_mut_ptr()),
@@ -1044,6 +1046,7 @@ mod tests {
             round_b: false,
             round_a: false,
             b_half: None,
+            a_bf16: false,
         };
         // Safety: k = 0 reads nothing from A or B; C has 2 x 3 elements.
         unsafe {
