@@ -163,18 +163,22 @@ pub fn bandwidth() -> Bandwidth {
     }
 }
 
-/// A sum in 32 independent lanes (vectorized even for the baseline x86-64 target, and enough
-/// chains to hide the adds' latency), so that reading memory is the only limit.
-fn sum_lanes(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 32];
-    let chunks = x.chunks_exact(32);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..32 {
-            acc[i] += c[i];
+crate::kernels::simd::multiversion! {
+    /// A sum in 64 independent lanes (vectorized, in the widest registers the CPU has, and
+    /// enough chains to hide the adds' latency), so that reading memory is the only limit.
+    /// Compiled for the baseline x86-64 alone (16-byte loads), it read 46 GB/s where the
+    /// matrix-vector kernel read 50-61 (AMD EPYC Zen 5).
+    fn sum_lanes(x: &[f32]) -> f32 {
+        let mut acc = [0.0f32; 64];
+        let chunks = x.chunks_exact(64);
+        let rest: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for i in 0..64 {
+                acc[i] += c[i];
+            }
         }
+        acc.iter().sum::<f32>() + rest
     }
-    acc.iter().sum::<f32>() + rest
 }
 
 /// A standard training configuration (the PyTorch peer scripts use the same ones).
