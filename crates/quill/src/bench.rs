@@ -130,6 +130,17 @@ pub struct Bandwidth {
     pub read_gbs: f64,
 }
 
+impl Bandwidth {
+    /// The higher of two measurements, field by field: the memory's ceiling when its speed
+    /// moves between runs (a VM sharing its host), against which a share is not flattered.
+    pub fn max(self, other: Bandwidth) -> Bandwidth {
+        Bandwidth {
+            copy_gbs: self.copy_gbs.max(other.copy_gbs),
+            read_gbs: self.read_gbs.max(other.read_gbs),
+        }
+    }
+}
+
 pub fn bandwidth() -> Bandwidth {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 20;
@@ -407,7 +418,8 @@ pub struct GenerateBench {
     pub weight_bytes_per_token: usize,
     /// weight bytes per token × decode tokens/s, GB/s.
     pub decode_gbs: f64,
-    /// The memory bandwidth measured before the model was opened (when given).
+    /// The memory bandwidth measured (`quill bench generate`: the higher of a measurement
+    /// before the model is opened and one after decoding).
     pub bandwidth: Option<Bandwidth>,
     /// decode_gbs ÷ the measured read bandwidth (when given).
     pub bandwidth_util: Option<f64>,
