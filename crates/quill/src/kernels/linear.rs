@@ -3,7 +3,7 @@
 //! product that reads each weight once, in its stored precision, with f32 accumulation;
 //! several rows convert W to f32 a block of rows at a time and use the matrix multiply.
 
-use super::bf16::{widen_bf16, widen_f16};
+use super::bf16::{bf16_to_f32, widen_bf16, widen_f16};
 use super::matmul::{bf16_is_rounded_f32, matmul_strided, round_in_place, round_row, Precision};
 use super::product::{Accumulate, Dims, Fusion, Half, Strided, View, ViewMut};
 use super::quant::dot::{dot_one_row, dot_rows, isa, Isa, QuantRows};
@@ -99,8 +99,11 @@ pub fn linear(
     match w {
         // Safety: the asserts above bound every index.
         // a few rows (batched decoding): tiles of dot products; many rows (a prompt): gemm
-        MatRef::F32(w) if n <= X_BLOCK => {
-            rows_times_rows(y, y_rs, &x[..n * inp], &w[..out * inp], inp)
+        MatRef::F32(_) if n <= X_BLOCK => rows_times_rows(y, y_rs, &x[..n * inp], w, inp),
+        // so for half weights where AVX-512 widens them in registers, up to HALF_ROWS rows
+        // (past them the bf16 kernel, or the f32 one widening as it packs, is faster)
+        MatRef::Bf16(_) | MatRef::F16(_) if n <= HALF_ROWS && super::simd::has_avx512() => {
+            rows_times_rows(y, y_rs, &x[..n * inp], w, inp)
         }
         // many rows (a prompt) where quill's f32 kernel runs: yᵀ [out, n] = W · xᵀ, so the
         // weights are read in place as the kernel's A and only x is packed (packing W into
@@ -647,15 +650,19 @@ pub fn frozen_backward(
 /// Rows of x taken together by [`rows_times_rows`]: their block stays in L2 while every
 /// weight row is read once for the whole block.
 const X_BLOCK: usize = 64;
+
+/// Rows of x up to which half-precision weights take [`rows_times_rows`].
+const HALF_ROWS: usize = 8;
 /// Weight rows per parallel task of [`rows_times_rows`].
 const W_TASK: usize = 16;
 
 /// y[i, j] = x[i] · W[j] for x [n, inp] and W [out, inp], both row-major (rows times rows;
-/// n and out from the lengths).
+/// n from x's length), W in f32, bf16 or f16 (widened in registers, so x is multiplied as it
+/// is, exactly as by the matrix-vector product).
 /// For a few rows (batched decoding, prompts) of an [out, in] weight this beats packing
 /// W for a general GEMM: each weight row is read once per block of 64 x rows, and a 4 x 4
 /// register tile of (weight row, x row) dot products uses every load four times.
-fn rows_times_rows(y: &mut [f32], y_rs: usize, x: &[f32], w: &[f32], inp: usize) {
+fn rows_times_rows(y: &mut [f32], y_rs: usize, x: &[f32], w: MatRef<'_>, inp: usize) {
     let (n, out) = (x.len() / inp, w.len() / inp);
     let yp = SendPtr(y.as_mut_ptr());
     for i0 in (0..n).step_by(X_BLOCK) {
@@ -666,19 +673,82 @@ fn rows_times_rows(y: &mut [f32], y_rs: usize, x: &[f32], w: &[f32], inp: usize)
             let j1 = (j0 + W_TASK).min(out);
             // Safety: this task alone writes columns j0..j1 of rows i0..i1 of y.
             let yb = unsafe { yp.get().add(i0 * y_rs) };
-            tile_dots(yb, y_rs, xb, inp, &w[j0 * inp..j1 * inp], j0);
+            let rows = Rows { w, inp, j0, j1 };
+            tile_dots(yb, y_rs, xb, rows);
         });
     }
 }
 
-/// 16 dot products over the first `full` values (a multiple of 16) of rows w0..w3 and
-/// x0..x3, in sixteen AVX-512 accumulators: result [a * 4 + b] = w_a · x_b.
+/// Rows j0..j1 of a weight matrix [out, inp] in f32, bf16 or f16.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    w: MatRef<'a>,
+    inp: usize,
+    j0: usize,
+    j1: usize,
+}
+
+impl Rows<'_> {
+    /// The address of row j (counted from j0; past j1, the last row again) and the weights'
+    /// kind: 0 f32, 1 bf16, 2 f16.
+    fn row(&self, j: usize) -> *const u8 {
+        let r = (self.j0 + j).min(self.j1 - 1) * self.inp;
+        match self.w {
+            MatRef::F32(w) => w[r..r + self.inp].as_ptr() as *const u8,
+            MatRef::Bf16(w) | MatRef::F16(w) => w[r..r + self.inp].as_ptr() as *const u8,
+            MatRef::Quant { .. } => unreachable!("quantized weights go to quant_linear"),
+        }
+    }
+
+    /// Weight k of row j (as [`Rows::row`] picks it), widened to f32.
+    fn at(&self, j: usize, k: usize) -> f32 {
+        let r = (self.j0 + j).min(self.j1 - 1) * self.inp + k;
+        match self.w {
+            MatRef::F32(w) => w[r],
+            MatRef::Bf16(w) => bf16_to_f32(w[r]),
+            MatRef::F16(w) => half::f16::from_bits(w[r]).to_f32(),
+            MatRef::Quant { .. } => unreachable!("quantized weights go to quant_linear"),
+        }
+    }
+}
+
+/// Weight storage of the register tiles: f32, bf16, f16.
+const KIND_F32: u8 = 0;
+const KIND_BF16: u8 = 1;
+const KIND_F16: u8 = 2;
+
+/// 16 weights of kind `KIND` at p, as f32.
+///
+/// # Safety
+/// The CPU has AVX-512F; p reaches 16 readable weights.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weights16<const KIND: u8>(p: *const u8, k: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    match KIND {
+        KIND_F32 => _mm512_loadu_ps((p as *const f32).add(k)),
+        KIND_BF16 => {
+            let h = _mm256_loadu_si256((p as *const u16).add(k) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+        _ => _mm512_cvtph_ps(_mm256_loadu_si256(
+            (p as *const u16).add(k) as *const __m256i
+        )),
+    }
+}
+
+/// 16 dot products over the first `full` values (a multiple of 16) of weight rows w0..w3 (of
+/// kind `KIND`) and x0..x3, in sixteen AVX-512 accumulators: result [a * 4 + b] = w_a · x_b.
 ///
 /// # Safety
 /// The CPU has AVX-512F, and each pointer reaches `full` readable values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile4_avx512(w: [*const f32; 4], x: [*const f32; 4], full: usize) -> [f32; 16] {
+unsafe fn tile4_avx512<const KIND: u8>(
+    w: [*const u8; 4],
+    x: [*const f32; 4],
+    full: usize,
+) -> [f32; 16] {
     use std::arch::x86_64::*;
     let z = _mm512_setzero_ps();
     let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
@@ -689,22 +759,22 @@ unsafe fn tile4_avx512(w: [*const f32; 4], x: [*const f32; 4], full: usize) -> [
     while k < full {
         let (x0, x1) = (_mm512_loadu_ps(x[0].add(k)), _mm512_loadu_ps(x[1].add(k)));
         let (x2, x3) = (_mm512_loadu_ps(x[2].add(k)), _mm512_loadu_ps(x[3].add(k)));
-        let w0 = _mm512_loadu_ps(w[0].add(k));
+        let w0 = weights16::<KIND>(w[0], k);
         a00 = _mm512_fmadd_ps(w0, x0, a00);
         a01 = _mm512_fmadd_ps(w0, x1, a01);
         a02 = _mm512_fmadd_ps(w0, x2, a02);
         a03 = _mm512_fmadd_ps(w0, x3, a03);
-        let w1 = _mm512_loadu_ps(w[1].add(k));
+        let w1 = weights16::<KIND>(w[1], k);
         a10 = _mm512_fmadd_ps(w1, x0, a10);
         a11 = _mm512_fmadd_ps(w1, x1, a11);
         a12 = _mm512_fmadd_ps(w1, x2, a12);
         a13 = _mm512_fmadd_ps(w1, x3, a13);
-        let w2 = _mm512_loadu_ps(w[2].add(k));
+        let w2 = weights16::<KIND>(w[2], k);
         a20 = _mm512_fmadd_ps(w2, x0, a20);
         a21 = _mm512_fmadd_ps(w2, x1, a21);
         a22 = _mm512_fmadd_ps(w2, x2, a22);
         a23 = _mm512_fmadd_ps(w2, x3, a23);
-        let w3 = _mm512_loadu_ps(w[3].add(k));
+        let w3 = weights16::<KIND>(w[3], k);
         a30 = _mm512_fmadd_ps(w3, x0, a30);
         a31 = _mm512_fmadd_ps(w3, x1, a31);
         a32 = _mm512_fmadd_ps(w3, x2, a32);
@@ -717,48 +787,57 @@ unsafe fn tile4_avx512(w: [*const f32; 4], x: [*const f32; 4], full: usize) -> [
     .map(|v| _mm512_reduce_add_ps(v))
 }
 
-/// The same 16 dot products, plainly (the scalar path, and CPUs without AVX-512).
-fn tile4_plain(w: [&[f32]; 4], x: [&[f32]; 4], full: usize) -> [f32; 16] {
-    let mut out = [0.0f32; 16];
-    for a in 0..4 {
-        for b in 0..4 {
-            out[a * 4 + b] = super::math::dot(&w[a][..full], &x[b][..full]);
-        }
-    }
-    out
-}
-
-/// y[i, j0 + j] = x[i] · w[j] for the rows of x and of w given, in 4 x 4 tiles.
-fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], inp: usize, w: &[f32], j0: usize) {
+/// y[i, j0 + j] = x[i] · w[j] for the rows of x and the weight rows given, in 4 x 4 tiles
+/// (AVX-512), or plainly (f32 weights elsewhere; half ones only come here with AVX-512).
+fn tile_dots(y: *mut f32, y_rs: usize, x: &[f32], rows: Rows<'_>) {
+    let inp = rows.inp;
     let n = x.len() / inp;
-    let m = w.len() / inp;
+    let m = rows.j1 - rows.j0;
     let full = inp - inp % LANES;
     let avx512 = super::simd::has_avx512();
-    let wrow = |j: usize| &w[j.min(m - 1) * inp..j.min(m - 1) * inp + inp];
     let xrow = |i: usize| &x[i.min(n - 1) * inp..i.min(n - 1) * inp + inp];
     for jb in (0..m).step_by(4) {
         for ib in (0..n).step_by(4) {
             // edge tiles repeat the last row; the extra results are not stored
-            let wr = [wrow(jb), wrow(jb + 1), wrow(jb + 2), wrow(jb + 3)];
+            let wr = [0, 1, 2, 3].map(|a| rows.row(jb + a));
             let xr = [xrow(ib), xrow(ib + 1), xrow(ib + 2), xrow(ib + 3)];
+            let mut t = [0.0f32; 16];
+            let mut done = 0;
             #[cfg(target_arch = "x86_64")]
-            let t = if avx512 {
+            if avx512 {
+                let xp = xr.map(|r| r.as_ptr());
                 // Safety: AVX-512F is present, and every row holds `inp` >= `full` values.
-                unsafe { tile4_avx512(wr.map(|r| r.as_ptr()), xr.map(|r| r.as_ptr()), full) }
-            } else {
-                tile4_plain(wr, xr, full)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let t = tile4_plain(wr, xr, full);
+                t = unsafe {
+                    match rows.w {
+                        MatRef::F32(_) => tile4_avx512::<KIND_F32>(wr, xp, full),
+                        MatRef::Bf16(_) => tile4_avx512::<KIND_BF16>(wr, xp, full),
+                        _ => tile4_avx512::<KIND_F16>(wr, xp, full),
+                    }
+                };
+                done = full;
+            }
+            if let (false, MatRef::F32(w)) = (avx512, rows.w) {
+                // the plain 16 dot products
+                let wrow = |a: usize| {
+                    let r = (rows.j0 + jb + a).min(rows.j1 - 1) * inp;
+                    &w[r..r + full]
+                };
+                for a in 0..4 {
+                    for b in 0..4 {
+                        t[a * 4 + b] = super::math::dot(wrow(a), &xr[b][..full]);
+                    }
+                }
+                done = full;
+            }
             for a in 0..(m - jb).min(4) {
                 for b in 0..(n - ib).min(4) {
                     let mut sum = t[a * 4 + b];
-                    for kk in full..inp {
-                        sum += wr[a][kk] * xr[b][kk];
+                    for (kk, &xv) in xr[b].iter().enumerate().skip(done) {
+                        sum += rows.at(jb + a, kk) * xv;
                     }
                     // Safety: the caller owns these columns of these rows.
                     unsafe {
-                        *y.add((ib + b) * y_rs + j0 + jb + a) = sum;
+                        *y.add((ib + b) * y_rs + rows.j0 + jb + a) = sum;
                     }
                 }
             }
@@ -1206,6 +1285,11 @@ mod tests {
             (3, 7, 9),
             (5, 40, 300),
             (2, 1000, 70),
+            // a few rows: 4 x 4 register tiles, half weights widened in registers (AVX-512),
+            // partial tiles and depths past the last 16
+            (4, 768, 130),
+            (7, 100, 37),
+            (8, 33, 5),
             // prompts: half weights widened as the f32 kernel packs them (or, bf16 ones where
             // the CPU multiplies bf16, copied into the bf16 kernel's panels), across the
             // kernels' depth blocks and column blocks, with partial panels and odd depths
@@ -1234,13 +1318,13 @@ mod tests {
                 .iter()
                 .map(|&b| half::f16::from_bits(b).to_f64())
                 .collect();
-            // where the CPU multiplies bf16, several rows times bf16 weights multiply x
-            // rounded to bf16 too
+            // where the CPU multiplies bf16, more than HALF_ROWS rows times bf16 weights (the
+            // bf16 kernel's) multiply x rounded to bf16 too
             let xb: Vec<f64> = x
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_f64())
                 .collect();
-            let x_bf16 = n > 1 && crate::kernels::bf16::has_bf16();
+            let x_bf16 = n > HALF_ROWS && crate::kernels::bf16::has_bf16();
             for (m, w64, x64) in [
                 (MatRef::F32(&w), to_f64(&w), to_f64(&x)),
                 (MatRef::Bf16(&bf), wb, if x_bf16 { xb } else { to_f64(&x) }),
@@ -1255,9 +1339,14 @@ mod tests {
                 let got: Vec<f32> = (0..n)
                     .flat_map(|i| y[i * rs..i * rs + out].to_vec())
                     .collect();
+                let kind = match m {
+                    MatRef::F32(_) => "f32",
+                    MatRef::Bf16(_) => "bf16",
+                    _ => "f16",
+                };
                 assert!(
                     max_rel_err(&got, &want, 1.0) < 1e-5,
-                    "{m:?} {n},{inp},{out}"
+                    "{kind} weights, {n},{inp},{out}"
                 );
                 assert!((0..n).all(|i| y[i * rs + out..(i + 1) * rs].iter().all(|&v| v == 42.0)));
             }
