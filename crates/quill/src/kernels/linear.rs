@@ -99,13 +99,15 @@ pub fn linear(
     match w {
         // Safety: the asserts above bound every index.
         // a few rows (batched decoding): tiles of dot products; many rows (a prompt): gemm
-        MatRef::F32(_) if n <= X_BLOCK => rows_times_rows(y, y_rs, &x[..n * inp], w, inp),
+        MatRef::F32(_) if n <= F32_TILE_ROWS || (n <= X_BLOCK && !super::sgemm::available()) => {
+            rows_times_rows(y, y_rs, &x[..n * inp], w, inp)
+        }
         // so for half weights where AVX-512 widens them in registers, up to HALF_ROWS rows
         // (past them the bf16 kernel, or the f32 one widening as it packs, is faster)
         MatRef::Bf16(_) | MatRef::F16(_) if n <= HALF_ROWS && super::simd::has_avx512() => {
             rows_times_rows(y, y_rs, &x[..n * inp], w, inp)
         }
-        // many rows (a prompt) where quill's f32 kernel runs: yᵀ [out, n] = W · xᵀ, so the
+        // more rows (a batch, a prompt) where quill's f32 kernel runs: yᵀ [out, n] = W · xᵀ, so the
         // weights are read in place as the kernel's A and only x is packed (packing W into
         // panels cost a tenth of a 128-row product), then turned into y
         MatRef::F32(w) if super::sgemm::available() => {
@@ -653,6 +655,12 @@ const X_BLOCK: usize = 64;
 
 /// Rows of x up to which half-precision weights take [`rows_times_rows`].
 const HALF_ROWS: usize = 8;
+
+/// Rows of x up to which f32 weights take [`rows_times_rows`] where quill's f32 kernel runs
+/// (elsewhere up to [`X_BLOCK`]): past them yᵀ = W·xᵀ on that kernel is faster (Zen 5,
+/// 768 x 3072: 8 rows 453-473 us against 498-520, 64 rows 829-838 against 2,267-2,298; 4
+/// rows 437-464 against 356-360).
+const F32_TILE_ROWS: usize = 4;
 /// Weight rows per parallel task of [`rows_times_rows`].
 const W_TASK: usize = 16;
 
