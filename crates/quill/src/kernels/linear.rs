@@ -148,11 +148,13 @@ pub fn linear(
                 },
             )
         },
-        // bf16 weights where the CPU multiplies bf16 (`vdpbf16ps`): yᵀ [out, n] = W · xᵀ,
-        // the weights' pairs broadcast in place by the bf16 kernel's tiles (no packing), the
-        // rows of x rounded to bf16 as they are packed (a bf16 model's own precision, as
-        // transformers runs it; twice the f32 kernel's rate), f32 sums, then turned into y
-        MatRef::Bf16(w) if super::bf16::has_bf16() => {
+        // prompts past X_BLOCK rows on bf16 weights where the CPU multiplies bf16
+        // (`vdpbf16ps`): yᵀ [out, n] = W · xᵀ, the weights' pairs broadcast in place by the
+        // bf16 kernel's tiles (no packing), the rows of x rounded to bf16 as they are packed
+        // (a bf16 model's own precision, as transformers runs it in bf16; twice the f32
+        // kernel's rate), f32 sums, then turned into y. Up to X_BLOCK rows x stays exact, as
+        // in decoding: a short prompt's logits are those of the weights read into f32.
+        MatRef::Bf16(w) if n > X_BLOCK && super::bf16::has_bf16() => {
             if scratch.len() < out * n {
                 scratch.resize(out * n, 0.0);
             }
@@ -1348,13 +1350,13 @@ mod tests {
                 .iter()
                 .map(|&b| half::f16::from_bits(b).to_f64())
                 .collect();
-            // where the CPU multiplies bf16, more than HALF_ROWS rows times bf16 weights (the
+            // where the CPU multiplies bf16, more than X_BLOCK rows times bf16 weights (the
             // bf16 kernel's) multiply x rounded to bf16 too
             let xb: Vec<f64> = x
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_f64())
                 .collect();
-            let x_bf16 = n > HALF_ROWS && crate::kernels::bf16::has_bf16();
+            let x_bf16 = n > X_BLOCK && crate::kernels::bf16::has_bf16();
             for (m, w64, x64) in [
                 (MatRef::F32(&w), to_f64(&w), to_f64(&x)),
                 (MatRef::Bf16(&bf), wb, if x_bf16 { xb } else { to_f64(&x) }),
