@@ -1427,19 +1427,12 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             let before = quill::bench::bandwidth();
             quill::bench::reset_peak_rss();
             let m = quill::io::load_model(&model)?;
-            let mut r = quill::bench::generate(
-                &m,
-                &model.display().to_string(),
-                prompt_len,
-                new,
-                Some(before),
-            )?;
+            let mut r = quill::bench::generate(&m, &model.display().to_string(), prompt_len, new)?;
             // the memory's speed can move between runs on a shared host: the share is taken
             // against the higher of two measurements, one on each side of the decoding
             let after = quill::bench::bandwidth();
             let bw = before.max(after);
-            r.bandwidth = Some(bw);
-            r.bandwidth_util = Some(r.decode_gbs / bw.read_gbs);
+            r.against(bw);
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -421,19 +421,22 @@ pub struct GenerateBench {
     /// The memory bandwidth measured (`quill bench generate`: the higher of a measurement
     /// before the model is opened and one after decoding).
     pub bandwidth: Option<Bandwidth>,
-    /// decode_gbs ÷ the measured read bandwidth (when given).
+    /// decode_gbs ÷ the measured read bandwidth (when measured).
     pub bandwidth_util: Option<f64>,
     pub peak_rss: Option<u64>,
 }
 
-/// Prompt and decode speed of `model` on random token ids (seeded).
-pub fn generate(
-    model: &Model,
-    name: &str,
-    prompt_len: usize,
-    new: usize,
-    bandwidth: Option<Bandwidth>,
-) -> Result<GenerateBench> {
+impl GenerateBench {
+    /// Records the memory's read bandwidth and decoding's share of it.
+    pub fn against(&mut self, bw: Bandwidth) {
+        self.bandwidth = Some(bw);
+        self.bandwidth_util = Some(self.decode_gbs / bw.read_gbs);
+    }
+}
+
+/// Prompt and decode speed of `model` on random token ids (seeded); the bandwidth fields are
+/// left for the caller's measurement ([`GenerateBench::against`]).
+pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Result<GenerateBench> {
     if prompt_len == 0 || new == 0 {
         return Err(Error::Input(
             "--prompt-len and --new must be at least 1".into(),
@@ -478,8 +481,8 @@ pub fn generate(
         decode_tokens_per_sec: decode,
         weight_bytes_per_token: bytes,
         decode_gbs: gbs,
-        bandwidth,
-        bandwidth_util: bandwidth.map(|b| gbs / b.read_gbs),
+        bandwidth: None,
+        bandwidth_util: None,
         peak_rss: peak_rss(),
     })
 }

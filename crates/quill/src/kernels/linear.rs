@@ -110,28 +110,17 @@ pub fn linear(
         // more rows (a batch, a prompt) where quill's f32 kernel runs: yᵀ [out, n] = W · xᵀ, so the
         // weights are read in place as the kernel's A and only x is packed (packing W into
         // panels cost a tenth of a 128-row product), then turned into y
-        MatRef::F32(w) if super::sgemm::available() => {
-            if scratch.len() < out * n {
-                scratch.resize(out * n, 0.0);
-            }
-            // Safety: the asserts above bound every index; scratch holds out x n.
-            unsafe {
-                matmul_strided(
-                    Precision::F32,
-                    Strided {
-                        parallel: true,
-                        ..Strided::new(
-                            Dims::new(out, inp, n),
-                            ViewMut::new(scratch.as_mut_ptr(), n),
-                            View::new(w.as_ptr(), inp, 1),
-                            View::new(x.as_ptr(), 1, inp),
-                            Accumulate::Overwrite,
-                        )
-                    },
-                )
-            };
-            transpose_into(y, y_rs, &scratch[..out * n], (out, n));
-        }
+        // Safety: the asserts above bound every index.
+        MatRef::F32(w) if super::sgemm::available() => unsafe {
+            weights_as_a(
+                y,
+                y_rs,
+                x,
+                (w.as_ptr(), Precision::F32),
+                (out, inp, n),
+                scratch,
+            )
+        },
         // Safety: the asserts above bound every index.
         MatRef::F32(w) => unsafe {
             matmul_strided(
@@ -154,34 +143,12 @@ pub fn linear(
         // (a bf16 model's own precision, as transformers runs it in bf16; twice the f32
         // kernel's rate), f32 sums, then turned into y. Up to X_BLOCK rows x stays exact, as
         // in decoding: a short prompt's logits are those of the weights read into f32.
-        MatRef::Bf16(w) if n > X_BLOCK && super::bf16::has_bf16() => {
-            if scratch.len() < out * n {
-                scratch.resize(out * n, 0.0);
-            }
-            let fusion = Fusion {
-                a_bf16: true,
-                ..Fusion::default()
-            };
-            // Safety: the asserts above bound every index; A's view is the weights' address,
-            // read as 2-byte values by the kernel; scratch holds out x n.
-            unsafe {
-                matmul_strided(
-                    Precision::Bf16,
-                    Strided {
-                        parallel: true,
-                        fusion,
-                        ..Strided::new(
-                            Dims::new(out, inp, n),
-                            ViewMut::new(scratch.as_mut_ptr(), n),
-                            View::new(w.as_ptr() as *const f32, inp, 1),
-                            View::new(x.as_ptr(), 1, inp),
-                            Accumulate::Overwrite,
-                        )
-                    },
-                )
-            };
-            transpose_into(y, y_rs, &scratch[..out * n], (out, n));
-        }
+        // Safety: the asserts above bound every index; the weights' address is read as
+        // 2-byte values by the bf16 kernel.
+        MatRef::Bf16(w) if n > X_BLOCK && super::bf16::has_bf16() => unsafe {
+            let w = w.as_ptr() as *const f32;
+            weights_as_a(y, y_rs, x, (w, Precision::Bf16), (out, inp, n), scratch)
+        },
         // half-precision weights, where quill's f32 kernel runs: widened as it packs them
         MatRef::Bf16(_) | MatRef::F16(_) if super::sgemm::available() => unsafe {
             let (ptr, kind) = match w {
@@ -224,6 +191,46 @@ pub fn linear(
             }
         }
     }
+}
+
+/// y = x·Wᵀ computed as yᵀ [out, n] = W · xᵀ into `scratch` (grown as needed, never
+/// shrunk) and turned into y: the weights [out, inp] are the product's A, read in place (f32
+/// on quill's f32 kernel; bf16 on the bf16 kernel, `Fusion::a_bf16`, x rounded to bf16), and
+/// only x is packed.
+///
+/// # Safety
+/// W holds out x inp weights (bf16 ones behind the cast pointer for `Precision::Bf16`), x
+/// holds n x inp values, and y reaches `out` columns of n rows at stride y_rs.
+unsafe fn weights_as_a(
+    y: &mut [f32],
+    y_rs: usize,
+    x: &[f32],
+    (w, precision): (*const f32, Precision),
+    (out, inp, n): (usize, usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    if scratch.len() < out * n {
+        scratch.resize(out * n, 0.0);
+    }
+    let fusion = Fusion {
+        a_bf16: precision == Precision::Bf16,
+        ..Fusion::default()
+    };
+    matmul_strided(
+        precision,
+        Strided {
+            parallel: true,
+            fusion,
+            ..Strided::new(
+                Dims::new(out, inp, n),
+                ViewMut::new(scratch.as_mut_ptr(), n),
+                View::new(w, inp, 1),
+                View::new(x.as_ptr(), 1, inp),
+                Accumulate::Overwrite,
+            )
+        },
+    );
+    transpose_into(y, y_rs, &scratch[..out * n], (out, n));
 }
 
 /// y[t, o] = yt[o, t] for yt [out, n]: y's first `out` columns of n rows at row stride y_rs,
@@ -721,8 +728,7 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// The address of row j (counted from j0; past j1, the last row again) and the weights'
-    /// kind: 0 f32, 1 bf16, 2 f16.
+    /// The address of row j (counted from j0; past j1, the last row again).
     fn row(&self, j: usize) -> *const u8 {
         let r = (self.j0 + j).min(self.j1 - 1) * self.inp;
         match self.w {

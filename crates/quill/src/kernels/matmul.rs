@@ -268,9 +268,7 @@ pub unsafe fn matmul_strided(precision: Precision, s: Strided) {
         return;
     }
     match precision {
-        Precision::Bf16 if bf16_is_rounded_f32() => {
-            return rounded_f32(s, (false, s.fusion.b_half.is_some()))
-        }
+        Precision::Bf16 if bf16_is_rounded_f32() => return rounded_f32(s, (false, false)),
         Precision::Bf16 => return super::packed::matmul_fused(s),
         Precision::F32 if super::sgemm::available() => return super::sgemm::matmul_fused(s),
         Precision::F32 => {}
@@ -465,17 +463,15 @@ mod tests {
         }
     }
 
-    /// The bf16 kernel reading stored bf16 weights W [n, k] (`Fusion::b_half`: W read as Wᵀ,
-    /// its pairs copied into the panels as they are; `Fusion::a_bf16`: W as the A of
-    /// yᵀ = W·xᵀ, its pairs broadcast in place where its rows hold whole pairs, else packed)
-    /// against float64 products of the other operand rounded to bf16 and the stored weights:
-    /// odd depths (the last pair's missing partner) and row strides, the rows' gaps NaN (a
-    /// read past a row's depth shows), weights at an address that is not 4-byte aligned, row
-    /// counts that are not whole tiles, several depth blocks, more column blocks than one,
-    /// both split sides, a bias; in parallel, serially and on the plain path.
+    /// The bf16 kernel reading stored bf16 weights W [n, k] as the A of yᵀ = W·xᵀ
+    /// (`Fusion::a_bf16`: its pairs broadcast in place where its rows hold whole pairs, else
+    /// copied into the panels as they are) against float64 products of the stored weights and
+    /// x rounded to bf16: odd depths (the last pair's missing partner) and row strides, the
+    /// rows' gaps NaN (a read past a row's depth shows), weights at an address that is not
+    /// 4-byte aligned, row counts that are not whole tiles, several depth blocks, more column
+    /// blocks than one, both split sides, a bias; in parallel, serially and on the plain path.
     #[test]
     fn bf16_weights_are_read_as_stored() {
-        use super::super::product::Half;
         let mut rng = Rng::new(79);
         for &(m, k, n) in &[
             (1, 1, 1),
@@ -502,52 +498,38 @@ mod tests {
                     .iter()
                     .map(|&v| bf16_to_f32(round_bf16(v)) as f64)
                     .collect();
-                // y = x·Wᵀ [m, n] with W as B; yᵀ = W·xᵀ [n, m] with W as A
-                let mut want = vec![0.0; m * n];
-                reference::matmul(&mut want, &rounded(&x), &w64, (m, k, n), (false, true));
-                let mut want_t = vec![0.0; n * m];
-                reference::matmul(&mut want_t, &w64, &rounded(&x), (n, k, m), (false, true));
-                let bias = randn(&mut rng, n.max(m), 1.0);
+                // yᵀ = W·xᵀ [n, m]
+                let mut want = vec![0.0; n * m];
+                reference::matmul(&mut want, &w64, &rounded(&x), (n, k, m), (false, true));
+                let bias = randn(&mut rng, m, 1.0);
                 for (i, v) in want.iter_mut().enumerate() {
-                    *v += bias[i % n] as f64;
-                }
-                for (i, v) in want_t.iter_mut().enumerate() {
                     *v += bias[i % m] as f64;
                 }
-                for way in 0..6 {
-                    let w_is_a = way >= 3;
-                    let (rows, cols) = if w_is_a { (n, m) } else { (m, n) };
-                    let mut c = vec![f32::NAN; rows * cols];
+                for way in 0..3 {
+                    let mut c = vec![f32::NAN; n * m];
                     let fusion = Fusion {
-                        bias: Some(&bias[..cols]),
-                        b_half: (!w_is_a).then_some(Half::Bf16),
-                        a_bf16: w_is_a,
+                        bias: Some(&bias),
+                        a_bf16: true,
                         ..Fusion::default()
-                    };
-                    let (a, b) = if w_is_a {
-                        (View::new(wp, stride, 1), View::new(x.as_ptr(), 1, k))
-                    } else {
-                        (View::new(x.as_ptr(), k, 1), View::new(wp, 1, stride))
                     };
                     let s = Strided {
                         fusion,
-                        parallel: way % 3 == 0,
+                        parallel: way == 0,
                         ..Strided::new(
-                            Dims::new(rows, k, cols),
-                            ViewMut::new(c.as_mut_ptr(), cols),
-                            a,
-                            b,
+                            Dims::new(n, k, m),
+                            ViewMut::new(c.as_mut_ptr(), m),
+                            View::new(wp, stride, 1),
+                            View::new(x.as_ptr(), 1, k),
                             Accumulate::Overwrite,
                         )
                     };
-                    match way % 3 {
-                        // Safety: the views hold m x k floats and n rows of k bf16 values at
-                        // their stride; C is rows x cols.
+                    match way {
+                        // Safety: the views hold n rows of k bf16 values at their stride and
+                        // m x k floats; C is n x m.
                         0 | 1 => unsafe { super::super::packed::matmul_fused(s) },
                         _ => super::super::packed::tests::plain(s),
                     }
-                    let want = if w_is_a { &want_t } else { &want };
-                    let err = max_rel_err(&c, want, 1.0);
+                    let err = max_rel_err(&c, &want, 1.0);
                     assert!(
                         err < 2e-5,
                         "way {way} {m}x{k}x{n} gap {gap} shift {shift}: {err}"

@@ -17,18 +17,17 @@
 //! stores of the first depth block, and the column sums of B (a bias gradient) are taken while
 //! B is packed, so neither costs a pass over memory.
 //!
-//! B may be bf16 already (weights stored in half precision, `Fusion::b_half`): its pairs
-//! are copied into the panels as they are, with no f32 copy and no rounding. So may A
-//! (`Fusion::a_bf16`, weights as the A of yᵀ = W·xᵀ): where its rows hold whole pairs and
-//! its rows are the split side, the register tile broadcasts its pairs straight from the
-//! weights, and A is not packed at all.
+//! A may be bf16 already (`Fusion::a_bf16`: weights stored in half precision, as the A of
+//! yᵀ = W·xᵀ): where its rows hold whole pairs and are the split side, the register tile
+//! broadcasts its pairs straight from the weights and A is not packed at all; elsewhere its
+//! pairs are copied into the panels as they are, with no f32 copy and no rounding.
 //! Packing buffers are per thread and reused (the private ones sized at the first call, the
 //! shared one grown to the largest block seen): once every shape has run, nothing allocates.
 //! Without the CPU features (or with `QUILL_SIMD=scalar`) the same panels go through plain
 //! loops; the tests check one path against the other and both against float64.
 
 use super::bf16::{bf16_to_f32, has_bf16, round_bf16};
-use super::product::{Dims, Half, Store, Strided};
+use super::product::{Dims, Store, Strided};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{mask16, transpose16};
 use rayon::prelude::*;
@@ -64,16 +63,8 @@ pub unsafe fn matmul_fused(s: Strided) {
     let Dims { m, k, n } = s.dims;
     s.fusion.check(n, s.adds());
     assert!(
-        match s.fusion.b_half {
-            None => true,
-            Some(Half::Bf16) => s.b.rs == 1 && s.fusion.col_sums.is_none(),
-            Some(Half::F16) => false,
-        },
-        "bf16 products read half-precision B only as bf16 with its depths contiguous"
-    );
-    assert!(
-        !s.fusion.round_a && !s.fusion.round_b,
-        "the bf16 kernel rounds both operands itself"
+        !s.fusion.round_a && !s.fusion.round_b && s.fusion.b_half.is_none(),
+        "the bf16 kernel rounds both f32 operands itself"
     );
     assert!(
         !s.fusion.a_bf16 || s.a.cs == 1,
@@ -135,11 +126,6 @@ thread_local! {
 }
 
 impl Problem<'_> {
-    /// Whether B holds bf16 values (weights stored in half precision).
-    fn b_is_half(&self) -> bool {
-        self.s.fusion.b_half == Some(Half::Bf16)
-    }
-
     /// A's row stride in pairs where the tiles read A's bf16 pairs in place (the CPU runs
     /// `vdpbf16ps`, A is bf16 with contiguous depths, and every row holds whole pairs, so no
     /// pair straddles two rows and an odd last depth never occurs); None where A is packed.
@@ -182,11 +168,7 @@ impl Problem<'_> {
         } else {
             (m, MR, self.s.a.rs, self.s.a.cs, self.s.a.ptr as usize)
         };
-        let half = if split_m {
-            self.b_is_half()
-        } else {
-            self.s.fusion.a_bf16
-        };
+        let half = !split_m && self.s.fusion.a_bf16;
         let (unit, len) = if split_m { (MR, m) } else { (NR, n) };
         let tiles = len.div_ceil(unit);
         let parts = threads.min(tiles).max(1);
@@ -353,12 +335,12 @@ impl Problem<'_> {
                         pack(
                             bp,
                             Lines {
-                                ptr: at(b, pc * self.s.b.rs + x0 * self.s.b.cs, self.b_is_half()),
+                                ptr: b.add(pc * self.s.b.rs + x0 * self.s.b.cs),
                                 l_s: self.s.b.cs,
                                 k_s: self.s.b.rs,
                                 lines: xc,
                                 kc,
-                                half: self.b_is_half(),
+                                half: false,
                             },
                             NR,
                             self.native,
@@ -552,7 +534,7 @@ unsafe fn pack_k_contiguous(
     }
 }
 
-/// Panel packing of bf16 lines whose depth is contiguous (weights W [out, in] read as B):
+/// Panel packing of bf16 lines whose depth is contiguous (weights W [out, in] as A):
 /// 32 consecutive bf16 of a line are 16 pairs already, loaded as they are (the missing
 /// partner of an odd last depth is zero); 16 lines at a time are transposed in registers as
 /// for f32 lines.

@@ -125,8 +125,7 @@ pub struct Fusion<'a> {
     /// B's values are stored in 2 bytes of this kind (B's view holds their address, cast, and
     /// strides counted in elements) and widened to f32 as they are packed: weights kept in
     /// half precision, multiplied with no f32 copy of their own. Needs B's depths contiguous
-    /// (row stride 1, as for W [out, in] read as Wᵀ). [`super::sgemm`] takes both kinds;
-    /// the bf16 kernel ([`super::packed`]) takes bf16, whose pairs it copies as they are.
+    /// (row stride 1, as for W [out, in] read as Wᵀ). Only [`super::sgemm`] does it.
     pub b_half: Option<Half>,
     /// A's values are bf16, stored with depths contiguous (column stride 1; its address cast,
     /// strides counted in elements): weights W [out, in] as the A of yᵀ = W·xᵀ. Only the bf16
