@@ -1453,9 +1453,24 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                     r.decode_tokens_per_sec, r.new_tokens
                 );
                 println!(
-                    "bandwidth: {:.1} MB of weights per token -> {:.1} GB/s, {:.0}% of the measured read bandwidth {:.1} GB/s (the higher of {:.1} before and {:.1} after; copy: {:.1})",
+                    "bandwidth: {:.1} MB of weights per token -> {:.1} GB/s",
                     r.weight_bytes_per_token as f64 / 1e6,
                     r.decode_gbs,
+                );
+                let p = &r.paired;
+                println!(
+                    "  {:.0}% of the read bandwidth beside it (median of {} rounds, each against a read just after it; probes' median {:.1} GB/s; rounds {})",
+                    100.0 * p.share,
+                    p.rounds,
+                    p.read_gbs,
+                    p.shares
+                        .iter()
+                        .map(|s| format!("{:.0}%", 100.0 * s))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                println!(
+                    "  {:.0}% of the higher of two 1 GiB probes, {:.1} GB/s ({:.1} before the model is opened, {:.1} after decoding; copy: {:.1})",
                     100.0 * r.bandwidth_util.unwrap_or(0.0),
                     bw.read_gbs,
                     before.read_gbs,

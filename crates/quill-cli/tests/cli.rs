@@ -1207,6 +1207,19 @@ fn bench_reports_peaks_and_training_speed() {
     assert!(read > 0.0 && g["bandwidth"]["copy_gbs"].as_f64().unwrap() > 0.0);
     let util = g["bandwidth_util"].as_f64().unwrap();
     assert!((util - g["decode_gbs"].as_f64().unwrap() / read).abs() < 1e-9 * util.max(1.0));
+    // and against the probes run between its rounds: 8 tokens in 7 rounds, the median share
+    let p = &g["paired"];
+    let shares: Vec<f64> = p["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .collect();
+    assert_eq!((p["rounds"].as_u64(), shares.len()), (Some(7), 7));
+    let mut sorted = shares.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(sorted[0] > 0.0 && p["read_gbs"].as_f64().unwrap() > 0.0);
+    assert_eq!(p["share"].as_f64().unwrap(), sorted[3]);
     let e = run_err(
         quill()
             .args([

@@ -158,8 +158,7 @@ pub fn bandwidth() -> Bandwidth {
         median(times)
     };
     let read = timed(&mut || {
-        let s: f32 = src.par_chunks(CHUNK).map(sum_lanes).sum();
-        std::hint::black_box(s);
+        read_pass(&src);
     });
     let mut dst = vec![0.0f32; len];
     let copy = timed(&mut || {
@@ -171,6 +170,42 @@ pub fn bandwidth() -> Bandwidth {
     Bandwidth {
         copy_gbs: 2.0 * bytes / copy / 1e9,
         read_gbs: bytes / read / 1e9,
+    }
+}
+
+/// One parallel read of every float of `src` (a sum the compiler may not drop).
+fn read_pass(src: &[f32]) {
+    use rayon::prelude::*;
+    let s: f32 = src.par_chunks(1 << 20).map(sum_lanes).sum();
+    std::hint::black_box(s);
+}
+
+/// A read probe short enough to run between rounds of decoding (a 256 MB buffer, eight
+/// times this machine's largest cache, read twice), so that each round's bandwidth is set
+/// beside the memory's speed at that moment: on a VM sharing its host that speed moves
+/// between two levels from one minute to the next (AMD EPYC Zen 5: about 45 and 70 GB/s),
+/// and a probe seconds away from the decoding may have caught the other level.
+struct ReadProbe {
+    buf: Vec<f32>,
+}
+
+impl ReadProbe {
+    fn new() -> ReadProbe {
+        let buf = vec![1.0f32; (256 << 20) / 4];
+        read_pass(&buf);
+        ReadProbe { buf }
+    }
+
+    /// GB/s of the faster of two passes (the higher bandwidth: the share is not flattered).
+    fn read_gbs(&self) -> f64 {
+        let best = (0..2)
+            .map(|_| {
+                let t = Instant::now();
+                read_pass(&self.buf);
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        (self.buf.len() * 4) as f64 / best / 1e9
     }
 }
 
@@ -423,7 +458,24 @@ pub struct GenerateBench {
     pub bandwidth: Option<Bandwidth>,
     /// decode_gbs ÷ the measured read bandwidth (when measured).
     pub bandwidth_util: Option<f64>,
+    /// Decoding's share of the read bandwidth measured beside it: the decoding runs in
+    /// rounds, each followed by a short read probe.
+    pub paired: Paired,
+    /// Peak resident memory of the model's setup, prompt and first decoded token, bytes
+    /// (Linux; before the paired probe's buffer is made).
     pub peak_rss: Option<u64>,
+}
+
+/// Decoding against the bandwidth measured just after each of its rounds.
+#[derive(Debug, Serialize)]
+pub struct Paired {
+    pub rounds: usize,
+    /// Per round: its decoding's GB/s ÷ the probe's.
+    pub shares: Vec<f64>,
+    /// The median of `shares`.
+    pub share: f64,
+    /// The median of the rounds' probes, GB/s.
+    pub read_gbs: f64,
 }
 
 impl GenerateBench {
@@ -460,14 +512,30 @@ pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Res
         model.forward_cached(&mut cache, &prompt, &mut logits, false)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    let t = Instant::now();
-    for _ in 0..new {
-        let next = crate::sample::argmax(&logits);
-        model.forward_cached(&mut cache, &[next], &mut logits, false)?;
+    // decoding in rounds, each timed alone and followed by a read probe (made after the
+    // first round, once the peak memory of the model's own work is known)
+    let bytes = model.weight_bytes_per_token() as f64;
+    let rounds = new.min(7);
+    let (mut total, mut probe, mut peak) = (0.0, None, None);
+    let (mut shares, mut reads) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let tokens = (r + 1) * new / rounds - r * new / rounds;
+        let t = Instant::now();
+        for _ in 0..tokens {
+            let next = crate::sample::argmax(&logits);
+            model.forward_cached(&mut cache, &[next], &mut logits, false)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        total += secs;
+        if r == 0 {
+            peak = peak_rss();
+        }
+        let read = probe.get_or_insert_with(ReadProbe::new).read_gbs();
+        shares.push(bytes * tokens as f64 / secs / 1e9 / read);
+        reads.push(read);
     }
-    let decode = new as f64 / t.elapsed().as_secs_f64();
-    let bytes = model.weight_bytes_per_token();
-    let gbs = bytes as f64 * decode / 1e9;
+    let decode = new as f64 / total;
+    let gbs = bytes * decode / 1e9;
     Ok(GenerateBench {
         cpu: cpu_name(),
         kernels: kernels(),
@@ -479,10 +547,16 @@ pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Res
         new_tokens: new,
         prompt_tokens_per_sec: prompt_len as f64 / best,
         decode_tokens_per_sec: decode,
-        weight_bytes_per_token: bytes,
+        weight_bytes_per_token: bytes as usize,
         decode_gbs: gbs,
         bandwidth: None,
         bandwidth_util: None,
-        peak_rss: peak_rss(),
+        paired: Paired {
+            rounds,
+            share: median(shares.clone()),
+            shares,
+            read_gbs: median(reads),
+        },
+        peak_rss: peak,
     })
 }
