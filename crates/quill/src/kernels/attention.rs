@@ -14,16 +14,18 @@ use rayon::prelude::*;
 
 /// One-thread strided product (the tasks already run in parallel over batch and heads), in
 /// the training precision. f32 products whose B has contiguous columns run on the in-place
-/// tile kernel ([`super::tile`]) where the CPU has AVX-512, skipping the tiles that `causal`
-/// leaves out; otherwise on the product entry ([`super::matmul::matmul_strided`]), computing
-/// them all.
+/// tile kernel ([`super::tile`]) where the CPU has AVX-512 or AVX2, skipping the tiles that
+/// `causal` leaves out; otherwise on the product entry ([`super::matmul::matmul_strided`]),
+/// computing them all.
 ///
 /// # Safety
 /// As [`super::matmul::matmul_strided`].
 #[inline]
 unsafe fn mm(prec: Precision, s: Strided, causal: Causal) {
     match prec {
-        Precision::F32 if s.b.cs == 1 && super::simd::has_avx512() => super::tile::gemm(s, causal),
+        Precision::F32 if s.b.cs == 1 && (super::simd::has_avx512() || super::simd::has_avx2()) => {
+            super::tile::gemm(s, causal)
+        }
         _ => super::matmul::matmul_strided(
             prec,
             Strided {
