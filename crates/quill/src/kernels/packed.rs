@@ -417,7 +417,7 @@ unsafe fn pack(dst: &mut [u32], src: Lines, w: usize, native: bool, sums: *mut f
             let s = src.add(q * w * l_s);
             #[cfg(target_arch = "x86_64")]
             if native {
-                pack_half_pairs(panel, s, l_s, n_lines, kc, w);
+                pack_k_contiguous(panel, s, l_s, n_lines, kc, w);
                 continue;
             }
             for p in 0..kp {
@@ -489,14 +489,53 @@ unsafe fn pack(dst: &mut [u32], src: Lines, w: usize, native: bool, sums: *mut f
     }
 }
 
-/// Panel packing when each line's depth is contiguous (A row-major, B stored [n, k]): 32
-/// consecutive floats of a line round to 16 consecutive pairs; 16 lines at a time are
-/// transposed in registers so the panel is written in whole rows of pairs.
+/// A line of depth-contiguous values that [`pack_k_contiguous`] reads 16 pairs at a time.
+#[cfg(target_arch = "x86_64")]
+trait PairLine: Copy {
+    /// The 16 pairs from `line` (depths `line`..`line` + 32, of which `left` remain; pairs
+    /// past them zero, and the missing partner of an odd last depth zero).
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and BF16; `left` values are readable at `line`.
+    unsafe fn pairs16(line: *const Self, left: usize) -> std::arch::x86_64::__m512i;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PairLine for f32 {
+    /// 32 floats rounded to bf16 pairs.
+    #[inline(always)]
+    unsafe fn pairs16(line: *const f32, left: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let lo = _mm512_maskz_loadu_ps(mask16(left), line);
+        let hi = _mm512_maskz_loadu_ps(mask16(left.saturating_sub(16)), line.add(16));
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PairLine for u16 {
+    /// 32 bf16, pairs already, loaded as they are.
+    #[inline(always)]
+    unsafe fn pairs16(line: *const u16, left: usize) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let m: __mmask32 = if left >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << left) - 1
+        };
+        _mm512_maskz_loadu_epi16(m, line as *const _)
+    }
+}
+
+/// Panel packing when each line's depth is contiguous: f32 lines (A row-major, B stored
+/// [n, k]) rounded 32 floats to 16 pairs, or bf16 lines (weights W [out, in] as A) whose 32
+/// values are 16 pairs as they lie; 16 lines at a time are transposed in registers so the
+/// panel is written in whole rows of pairs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_k_contiguous(
+unsafe fn pack_k_contiguous<T: PairLine>(
     panel: &mut [u32],
-    src: *const f32,
+    src: *const T,
     l_s: usize,
     n_lines: usize,
     kc: usize,
@@ -512,62 +551,10 @@ unsafe fn pack_k_contiguous(
         let mut p0 = 0;
         while p0 < kp {
             let k0 = 2 * p0;
-            let left = kc - k0;
-            let m_lo = mask16(left);
-            let m_hi = mask16(left.saturating_sub(16));
             let mut rows = [_mm512_setzero_si512(); 16];
             for (l, row) in rows.iter_mut().enumerate() {
                 if l0 + l < n_lines {
-                    let line = src.add((l0 + l) * l_s + k0);
-                    let lo = _mm512_maskz_loadu_ps(m_lo, line);
-                    let hi = _mm512_maskz_loadu_ps(m_hi, line.add(16));
-                    *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                }
-            }
-            let cols = transpose16(rows);
-            for (t, col) in cols.iter().enumerate().take((kp - p0).min(16)) {
-                _mm512_mask_storeu_epi32(out.add((p0 + t) * w + l0) as *mut _, store, *col);
-            }
-            p0 += 16;
-        }
-        l0 += 16;
-    }
-}
-
-/// Panel packing of bf16 lines whose depth is contiguous (weights W [out, in] as A):
-/// 32 consecutive bf16 of a line are 16 pairs already, loaded as they are (the missing
-/// partner of an odd last depth is zero); 16 lines at a time are transposed in registers as
-/// for f32 lines.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_half_pairs(
-    panel: &mut [u32],
-    src: *const u16,
-    l_s: usize,
-    n_lines: usize,
-    kc: usize,
-    w: usize,
-) {
-    use std::arch::x86_64::*;
-    let kp = kc.div_ceil(2);
-    let out = panel.as_mut_ptr();
-    let mut l0 = 0;
-    while l0 < w {
-        let lanes = (w - l0).min(16);
-        let store: __mmask16 = ((1u32 << lanes) - 1) as u16;
-        let mut p0 = 0;
-        while p0 < kp {
-            let left = kc - 2 * p0;
-            let m: __mmask32 = if left >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << left) - 1
-            };
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (l, row) in rows.iter_mut().enumerate() {
-                if l0 + l < n_lines {
-                    let line = src.add((l0 + l) * l_s + 2 * p0);
-                    *row = _mm512_maskz_loadu_epi16(m, line as *const _);
+                    *row = T::pairs16(src.add((l0 + l) * l_s + k0), kc - k0);
                 }
             }
             let cols = transpose16(rows);
