@@ -913,6 +913,9 @@ fn dots_in_groups<const KIND: u8, const R: usize, const A: usize>(
     let inp = rows.inp;
     let full = inp - inp % LANES;
     let m = rows.j1 - rows.j0;
+    if m == 0 {
+        return;
+    }
     let (first, stride) = (rows.row(0), rows.row_bytes());
     for jb in (0..m).step_by(R) {
         // an edge group repeats the last row; its extra results are not stored
@@ -1104,6 +1107,7 @@ multiversion! {
 }
 
 multiversion! {
+    /// y[r] = (row r of w) · x without AVX-512 (which takes [`dots_avx512`]).
     fn dots_f32(y: &mut [f32], w: &[f32], x: &[f32]) {
         let inp = x.len();
         for (yv, row) in y.iter_mut().zip(w.chunks_exact(inp)) {
@@ -1112,7 +1116,8 @@ multiversion! {
     }
 }
 
-/// y[r] = (row r of the f16 matrix w) · x: 16 weights converted at a time by F16C.
+/// y[r] = (row r of the f16 matrix w) · x without AVX-512 (which takes [`dots_avx512`]): 8
+/// weights converted at a time by F16C on AVX2, else plainly.
 fn dots_f16(y: &mut [f32], w: &[u16], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
@@ -1183,7 +1188,7 @@ unsafe fn f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
-/// y[r] = (row r of the bf16 matrix w) · x.
+/// y[r] = (row r of the bf16 matrix w) · x without AVX-512 (which takes [`dots_avx512`]).
 fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if !super::simd::has_avx512()
