@@ -183,8 +183,8 @@ fn read_pass(src: &[f32]) {
 /// A read probe short enough to run between rounds of decoding (a 256 MB buffer, eight
 /// times this machine's largest cache, read twice), so that each round's bandwidth is set
 /// beside the memory's speed at that moment: on a VM sharing its host that speed moves
-/// between two levels from one minute to the next (AMD EPYC Zen 5: about 45 and 70 GB/s),
-/// and a probe seconds away from the decoding may have caught the other level.
+/// between levels from one minute to the next (AMD EPYC Zen 5: about 28, 45 and 70 GB/s),
+/// and a probe seconds away from the decoding may have caught another level.
 struct ReadProbe {
     buf: Vec<f32>,
 }
@@ -514,7 +514,7 @@ pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Res
     }
     // decoding in rounds, each timed alone and followed by a read probe (made after the
     // first round, once the peak memory of the model's own work is known)
-    let bytes = model.weight_bytes_per_token() as f64;
+    let bytes = model.weight_bytes_per_token();
     let rounds = new.min(7);
     let (mut total, mut probe, mut peak) = (0.0, None, None);
     let (mut shares, mut reads) = (Vec::new(), Vec::new());
@@ -531,11 +531,11 @@ pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Res
             peak = peak_rss();
         }
         let read = probe.get_or_insert_with(ReadProbe::new).read_gbs();
-        shares.push(bytes * tokens as f64 / secs / 1e9 / read);
+        shares.push((bytes * tokens) as f64 / secs / 1e9 / read);
         reads.push(read);
     }
     let decode = new as f64 / total;
-    let gbs = bytes * decode / 1e9;
+    let gbs = bytes as f64 * decode / 1e9;
     Ok(GenerateBench {
         cpu: cpu_name(),
         kernels: kernels(),
@@ -547,7 +547,7 @@ pub fn generate(model: &Model, name: &str, prompt_len: usize, new: usize) -> Res
         new_tokens: new,
         prompt_tokens_per_sec: prompt_len as f64 / best,
         decode_tokens_per_sec: decode,
-        weight_bytes_per_token: bytes as usize,
+        weight_bytes_per_token: bytes,
         decode_gbs: gbs,
         bandwidth: None,
         bandwidth_util: None,
