@@ -1146,8 +1146,8 @@ fn dots_f16(y: &mut [f32], w: &[u16], x: &[f32]) {
     }
 }
 
-/// [`rows4_avx512`]'s products in 256-bit registers (Zen 3 and other CPUs without AVX-512), for f16
-/// rows or, with `BF16`, bf16 ones: 8 weights widened at a time, four accumulators to cover
+/// Half-precision rows · x in 256-bit registers (Zen 3 and other CPUs without AVX-512; with
+/// AVX-512, [`rows_dot_avx512`]), for f16 rows or, with `BF16`, bf16 ones: 8 weights widened at a time, four accumulators to cover
 /// the FMA latency (bf16's compiled 16-lane loop kept two and ran at about two thirds of the
 /// memory's speed).
 ///
@@ -1203,10 +1203,7 @@ unsafe fn f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
 /// y[r] = (row r of the bf16 matrix w) · x without AVX-512 (which takes [`dots_avx512`]).
 fn dots_bf16(y: &mut [f32], w: &[u16], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if !super::simd::has_avx512()
-        && super::simd::has_avx2()
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
+    if super::simd::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
         // Safety: AVX2, FMA and F16C are present; rows are whole (checked by `matvec`).
         return unsafe { dots_half_avx2::<true>(y, w, x) };
     }
